@@ -1,0 +1,19 @@
+"""Qwen2-MoE: softmax top-k (renormalised only with norm_topk_prob) + one shared expert scaled by
+sigmoid(x @ shared_expert_gate)."""
+
+from typing import Any
+
+from torch import nn
+
+from moeopt.ir.adapters.base import Adapter, RouterParts
+from moeopt.ir.spec import RouterSpec
+
+
+def _spec(block: nn.Module, router: RouterParts, config: Any, e: int) -> RouterSpec:
+    norm = "sum" if config.norm_topk_prob else "none"
+    return RouterSpec(num_experts=e, top_k=config.num_experts_per_tok, score_fn="softmax", norm=norm)
+
+
+ADAPTER = Adapter(
+    "qwen2_moe", ("Qwen2MoeSparseMoeBlock",), _spec, doc="softmax top-k, sigmoid-gated shared expert"
+)

@@ -1,0 +1,16 @@
+"""Qwen3-MoE: softmax top-k, renormalised when norm_topk_prob; no shared expert."""
+
+from typing import Any
+
+from torch import nn
+
+from moeopt.ir.adapters.base import Adapter, RouterParts
+from moeopt.ir.spec import RouterSpec
+
+
+def _spec(block: nn.Module, router: RouterParts, config: Any, e: int) -> RouterSpec:
+    norm = "sum" if config.norm_topk_prob else "none"
+    return RouterSpec(num_experts=e, top_k=config.num_experts_per_tok, score_fn="softmax", norm=norm)
+
+
+ADAPTER = Adapter("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _spec, doc="softmax top-k")

@@ -1,0 +1,166 @@
+"""moeopt checkpoints: config.json + model.safetensors + moeopt.json (+ tokenizer files), written atomically.
+
+The host model's config is the source config unchanged (router width = original experts); the expert
+tables in moeopt.json say which slots exist, so a compressed model stays compressed on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeopt.errors import BadInputError
+from moeopt.ir.layer import DenseExpert, MoELayer
+from moeopt.ir.model import MoEModel
+from moeopt.ir.spec import ExpertSpec, RouterSpec, SharedSpec
+from moeopt.ir.table import ExpertTable, QuantizedMatrix, SlotInfo
+
+FORMAT = "moeopt-checkpoint"
+VERSION = 1
+META_FILE = "moeopt.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "generation_config.json",
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary sibling folder; `commit_dir` renames it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`, replacing an existing folder only once the new one is complete."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def save_checkpoint(model: MoEModel, path: Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` to the folder `path` (built in a temporary folder, renamed into place)."""
+    save_dtype = dtype or _DTYPES.get(model.storage_dtype, torch.float32)
+    tmp = atomic_dir(path)
+    try:
+        model.hf.config.save_pretrained(tmp)
+        tensors: dict[str, torch.Tensor] = {}
+        tied: dict[str, str] = {}
+        seen: dict[tuple[int, tuple[int, ...]], str] = {}
+        for key, t in model.hf.state_dict().items():
+            ident = (t.data_ptr(), tuple(t.shape))
+            if t.numel() and ident in seen:  # tied weights: safetensors refuses shared storage
+                tied[key] = seen[ident]
+                continue
+            seen[ident] = key
+            tensors[key] = (t.to(save_dtype) if t.is_floating_point() else t).detach().contiguous()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "moeopt"})
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": model.source,
+            "architecture": model.architecture,
+            "model_class": type(model.hf).__name__,
+            "storage_dtype": str(save_dtype).removeprefix("torch."),
+            "adapters": model.adapters,
+            "history": model.history,
+            "tied": tied,
+            "layers": [layer.meta() for layer in model.layers],
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if model.source_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (model.source_dir / name).exists():
+                    shutil.copy2(model.source_dir / name, tmp / name)
+        commit_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEModel:
+    """Read a folder written by `save_checkpoint` back into an identical IR."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from moeopt.ir.load import _set_submodule
+
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path / META_FILE}: corrupt moeopt metadata ({e.__class__.__name__})") from e
+    if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
+        raise BadInputError(f"{path}: unsupported moeopt checkpoint format {meta.get('format')} v{meta.get('version')}")
+    if not (path / WEIGHTS_FILE).exists():
+        raise BadInputError(f"{path}: missing {WEIGHTS_FILE}")
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        hf = auto.from_config(config)
+    layers = []
+    for lm in meta["layers"]:
+        layer = _empty_layer(lm)
+        _set_submodule(hf, lm["path"], layer)
+        layers.append(layer)
+    # Fresh (aligned) allocations: tensors read at arbitrary file offsets send MKL down other GEMM paths
+    # whose rounding differs in the last bit, and a round trip must be bit-identical.
+    state = {k: v.clone() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    for alias, key in meta.get("tied", {}).items():
+        state[alias] = state[key]
+    result = hf.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        what = result.missing_keys[:1] or result.unexpected_keys[:1]
+        kind = "lacks" if result.missing_keys else "has unexpected"
+        raise BadInputError(f"{path}: checkpoint {kind} tensor '{what[0]}'")
+    hf.to(dtype)
+    hf.eval()
+    model = MoEModel(
+        hf=hf, layers=layers, source=meta.get("source", str(path)), source_dir=path,
+        history=list(meta.get("history", [])), adapters=dict(meta.get("adapters", {})),
+        storage_dtype=meta.get("storage_dtype", "float32"),
+    )
+    return model
+
+
+def _meta_tensor(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _empty_layer(lm: dict[str, Any]) -> MoELayer:
+    """A MoELayer with placeholder tensors of the right structure; load_state_dict(assign=True) fills it."""
+    router = RouterSpec.from_dict(lm["router"])
+    tm = lm["table"]
+    spec = ExpertSpec.from_dict(tm["spec"])
+    slots = [SlotInfo.from_dict(s) for s in tm["slots"]]
+    n, h, i = len(slots), spec.hidden, spec.intermediate
+    table = ExpertTable(
+        spec, router.num_experts, _meta_tensor(n, spec.in_rows, h), _meta_tensor(n, h, i),
+        _meta_tensor(n, spec.in_rows) if tm["has_bias"] else None, _meta_tensor(n, h) if tm["has_bias"] else None,
+        slots=slots, keep_mask=_meta_tensor(router.num_experts, dtype=torch.bool),
+        slot_of=_meta_tensor(router.num_experts, dtype=torch.int64),
+    )
+    for key, qm in tm.get("quantized", {}).items():
+        table.quantized[key] = QuantizedMatrix(
+            qm["rows"], qm["cols"], qm["bits"], qm["group_size"], qm["symmetric"], _meta_tensor(0, dtype=torch.uint8),
+            _meta_tensor(0), _meta_tensor(0, dtype=torch.uint8) if qm["has_zero_points"] else None,
+        )
+    shared = [DenseExpert(SharedSpec.from_dict(s), h).to("meta") for s in lm["shared"]]
+    return MoELayer(
+        router, table, _meta_tensor(router.num_experts, h), _meta_tensor(router.num_experts) if lm["has_router_bias"] else None,
+        _meta_tensor(router.num_experts) if lm["has_score_bias"] else None, shared,
+        index=lm["index"], path=lm["path"], source_class=lm.get("source_class", ""),
+    )

@@ -1,0 +1,173 @@
+"""`moeopt.load`: a Hugging Face checkpoint, a transformers model or a moeopt checkpoint -> MoEModel."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeopt.errors import BadInputError, MoeOptError, UnsupportedModelError
+from moeopt.ir.adapters import GENERIC, adapter_for, build_layer
+from moeopt.ir.adapters.base import find_experts
+from moeopt.ir.layer import MoELayer
+from moeopt.ir.model import MoEModel
+from moeopt.ir.safetensors_check import check_safetensors
+
+META_FILE = "moeopt.json"
+
+
+def load(
+    src: str | Path | nn.Module | MoEModel,
+    *,
+    dtype: torch.dtype = torch.float32,
+    check: bool = True,
+    inplace: bool = False,
+) -> MoEModel:
+    """Load a model into the IR.
+
+    Args:
+        src: a checkpoint folder (Hugging Face: config.json + safetensors shards; or a folder written by
+            `MoEModel.save`), an in-memory transformers model, or an MoEModel (returned as is).
+        dtype: compute dtype of the IR (float32 by default: CPU kernels and exact comparisons want it).
+        check: run every converted layer against its source block on a probe input (cheap; turn off
+            only for very large models you have converted before).
+        inplace: for an in-memory model, replace its blocks in place instead of converting a copy.
+    """
+    if isinstance(src, MoEModel):
+        return src
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        _check_folder(path)
+        if (path / META_FILE).exists():
+            from moeopt.ir.checkpoint import load_checkpoint
+
+            return load_checkpoint(path, dtype=dtype)
+        hf = _load_hf(path, dtype)
+        model = _wrap(hf, str(path), path, check)
+        model.storage_dtype = _config_dtype(path)
+        return model
+    if isinstance(src, nn.Module):
+        hf = src if inplace else copy.deepcopy(src)
+        hf.to(dtype)
+        return _wrap(hf, type(src).__name__, None, check)
+    raise BadInputError(f"cannot load a {type(src).__name__}: expected a checkpoint path or a transformers model")
+
+
+def _wrap(hf: nn.Module, source: str, source_dir: Path | None, check: bool) -> MoEModel:
+    hf.eval()
+    layers, used = convert_blocks(hf, check=check)
+    return MoEModel(hf=hf, layers=layers, source=source, source_dir=source_dir, adapters=used)
+
+
+def convert_blocks(hf: nn.Module, *, check: bool = True) -> tuple[list[MoELayer], dict[str, str]]:
+    """Replace every MoE block of `hf` by an equivalent MoELayer, in module order."""
+    config = getattr(hf, "config", None)
+    found: list[tuple[str, nn.Module, Any]] = []
+    suspicious: list[str] = []
+    skip: tuple[str, ...] = ()
+    for name, mod in hf.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        adapter = adapter_for(mod)
+        if adapter is not None:
+            found.append((name, mod, adapter))
+            skip = (*skip, name + ".")
+        elif find_experts(mod) is not None:
+            suspicious.append(f"{type(mod).__name__} at '{name}'")
+    if not found:
+        cls = type(hf).__name__
+        if suspicious:
+            raise UnsupportedModelError(
+                f"{cls}: block {suspicious[0]} has an `experts` child but no recognisable router "
+                "(gate/router/wg/classifier with an (E, H) weight) or expert MLPs"
+            )
+        raise UnsupportedModelError(f"{cls} has no MoE blocks: moeopt compiles Mixture-of-Experts models")
+    layers: list[MoELayer] = []
+    used: dict[str, str] = {}
+    cache: dict[tuple[str, int], Any] = {}
+    for i, (name, block, adapter) in enumerate(found):
+        key = (type(block).__name__, i)
+        cached = cache.get((type(block).__name__, 0))
+        try:
+            layer = build_layer(block, adapter, config, index=i, path=name, check=check, cached_spec=cached)
+        except UnsupportedModelError:
+            if adapter is GENERIC and cached is None:
+                raise
+            # The named adapter's (or a previous layer's) semantics did not hold here: search them.
+            adapter = GENERIC
+            layer = build_layer(block, GENERIC, config, index=i, path=name, check=check)
+        if adapter is GENERIC:
+            cache.setdefault((key[0], 0), layer.router)
+        used[type(block).__name__] = adapter.name
+        _set_submodule(hf, name, layer)
+        layers.append(layer)
+    return layers, used
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+def _check_folder(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"no such checkpoint folder: {path}")
+    if not path.is_dir():
+        raise BadInputError(f"{path} is a file: expected a checkpoint folder (config.json + *.safetensors)")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise BadInputError(f"{path}: no config.json, not a Hugging Face or moeopt checkpoint folder")
+    try:
+        json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{cfg}: corrupt config.json ({e.__class__.__name__})") from e
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not list(path.glob("*.bin")):
+        raise BadInputError(f"{path}: no weight files (*.safetensors)")
+    for shard in shards:
+        check_safetensors(shard)
+
+
+def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        mt = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        raise UnsupportedModelError(
+            f"{path}: model_type '{mt}' is not known to transformers {transformers.__version__}"
+        ) from e
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except MoeOptError:
+        raise
+    except ValueError as e:
+        raise UnsupportedModelError(f"{path}: {type(config).__name__} has no {auto.__name__} class") from e
+    except Exception as e:  # transformers/safetensors raise many kinds; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"cannot load weights from {path}: {first}") from e
+    missing = [k for k in info.get("missing_keys", []) if not _is_tied(hf, k)]
+    if missing:
+        raise BadInputError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
+    return hf  # type: ignore[no-any-return]
+
+
+def _config_dtype(path: Path) -> str:
+    cfg = json.loads((path / "config.json").read_text())
+    d = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return d if d in ("float32", "float16", "bfloat16") else "float32"
+
+
+def _is_tied(hf: nn.Module, key: str) -> bool:
+    tied = getattr(hf, "_tied_weights_keys", None) or {}
+    return key in tied
