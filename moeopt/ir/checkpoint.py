@@ -56,7 +56,7 @@ def save_checkpoint(model: MoEModel, path: Path, *, dtype: torch.dtype | None = 
     save_dtype = dtype or _DTYPES.get(model.storage_dtype, torch.float32)
     tmp = atomic_dir(path)
     try:
-        model.hf.config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
         tensors: dict[str, torch.Tensor] = {}
         tied: dict[str, str] = {}
         seen: dict[tuple[int, tuple[int, ...]], str] = {}
@@ -160,7 +160,8 @@ def _empty_layer(lm: dict[str, Any]) -> MoELayer:
         )
     shared = [DenseExpert(SharedSpec.from_dict(s), h).to("meta") for s in lm["shared"]]
     return MoELayer(
-        router, table, _meta_tensor(router.num_experts, h), _meta_tensor(router.num_experts) if lm["has_router_bias"] else None,
+        router, table, _meta_tensor(router.num_experts, h),
+        _meta_tensor(router.num_experts) if lm["has_router_bias"] else None,
         _meta_tensor(router.num_experts) if lm["has_score_bias"] else None, shared,
         index=lm["index"], path=lm["path"], source_class=lm.get("source_class", ""),
     )

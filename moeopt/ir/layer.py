@@ -96,7 +96,7 @@ class MoELayer(nn.Module):
         )
         if _AS_OP.get():
             return moe_layer(*args, self.op_config())  # type: ignore[no-any-return]
-        out, trace = moe_compute(*args, self.router, t.spec, self.shared_specs)
+        out, trace = moe_compute(*args, self.router, t.spec, self.shared_specs)  # type: ignore[arg-type]
         for obs in self.observers:
             obs(self, trace)
         return out

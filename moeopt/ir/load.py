@@ -149,7 +149,7 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # one line per error, no per-tensor bars
     try:
-        hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)  # type: ignore[misc]
     except MoeOptError:
         raise
     except ValueError as e:

@@ -165,7 +165,7 @@ class ExpertTable(nn.Module):
                 total += per_slot_float * float_bytes
             else:
                 for name in ("w_in", "w_out"):
-                    q = self.quantized[f"{s}_{name}"]
+                    q: Any = self.quantized[f"{s}_{name}"]
                     total += q.packed.numel() + q.scales.numel() * q.scales.element_size()
                     total += 0 if q.zero_points is None else q.zero_points.numel()
         return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +34,8 @@ def check_layer(layer: MoELayer) -> list[Problem]:
 
     e, h = r.num_experts, t.spec.hidden
     if tuple(layer.router_weight.shape) != (e, h):
-        bad("router-width", f"router weight is {tuple(layer.router_weight.shape)}, expected ({e}, {h}) = (original experts, hidden)")
+        bad("router-width", f"router weight is {tuple(layer.router_weight.shape)}, "
+            f"expected ({e}, {h}) = (original experts, hidden)")
     if t.num_experts != e or t.keep_mask.shape != (e,) or t.slot_of.shape != (e,):
         bad("router-width", f"expert table covers {t.num_experts} experts (keep_mask {tuple(t.keep_mask.shape)}, "
             f"slot_of {tuple(t.slot_of.shape)}) but the router has {e}")
@@ -65,9 +67,11 @@ def check_layer(layer: MoELayer) -> list[Problem]:
         if info.bits is None:
             continue
         for name in ("w_in", "w_out"):
-            q = t.quantized[f"{slot}_{name}"] if f"{slot}_{name}" in t.quantized else None
+            key = f"{slot}_{name}"
+            q: Any = t.quantized[key] if key in t.quantized else None  # noqa: SIM401 (ModuleDict has no .get)
             if q is None or q.scales is None or q.scales.numel() == 0:
-                out.append(Problem(i, slot, "missing-scale", f"slot {slot} is {info.bits}-bit but {name} has no scales"))
+                detail = f"slot {slot} is {info.bits}-bit but {name} has no scales"
+                out.append(Problem(i, slot, "missing-scale", detail))
             elif q.bits != info.bits:
                 out.append(Problem(i, slot, "bitwidth", f"slot {slot} says {info.bits} bits, {name} holds {q.bits}"))
     if r.has_score_bias != (layer.score_bias is not None):

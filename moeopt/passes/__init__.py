@@ -1,7 +1,15 @@
 """Pass infrastructure and every registered pass (importing this package registers them)."""
 
 from moeopt.passes import analyses, canonicalize, print_ir, verify_ir
-from moeopt.passes.base import ALL, ANALYSES, AnalysisManager, Pass, PassContext, PassResult, register_analysis
+from moeopt.passes.base import (
+    ALL,
+    ANALYSES,
+    AnalysisManager,
+    Pass,
+    PassContext,
+    PassResult,
+    register_analysis,
+)
 from moeopt.passes.manager import PassManager, RunReport
 from moeopt.passes.options import Option, OptionTypeError
 from moeopt.passes.pipeline import Pipeline, PipelineSyntaxError, parse_pipeline

@@ -34,7 +34,8 @@ class Canonicalize(Pass):
                 info = t.slots[s]
                 members = [e for e in info.members if bool(t.keep_mask[e]) and int(t.slot_of[e]) == s]
                 primary = info.members[0] if info.members[0] in members else min(members)
-                slots.append(SlotInfo((primary, *sorted(m for m in members if m != primary)), info.bits, info.importance))
+                rest = sorted(m for m in members if m != primary)
+                slots.append(SlotInfo((primary, *rest), info.bits, info.importance))
             if order == list(range(t.num_slots)) and all(a == b for a, b in zip(slots, t.slots, strict=True)):
                 continue
             moved += sum(1 for i, s in enumerate(order) if i != s)

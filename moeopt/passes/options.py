@@ -60,13 +60,11 @@ class Option:
             raise OptionTypeError(
                 f"option '{self.name}' of pass '{pass_name}' expects {self.describe_type()}, got '{raw}'"
             ) from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                lo = "-inf" if self.min is None else f"{self.min:g}"
-                hi = "inf" if self.max is None else f"{self.max:g}"
-                raise OptionTypeError(
-                    f"option '{self.name}' of pass '{pass_name}' must be in [{lo}, {hi}], got '{raw}'"
-                )
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and ((self.min is not None and value < self.min) or (self.max is not None and value > self.max)):
+            lo = "-inf" if self.min is None else f"{self.min:g}"
+            hi = "inf" if self.max is None else f"{self.max:g}"
+            raise OptionTypeError(f"option '{self.name}' of pass '{pass_name}' must be in [{lo}, {hi}], got '{raw}'")
         return value
 
     def _convert(self, raw: str) -> Any:

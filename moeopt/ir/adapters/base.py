@@ -133,10 +133,18 @@ def _act_of(m: nn.Module, preferred: str | None) -> str:
 def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     """Routed expert weights as stacked (E, F, H) / (E, H, I) tensors, in the canonical row layout."""
     if is_fused_experts(ex):
+        from transformers.integrations.moe import _default_apply_gate
+
+        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+            raise UnsupportedModelError(
+                f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
+            )
+        if getattr(ex, "has_post_expert_norm", False):
+            raise UnsupportedModelError(f"{type(ex).__name__}: a norm after each expert is not in the IR")
         transposed = bool(getattr(ex, "is_transposed", False))
         glu = isinstance(getattr(ex, "gate_up_proj", None), torch.Tensor)
-        w_in = ex.gate_up_proj if glu else ex.up_proj
-        w_out = ex.down_proj
+        w_in: torch.Tensor = getattr(ex, "gate_up_proj" if glu else "up_proj")
+        w_out: torch.Tensor = ex.down_proj  # type: ignore[assignment]
         if transposed:
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
         b_in = getattr(ex, "gate_up_proj_bias" if glu else "up_proj_bias", None)
@@ -149,19 +157,13 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
             hidden=int(w_out.shape[1]), intermediate=inter, act=_act_of(ex, preferred_act), glu=glu,
             bias=b_in is not None,
         )
-        from transformers.integrations.moe import _default_apply_gate
-
-        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-            raise UnsupportedModelError(f"{type(ex).__name__}: custom gating function `_apply_gate`")
-        if getattr(ex, "has_post_expert_norm", False):
-            raise UnsupportedModelError(f"{type(ex).__name__}: a norm after each expert is not in the IR")
         return ExpertParts(spec, w_in.detach(), w_out.detach(), _d(b_in), _d(b_out))
     mods = _expert_modules(ex)
     layout = _mlp_layout(mods[0])
     if layout is None:
         raise UnsupportedModelError(f"{type(mods[0]).__name__}: expert MLP has no known projection names")
     glu = len(layout) == 3
-    lin = [[getattr(m, n) for n in layout] for m in mods]
+    lin: list[list[Any]] = [[getattr(m, n) for n in layout] for m in mods]
     w_in = torch.stack([torch.cat([x.weight for x in ls[:-1]], 0) if glu else ls[0].weight for ls in lin])
     w_out = torch.stack([ls[-1].weight for ls in lin])
     has_bias = lin[0][0].bias is not None
@@ -210,7 +212,7 @@ def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> 
         layout = _mlp_layout(m)
         if layout is None:
             raise UnsupportedModelError(f"{type(block).__name__}.{name}: shared expert with unknown layout")
-        lin = [getattr(m, n) for n in layout]
+        lin: list[Any] = [getattr(m, n) for n in layout]
         spec = SharedSpec(
             intermediate=int(lin[-1].weight.shape[1]), act=_act_of(m, preferred_act), glu=len(layout) == 3,
             bias=lin[0].bias is not None, gated=isinstance(gate, nn.Linear),

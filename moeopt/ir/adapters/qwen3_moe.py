@@ -9,8 +9,10 @@ from moeopt.ir.spec import RouterSpec
 
 
 def _spec(block: nn.Module, router: RouterParts, config: Any, e: int) -> RouterSpec:
-    norm = "sum" if config.norm_topk_prob else "none"
-    return RouterSpec(num_experts=e, top_k=config.num_experts_per_tok, score_fn="softmax", norm=norm)
+    return RouterSpec(
+        num_experts=e, top_k=config.num_experts_per_tok, score_fn="softmax",
+        norm="sum" if config.norm_topk_prob else "none",
+    )
 
 
 ADAPTER = Adapter("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _spec, doc="softmax top-k")
