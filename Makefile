@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/moeopt demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check moeopt tests scripts bench
+	$(BIN)/ruff check moeopt tests $(wildcard scripts bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy moeopt

