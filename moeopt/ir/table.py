@@ -153,6 +153,23 @@ class ExpertTable(nn.Module):
         self.keep_mask, self.slot_of = keep, slot_of
         self.quantized = nn.ModuleDict()
 
+    def select_slots(self, keep: list[int], slots: list[SlotInfo] | None = None) -> None:
+        """Keep only these physical slots (in this order); their experts' routing follows, others are pruned.
+
+        Packed (quantized) weights move with their slot. `slots` optionally replaces the kept slots' records
+        (e.g. with merged members).
+        """
+        idx = torch.tensor(keep, dtype=torch.long)
+        old_q = dict(self.quantized.items())
+        self.set_slots(
+            self.w_in[idx], self.w_out[idx], slots if slots is not None else [self.slots[s] for s in keep],
+            None if self.b_in is None else self.b_in[idx], None if self.b_out is None else self.b_out[idx],
+        )
+        for new, old in enumerate(keep):
+            for name in ("w_in", "w_out"):
+                if f"{old}_{name}" in old_q:
+                    self.quantized[f"{new}_{name}"] = old_q[f"{old}_{name}"]
+
     def with_slot_info(self, slot: int, **changes: Any) -> None:
         self.slots[slot] = replace(self.slots[slot], **changes)
 

@@ -69,7 +69,8 @@ class AnalysisManager:
     def cached(self, name: str) -> bool:
         return name in self._cache
 
-    def peek(self, name: str) -> Any | None:
+    def peek(self, name: str) -> Any:
+        """The cached analysis, or None when it is not computed (never computes)."""
         return self._cache.get(name)
 
     def invalidate(self, preserved: frozenset[str]) -> list[str]:

@@ -73,7 +73,13 @@ def load_calibration(
     model: MoEModel, path: Path, *, seq_len: int = 128, max_tokens: int = 32768, batch_size: int = 8
 ) -> CalibSet:
     """Tokenize a JSONL file and pack it into (batch_size, seq_len) batches, at most max_tokens tokens."""
-    rows = read_records(path)
+    return _pack(model, read_records(path), path.stem, path, seq_len, max_tokens, batch_size)
+
+
+def _pack(
+    model: MoEModel, rows: list[dict[str, object]], name: str, path: Path, seq_len: int, max_tokens: int,
+    batch_size: int,
+) -> CalibSet:
     tok = load_tokenizer(model)
     stream: list[int] = []
     eos = getattr(model.config, "eos_token_id", None)
@@ -99,4 +105,21 @@ def load_calibration(
     if n == 0:
         raise BadInputError(f"{path}: fewer than {seq_len} tokens of calibration data")
     data = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    return CalibSet(path.stem, tuple(data.split(batch_size)))
+    return CalibSet(name, tuple(data.split(batch_size)))
+
+
+def load_app_calibration(
+    model: MoEModel, app: str, *, split: str = "train", seq_len: int = 128, max_tokens: int = 32768,
+    data_root: Path | None = None, batch_size: int = 8,
+) -> CalibSet:
+    """An app's split from the prepared data, each example rendered as prompt + answer."""
+    from moeopt.data.apps import APPS, app_split, default_data_root
+
+    if app not in APPS:
+        raise BadInputError(f"unknown app '{app}'; apps: {', '.join(APPS)}")
+    root = data_root or default_data_root()
+    path = root / "apps" / app / f"{split}.jsonl"
+    if not path.exists():
+        raise BadInputError(f"no prepared data at {path}: run `moeopt data prepare` first")
+    rows = [{"text": r["text"], "label": r["label"], "app": app} for r in app_split(root, app, split)]
+    return _pack(model, rows, f"{app}", path, seq_len, max_tokens, batch_size)

@@ -7,8 +7,6 @@ same compressed model then save to the same bytes, which makes outputs reproduci
 
 from __future__ import annotations
 
-import torch
-
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import SlotInfo
 from moeopt.passes.base import ALL, Pass, PassContext, PassResult
@@ -40,16 +38,7 @@ class Canonicalize(Pass):
                 continue
             moved += sum(1 for i, s in enumerate(order) if i != s)
             dropped += t.num_slots - len(order)
-            idx = torch.tensor(order, dtype=torch.long)
-            quantized = {k: q for k, q in t.quantized.items()}
-            t.set_slots(
-                t.w_in[idx], t.w_out[idx], slots,
-                None if t.b_in is None else t.b_in[idx], None if t.b_out is None else t.b_out[idx],
-            )
-            for new, old in enumerate(order):  # carry packed weights to their new slot numbers
-                for name in ("w_in", "w_out"):
-                    if f"{old}_{name}" in quantized:
-                        t.quantized[f"{new}_{name}"] = quantized[f"{old}_{name}"]
+            t.select_slots(order, slots)
         modified = bool(moved or dropped)
         # Routing over ORIGINAL experts is unchanged, so routing analyses stay valid; slot-indexed ones do not.
         preserved = ALL if not modified else frozenset({"routing-stats", "importance", "param-stats"})
