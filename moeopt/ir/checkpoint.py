@@ -25,6 +25,7 @@ FORMAT = "moeopt-checkpoint"
 VERSION = 1
 META_FILE = "moeopt.json"
 WEIGHTS_FILE = "model.safetensors"
+PREDICTOR_FILE = "predictor.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "generation_config.json",
@@ -79,7 +80,11 @@ def save_checkpoint(model: MoEModel, path: Path, *, dtype: torch.dtype | None = 
             "history": model.history,
             "tied": tied,
             "layers": [layer.meta() for layer in model.layers],
+            "predictor": None if model.predictor is None else model.predictor.meta(),  # type: ignore[operator]
         }
+        if model.predictor is not None:
+            pred = {k: v.detach().float().contiguous() for k, v in model.predictor.state_dict().items()}
+            save_file(pred, str(tmp / PREDICTOR_FILE), metadata={"format": "pt", "producer": "moeopt"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if model.source_dir is not None:
             for name in TOKENIZER_FILES:
@@ -128,8 +133,19 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         raise BadInputError(f"{path}: checkpoint {kind} tensor '{what[0]}'")
     hf.to(dtype)
     hf.eval()
+    predictor = None
+    if meta.get("predictor"):
+        from moeopt.ir.predictor import RoutingPredictor
+        from moeopt.ir.safetensors_check import check_safetensors
+
+        if not (path / PREDICTOR_FILE).exists():
+            raise BadInputError(f"{path}: moeopt.json lists a routing predictor but {PREDICTOR_FILE} is missing")
+        check_safetensors(path / PREDICTOR_FILE)
+        predictor = RoutingPredictor.from_meta(meta["predictor"])
+        predictor.load_state_dict(load_file(str(path / PREDICTOR_FILE)))
+        predictor.eval()
     model = MoEModel(
-        hf=hf, layers=layers, source=meta.get("source", str(path)), source_dir=path,
+        hf=hf, layers=layers, source=meta.get("source", str(path)), source_dir=path, predictor=predictor,
         history=list(meta.get("history", [])), adapters=dict(meta.get("adapters", {})),
         storage_dtype=meta.get("storage_dtype", "float32"),
     )

@@ -50,6 +50,7 @@ class MoEModel:
     history: list[str] = field(default_factory=list)
     adapters: dict[str, str] = field(default_factory=dict)  # source block class -> adapter name
     storage_dtype: str = "float32"  # dtype on disk: a float16 checkpoint is saved as float16 again
+    predictor: nn.Module | None = None  # RoutingPredictor once the `predictor` pass has run
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.hf(*args, **kwargs)

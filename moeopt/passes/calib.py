@@ -82,7 +82,10 @@ def _pack(
 ) -> CalibSet:
     tok = load_tokenizer(model)
     stream: list[int] = []
+    vocab = int(model.config.get_text_config().vocab_size)
     eos = getattr(model.config, "eos_token_id", None)
+    if not (isinstance(eos, int) and 0 <= eos < vocab):  # configs often carry a default id the vocab lacks
+        eos = None
     for row in rows:
         if "ids" in row:
             ids = [int(i) for i in row["ids"]]  # type: ignore[attr-defined]
@@ -93,11 +96,10 @@ def _pack(
         else:
             ids = tok.encode(render(row)).ids  # type: ignore[attr-defined]
         stream.extend(ids)
-        if isinstance(eos, int):
+        if eos is not None:
             stream.append(eos)
         if len(stream) >= max_tokens:
             break
-    vocab = int(model.config.get_text_config().vocab_size)
     if stream and (min(stream) < 0 or max(stream) >= vocab):
         raise BadInputError(f"{path}: token ids outside the model's vocabulary (0..{vocab - 1})")
     stream = stream[:max_tokens]

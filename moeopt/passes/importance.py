@@ -8,6 +8,7 @@ per dataset ("app") when several are given, and combined.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,11 +47,11 @@ class LayerStats:
         self.logit_sum = torch.zeros(e, dtype=f64)
         self.coact, self.logit_gram = torch.zeros(e, e, dtype=f64), torch.zeros(e, e, dtype=f64)
 
-    def add(self, trace: RoutingTrace) -> None:
+    def add(self, trace: RoutingTrace, with_inputs: bool = True) -> None:
         n, e = trace.logits.shape
         onehot = torch.zeros(n, e, dtype=torch.float64).scatter_(1, trace.index, 1.0)  # (N, E) chosen
         w = torch.zeros(n, e, dtype=torch.float64).scatter_(1, trace.index, trace.weights.double())
-        xnorm = trace.hidden.double().norm(dim=-1, keepdim=True)  # (N, 1)
+        xnorm = trace.hidden.double().norm(dim=-1, keepdim=True) if with_inputs else torch.ones(n, 1)  # (N, 1)
         logits = trace.logits.double()
         self.tokens += n
         self.counts += onehot.sum(0)
@@ -60,7 +61,7 @@ class LayerStats:
         self.logit_sum += logits.sum(0)
         self.logit_gram += logits.T @ logits
         have = sum(int(s.shape[0]) for s in self.sample)
-        if have < SAMPLE_TOKENS:
+        if with_inputs and have < SAMPLE_TOKENS:
             self.sample.append(trace.hidden[: SAMPLE_TOKENS - have].detach().float().clone())
 
     def merged(self, other: LayerStats) -> LayerStats:
@@ -144,6 +145,47 @@ def collect(model: MoEModel, sets: list[CalibSet], *, progress: bool = True) -> 
     return Importance(per_app, combined)
 
 
+class _StopForward(Exception):
+    """Raised by an observer to end a forward pass once the first router has run."""
+
+
+def estimate_with_predictor(model: MoEModel, sets: list[CalibSet], *, progress: bool = True) -> Importance:
+    """Importance from the first router alone: run each batch up to MoE layer 0, predict the rest.
+
+    LiteMoE's cheap path: the cost is the embedding and the first block(s), not the whole model.
+    """
+    from moeopt.ir.routing import route
+
+    predictor = model.predictor
+    if predictor is None:
+        raise BadInputError("importance{estimator=predictor} needs a routing predictor: run `predictor` first")
+    first = model.layers[0]
+    per_app: dict[str, list[LayerStats]] = {}
+    for cs in sets:
+        stats = [LayerStats(layer.router.num_experts) for layer in model.layers]
+
+        def observe(layer: MoELayer, trace: RoutingTrace, stats: list[LayerStats] = stats) -> None:
+            stats[0].add(trace)
+            with torch.no_grad():
+                predicted = predictor(trace.logits)
+            for later, logits in zip(model.layers[1:], predicted, strict=True):
+                w, idx = route(logits, later.router, later.table.keep_mask)
+                stats[later.index].add(RoutingTrace(logits, idx, w, trace.hidden), with_inputs=False)
+            raise _StopForward
+
+        first.observers.append(observe)
+        try:
+            with torch.no_grad():
+                for batch in tqdm(cs.batches, desc=f"importance~[{cs.name}]", disable=not progress, leave=False):
+                    with contextlib.suppress(_StopForward):
+                        model.hf(input_ids=batch, use_cache=False)
+        finally:
+            first.observers.remove(observe)
+        per_app[cs.name] = stats
+    combined = [_merge_all([per_app[name][i] for name in per_app]) for i in range(len(model.layers))]
+    return Importance(per_app, combined)
+
+
 def _merge_all(items: list[LayerStats]) -> LayerStats:
     out = items[0]
     for it in items[1:]:
@@ -178,11 +220,16 @@ class ImportancePass(Pass):
         Option("seq-len", "int", 128, "tokens per calibration sequence", min=8),
         Option("max-tokens", "int", 32768, "tokens per dataset at most", min=8),
         Option("progress", "bool", True, "show a progress bar"),
+        Option("estimator", "choice", "router", "router: run the model; predictor: first router + predictor",
+               choices=("router", "predictor")),
     )
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
         sets = calibration_sets(model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"])
-        imp = collect(model, sets, progress=self.opts["progress"])
+        if self.opts["estimator"] == "predictor":
+            imp = estimate_with_predictor(model, sets, progress=self.opts["progress"])
+        else:
+            imp = collect(model, sets, progress=self.opts["progress"])
         ctx.analyses.put("importance", imp)
         for layer, st in zip(model.layers, imp.layers, strict=True):
             t, freq = layer.table, st.freq

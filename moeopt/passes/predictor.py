@@ -1,0 +1,112 @@
+"""`predictor`: train LiteMoE's routing predictor (a 2-layer MLP from the first MoE layer's router logits
+to every later layer's) on the calibration routing, attach it to the IR, and report its top-k recall.
+
+The same predictor estimates importance cheaply (`importance{estimator=predictor}` runs the model only
+up to the first router) and, lowered into the artifact, tells the runtime which experts to prefetch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeopt.errors import BadInputError
+from moeopt.ir.compute import RoutingTrace
+from moeopt.ir.layer import MoELayer
+from moeopt.ir.model import MoEModel
+from moeopt.ir.predictor import RoutingPredictor
+from moeopt.passes.base import ALL, Pass, PassContext, PassResult
+from moeopt.passes.calib import CalibSet
+from moeopt.passes.importance import calibration_sets
+from moeopt.passes.options import Option
+from moeopt.passes.registry import register
+
+
+def router_logits(model: MoEModel, sets: list[CalibSet]) -> list[torch.Tensor]:
+    """Per MoE layer, the (N, E) router logits of every calibration token."""
+    out: list[list[torch.Tensor]] = [[] for _ in model.layers]
+
+    def observe(layer: MoELayer, trace: RoutingTrace) -> None:
+        out[layer.index].append(trace.logits.detach().float())
+
+    for layer in model.layers:
+        layer.observers.append(observe)
+    try:
+        with torch.no_grad():
+            for cs in sets:
+                for batch in cs.batches:
+                    model.hf(input_ids=batch, use_cache=False)
+    finally:
+        for layer in model.layers:
+            layer.observers.remove(observe)
+    return [torch.cat(chunks) for chunks in out]
+
+
+def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
+    """Share of the true top-k experts that are in the predicted top-k, over tokens."""
+    p = pred.topk(k, dim=-1).indices
+    t = true.topk(k, dim=-1).indices
+    hits = (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).sum()
+    return float(hits) / t.numel()
+
+
+def train_predictor(
+    logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int
+) -> RoutingPredictor:
+    """Fit the MLP by KL divergence to each later layer's router distribution (full batch, Adam, seeded)."""
+    torch.manual_seed(seed)
+    pred = RoutingPredictor(logits[0].shape[1], [x.shape[1] for x in logits[1:]], hidden)
+    opt = torch.optim.Adam(pred.parameters(), lr=lr)
+    targets = [torch.softmax(x, dim=-1) for x in logits[1:]]
+    for _ in range(steps):
+        opt.zero_grad()
+        outs = pred(logits[0])
+        loss = sum(F.kl_div(F.log_softmax(o, -1), t, reduction="batchmean") for o, t in zip(outs, targets, strict=True))
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+    return pred.eval()
+
+
+@register
+class Predictor(Pass):
+    name = "predictor"
+    kind = "transform"
+    summary = "train LiteMoE's routing predictor (layer-1 router -> later routers) and attach it"
+    exact = True  # the model's outputs do not change
+    options = (
+        Option("calib", "list", (), "calibration JSONL files or app:NAME, ';'-separated"),
+        Option("hidden", "int", 128, "MLP hidden width", min=1),
+        Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
+        Option("lr", "float", 3e-3, "learning rate", min=0.0),
+        Option("holdout", "float", 0.2, "share of tokens held out to measure recall", min=0.0, max=0.9),
+        Option("seq-len", "int", 128, "tokens per calibration sequence", min=8),
+        Option("max-tokens", "int", 32768, "tokens per dataset at most", min=8),
+    )
+
+    def requires(self, model: MoEModel, ctx: PassContext) -> None:
+        if len(model.layers) < 2:
+            raise BadInputError("predictor needs at least two MoE layers (it predicts later layers from the first)")
+
+    def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
+        sets = calibration_sets(model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"])
+        logits = router_logits(model, sets)
+        n = logits[0].shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
+        n_test = int(n * self.opts["holdout"])
+        test, train = perm[:n_test], perm[n_test:]
+        pred = train_predictor([x[train] for x in logits], self.opts["hidden"], self.opts["steps"],
+                               self.opts["lr"], ctx.seed)
+        model.predictor = pred
+        stats: dict[str, float] = {}
+        eval_idx = test if n_test > 0 else train
+        with torch.no_grad():
+            outs = pred(logits[0][eval_idx])
+        for i, (o, layer) in enumerate(zip(outs, model.layers[1:], strict=True), start=1):
+            recall = topk_recall(o, logits[i][eval_idx], layer.router.top_k)
+            stats[f"recall@{layer.router.top_k}-layer{i}"] = round(recall, 4)
+        size = sum(p.numel() for p in pred.parameters())
+        total = sum(p.numel() for p in model.hf.parameters())
+        stats["params"] = size
+        stats["share-of-model"] = round(size / total, 6)
+        ctx.analyses.put("predictor-recall", {k: v for k, v in stats.items() if k.startswith("recall")})
+        return PassResult(model, True, ALL, stats)
