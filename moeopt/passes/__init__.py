@@ -1,6 +1,16 @@
 """Pass infrastructure and every registered pass (importing this package registers them)."""
 
-from moeopt.passes import analyses, canonicalize, importance, match, merge, print_ir, prune, quantize, verify_ir
+from moeopt.passes import (
+    analyses,
+    canonicalize,
+    importance,
+    match,
+    merge,
+    predictor,
+    print_ir,
+    prune,
+    verify_ir,
+)
 from moeopt.passes.base import (
     ALL,
     ANALYSES,
@@ -15,7 +25,7 @@ from moeopt.passes.options import Option, OptionTypeError
 from moeopt.passes.pipeline import Pipeline, PipelineSyntaxError, parse_pipeline
 from moeopt.passes.registry import REGISTRY, UnknownOptionError, UnknownPassError, build, get_pass, register
 
-del analyses, canonicalize, importance, match, merge, print_ir, prune, quantize, verify_ir
+del analyses, canonicalize, importance, match, merge, predictor, print_ir, prune, verify_ir
 
 __all__ = [
     "ALL", "ANALYSES", "REGISTRY", "AnalysisManager", "Option", "OptionTypeError", "Pass", "PassContext",
