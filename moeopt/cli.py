@@ -17,6 +17,8 @@ from moeopt.errors import BadInputError, MoeOptError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="moeopt: a compiler for Mixture-of-Experts LMs.")
 data_app = typer.Typer(no_args_is_help=True, help="Real data for the reference model and the apps.")
 app.add_typer(data_app, name="data")
+report_app = typer.Typer(no_args_is_help=True, help="Analysis reports (JSON + PNG).")
+app.add_typer(report_app, name="report")
 _STATE = {"debug": False}
 
 
@@ -182,6 +184,44 @@ def eval_cmd(
         tmp = json_out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1, default=str))
         tmp.replace(json_out)
+
+
+@report_app.command("routing")
+def report_routing(
+    model: Annotated[str, typer.Argument(help="checkpoint folder with tokenizer.json")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("out/routing-report"),
+    apps: Annotated[str, typer.Option(help="'all' or comma-separated app names")] = "all",
+    data: Annotated[Path | None, typer.Option(help="data root written by `moeopt data prepare`")] = None,
+    split: Annotated[str, typer.Option(help="which split's texts to route")] = "test",
+    tokens: Annotated[int, typer.Option(help="tokens per app")] = 16384,
+) -> None:
+    """Per-app expert-activation heatmaps and Jensen-Shannon divergence between apps' routing."""
+    import moeopt
+    from moeopt.data.apps import APPS
+    from moeopt.report import routing_report, write_report
+
+    names = list(APPS) if apps == "all" else [a for a in apps.split(",") if a]
+    for a in names:
+        if a not in APPS:
+            raise BadInputError(f"unknown app '{a}'; apps: {', '.join(APPS)}")
+    if len(names) < 2:
+        raise BadInputError("a routing report compares at least two apps")
+    rep = routing_report(moeopt.load(model), names, data_root=data, split=split, max_tokens=tokens)
+    files = write_report(rep, out)
+    for layer in rep["layers"]:
+        print(f"layer {layer['layer']}: mean JS {layer['mean_js']:.4f} bits; "
+              f"apps with disjoint top-2: {len(layer['disjoint_top2'])} pairs")
+    print(f"mean JS over layers {rep['mean_js']:.4f} bits; wrote {', '.join(map(str, files))}")
+
+
+def _register_runtime_commands() -> None:
+    from moeopt.runtime.cli import lower_cmd, run_cmd
+
+    app.command("lower")(lower_cmd)
+    app.command("run")(run_cmd)
+
+
+_register_runtime_commands()
 
 
 def main() -> None:
