@@ -81,12 +81,13 @@ def convert(
     dtype: Annotated[str, typer.Option(help="storage dtype: auto (as source), float32, float16, bfloat16")] = "auto",
     reproduce: Annotated[Path | None, typer.Option("--reproduce", help="replay a reproducer file")] = None,
     reproducer_dir: Annotated[Path | None, typer.Option(help="where a failing run writes its reproducer")] = None,
+    data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
 ) -> None:
     """Run a pipeline on a model and save the result."""
     import torch
 
     import moeopt
-    from moeopt.passes import PassManager
+    from moeopt.passes import PassContext, PassManager
     from moeopt.passes.manager import read_reproducer
 
     if reproduce is not None:
@@ -104,6 +105,7 @@ def convert(
     pm = PassManager(  # parse the pipeline before loading: a typo costs nothing
         passes_text, verify_each=verify_each, print_ir_after=names, timing=timing,
         reproducer_dir=reproducer_dir if reproducer_dir is not None else (out.parent if out else None),
+        ctx=PassContext(data_root=data),
     )
     m = moeopt.load(model)
     report = pm.run(m, source=str(model))

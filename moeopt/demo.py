@@ -1,21 +1,28 @@
-"""The README's main job: the whole spine on the embedded default model, with a short report."""
+"""The README's main job: the whole pipeline on the embedded default model, with a short report.
+
+With the shipped reference MoE: evaluate it on a small held-out sample of every app, build each app's
+LiteMoE proxy (importance on the app's own data, prune + ILP match + aligned merge to half the routed
+experts), evaluate the proxy on its app, save/reload one proxy and check it is bit-identical and traces
+to one node per MoE layer. Without the reference checkpoint: the same spine on a seeded small MoE.
+"""
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-REFERENCE = Path(__file__).parent / "assets" / "reference-moe"
-DEMO_PIPELINE = "canonicalize,verify"
+ASSETS = Path(__file__).parent / "assets"
+REFERENCE = ASSETS / "reference-moe"
+DEMO_DATA = ASSETS / "demo-data"
+PROXY_PIPELINE = "importance{{calib=app:{app},progress=false}},prune{{keep=0.5,cold=0.25}},match,merge,canonicalize"
 
 
-def default_model_dir(work: Path) -> Path:
-    """The repository's reference MoE when it is shipped, else a seeded small Mixtral written to `work`."""
-    if (REFERENCE / "config.json").exists() and (REFERENCE / "model.safetensors").exists():
-        return REFERENCE
-    return seeded_checkpoint(work / "seeded-moe")
+def has_reference() -> bool:
+    return (REFERENCE / "config.json").exists() and (REFERENCE / "model.safetensors").exists()
 
 
 def seeded_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -37,38 +44,87 @@ def seeded_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _check_roundtrip(model: Any, out: Path, ids: torch.Tensor) -> dict[str, object]:
+    import moeopt
+
+    saved = model.save(out)
+    again = moeopt.load(saved)
+    nodes = len(moeopt.moe_nodes(moeopt.trace(again, ids[:1])))
+    return {
+        "saved": str(saved), "reload_max_abs_diff": float((model.logits(ids) - again.logits(ids)).abs().max()),
+        "moe_nodes_in_trace": nodes, "moe_layers": len(again.layers),
+    }
+
+
 def run_demo(out: Path) -> dict[str, object]:
-    """load -> inspect -> pipeline -> save -> reload -> compare; prints and returns a short report."""
+    """Runs the demo, prints a short report, and returns it; exits non-zero if a check fails."""
+    torch.manual_seed(0)
+    result = _reference_demo(out) if has_reference() else _seeded_demo(out)
+    ok = result["reload_max_abs_diff"] == 0.0 and result["moe_nodes_in_trace"] == result["moe_layers"]
+    print("  status: " + ("OK" if ok else "MISMATCH"))
+    if not ok:
+        raise SystemExit(1)
+    return result
+
+
+def _reference_demo(out: Path) -> dict[str, object]:
+    import moeopt
+    from moeopt.data.apps import APPS
+    from moeopt.eval import evaluate
+    from moeopt.passes import PassContext, PassManager
+    from moeopt.passes.calib import load_tokenizer
+
+    t0 = time.perf_counter()
+    base = moeopt.load(REFERENCE)
+    tok = load_tokenizer(base)
+    print(f"== reference model: {REFERENCE}")
+    print(base.summary())
+    ev: dict[str, Any] = {"data_root": DEMO_DATA, "ppl": [], "app_examples": 100, "progress": False}
+    full = evaluate(base.hf, tok, tasks=list(APPS), **ev)
+    full_bytes = base.stats(float_bytes=2).expert_bytes
+    rows = []
+    proxy = None
+    for app in APPS:
+        model = copy.deepcopy(base)
+        PassManager(PROXY_PIPELINE.format(app=app), verify_each=True, ctx=PassContext(data_root=DEMO_DATA)).run(model)
+        res = evaluate(model.hf, tok, tasks=[app], **ev)
+        rows.append((app, full["apps"][app]["accuracy"], res["apps"][app]["accuracy"],
+                     full["apps"][app]["majority_acc"], model.stats(float_bytes=2).expert_bytes))
+        proxy = proxy or model
+    print(f"== LiteMoE proxies: {PROXY_PIPELINE.format(app='APP')}")
+    print(f"  {'app':<18} {'full acc':>8} {'proxy acc':>9} {'majority':>8} {'experts fp16 MiB':>17}")
+    for app, a_full, a_proxy, maj, nbytes in rows:
+        print(f"  {app:<18} {a_full:8.3f} {a_proxy:9.3f} {maj:8.3f} {nbytes / 2**20:8.2f} of {full_bytes / 2**20:.2f}")
+    mean_full = sum(r[1] for r in rows) / len(rows)
+    mean_proxy = sum(r[2] for r in rows) / len(rows)
+    print(f"  mean accuracy: full {mean_full:.3f}, proxies {mean_proxy:.3f} "
+          f"({100 * mean_proxy / max(mean_full, 1e-9):.1f}% kept) on {DEMO_DATA.name} (100 test examples per app)")
+    ids = torch.randint(0, int(base.config.vocab_size), (2, 32), generator=torch.Generator().manual_seed(0))
+    assert proxy is not None
+    check = _check_roundtrip(proxy, out / "proxy-movie-sentiment", ids)
+    result: dict[str, object] = {"model": str(REFERENCE), "mean_acc_full": mean_full, "mean_acc_proxy": mean_proxy,
+                                 **check, "seconds": round(time.perf_counter() - t0, 1)}
+    print("== report")
+    for k, v in result.items():
+        print(f"  {k:<22} {v}")
+    return result
+
+
+def _seeded_demo(out: Path) -> dict[str, object]:
     import moeopt
     from moeopt.passes import PassManager
 
     t0 = time.perf_counter()
-    src = default_model_dir(out)
+    src = seeded_checkpoint(out / "seeded-moe")
     model = moeopt.load(src)
-    t_load = time.perf_counter() - t0
-    print(f"== model: {src}")
+    print(f"== model (no reference checkpoint shipped): {src}")
     print(model.summary())
-    report = PassManager(DEMO_PIPELINE, verify_each=True, timing=True).run(model, source=str(src))
-    print(f"== pipeline: {report.pipeline}")
+    report = PassManager("canonicalize,verify", verify_each=True, timing=True).run(model, source=str(src))
     print(report.timing_table())
-    saved = report.model.save(out / "converted")
-    again = moeopt.load(saved)
     ids = torch.randint(0, int(model.config.vocab_size), (2, 32), generator=torch.Generator().manual_seed(0))
-    a, b = model.logits(ids), again.logits(ids)
-    program = moeopt.trace(again, ids[:1])
-    nodes = len(moeopt.moe_nodes(program))
-    s = again.stats()
-    result: dict[str, object] = {
-        "model": str(src), "architecture": again.architecture, "moe_layers": len(again.layers),
-        "params": s.total, "active_params": s.active, "expert_share": round(s.expert / s.total, 3),
-        "reload_max_abs_diff": float((a - b).abs().max()), "moe_nodes_in_trace": nodes,
-        "load_seconds": round(t_load, 2), "saved": str(saved),
-    }
+    result: dict[str, object] = {"model": str(src), **_check_roundtrip(model, out / "converted", ids),
+                                 "seconds": round(time.perf_counter() - t0, 1)}
     print("== report")
     for k, v in result.items():
         print(f"  {k:<22} {v}")
-    ok = result["reload_max_abs_diff"] == 0.0 and nodes == len(again.layers)
-    print("  status                 " + ("OK" if ok else "MISMATCH"))
-    if not ok:
-        raise SystemExit(1)
     return result

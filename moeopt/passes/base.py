@@ -89,6 +89,7 @@ class PassContext:
     analyses: AnalysisManager = field(default_factory=AnalysisManager)
     seed: int = 0
     work_dir: Path | None = None
+    data_root: Path | None = None  # where `app:NAME` calibration specs are read (default: prepared data)
     log: Callable[[str], None] = lambda msg: None
 
 

@@ -193,14 +193,17 @@ def _merge_all(items: list[LayerStats]) -> LayerStats:
     return out
 
 
-def calibration_sets(model: MoEModel, specs: tuple[str, ...], seq_len: int, max_tokens: int) -> list[CalibSet]:
+def calibration_sets(
+    model: MoEModel, specs: tuple[str, ...], seq_len: int, max_tokens: int, data_root: Path | None = None
+) -> list[CalibSet]:
     """Each spec is a JSONL path or `app:NAME` (that app's train split, rendered with its template)."""
     if not specs:
         raise BadInputError("importance needs calibration data: importance{calib=FILE.jsonl} or calib=app:NAME")
     sets = []
     for spec in specs:
         if spec.startswith("app:"):
-            sets.append(load_app_calibration(model, spec[4:], seq_len=seq_len, max_tokens=max_tokens))
+            sets.append(load_app_calibration(model, spec[4:], seq_len=seq_len, max_tokens=max_tokens,
+                                             data_root=data_root))
         else:
             sets.append(load_calibration(model, Path(spec), seq_len=seq_len, max_tokens=max_tokens))
     names = [s.name for s in sets]
@@ -225,7 +228,9 @@ class ImportancePass(Pass):
     )
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
-        sets = calibration_sets(model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"])
+        sets = calibration_sets(
+            model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"], ctx.data_root
+        )
         if self.opts["estimator"] == "predictor":
             imp = estimate_with_predictor(model, sets, progress=self.opts["progress"])
         else:

@@ -88,7 +88,9 @@ class Predictor(Pass):
             raise BadInputError("predictor needs at least two MoE layers (it predicts later layers from the first)")
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
-        sets = calibration_sets(model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"])
+        sets = calibration_sets(
+            model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"], ctx.data_root
+        )
         logits = router_logits(model, sets)
         n = logits[0].shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
