@@ -119,9 +119,11 @@ def load_app_calibration(
 
     if app not in APPS:
         raise BadInputError(f"unknown app '{app}'; apps: {', '.join(APPS)}")
+    if split not in ("train", "valid", "test"):
+        raise BadInputError(f"unknown split '{split}' of app '{app}' (train, valid, test)")
     root = data_root or default_data_root()
     path = root / "apps" / app / f"{split}.jsonl"
     if not path.exists():
         raise BadInputError(f"no prepared data at {path}: run `moeopt data prepare` first")
     rows = [{"text": r["text"], "label": r["label"], "app": app} for r in app_split(root, app, split)]
-    return _pack(model, rows, f"{app}", path, seq_len, max_tokens, batch_size)
+    return _pack(model, rows, app if split == "train" else f"{app}:{split}", path, seq_len, max_tokens, batch_size)

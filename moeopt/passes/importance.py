@@ -196,14 +196,16 @@ def _merge_all(items: list[LayerStats]) -> LayerStats:
 def calibration_sets(
     model: MoEModel, specs: tuple[str, ...], seq_len: int, max_tokens: int, data_root: Path | None = None
 ) -> list[CalibSet]:
-    """Each spec is a JSONL path or `app:NAME` (that app's train split, rendered with its template)."""
+    """Each spec is a JSONL path or `app:NAME[:SPLIT]` (that app's split, train by default, rendered
+    with the app's template)."""
     if not specs:
         raise BadInputError("importance needs calibration data: importance{calib=FILE.jsonl} or calib=app:NAME")
     sets = []
     for spec in specs:
         if spec.startswith("app:"):
-            sets.append(load_app_calibration(model, spec[4:], seq_len=seq_len, max_tokens=max_tokens,
-                                             data_root=data_root))
+            name, _, split = spec[4:].partition(":")
+            sets.append(load_app_calibration(model, name, split=split or "train", seq_len=seq_len,
+                                             max_tokens=max_tokens, data_root=data_root))
         else:
             sets.append(load_calibration(model, Path(spec), seq_len=seq_len, max_tokens=max_tokens))
     names = [s.name for s in sets]
