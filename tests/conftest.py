@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tests run two workers on two cores
@@ -34,11 +35,9 @@ def model_inputs(arch: str, batch: int = 2, seq: int = 11, seed: int = 1) -> dic
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
 
 
-@pytest.fixture(scope="session")
-def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Mixtral with a BPE tokenizer trained on the data fixtures, saved with tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import MixtralConfig, MixtralForCausalLM
+def fixture_tokenizer(vocab_size: int = 400) -> Tokenizer:
+    """A byte-level BPE trained on the data fixtures' news and rendered app texts."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from moeopt.data.apps import APPS, app_split, lm_split
 
@@ -48,9 +47,18 @@ def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def text_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral with a BPE tokenizer trained on the data fixtures, saved with tokenizer.json."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = fixture_tokenizer()
     torch.manual_seed(0)
     cfg = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,

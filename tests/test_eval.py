@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moeopt.data import APPS, App, app_split, lm_split
+from moeopt.data import APPS, App, app_split
 from moeopt.eval import app_accuracy, evaluate, format_table, label_scores, macro_f1, perplexity
 from moeopt.eval.classify import label_continuations, plan_jobs
 from moeopt.eval.model_io import encode, eos_id
 from moeopt.eval.perplexity import token_stream, windows
-
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+from tests.conftest import FIXTURE_DATA as FIXTURES
+from tests.conftest import fixture_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    texts = [r["text"] for r in lm_split(FIXTURES, "news", "train")]
-    for app in APPS.values():
-        texts += [app.render(r["text"], r["label"]) for r in app_split(FIXTURES, app.name, "train")]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    return tokenizer
+    return fixture_tokenizer(400)
 
 
 @pytest.fixture(scope="module")
