@@ -104,3 +104,15 @@ def test_stats_split_experts_from_the_rest() -> None:
     # 2 layers x 4 experts x (2*48*32 + 32*48)
     assert s.expert == 2 * 4 * (2 * 48 * 32 + 32 * 48)
     assert s.expert_active == s.expert // 2  # top-2 of 4
+
+
+def test_models_trained_with_router_logits_still_run(tmp_path: Path) -> None:
+    """A checkpoint saved with output_router_logits=True (aux-loss training) must load and run."""
+    hf = tiny_model("mixtral")
+    hf.config.output_router_logits = True
+    hf.save_pretrained(tmp_path / "aux")
+    kw = model_inputs("mixtral")
+    for model in (moeopt.load(hf), moeopt.load(tmp_path / "aux")):
+        assert model.logits(kw["input_ids"]).shape == (2, 11, 97)
+        model.save(tmp_path / "ck")
+        assert moeopt.load(tmp_path / "ck").logits(kw["input_ids"]).shape == (2, 11, 97)

@@ -102,7 +102,7 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from moeopt.ir.load import _set_submodule
+    from moeopt.ir.load import _set_submodule, disable_router_outputs
 
     try:
         meta = json.loads((path / META_FILE).read_text())
@@ -133,6 +133,7 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         raise BadInputError(f"{path}: checkpoint {kind} tensor '{what[0]}'")
     hf.to(dtype)
     hf.eval()
+    disable_router_outputs(hf)
     predictor = None
     if meta.get("predictor"):
         from moeopt.ir.predictor import RoutingPredictor

@@ -58,8 +58,22 @@ def load(
     raise BadInputError(f"cannot load a {type(src).__name__}: expected a checkpoint path or a transformers model")
 
 
+def disable_router_outputs(hf: nn.Module) -> None:
+    """Turn off transformers' router-logit outputs (the load-balancing loss of training).
+
+    They are collected from the source router modules, which MoELayer replaces; left on, every forward
+    fails. The IR exposes routing through MoELayer observers instead.
+    """
+    config: Any = getattr(hf, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for cfg in (config, text_config):
+        if cfg is not None and getattr(cfg, "output_router_logits", False):
+            cfg.output_router_logits = False
+
+
 def _wrap(hf: nn.Module, source: str, source_dir: Path | None, check: bool) -> MoEModel:
     hf.eval()
+    disable_router_outputs(hf)
     layers, used = convert_blocks(hf, check=check)
     return MoEModel(hf=hf, layers=layers, source=source, source_dir=source_dir, adapters=used)
 
