@@ -4,6 +4,7 @@ from moeopt.passes import (
     analyses,
     canonicalize,
     importance,
+    lower,
     match,
     merge,
     predictor,
@@ -25,7 +26,7 @@ from moeopt.passes.options import Option, OptionTypeError
 from moeopt.passes.pipeline import Pipeline, PipelineSyntaxError, parse_pipeline
 from moeopt.passes.registry import REGISTRY, UnknownOptionError, UnknownPassError, build, get_pass, register
 
-del analyses, canonicalize, importance, match, merge, predictor, print_ir, prune, verify_ir
+del analyses, canonicalize, importance, lower, match, merge, predictor, print_ir, prune, verify_ir
 
 __all__ = [
     "ALL", "ANALYSES", "REGISTRY", "AnalysisManager", "Option", "OptionTypeError", "Pass", "PassContext",

@@ -1,0 +1,195 @@
+"""The artifact folder: model.onnx (+ external data), tokenizer, manifest.json with every file's sha256.
+
+Built in a temporary sibling folder and renamed into place, so a failed lowering leaves nothing behind
+and an existing artifact is only replaced by a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import moeopt
+from moeopt.ir.checkpoint import TOKENIZER_FILES, atomic_dir, commit_dir
+from moeopt.ir.model import MoEModel
+from moeopt.lower.decoder import no_router_outputs
+from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
+from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
+from moeopt.lower.profiles import TargetProfile, profile
+from moeopt.lower.seq2seq import export_seq2seq
+from moeopt.runtime.manifest import FORMAT, MANIFEST, MODEL_FILE, PARITY_FILE, VERSION, hash_files
+
+
+def lower(
+    model: MoEModel,
+    out: str | Path,
+    *,
+    target: str = "x86_64",
+    threads: int = 0,
+    ort_optimize: bool = False,
+    kv_cache: bool = True,
+    pipeline: str = "",
+) -> Path:
+    """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
+
+    Decoder-only models become one graph (model.onnx); encoder-decoder ones (Switch) an encoder.onnx run
+    once per prompt and a model.onnx decoder with a self-attention cache (kv_cache is then always on).
+
+    Args:
+        target: profile whose session settings the manifest records (x86_64, arm64).
+        threads: intra-op threads recorded in the profile (0 = ORT's default, all cores).
+        ort_optimize: store the graph as ORT optimised it at EXTENDED level (portable across CPUs;
+            fusions applied once here instead of at every session start).
+        kv_cache: export the graph with past/present key-value inputs/outputs.
+        pipeline: the pipeline text that produced the model (recorded in the manifest).
+    """
+    out = Path(out)
+    prof = profile(target, threads)  # a bad target fails before the minute of export
+    check_lowerable(model.layers)
+    tmp = atomic_dir(out)
+    try:
+        encoder = None
+        if getattr(model.config, "is_encoder_decoder", False):
+            check_float32(model)
+            info, encoder = export_seq2seq(model, tmp, MODEL_FILE)
+        else:
+            info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache)
+            record_parity(model, tmp / PARITY_FILE)
+        if ort_optimize:
+            for name in (MODEL_FILE, encoder["file"]) if encoder else (MODEL_FILE,):
+                optimize_offline(tmp / name, prof)
+        tokenizer = _copy_tokenizer(model, tmp)
+        manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize)
+        if encoder is not None:  # encoder-decoder: the decoder is "graph", the encoder runs once per prompt
+            manifest["encoder"], manifest["parity"] = encoder, None
+        manifest["files"] = hash_files(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def optimize_offline(onnx_path: Path, prof: TargetProfile) -> None:
+    """Replace `onnx_path` (and its .data) by the graph ORT produces at EXTENDED optimisation level."""
+    import onnxruntime as ort
+
+    work = onnx_path.parent / ".ort-opt"
+    work.mkdir()
+    data_name = onnx_path.name + ".data"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(work / onnx_path.name)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(onnx_path), so, providers=list(prof.providers))
+    for name in (onnx_path.name, data_name):
+        (onnx_path.parent / name).unlink(missing_ok=True)
+        if (work / name).exists():
+            (work / name).rename(onnx_path.parent / name)
+    shutil.rmtree(work)
+
+
+def record_parity(model: MoEModel, path: Path, *, prompt_len: int = 8, steps: int = 8) -> None:
+    """PyTorch's greedy tokens and per-step logits on a fixed prompt, saved as .npz.
+
+    Any runtime (scripts/run_artifact.py with only numpy + onnxruntime, on ARM under qemu ...) can then
+    check its kernels against the reference without torch.
+    """
+    vocab = int(model.config.vocab_size)
+    prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len), dtype=np.int64)
+    seq = torch.from_numpy(prompt)
+    logits = []
+    for _ in range(steps):  # full recompute: the reference does not depend on a cache
+        with torch.no_grad():
+            out = model.hf(input_ids=seq, use_cache=False, **no_router_outputs(model.hf))
+        last = out.logits[:, -1].float()  # (1, V)
+        logits.append(last.numpy())
+        seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    np.savez(path, prompt=prompt, tokens=seq.numpy()[:, prompt_len:], logits=np.stack(logits, axis=1))
+
+
+def _copy_tokenizer(model: MoEModel, folder: Path) -> str | None:
+    if model.source_dir is None:
+        return None
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (model.source_dir / name).exists():
+            shutil.copy2(model.source_dir / name, folder / name)
+            copied.append(name)
+    return "tokenizer.json" if "tokenizer.json" in copied else None
+
+
+def _versions() -> dict[str, str]:
+    """Versions that shaped the graph: the exporter stack, and the ORT it was checked against."""
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def build_manifest(
+    model: MoEModel, info: ExportedDecoder, prof: TargetProfile, *, tokenizer: str | None, pipeline: str,
+    ort_optimize: bool,
+) -> dict[str, Any]:
+    """Everything a runtime (or a person) needs besides the files themselves."""
+    cfg = model.config
+    gen = getattr(model.hf, "generation_config", None)
+    eos = _token_ids(getattr(gen, "eos_token_id", None) or getattr(cfg, "eos_token_id", None))
+    layers = []
+    for layer in model.layers:
+        meta = layer.meta()
+        meta["keep_mask"] = [bool(v) for v in layer.table.keep_mask.tolist()]
+        meta["slot_of"] = [int(v) for v in layer.table.slot_of.tolist()]
+        meta["bits"] = [s.bits for s in layer.table.slots]
+        meta["lowered_as"] = lowering_kind(layer)
+        layers.append(meta)
+    cache = info.cache
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "producer": f"moeopt {moeopt.__version__}",
+        "versions": _versions(),
+        "source": model.source,
+        "architecture": model.architecture,
+        "model_class": type(model.hf).__name__,
+        "history": list(model.history),
+        "pipeline": pipeline,
+        "target": prof.to_dict(),
+        "graph": {
+            "file": MODEL_FILE,
+            "inputs": info.inputs,
+            "outputs": info.outputs,
+            "ort_optimized": "extended" if ort_optimize else None,
+            "moe_nodes": info.moe_nodes,
+            "dense_moe_layers": info.dense_layers,
+            "kv_cache": None if cache is None else {
+                "num_layers": cache.num_layers, "key_heads": cache.key_heads, "key_dim": cache.key_dim,
+                "value_heads": cache.value_heads, "value_dim": cache.value_dim, "dtype": "float32",
+            },
+        },
+        "vocab_size": int(cfg.vocab_size),
+        "tokens": {
+            "eos": eos,
+            "bos": _token_ids(getattr(cfg, "bos_token_id", None)),
+            "pad": _token_ids(getattr(cfg, "pad_token_id", None)),
+        },
+        "tokenizer": tokenizer,
+        "parity": PARITY_FILE,
+        "layers": layers,
+    }

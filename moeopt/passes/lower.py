@@ -1,0 +1,47 @@
+"""`lower`: write an ONNX Runtime artifact of the model (see `moeopt.lower`); the IR is unchanged."""
+
+from __future__ import annotations
+
+from moeopt.errors import BadInputError
+from moeopt.ir.model import MoEModel
+from moeopt.passes.base import Pass, PassContext, PassResult
+from moeopt.passes.options import Option
+from moeopt.passes.registry import register
+from moeopt.runtime.manifest import read_manifest
+
+
+@register
+class Lower(Pass):
+    name = "lower"
+    kind = "lowering"
+    summary = "write an ONNX Runtime artifact (decoder with KV cache, MoE layers as com.microsoft.MoE, manifest)"
+    exact = True
+    options = (
+        Option("out", "path", None, "artifact folder to write (required; replaced atomically)"),
+        Option("target", "choice", "x86_64", "target profile recorded in the manifest", choices=("x86_64", "arm64")),
+        Option("threads", "int", 0, "intra-op threads in the profile (0: all cores)", min=0),
+        Option("opt-level", "choice", "none", "store the graph ORT-optimised offline (extended is portable)",
+               choices=("none", "extended")),
+        Option("kv-cache", "bool", True, "export past/present key-value inputs and outputs"),
+    )
+
+    def requires(self, model: MoEModel, ctx: PassContext) -> None:
+        if self.opts["out"] is None:
+            raise BadInputError("lower needs out=FOLDER, e.g. lower{out=artifacts/model}")
+
+    def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
+        from moeopt.lower import lower
+
+        history = " | ".join([*model.history, self.text()])
+        path = lower(
+            model, self.opts["out"], target=self.opts["target"], threads=self.opts["threads"],
+            ort_optimize=self.opts["opt-level"] == "extended", kv_cache=self.opts["kv-cache"], pipeline=history,
+        )
+        ctx.log(f"lower: wrote {path}")
+        manifest = read_manifest(path, verify=False)
+        graphs = [manifest["graph"], *([manifest["encoder"]] if manifest.get("encoder") else [])]
+        return PassResult(model, False, stats={
+            "moe-nodes": sum(g["moe_nodes"] for g in graphs),
+            "plain-op-layers": sum(g["dense_moe_layers"] for g in graphs),
+            "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+        })
