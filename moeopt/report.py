@@ -40,7 +40,7 @@ def routing_report(
     imp = collect(model, sets, progress=progress)
     layers: list[dict[str, Any]] = []
     for i in range(len(model.layers)):
-        freq = {a: imp.per_app[a][i].freq for a in apps}
+        freq = {a: imp.per_app[cs.name][i].freq for a, cs in zip(apps, sets, strict=True)}
         pairs: dict[str, float] = {}
         disjoint: list[list[Any]] = []
         for a, b in itertools.combinations(apps, 2):
@@ -54,7 +54,8 @@ def routing_report(
             "js": pairs, "mean_js": sum(pairs.values()) / max(len(pairs), 1), "disjoint_top2": disjoint,
         })
     return {
-        "apps": apps, "split": split, "tokens_per_app": {cs.name: cs.tokens for cs in sets}, "layers": layers,
+        "apps": apps, "split": split, "tokens_per_app": {a: cs.tokens for a, cs in zip(apps, sets, strict=True)},
+        "layers": layers,
         "mean_js": sum(layer["mean_js"] for layer in layers) / max(len(layers), 1),
         "layers_with_disjoint_top2": [layer["layer"] for layer in layers if layer["disjoint_top2"]],
     }

@@ -25,7 +25,7 @@ def test_js_divergence_bounds() -> None:
 def test_routing_report_on_fixture_apps(text_ckpt: Path, tmp_path: Path) -> None:
     model = moeopt.load(text_ckpt)
     apps = ["movie-sentiment", "intent", "news-topic"]
-    rep = routing_report(model, apps, data_root=FIXTURE_DATA, split="train", max_tokens=512, progress=False)
+    rep = routing_report(model, apps, data_root=FIXTURE_DATA, split="test", max_tokens=512, progress=False)
     assert len(rep["layers"]) == 2
     for layer in rep["layers"]:
         for a in apps:
