@@ -98,7 +98,7 @@ def _accs(res: dict[str, Any], apps: list[str]) -> dict[str, float]:
 
 
 def _ppls(res: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v["ppl"]) for k, v in res.get("ppl", {}).items()}
+    return {k: float(v["ppl"]) for k, v in res.get("perplexity", {}).items()}
 
 
 def _mean(d: dict[str, float]) -> float:

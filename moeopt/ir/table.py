@@ -64,6 +64,15 @@ class QuantizedMatrix(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zero_points", zero_points)
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint builds these with placeholder (meta) buffers before it knows the packed shapes;
+        # take the saved shapes so load_state_dict(assign=True) accepts them.
+        for name in ("packed", "scales", "zero_points"):
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and current is not None and current.is_meta:
+                setattr(self, name, torch.empty_like(saved, device="meta"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def meta(self) -> dict[str, Any]:
         return {
             "rows": self.rows, "cols": self.cols, "bits": self.bits, "group_size": self.group_size,

@@ -1,0 +1,43 @@
+"""Writing a chosen bitwidth into an ExpertTable: packed form in `table.quantized`, dequantized floats
+in `w_in` / `w_out` (the reference numerics), bits in the slot record."""
+
+from __future__ import annotations
+
+import torch
+
+from moeopt.ir.table import ExpertTable, QuantizedMatrix
+from moeopt.quant.groupwise import dequantize, matrix_bytes, quantize
+
+FLOAT_BYTES = 2  # keep-float experts are costed as fp16, the format they would ship in
+
+
+def slot_params(table: ExpertTable) -> int:
+    """Weights of one slot (w_in + w_out; biases are left in float and not counted)."""
+    return int(table.w_in[0].numel() + table.w_out[0].numel()) if table.num_slots else 0
+
+
+def slot_bytes(table: ExpertTable, bits: int | None, group: int, symmetric: bool) -> int:
+    """Stored bytes of one slot at `bits` (None = float at FLOAT_BYTES), as ExpertTable.expert_bytes counts."""
+    if bits is None:
+        return slot_params(table) * FLOAT_BYTES
+    f, h = table.spec.in_rows, table.spec.hidden
+    return matrix_bytes(f, h, bits, group, symmetric) + matrix_bytes(h, table.spec.intermediate, bits, group, symmetric)
+
+
+def quantize_slot(table: ExpertTable, slot: int, bits: int | None, group: int, symmetric: bool) -> None:
+    """Quantize one slot in place (bits None: leave it float and drop any packed form)."""
+    for name in ("w_in", "w_out"):
+        key = f"{slot}_{name}"
+        if bits is None:
+            if key in table.quantized:
+                del table.quantized[key]
+            continue
+        weight = getattr(table, name)  # (S, rows, cols)
+        w = weight[slot]
+        q = quantize(w, bits, group, symmetric)
+        table.quantized[key] = QuantizedMatrix(
+            q.rows, q.cols, bits, group, symmetric, q.packed, q.scales, q.zero_points
+        )
+        with torch.no_grad():
+            weight[slot] = dequantize(q).to(weight.dtype)
+    table.with_slot_info(slot, bits=bits)

@@ -1,0 +1,170 @@
+"""Group-wise integer quantization of one (rows, cols) matrix in ONNX Runtime's MatMulNBits layout.
+
+The matrix is nn.Linear-style W (N = rows = out features, K = cols = in features), quantized along K in
+blocks of `group` values, which is exactly the `B` input of `com.microsoft.MatMulNBits` (no transpose):
+
+    k_blocks  = ceil(K / group)            (the last block is zero-padded)
+    blob_size = group * bits / 8           (bytes per block)
+    packed    uint8 (N, k_blocks * blob_size)   == MatMulNBits B [N, k_blocks, blob_size] reshaped
+    scales    float32 (N, k_blocks)             == MatMulNBits scales [N * k_blocks]
+    zero_pts  uint8 (N, ceil(k_blocks * bits / 8)) or None == MatMulNBits zero_points, packed
+
+Inside a block (and inside a row of zero points) value j occupies bits [j*bits, (j+1)*bits) of the
+little-endian bit stream: for 2/4/8 bits that is ORT's packing (low bits first). 3-bit uses the same
+stream rule (8 values in 3 bytes): MatMulNBits rejects 3 bits, but QMoE's INT3 (`weights_prepacked=0`,
+fp16 activations, block 32-128, symmetric only on CPU) reads exactly this packing. Stacked per slot, the
+same rows are QMoE's `fc*_experts_weights` [E, N, K*bits/8], scales [E, N, k_blocks] and zero points
+[E, N, ceil(k_blocks*bits/8)] (tests/test_quant_qmoe.py); GLU gate/up rows only need interleaving.
+
+Reference formula (per block w of `group` float32 values, m = 2**bits - 1, h = 2**(bits-1)):
+    symmetric:  a = the value of largest |w| (first one), scale = a / -h, zp = h (implicit: ORT's
+                default zero point when none is given), q = clamp(round(w / scale) + h, 0, m)
+                (the largest-magnitude value lands exactly on level 0, so all 2**bits levels are used)
+    asymmetric: lo = min(min(w), 0), hi = max(max(w), 0), scale = (hi - lo) / m,
+                zp = clamp(round(-lo / scale), 0, m), q = clamp(round(w / scale) + zp, 0, m)
+    a block of zeros has scale 0 and q = zp.  dequantized w' = (q - zp) * scale   (float32)
+round() is round-half-to-even (torch.round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 3, 4, 8)
+GROUPS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized matrix: packed codes, scales and (asymmetric only) packed zero points."""
+
+    rows: int  # N
+    cols: int  # K
+    bits: int
+    group: int
+    packed: torch.Tensor  # uint8 (N, k_blocks * group * bits / 8)
+    scales: torch.Tensor  # float32 (N, k_blocks)
+    zero_points: torch.Tensor | None  # uint8 (N, ceil(k_blocks * bits / 8)), None = symmetric
+
+    def __post_init__(self) -> None:
+        check_format(self.bits, self.group)
+        kb = k_blocks(self.cols, self.group)
+        if tuple(self.packed.shape) != (self.rows, kb * blob_size(self.bits, self.group)):
+            raise ValueError(f"packed is {tuple(self.packed.shape)} for a ({self.rows}, {self.cols}) matrix")
+        if tuple(self.scales.shape) != (self.rows, kb):
+            raise ValueError(f"scales are {tuple(self.scales.shape)}, expected ({self.rows}, {kb})")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    def nbytes(self) -> int:
+        return matrix_bytes(self.rows, self.cols, self.bits, self.group, self.symmetric)
+
+
+def check_format(bits: int, group: int) -> None:
+    """Raise ValueError unless (bits, group) is a supported format."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if group not in GROUPS:
+        raise ValueError(f"group size must be one of {GROUPS}, got {group}")
+
+
+def k_blocks(cols: int, group: int) -> int:
+    return -(-cols // group)
+
+
+def blob_size(bits: int, group: int) -> int:
+    """Bytes per block; every supported group is a multiple of 8 so blocks are whole bytes."""
+    return group * bits // 8
+
+
+def zp_row_bytes(cols: int, bits: int, group: int) -> int:
+    return -(-k_blocks(cols, group) * bits // 8)
+
+
+def matrix_bytes(rows: int, cols: int, bits: int, group: int, symmetric: bool, scale_bytes: int = 4) -> int:
+    """Stored bytes of a quantized (rows, cols) matrix: codes + float32 scales (+ packed zero points)."""
+    kb = k_blocks(cols, group)
+    total = rows * kb * blob_size(bits, group) + rows * kb * scale_bytes
+    return total + (0 if symmetric else rows * zp_row_bytes(cols, bits, group))
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, n) integer codes < 2**bits -> (R, ceil(n * bits / 8)) uint8, value j at bit j*bits, LSB first."""
+    rows, n = codes.shape
+    shifts = torch.arange(bits, dtype=torch.int64)  # (bits,)
+    stream = ((codes.to(torch.int64)[..., None] >> shifts) & 1).reshape(rows, n * bits)  # (R, n*bits)
+    pad = -(n * bits) % 8
+    stream = torch.nn.functional.pad(stream, (0, pad)).reshape(rows, -1, 8)  # (R, nbytes, 8)
+    weights = 1 << torch.arange(8, dtype=torch.int64)  # (8,)
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: (R, nbytes) uint8 -> (R, n) int64 codes."""
+    rows = packed.shape[0]
+    stream = (packed.to(torch.int64)[..., None] >> torch.arange(8, dtype=torch.int64)) & 1  # (R, nbytes, 8)
+    stream = stream.reshape(rows, -1)[:, : n * bits].reshape(rows, n, bits)  # (R, n, bits)
+    return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
+
+
+def _blocks(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K) -> (N, k_blocks, group) float32, zero-padded along K."""
+    rows, cols = w.shape
+    pad = k_blocks(cols, group) * group - cols
+    return torch.nn.functional.pad(w.float(), (0, pad)).reshape(rows, -1, group)
+
+
+def quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> Quantized:
+    """Quantize a (N, K) matrix group-wise along K (see the module docstring for the formula)."""
+    check_format(bits, group)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    blk = _blocks(w, group)  # (N, kb, g)
+    m, h = 2**bits - 1, 2 ** (bits - 1)
+    if symmetric:
+        idx = blk.abs().argmax(dim=-1, keepdim=True)  # (N, kb, 1)
+        scale = blk.gather(-1, idx).squeeze(-1) / -h  # (N, kb)
+        zp = torch.full_like(scale, float(h))
+    else:
+        lo = blk.amin(dim=-1).clamp(max=0.0)  # (N, kb)
+        hi = blk.amax(dim=-1).clamp(min=0.0)
+        scale = (hi - lo) / m
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zp = torch.where(scale == 0, torch.zeros_like(scale), torch.round(-lo / safe).clamp(0, m))
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)[..., None]  # (N, kb, 1)
+    q = torch.round(blk / safe) + zp[..., None]
+    q = torch.where(scale[..., None] == 0, zp[..., None].expand_as(q), q).clamp(0, m)  # (N, kb, g)
+    packed = pack_bits(q.to(torch.int64).reshape(rows * blk.shape[1], group), bits).reshape(rows, -1)
+    zpp = None if symmetric else pack_bits(zp.to(torch.int64), bits)
+    return Quantized(rows, cols, bits, group, packed, scale.contiguous(), zpp)
+
+
+def codes(q: Quantized) -> torch.Tensor:
+    """The integer codes as (N, k_blocks, group) int64 (padding included)."""
+    kb = k_blocks(q.cols, q.group)
+    flat = q.packed.reshape(q.rows * kb, blob_size(q.bits, q.group))
+    return unpack_bits(flat, q.bits, q.group).reshape(q.rows, kb, q.group)
+
+
+def zero_points(q: Quantized) -> torch.Tensor:
+    """The zero points as (N, k_blocks) float32 (2**(bits-1) for symmetric matrices)."""
+    kb = k_blocks(q.cols, q.group)
+    if q.zero_points is None:
+        return torch.full((q.rows, kb), float(2 ** (q.bits - 1)))
+    return unpack_bits(q.zero_points, q.bits, kb).float()
+
+
+def dequantize(q: Quantized) -> torch.Tensor:
+    """(q - zp) * scale as a float32 (N, K) matrix."""
+    w = (codes(q).float() - zero_points(q)[..., None]) * q.scales[..., None]  # (N, kb, g)
+    return w.reshape(q.rows, -1)[:, : q.cols].contiguous()
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """dequantize(quantize(w)) in w's dtype: what the model computes with after quantization."""
+    return dequantize(quantize(w, bits, group, symmetric)).to(w.dtype)

@@ -1,0 +1,163 @@
+"""Per-expert quantization sensitivity on calibration data (EdgeMoE: quantize one expert at a time).
+
+For layer l, slot s and bitwidth b the error is the routing-weighted squared error that quantizing that
+one expert adds to the layer output, per calibration token:
+
+    err[l][s][b] = (1 / T) * sum over tokens t routed to s of  w_ts^2 * mean_h (E_b(x_t) - E(x_t))^2
+
+where w_ts is the token's routing weight for the slot and T the number of tokens. Frequent, heavily
+weighted experts therefore count more, and the errors of different experts add up (ignoring cross terms),
+which is what the allocation's objective assumes. `energy[l]`, the same sum over (E(x_t))^2, turns it
+into a relative error (`error(..., relative=True)`) that weighs every layer alike. Each slot's inputs
+are subsampled to `max_rows`; the sum is rescaled by (routed rows / sampled rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moeopt.ir.compute import RoutingTrace, _dense
+from moeopt.ir.layer import MoELayer
+from moeopt.ir.model import MoEModel
+from moeopt.quant.groupwise import fake_quantize
+
+
+@dataclass
+class SlotInputs:
+    """Inputs routed to one slot: sampled rows, their routing weights, and how many rows there were."""
+
+    x: torch.Tensor  # (n, H) sampled inputs
+    w: torch.Tensor  # (n,) routing weight of each sampled row
+    routed: int  # rows routed to the slot in all the calibration data (>= n)
+
+
+@dataclass
+class Sensitivity:
+    """errors[l][s][bits] (bits None = float, error 0), freq[l][s] = share of tokens routed to slot s."""
+
+    group: int
+    symmetric: bool
+    tokens: int
+    errors: list[list[dict[int | None, float]]]
+    freq: list[list[float]]
+    source: str = ""  # what calibration data it was measured on
+    energy: list[float] | None = None  # per layer: routing-weighted mean squared expert output per token
+
+    def error(self, layer: int, slot: int, bits: int | None, relative: bool = False) -> float:
+        """err[layer][slot][bits], or divided by the layer's output energy when relative."""
+        err = self.errors[layer][slot][bits]
+        if not relative:
+            return err
+        if self.energy is None:
+            raise ValueError("relative errors need the per-layer output energy")
+        return err / self.energy[layer] if self.energy[layer] > 0 else err
+
+    def matches(self, model: MoEModel, source: str, group: int, symmetric: bool, bits: Sequence[int]) -> bool:
+        """Whether this analysis answers for `model` at these settings (the cache key of the quantize pass)."""
+        shape = [len(row) for row in self.errors] == [layer.table.num_slots for layer in model.layers]
+        have = all(b in cell for row in self.errors for cell in row for b in bits)
+        return shape and have and (self.source, self.group, self.symmetric) == (source, group, symmetric)
+
+
+def collect_inputs(
+    model: MoEModel, batches: Iterable[torch.Tensor], *, max_rows: int = 512, seed: int = 0
+) -> tuple[list[list[SlotInputs]], int]:
+    """Run the model on (B, T) token batches and keep, per layer and slot, the inputs routed there."""
+    xs: list[list[list[torch.Tensor]]] = [[[] for _ in range(lay.table.num_slots)] for lay in model.layers]
+    ws: list[list[list[torch.Tensor]]] = [[[] for _ in range(lay.table.num_slots)] for lay in model.layers]
+    tokens = 0
+
+    def observe(layer: MoELayer, trace: RoutingTrace) -> None:
+        slot_idx = layer.table.slot_of[trace.index]  # (N, k)
+        for s in range(layer.table.num_slots):
+            hit = slot_idx == s  # (N, k)
+            rows = hit.any(dim=-1)  # (N,)
+            if rows.any():
+                xs[layer.index][s].append(trace.hidden[rows].detach().float())
+                ws[layer.index][s].append(torch.where(hit, trace.weights, 0.0).sum(-1)[rows].detach().float())
+
+    for layer in model.layers:
+        layer.observers.append(observe)
+    # Checkpoints saved from training keep output_router_logits=True; canonical layers expose no router
+    # logits, so the host model's load-balancing loss would fail. Only the observers are needed here.
+    router_logits = getattr(model.config, "output_router_logits", None)
+    if router_logits:
+        model.config.output_router_logits = False
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model.logits(ids)
+                tokens += int(ids.numel())
+    finally:
+        for layer in model.layers:
+            layer.observers.remove(observe)
+        if router_logits:
+            model.config.output_router_logits = router_logits
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[SlotInputs]] = []
+    for li, layer in enumerate(model.layers):
+        per_slot = []
+        hid = layer.table.spec.hidden
+        for s in range(layer.table.num_slots):
+            x = torch.cat(xs[li][s]) if xs[li][s] else torch.zeros(0, hid)  # (n, H)
+            w = torch.cat(ws[li][s]) if ws[li][s] else torch.zeros(0)  # (n,)
+            n = x.shape[0]
+            if n > max_rows:
+                keep = torch.randperm(n, generator=gen)[:max_rows]
+                x, w = x[keep], w[keep]
+            per_slot.append(SlotInputs(x, w, n))
+        out.append(per_slot)
+    return out, tokens
+
+
+def expert_errors(
+    layer: MoELayer, slot: int, inputs: SlotInputs, bits: Sequence[int], group: int, symmetric: bool, tokens: int
+) -> tuple[dict[int | None, float], float]:
+    """(err[b] for one slot (see the module docstring; float (None) is 0), the slot's output energy)."""
+    t, spec = layer.table, layer.table.spec
+    out: dict[int | None, float] = {None: 0.0}
+    x, w = inputs.x, inputs.w
+    if x.shape[0] == 0:  # never routed on the calibration data: weight-space error as a tie-breaker
+        x, w, routed = torch.randn(16, spec.hidden, generator=torch.Generator().manual_seed(slot)), torch.ones(16), 1
+    else:
+        routed = inputs.routed
+    b_in = None if t.b_in is None else t.b_in[slot].float()
+    b_out = None if t.b_out is None else t.b_out[slot].float()
+    w_in, w_out = t.w_in[slot].float(), t.w_out[slot].float()  # (F, H), (H, I)
+    with torch.no_grad():
+        ref = _dense(x, w_in, w_out, b_in, b_out, spec.act, spec.glu)  # (n, H)
+        energy = float((ref.pow(2).mean(-1) * w.pow(2)).sum()) * routed / x.shape[0] / max(tokens, 1)
+        energy = energy if inputs.x.shape[0] else 0.0  # random stand-in inputs carry no real output
+        for b in bits:
+            qi, qo = fake_quantize(w_in, b, group, symmetric), fake_quantize(w_out, b, group, symmetric)
+            y = _dense(x, qi, qo, b_in, b_out, spec.act, spec.glu)  # (n, H)
+            per_row = (y - ref).pow(2).mean(-1) * w.pow(2)  # (n,)
+            out[b] = float(per_row.sum()) * routed / x.shape[0] / max(tokens, 1)
+    return out, energy
+
+
+def measure(
+    model: MoEModel, batches: Sequence[torch.Tensor], bits: Sequence[int], *, group: int, symmetric: bool,
+    max_rows: int = 512, seed: int = 0, source: str = "", progress: bool = False,
+) -> Sensitivity:
+    """The sensitivity of every slot of every layer to every bitwidth in `bits`."""
+    inputs, tokens = collect_inputs(model, batches, max_rows=max_rows, seed=seed)
+    errors: list[list[dict[int | None, float]]] = []
+    freq: list[list[float]] = []
+    work = [(li, s) for li, layer in enumerate(model.layers) for s in range(layer.table.num_slots)]
+    it: Iterable[tuple[int, int]] = work
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(work, desc="quantize: sensitivity", unit="expert", leave=False)
+    for li, layer in enumerate(model.layers):
+        errors.append([{} for _ in range(layer.table.num_slots)])
+        freq.append([inputs[li][s].routed / max(tokens, 1) for s in range(layer.table.num_slots)])
+    energy = [0.0] * len(model.layers)
+    for li, s in it:
+        errors[li][s], e = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens)
+        energy[li] += e
+    return Sensitivity(group, symmetric, tokens, errors, freq, source, energy)
