@@ -17,6 +17,7 @@ from moeopt.ir.adapters.base import find_experts
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
 from moeopt.ir.safetensors_check import check_safetensors
+from moeopt.ir.spec import RouterSpec
 
 META_FILE = "moeopt.json"
 
@@ -103,10 +104,10 @@ def convert_blocks(hf: nn.Module, *, check: bool = True) -> tuple[list[MoELayer]
         raise UnsupportedModelError(f"{cls} has no MoE blocks: moeopt compiles Mixture-of-Experts models")
     layers: list[MoELayer] = []
     used: dict[str, str] = {}
-    cache: dict[tuple[str, int], Any] = {}
+    inferred: dict[str, RouterSpec] = {}  # block class -> router semantics found by probing its first block
     for i, (name, block, adapter) in enumerate(found):
-        key = (type(block).__name__, i)
-        cached = cache.get((type(block).__name__, 0))
+        cls_name = type(block).__name__
+        cached = inferred.get(cls_name)
         try:
             layer = build_layer(block, adapter, config, index=i, path=name, check=check, cached_spec=cached)
         except UnsupportedModelError:
@@ -116,8 +117,8 @@ def convert_blocks(hf: nn.Module, *, check: bool = True) -> tuple[list[MoELayer]
             adapter = GENERIC
             layer = build_layer(block, GENERIC, config, index=i, path=name, check=check)
         if adapter is GENERIC:
-            cache.setdefault((key[0], 0), layer.router)
-        used[type(block).__name__] = adapter.name
+            inferred.setdefault(cls_name, layer.router)
+        used[cls_name] = adapter.name
         _set_submodule(hf, name, layer)
         layers.append(layer)
     return layers, used
