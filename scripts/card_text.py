@@ -21,7 +21,8 @@ def intro(moe: dict[str, Any], apps: list[str]) -> list[str]:
         "",
         f"A small Mixture-of-Experts causal LM ({s['layers']} layers, {s['experts']} experts, top-{s['top_k']}, "
         f"{moe['params']['total'] / 1e6:.1f} M parameters, {moe['params']['active_per_token'] / 1e6:.1f} M active "
-        "per token) trained from scratch on CPU on real English text. It is the model every moeopt "
+        "per token) trained from scratch on CPU on real English text, in "
+        f"{_n_stages(moe)} stage(s). It is the model every moeopt "
         "compression pass is judged against: perplexity and per-app accuracy before and after a pass. "
         f"It is a genuine Hugging Face `MixtralForCausalLM` checkpoint, so `moeopt.load` and plain "
         f"transformers both read it. Besides news text it was trained on five labelled 'apps' "
@@ -33,32 +34,63 @@ def intro(moe: dict[str, Any], apps: list[str]) -> list[str]:
     ]
 
 
+def _n_stages(run: dict[str, Any]) -> int:
+    n = 1
+    while "previous_stage" in run:
+        run, n = run["previous_stage"], n + 1
+    return n
+
+
 def _stop(run: dict[str, Any]) -> str:
     """``--stop-after`` for a run that a wall-clock deadline ended before its planned steps."""
     return f" --stop-after {run['steps']}" if run.get("truncated") else ""
 
 
+def _train_cmd(arch: str, out: str, run: dict[str, Any], init: str | None) -> str:
+    """The train_reference.py command line of one stage."""
+    s = run["shape"]
+    o = run["optimizer"]
+    warm = o["schedule"].split()[2]
+    cmd = (f".venv/bin/python scripts/train_reference.py --arch {arch} --out {out} --seed {run['seed']} "
+           f"--steps {run['steps_planned']} --warmup {warm} --lr {o['lr']} --batch {run['batch']} "
+           f"--seq-len {run['seq_len']} --hidden {s['hidden']} --expert-inter {s['expert_inter']} "
+           f"--apps-share {run['apps_share']} --threads {run['threads']}")
+    if run.get("label_loss"):
+        cmd += f" --label-loss {run['label_loss']}"
+    if run.get("aux", "global") != "global":
+        cmd += f" --aux {run['aux']} --aux-coef {run['aux_coef']}"
+    if init is not None:
+        cmd += f" --init-from {init}"
+    return cmd + _stop(run)
+
+
 def reproduce(moe: dict[str, Any], dense: dict[str, Any]) -> list[str]:
-    """Commands that rebuild the checkpoint, the baseline and this card."""
-    s = moe["shape"]
-    steps, warm = moe["steps_planned"], moe["optimizer"]["schedule"].split()[2]
-    common = (f"--seed {moe['seed']} --steps {steps} --warmup {warm} --batch {moe['batch']} "
-              f"--seq-len {moe['seq_len']} --hidden {s['hidden']} --expert-inter {s['expert_inter']} "
-              f"--threads {moe['threads']}")
+    """Commands that rebuild the checkpoint (every stage), the baseline and this card."""
+    ms, ds = [moe], [dense]
+    while "previous_stage" in ms[0]:
+        ms.insert(0, ms[0]["previous_stage"])
+    while "previous_stage" in ds[0]:
+        ds.insert(0, ds[0]["previous_stage"])
+    n = len(ms)
+    cmds = []
+    for i, (m, d) in enumerate(zip(ms, ds, strict=True)):
+        last = i == n - 1
+        mo = "moeopt/assets/reference-moe" if last else f"~/.cache/moeopt/reference-stage{i + 1}"
+        do = "~/.cache/moeopt/dense-baseline" if last else f"~/.cache/moeopt/dense-stage{i + 1}"
+        mi = None if i == 0 else f"~/.cache/moeopt/reference-stage{i}"
+        di = None if i == 0 else f"~/.cache/moeopt/dense-stage{i}"
+        cmds += [f"# stage {i + 1}", _train_cmd("moe", mo, m, mi), _train_cmd("dense", do, d, di)]
     return [
         "## Reproduce",
         "",
         "From the repository root with the prepared data in `~/.cache/moeopt/data` "
-        "(`python -m moeopt.data.prepare` or equivalent). Training is deterministic on a fixed thread count "
+        "(`moeopt data prepare`). Training is deterministic on a fixed thread count "
         "(two runs of the same command give identical losses).",
         "",
         "```bash",
         "export PYTHONPATH=.",
         ".venv/bin/python scripts/train_tokenizer.py --out moeopt/assets/reference-moe",
-        f".venv/bin/python scripts/train_reference.py --arch moe --out moeopt/assets/reference-moe {common}"
-        f"{_stop(moe)}",
-        f".venv/bin/python scripts/train_reference.py --arch dense --out ~/.cache/moeopt/dense-baseline {common}"
-        f"{_stop(dense)}",
+        *cmds,
         "for m in moe:moeopt/assets/reference-moe dense:$HOME/.cache/moeopt/dense-baseline; do",
         "  .venv/bin/python scripts/eval_reference.py --model ${m#*:} --out ~/.cache/moeopt/logs/eval-${m%%:*}.json",
         "done",

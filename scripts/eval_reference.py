@@ -59,15 +59,22 @@ def unigram(args: argparse.Namespace) -> dict[str, Any]:
     """Add-one-smoothed unigram perplexity on the harness's held-out token streams."""
     run = json.loads((args.unigram / "training.json").read_text())
     tok = Tokenizer.from_file(str(args.unigram / "tokenizer.json"))
-    docs = ref_data.source_documents(args.data_root, tok)
-    mix = ref_data.Mixture(apps_share=run["apps_share"])
-    seqs, _ = ref_data.training_sequences(docs, run["steps_planned"] * run["batch"], run["seq_len"],
-                                          run["seed"], mix)
-    seen = seqs[: run["steps"] * run["batch"]].flatten()  # only what training actually consumed
+    docs = ref_data.labelled_documents(args.data_root, tok)
     vocab = tok.get_vocab_size()
-    counts = torch.bincount(seen, minlength=vocab).double()
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    n_seen = 0
+    # Every stage of a continued run (previous_stage chain) contributes the tokens it consumed.
+    stage: dict[str, Any] | None = run
+    while stage is not None:
+        mix = ref_data.Mixture(apps_share=stage["apps_share"])
+        seqs, _, _ = ref_data.training_sequences(docs, stage["steps_planned"] * stage["batch"], stage["seq_len"],
+                                                 stage["seed"], mix)
+        seen = seqs[: stage["steps"] * stage["batch"]].flatten()  # only what training actually consumed
+        counts += torch.bincount(seen, minlength=vocab).double()
+        n_seen += int(seen.numel())
+        stage = stage.get("previous_stage")
     logp = torch.log((counts + 1.0) / (counts.sum() + vocab))
-    out: dict[str, Any] = {"train_tokens": int(seen.numel()), "vocab": vocab, "perplexity": {}}
+    out: dict[str, Any] = {"train_tokens": n_seen, "vocab": vocab, "perplexity": {}}
     for corpus in PPL_CORPORA:
         texts = [r["text"] for r in lm_split(args.data_root, corpus, "test")]
         # The harness scores every id of this stream after the first; score exactly those.

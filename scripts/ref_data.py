@@ -45,12 +45,42 @@ def _rng(seed: int, name: str) -> random.Random:
 
 def source_documents(root: Path, tok: Tokenizer, split: str = "train") -> dict[str, list[list[int]]]:
     """Token ids of every document per source (``news`` and each app), each ending with EOT."""
+    return {src: [d.ids for d in ds] for src, ds in labelled_documents(root, tok, split).items()}
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One training document: token ids (ending with EOT) and which of them are an app's label."""
+
+    ids: list[int]
+    label: list[bool]
+
+
+def labelled_documents(root: Path, tok: Tokenizer, split: str = "train") -> dict[str, list[Doc]]:
+    """Every document per source with its label-token mask (all False for news).
+
+    The label tokens of an app document are those of ``" " + label`` after the prompt: the prompt is
+    encoded on its own and must be a token prefix of the rendered text (the byte-level pre-tokenizer
+    splits before the space), which is checked.
+    """
     eot = tok.token_to_id("<|endoftext|>")
-    texts: dict[str, list[str]] = {NEWS: [r["text"] for r in lm_split(root, NEWS, split)]}
+    out: dict[str, list[Doc]] = {
+        NEWS: [Doc([*e.ids, eot], [False] * (len(e.ids) + 1))
+               for e in tok.encode_batch([r["text"] for r in lm_split(root, NEWS, split)])]
+    }
     for name in sorted(APPS):
         app = APPS[name]
-        texts[name] = [app.render(r["text"], r["label"]) for r in app_split(root, name, split)]
-    return {src: [[*e.ids, eot] for e in tok.encode_batch(t)] for src, t in texts.items()}
+        rows = app_split(root, name, split)
+        full = tok.encode_batch([app.render(r["text"], r["label"]) for r in rows])
+        prompts = tok.encode_batch([app.prompt(r["text"]) for r in rows])
+        docs = []
+        for f, p in zip(full, prompts, strict=True):
+            n = len(p.ids)
+            if f.ids[:n] != p.ids or n == len(f.ids):
+                raise ValueError(f"{name}: the prompt's tokens are not a prefix of the rendered example")
+            docs.append(Doc([*f.ids, eot], [False] * n + [True] * (len(f.ids) - n) + [False]))
+        out[name] = docs
+    return out
 
 
 def source_budgets(sizes: dict[str, int], total: int, mix: Mixture) -> dict[str, int]:
@@ -81,36 +111,39 @@ def source_budgets(sizes: dict[str, int], total: int, mix: Mixture) -> dict[str,
     return budgets
 
 
-def draw(docs: list[list[int]], budget: int, rng: random.Random) -> list[list[int]]:
+def draw(docs: list[Doc], budget: int, rng: random.Random) -> list[Doc]:
     """Whole shuffled epochs of ``docs``, then a shuffled prefix, until ``budget`` tokens are drawn."""
-    out: list[list[int]] = []
+    out: list[Doc] = []
     n = 0
     while n < budget:
         order = list(range(len(docs)))
         rng.shuffle(order)
         for i in order:
             out.append(docs[i])
-            n += len(docs[i])
+            n += len(docs[i].ids)
             if n >= budget:
                 break
     return out
 
 
 def training_sequences(
-    docs: dict[str, list[list[int]]], n_seq: int, seq_len: int, seed: int, mix: Mixture
-) -> tuple[torch.Tensor, dict[str, int]]:
-    """The packed training sequences ``[n_seq, seq_len]`` and the tokens drawn per source."""
-    sizes = {s: sum(len(d) for d in ds) for s, ds in docs.items()}
+    docs: dict[str, list[Doc]], n_seq: int, seq_len: int, seed: int, mix: Mixture
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The packed training sequences ``[n_seq, seq_len]``, their label-token mask (same shape) and
+    the tokens drawn per source."""
+    sizes = {s: sum(len(d.ids) for d in ds) for s, ds in docs.items()}
     budgets = source_budgets(sizes, n_seq * seq_len, mix)
-    drawn: list[list[int]] = []
+    drawn: list[Doc] = []
     for src in sorted(docs):
         drawn.extend(draw(docs[src], budgets[src], _rng(seed, f"draw:{src}")))
     _rng(seed, "mix").shuffle(drawn)
-    stream = [t for d in drawn for t in d]
+    stream = [t for d in drawn for t in d.ids]
+    mask = [m for d in drawn for m in d.label]
     if len(stream) < n_seq * seq_len:
         raise ValueError(f"stream has {len(stream)} tokens, need {n_seq * seq_len}")
     seqs = torch.tensor(stream[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
-    return seqs, budgets
+    labels = torch.tensor(mask[: n_seq * seq_len], dtype=torch.bool).view(n_seq, seq_len)
+    return seqs, labels, budgets
 
 
 def pack(docs: list[list[int]], seq_len: int, max_seq: int) -> torch.Tensor:

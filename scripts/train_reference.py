@@ -27,6 +27,7 @@ import ref_model
 import torch
 import transformers
 from tokenizers import Tokenizer
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moeopt.data.apps import default_data_root
 
@@ -65,6 +66,11 @@ def parse_args() -> argparse.Namespace:
                    help="stop after this many steps of the --steps schedule (reproduces a deadline stop)")
     p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights")
     p.add_argument("--no-save", action="store_true", help="timing runs: train and log only")
+    p.add_argument("--label-loss", type=float, default=0.0,
+                   help="weight of an extra loss term: mean cross-entropy of the apps' label tokens")
+    p.add_argument("--aux", choices=("global", "per-layer"), default="global",
+                   help="load-balancing loss over all layers' routing at once (transformers') or per layer")
+    p.add_argument("--aux-coef", type=float, default=None, help="load-balancing coefficient (default: config's)")
     return p.parse_args()
 
 
@@ -120,6 +126,40 @@ def routing_by_source(model: torch.nn.Module, sets: dict[str, torch.Tensor]) -> 
     return out
 
 
+def staged_loss(
+    model: torch.nn.Module, batch: torch.Tensor, is_label: torch.Tensor, args: argparse.Namespace, coef: float
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """LM cross-entropy + ``label_loss`` x mean CE of the label tokens + ``coef`` x load balance.
+
+    The label term gives each app example's answer the weight of a whole sequence's LM loss, so the
+    few label tokens (one per ~100 prompt tokens) are not drowned by the text around them. With
+    ``aux=per-layer`` the transformers load-balancing loss is taken per layer and averaged: the
+    global form lets every layer keep one hot expert as long as the layers' hot experts differ.
+    """
+    moe = args.arch == "moe"
+    out = model(input_ids=batch, **({"output_router_logits": True} if moe else {}))
+    logits = out.logits[:, :-1].float()
+    target = batch[:, 1:]
+    tok_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    loss = tok_ce.mean()
+    label_ce = float("nan")
+    sel = is_label[:, 1:].flatten()
+    if args.label_loss > 0 and bool(sel.any()):
+        lab = tok_ce[sel].mean()
+        loss = loss + args.label_loss * lab
+        label_ce = lab.item()
+    aux_t = None
+    if moe:
+        k, n_exp = model.config.num_experts_per_tok, model.config.num_local_experts
+        if args.aux == "per-layer":
+            per = [load_balancing_loss_func((lg,), n_exp, k) for lg in out.router_logits]
+            aux_t = torch.stack(per).mean()
+        else:
+            aux_t = load_balancing_loss_func(out.router_logits, n_exp, k)
+        loss = loss + coef * aux_t
+    return loss, aux_t, label_ce
+
+
 def past_deadline(deadline: str | None) -> bool:
     """Whether the UTC wall clock is past ``HH:MM`` today."""
     if deadline is None:
@@ -159,8 +199,9 @@ def main() -> None:
     t_start = time.time()
     tok = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
     mix = ref_data.Mixture(apps_share=args.apps_share)
-    docs = ref_data.source_documents(args.data_root, tok)
-    seqs, budgets = ref_data.training_sequences(docs, args.steps * args.batch, args.seq_len, args.seed, mix)
+    docs = ref_data.labelled_documents(args.data_root, tok)
+    seqs, label_mask, budgets = ref_data.training_sequences(
+        docs, args.steps * args.batch, args.seq_len, args.seed, mix)
     val = ref_data.validation_sets(args.data_root, tok, args.seq_len)
     shape = ref_model.Shape(
         vocab=tok.get_vocab_size(), hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -184,7 +225,9 @@ def main() -> None:
         "shape": ref_model.shape_dict(shape), "params": counts, "tokens_per_source": budgets,
         "train": [], "valid": [],
     }
-    coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    coef = args.aux_coef if args.aux_coef is not None else getattr(model.config, "router_aux_loss_coef", 0.0)
+    if args.arch == "moe":
+        model.config.router_aux_loss_coef = coef
     t_train = time.time()
     truncated = False
     step = 0
@@ -193,20 +236,26 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = seqs[step * args.batch : (step + 1) * args.batch]
+        is_label = label_mask[step * args.batch : (step + 1) * args.batch]
         t0 = time.time()
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        if args.label_loss == 0.0 and args.aux == "global":
+            out = model(input_ids=batch, labels=batch)  # the stage-1 recipe, exactly as first shipped
+            loss, aux_t, label_ce = out.loss, getattr(out, "aux_loss", None), float("nan")
+        else:
+            loss, aux_t, label_ce = staged_loss(model, batch, is_label, args, coef)
+        loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = out.aux_loss.item() if getattr(out, "aux_loss", None) is not None else 0.0
-        ce = out.loss.item() - coef * aux
+        aux = aux_t.item() if aux_t is not None else 0.0
+        ce = loss.item() - coef * aux - args.label_loss * (0.0 if math.isnan(label_ce) else label_ce)
         log["train"].append({"step": step + 1, "ce": round(ce, 5), "aux": round(aux, 5), "lr": lr,
-                             "gnorm": round(gnorm, 4), "s": round(time.time() - t0, 3)})
+                             "label_ce": round(label_ce, 5), "gnorm": round(gnorm, 4),
+                             "s": round(time.time() - t0, 3)})
         last = step + 1 == args.steps
         stop = past_deadline(args.deadline) or (args.stop_after is not None and step + 1 >= args.stop_after)
         if (step + 1) % 20 == 0:
-            print(f"step {step + 1} ce {ce:.3f} aux {aux:.3f} lr {lr:.2e} "
+            print(f"step {step + 1} ce {ce:.3f} label {label_ce:.3f} aux {aux:.3f} lr {lr:.2e} "
                   f"{(time.time() - t_train) / (step + 1):.2f}s/step", flush=True)
         if (step + 1) % args.eval_every == 0 or last or stop:
             v = evaluate(model, val, args.arch)
@@ -233,6 +282,10 @@ def main() -> None:
         "tokens_seen": steps_done * args.batch * args.seq_len,
         "tokens_per_source_planned": budgets,
         "apps_share": args.apps_share,
+        "label_loss": args.label_loss,
+        "aux": args.aux,
+        "aux_coef": coef,
+        "init_from": str(args.init_from) if args.init_from is not None else None,
         "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": args.weight_decay,
                       "schedule": f"linear warmup {args.warmup} steps, cosine to {args.min_lr_ratio} x lr",
                       "grad_clip": args.clip},
@@ -254,12 +307,21 @@ def main() -> None:
     }
     if args.arch == "moe":
         summary["routing_by_source"] = routing_by_source(model, val)
+    prev = args.init_from / "training.json" if args.init_from is not None else None
+    if prev is not None and prev.exists():
+        # A continued run ships one training.json that also describes the stage it started from.
+        summary["previous_stage"] = previous_stage(json.loads(prev.read_text()))
     log["summary"] = {k: v for k, v in summary.items() if k not in ("loss_curve", "valid_curve")}
     log_path.write_text(json.dumps(log) + "\n")
     if not args.no_save:
         save_checkpoint(model, args)
         (args.out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"done: {steps_done} steps in {wall / 60:.1f} min; valid {log['valid'][-1]}", flush=True)
+
+
+def previous_stage(run: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's summary as the ``previous_stage`` of a run continued from it (no routing table)."""
+    return {k: v for k, v in run.items() if k != "routing_by_source"}
 
 
 def _sha(path: Path) -> str | None:

@@ -64,10 +64,35 @@ def arch_section(moe: dict[str, Any], dense: dict[str, Any]) -> list[str]:
     ]
 
 
+def stages(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training stages of a run, first first (a continued run carries ``previous_stage``)."""
+    out = [run]
+    while "previous_stage" in out[0]:
+        out.insert(0, out[0]["previous_stage"])
+    return out
+
+
+def _stage_recipe(st: dict[str, Any]) -> str:
+    """One stage's mixture and losses in words."""
+    label = st.get("label_loss", 0.0)
+    aux = st.get("aux", "global")
+    extra = (f"; plus {label} x the mean cross-entropy of the app label tokens" if label else "")
+    return (f"{st['apps_share']:.0%} app tokens, load-balancing loss {aux} "
+            f"(coefficient {st.get('aux_coef', 0.01)}){extra}")
+
+
 def data_section(moe: dict[str, Any], data_root: Path) -> list[str]:
     """Training mixture and where the data comes from."""
-    rows = [f"| {src} | {n:,} | {n / sum(moe['tokens_per_source_planned'].values()):.1%} |"
-            for src, n in sorted(moe["tokens_per_source_planned"].items())]
+    runs = stages(moe)
+    srcs = sorted(runs[-1]["tokens_per_source_planned"])
+    head = "| source | " + " | ".join(f"stage {i + 1} tokens | share" for i in range(len(runs))) + " |"
+    rows = []
+    for src in srcs:
+        cells = []
+        for st in runs:
+            tps = st["tokens_per_source_planned"]
+            cells.append(f"{tps.get(src, 0):,} | {tps.get(src, 0) / sum(tps.values()):.1%}")
+        rows.append(f"| {src} | " + " | ".join(cells) + " |")
     return [
         "## Training data",
         "",
@@ -89,13 +114,15 @@ def data_section(moe: dict[str, Any], data_root: Path) -> list[str]:
         "local test model for moeopt: **do not publish them** (or retrain without those two apps first).",
         "",
         "The training stream is a seeded mixture: news train articles and the five apps' *train* splits "
-        f"rendered with `App.render` (prompt + ' ' + label), {moe['apps_share']:.0%} of tokens from the apps "
+        "rendered with `App.render` (prompt + ' ' + label), "
+        + " then ".join(f"{st['apps_share']:.0%} (stage {i + 1})" for i, st in enumerate(runs))
+        + " of tokens from the apps "
         "(split equally, an app repeated at most 4 epochs, the remainder to the others), each document "
-        "followed by `<|endoftext|>`, documents shuffled together and packed into "
-        f"{moe['seq_len']}-token sequences. Tokens per source:",
+        "followed by `<|endoftext|>`, documents shuffled together (seeded per stage) and packed into "
+        f"{moe['seq_len']}-token sequences. Tokens per source (planned):",
         "",
-        "| source | tokens | share |",
-        "|---|---:|---:|",
+        head,
+        "|---|" + "---:|---:|" * len(runs),
         *rows,
         "",
         "Tokenizer: byte-level BPE (`tokenizers`), vocabulary 8192, trained on the same news train text and "
@@ -106,38 +133,43 @@ def data_section(moe: dict[str, Any], data_root: Path) -> list[str]:
 
 def training_section(moe: dict[str, Any], dense: dict[str, Any]) -> list[str]:
     """Optimisation settings, cost and losses."""
-    o = moe["optimizer"]
-    lines = [
-        "## Training",
-        "",
-        f"From scratch, seed {moe['seed']}, {moe['steps']} steps x {moe['batch']} sequences x "
-        f"{moe['seq_len']} tokens = {moe['tokens_seen']:,} tokens (dense: identical sequences and order). "
-        f"AdamW (lr {o['lr']}, betas {tuple(o['betas'])}, weight decay {o['weight_decay']} on matrices), "
-        f"{o['schedule']}, gradient clipping {o['grad_clip']}, fp32 on CPU, "
-        f"`torch.use_deterministic_algorithms(True)`, {moe['threads']} torch thread(s). MoE experts run "
-        f"with transformers' `{moe['experts_implementation']}` experts implementation.",
-        "",
-        "| | MoE | dense |",
-        "|---|---:|---:|",
-        f"| steps (planned) | {moe['steps']} ({moe['steps_planned']}) | {dense['steps']} "
-        f"({dense['steps_planned']}) |",
-        f"| wall time | {moe['wall_time_s'] / 60:.1f} min | {dense['wall_time_s'] / 60:.1f} min |",
-        f"| mean step time | {moe['mean_step_s']:.2f} s | {dense['mean_step_s']:.2f} s |",
-        f"| train CE, mean of last 50 steps | {moe['final_train_ce_last50']:.3f} | "
-        f"{dense['final_train_ce_last50']:.3f} |",
-        f"| valid CE, news | {moe['final_valid']['news']:.3f} | {dense['final_valid']['news']:.3f} |",
-        f"| valid CE, apps (mean of 5) | {moe['final_valid']['apps']:.3f} | {dense['final_valid']['apps']:.3f} |",
-        "",
-    ]
-    if moe.get("truncated") or dense.get("truncated"):
-        lines += ["**Note:** a run stopped at its wall-clock deadline before the planned steps.", ""]
-    lines += ["Validation curve (MoE / dense, CE in nats on news valid and app valid sequences):", "",
+    ms, ds = stages(moe), stages(dense)
+    lines = ["## Training", ""]
+    for i, (m, d) in enumerate(zip(ms, ds, strict=True)):
+        o = m["optimizer"]
+        start = "from scratch" if i == 0 else f"continued from stage {i}'s weights (as saved, fp16)"
+        lines += [
+            f"**Stage {i + 1}**, {start}: seed {m['seed']}, {m['steps']} steps x {m['batch']} sequences x "
+            f"{m['seq_len']} tokens = {m['tokens_seen']:,} tokens (dense: identical sequences and order); "
+            f"{_stage_recipe(m)}. AdamW (lr {o['lr']}, betas {tuple(o['betas'])}, weight decay "
+            f"{o['weight_decay']} on matrices), {o['schedule']}, gradient clipping {o['grad_clip']}, fp32 on "
+            f"CPU, `torch.use_deterministic_algorithms(True)`, {m['threads']} torch thread(s). MoE experts "
+            f"run with transformers' `{m['experts_implementation']}` experts implementation.",
+            "",
+            "| | MoE | dense |",
+            "|---|---:|---:|",
+            f"| steps (planned) | {m['steps']} ({m['steps_planned']}) | {d['steps']} ({d['steps_planned']}) |",
+            f"| wall time | {m['wall_time_s'] / 60:.1f} min | {d['wall_time_s'] / 60:.1f} min |",
+            f"| mean step time | {m['mean_step_s']:.2f} s | {d['mean_step_s']:.2f} s |",
+            f"| train CE, mean of last 50 steps | {m['final_train_ce_last50']:.3f} | "
+            f"{d['final_train_ce_last50']:.3f} |",
+            f"| valid CE, news | {m['final_valid']['news']:.3f} | {d['final_valid']['news']:.3f} |",
+            f"| valid CE, apps (mean of 5) | {m['final_valid']['apps']:.3f} | {d['final_valid']['apps']:.3f} |",
+            "",
+        ]
+        if m.get("truncated") or d.get("truncated"):
+            lines += ["**Note:** a run stopped at its wall-clock deadline before the planned steps.", ""]
+    lines += ["Validation curve (MoE / dense, CE in nats on news valid and app valid sequences; steps "
+              "counted across stages):", "",
               "| step | MoE news | MoE apps | dense news | dense apps |", "|---:|---:|---:|---:|---:|"]
-    dv = {r["step"]: r for r in dense["valid_curve"]}
-    for r in moe["valid_curve"]:
-        d = dv.get(r["step"], {})
-        lines.append(f"| {r['step']} | {r['news']:.3f} | {r['apps']:.3f} | {d.get('news', float('nan')):.3f} "
-                     f"| {d.get('apps', float('nan')):.3f} |")
+    offset = 0
+    for m, d in zip(ms, ds, strict=True):
+        dv = {r["step"]: r for r in d["valid_curve"]}
+        for r in m["valid_curve"]:
+            dr = dv.get(r["step"], {})
+            lines.append(f"| {offset + r['step']} | {r['news']:.3f} | {r['apps']:.3f} | "
+                         f"{dr.get('news', float('nan')):.3f} | {dr.get('apps', float('nan')):.3f} |")
+        offset += m["steps"]
     lines.append("")
     return lines
 
@@ -201,6 +233,37 @@ def routing_section(moe: dict[str, Any]) -> list[str]:
     return lines
 
 
+def routing_lines(routing: dict[str, Any] | None) -> tuple[list[str], bool | None]:
+    """The 'apps route differently' criterion from `moeopt report routing`'s JSON."""
+    if routing is None:
+        return ["- Apps route differently: not measured (no routing report JSON).", ], None
+    per_layer = ", ".join(f"layer {r['layer']} {r['mean_js']:.3f}" for r in routing["layers"])
+    pairs = [f"layer {r['layer']}: {a} {ta} vs {b} {tb}" for r in routing["layers"]
+             for a, b, ta, tb in r["disjoint_top2"]]
+    ok = bool(routing["layers_with_disjoint_top2"])
+    shown = "; ".join(pairs[:4]) + (f"; and {len(pairs) - 4} more pairs" if len(pairs) > 4 else "")
+    return [
+        f"- Apps route differently (`moeopt report routing`, {routing['split']} split): mean JS divergence "
+        f"between apps' expert distributions {routing['mean_js']:.3f} bits (per layer: {per_layer}); a layer "
+        f"where two apps' top-2 experts are disjoint: **{'yes' if ok else 'NO'}**"
+        + (f" ({shown})." if pairs else "."),
+    ], ok
+
+
+def repro_lines(moe: dict[str, Any], repro: dict[str, Any] | None) -> tuple[list[str], bool | None]:
+    """The 'rerunning the script reproduces the final validation loss within 2%' criterion."""
+    if repro is None:
+        return ["- Reproducibility: not re-run for this card.", ], None
+    a, b = moe["final_valid"], repro["final_valid"]
+    rel = max(abs(b[k] - a[k]) / a[k] for k in ("news", "apps"))
+    ok = rel <= 0.02
+    return [
+        f"- Re-running the last stage's training command reproduces the final validation loss within 2%: "
+        f"**{'yes' if ok else 'NO'}** (news {a['news']:.5f} vs {b['news']:.5f}, apps {a['apps']:.5f} vs "
+        f"{b['apps']:.5f}; largest relative difference {rel:.2e}; {repro.get('note', '')}).",
+    ], ok
+
+
 def criteria(ev: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, bool]]:
     """The acceptance checks, each computed from the evaluation results."""
     moe, dense, uni = ev["moe"], ev["dense"], ev["unigram"]
@@ -236,10 +299,20 @@ def main() -> None:
                    help="folder with eval-moe.json, eval-dense.json, eval-unigram.json")
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--notes", type=Path, default=None, help="optional markdown appended as 'Notes'")
+    p.add_argument("--routing", type=Path, default=Path("bench/results/routing/routing.json"),
+                   help="JSON written by `moeopt report routing`")
+    p.add_argument("--repro", type=Path, default=None,
+                   help="training.json of a re-run of the last stage (same command, other output folder)")
     args = p.parse_args()
     moe, dense = _load(args.moe / "training.json"), _load(args.dense / "training.json")
     ev = {k: _load(args.evals / f"eval-{k}.json") for k in ("moe", "dense", "unigram")}
     crit_lines, checks = criteria(ev)
+    routing = _load(args.routing) if args.routing.exists() else None
+    repro = _load(args.repro) if args.repro is not None and args.repro.exists() else None
+    for extra, name in (routing_lines(routing), "apps_route_differently"), (repro_lines(moe, repro), "reproducible"):
+        crit_lines[-1:-1] = extra[0]
+        if extra[1] is not None:
+            checks[name] = extra[1]
     lines = [FRONT_MATTER, *intro(moe, sorted(APPS)), *crit_lines, *arch_section(moe, dense),
              *data_section(moe, args.data_root), *training_section(moe, dense), *results_section(ev),
              *routing_section(moe), *reproduce(moe, dense), *usage()]
