@@ -226,6 +226,17 @@ def _register_runtime_commands() -> None:
 _register_runtime_commands()
 
 
+def _register_tune_commands() -> None:
+    from moeopt.tune.cli import extract_cmd, finetune_cmd, plug_cmd
+
+    app.command("extract")(extract_cmd)
+    app.command("finetune")(finetune_cmd)
+    app.command("plug")(plug_cmd)
+
+
+_register_tune_commands()
+
+
 def main() -> None:
     """Entry point: one-line errors with exit code 2 (tracebacks with --debug)."""
     try:

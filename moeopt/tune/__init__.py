@@ -1,0 +1,29 @@
+"""LiteMoE's per-app customisation: extract a proxy, tune LoRA on it, plug the adapter into the foundation.
+
+    proxy = moeopt.load("reference-moe"); extract(proxy, "app:intent", keep=0.3)
+    finetune(proxy, examples, TuneSettings(), Path("out/intent-adapter"))
+    model = plug(moeopt.load("reference-moe"), "out/intent-adapter")      # merged, ready for `lower`
+"""
+
+from moeopt.tune.data import Example, build_examples, read_rows
+from moeopt.tune.extract import extract, proxy_pipeline
+from moeopt.tune.lora import TuneResult, TuneSettings, app_loss, finetune, target_modules
+from moeopt.tune.meta import fingerprint, read_meta
+from moeopt.tune.plug import AdapterSet, plug
+
+__all__ = [
+    "AdapterSet",
+    "Example",
+    "TuneResult",
+    "TuneSettings",
+    "app_loss",
+    "build_examples",
+    "extract",
+    "finetune",
+    "fingerprint",
+    "plug",
+    "proxy_pipeline",
+    "read_meta",
+    "read_rows",
+    "target_modules",
+]

@@ -1,0 +1,80 @@
+"""LiteMoE proxy extraction: importance on one app's data, then prune + ILP match + aligned merge.
+
+The proxy keeps the foundation's non-expert weights (attention, embeddings, norms, routers) bit for bit
+and only shrinks the routed experts, so adapters tuned on those shared modules plug back into the
+foundation. This is the one place the proxy pipeline text is spelled; the demo and the benchmarks build
+the same pipeline through `proxy_pipeline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeopt.errors import BadInputError
+from moeopt.ir.model import MoEModel
+from moeopt.passes.base import PassContext
+from moeopt.passes.manager import PassManager, RunReport
+from moeopt.passes.pipeline import _quote, needs_quotes
+
+
+def check_keep(keep: float) -> float:
+    """`keep` is the share of each layer's original experts kept as hot slots: in (0, 1]."""
+    if not 0.0 < keep <= 1.0:
+        raise BadInputError(f"--keep must be in (0, 1] (share of routed experts kept), got {keep}")
+    return keep
+
+
+def calib_spec(data: str) -> str:
+    """A calibration spec for `importance{calib=...}`: `app:NAME[:SPLIT]` as is, else an existing JSONL file."""
+    if data.startswith("app:"):
+        from moeopt.data.apps import APPS
+
+        name = data[4:].partition(":")[0]
+        if name not in APPS:
+            raise BadInputError(f"unknown app '{name}'; apps: {', '.join(APPS)}")
+        return data
+    path = Path(data)
+    if not path.is_file():
+        raise BadInputError(f"no such app data file: {data} (give a JSONL file or app:NAME[:SPLIT])")
+    if ";" in data:  # the importance pass splits its calib list on ';'
+        raise BadInputError(f"app data path must not contain ';': {data}")
+    return data
+
+
+def proxy_pipeline(
+    calib: str, keep: float, *, cold: float | None = None, calib_tokens: int = 16384, align: str = "assignment"
+) -> str:
+    """Pipeline text of one app's LiteMoE proxy.
+
+    Args:
+        calib: calibration spec (`app:NAME[:SPLIT]` or a JSONL path).
+        keep: share of the original experts kept as hot slots.
+        cold: share removed outright; None splits the removed share evenly into cold and moderate
+            (the moderate half is merged into hot experts), as in LiteMoE.
+        calib_tokens: calibration tokens read for the importance statistics.
+        align: neuron alignment of the merge (assignment, ot, none).
+    """
+    check_keep(keep)
+    cold = round((1.0 - keep) / 2, 4) if cold is None else cold
+    if not 0.0 <= cold <= 1.0 - keep + 1e-9:
+        raise BadInputError(f"--cold must be in [0, 1 - keep] = [0, {1 - keep:.4g}], got {cold}")
+    value = _quote(calib) if needs_quotes(calib) else calib
+    imp = f"importance{{calib={value},max-tokens={calib_tokens},progress=false}}"
+    merge = "merge" if align == "assignment" else f"merge{{align={align}}}"
+    return f"{imp},prune{{keep={keep},cold={cold}}},match,{merge},canonicalize"
+
+
+def extract(
+    model: MoEModel,
+    data: str,
+    *,
+    keep: float = 0.3,
+    cold: float | None = None,
+    calib_tokens: int = 16384,
+    data_root: Path | None = None,
+    verify_each: bool = True,
+) -> RunReport:
+    """Turn `model` (in place) into the proxy of the app whose data is `data`; returns the run report."""
+    text = proxy_pipeline(calib_spec(data), keep, cold=cold, calib_tokens=calib_tokens)
+    pm = PassManager(text, verify_each=verify_each, ctx=PassContext(data_root=data_root))
+    return pm.run(model)
