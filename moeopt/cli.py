@@ -148,7 +148,7 @@ def data_prepare(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="checkpoint folder (Hugging Face or moeopt) with tokenizer.json")],
+    model: Annotated[str, typer.Argument(help="checkpoint (HF or moeopt) or artifact folder, with tokenizer.json")],
     ppl: Annotated[str, typer.Option(help="comma-separated LM corpora (wiki, news); empty for none")] = "wiki,news",
     tasks: Annotated[str, typer.Option(help="'all', comma-separated app names, or empty for none")] = "all",
     data: Annotated[Path | None, typer.Option(help="data root written by `moeopt data prepare`")] = None,
@@ -170,12 +170,17 @@ def eval_cmd(
     unknown = [t for t in task_list if t != "all" and t not in APPS]
     if unknown:
         raise BadInputError(f"unknown app '{unknown[0]}'; apps: {', '.join(APPS)}")
-    m = moeopt.load(model)
-    tok = load_tokenizer(m)
+    from moeopt.runtime.lm import is_artifact, load_for_eval
+
+    if is_artifact(model):  # an artifact folder: measure what ONNX Runtime computes
+        lm, tok = load_for_eval(model)
+    else:
+        m = moeopt.load(model)
+        lm, tok = m.hf, load_tokenizer(m)
     if tok is None:
         raise BadInputError(f"{model}: no tokenizer.json next to the weights; eval needs the model's tokenizer")
     results = evaluate(
-        m.hf, tok, data_root=root, ppl=[c for c in ppl.split(",") if c],
+        lm, tok, data_root=root, ppl=[c for c in ppl.split(",") if c],
         tasks="all" if task_list == ["all"] else task_list, split=split,
         ppl_tokens=ppl_tokens or None, app_examples=app_examples or None,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ import torch
 from filelock import FileLock
 
 import moeopt
+from moeopt.ir.layer import DenseExpert, MoELayer
 from moeopt.ir.model import MoEModel
-from moeopt.ir.table import SlotInfo
+from moeopt.ir.spec import ExpertSpec, RouterSpec, SharedSpec
+from moeopt.ir.table import ExpertTable, SlotInfo
 from moeopt.lower import lower
 from moeopt.lower.decoder import no_router_outputs
 from moeopt.testing import tiny_model
@@ -77,9 +80,67 @@ BUILDERS = {
     "compressed_qwen3": compressed_qwen3,
 }
 
+# Quantized artifacts: name -> (base model as `artifact` names it, passes run on it before lowering).
+QUANTIZED = {
+    "mixtral_q4": ("text_mixtral", "quantize{method=uniform,bits=4,group=16}"),  # has a real tokenizer: eval
+    "mixtral_q8": ("mixtral", "quantize{method=uniform,bits=8,group=16,symmetric=true}"),
+    # ILP over 2/3/4/8/float on random calibration tokens, with pins so 2-bit, 3-bit and float all occur
+    "mixtral_mixed": ("mixtral", "quantize{method=ilp,avg-bits=5,group=16,pin=0:0@2;0:1@3;1:2@float}"),
+    # pruned + merged, then 4-bit with a 3-bit and a float slot (intermediate 24: QMoE pads it to 32)
+    "compressed_qwen3_q": ("compressed_qwen3", "quantize{method=uniform,bits=4,group=16,pin=0:2@3;1:1@float}"),
+}
+
+
+def _mixtral_ckpt(root: Path) -> Path:
+    """The reference-like tiny Mixtral saved with a tokenizer (shared by its float and quantized artifacts)."""
+    ckpt = root / "mixtral-ckpt"
+    with FileLock(str(ckpt) + ".lock"):
+        if not (ckpt / "tokenizer.json").exists():
+            reference_like_mixtral().save_pretrained(ckpt)  # type: ignore[operator]
+            with_tokenizer(ckpt)
+    return ckpt
+
+
+def _text_ckpt(root: Path) -> Path:
+    """A tiny Mixtral with the BPE tokenizer of the data fixtures (as conftest's text_ckpt), for eval."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.conftest import fixture_tokenizer
+
+    ckpt = root / "text-ckpt"
+    with FileLock(str(ckpt) + ".lock"):
+        if not (ckpt / "tokenizer.json").exists():
+            tok = fixture_tokenizer()
+            torch.manual_seed(0)
+            cfg = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                num_experts_per_tok=2, max_position_embeddings=512, eos_token_id=0, bos_token_id=0)
+            hf = MixtralForCausalLM(cfg).eval()
+            with torch.no_grad():
+                for layer in hf.model.layers:
+                    layer.mlp.gate.weight.normal_(0.0, 1.0)
+            hf.save_pretrained(ckpt)
+            tok.save(str(ckpt / "tokenizer.json"))
+    return ckpt
+
+
+def _build(name: str, root: Path) -> MoEModel:
+    if name in QUANTIZED:
+        from moeopt.passes import PassManager
+
+        base, passes = QUANTIZED[name]
+        model = _build(base, root)
+        PassManager(passes, verify_each=True).run(model)
+        return model
+    if name == "mixtral":  # configured like the reference model, from a folder with a tokenizer
+        return moeopt.load(_mixtral_ckpt(root))
+    if name == "text_mixtral":
+        return moeopt.load(_text_ckpt(root))
+    return BUILDERS[name]() if name in BUILDERS else tiny(name)
+
 
 def artifact(name: str, factory: pytest.TempPathFactory) -> Path:
-    """The artifact of tiny `name` (an arch, or a key of BUILDERS), lowered once per session."""
+    """The artifact of tiny `name` (an arch, or a key of BUILDERS / QUANTIZED), lowered once per session."""
     # Under xdist every worker's basetemp sits in one session folder; alone, basetemp is that folder
     # (its parent would be shared with earlier sessions and hand back stale artifacts).
     base = factory.getbasetemp()
@@ -88,21 +149,13 @@ def artifact(name: str, factory: pytest.TempPathFactory) -> Path:
     out = root / name
     with FileLock(str(out) + ".lock"):
         if not (out / "manifest.json").exists():
-            if name == "mixtral":  # configured like the reference model, from a folder with a tokenizer
-                ckpt = root / "mixtral-ckpt"
-                reference_like_mixtral().save_pretrained(ckpt)
-                model = moeopt.load(with_tokenizer(ckpt))
-            else:
-                model = BUILDERS[name]() if name in BUILDERS else tiny(name)
-            lower(model, out, pipeline="test")
+            lower(_build(name, root), out, pipeline="test")
     return out
 
 
 def source_model(name: str, art: Path) -> MoEModel:
-    """The PyTorch model an artifact was lowered from (rebuilt: tiny models are seeded)."""
-    if name == "mixtral":
-        return moeopt.load(art.parent / "mixtral-ckpt")
-    return BUILDERS[name]() if name in BUILDERS else tiny(name)
+    """The PyTorch model an artifact was lowered from (rebuilt: tiny models and the passes are seeded)."""
+    return _build(name, art.parent)
 
 
 def left_padded_batch(lengths: list[int], seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -136,3 +189,60 @@ def torch_greedy(model: MoEModel, ids: np.ndarray, mask: np.ndarray, steps: int)
 
 def manifest(art: Path) -> dict:
     return json.loads((art / "manifest.json").read_text())  # type: ignore[no-any-return]
+
+
+# --- one MoE layer exported alone (a few seconds) ---------------------------------------------------
+
+
+def random_layer(router: RouterSpec, experts: ExpertSpec, slots: list[SlotInfo] | None = None,
+                 shared: list[SharedSpec] | None = None, router_bias: bool = False) -> MoELayer:
+    """A seeded random MoELayer; `slots` picks (members[0]'s weights) and merges experts."""
+    g = torch.Generator().manual_seed(7)
+    e, f, i, h = router.num_experts, experts.in_rows, experts.intermediate, experts.hidden
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.3
+
+    table = ExpertTable(experts, e, r(e, f, h), r(e, h, i), r(e, f) if experts.bias else None,
+                        r(e, h) if experts.bias else None)
+    if slots is not None:
+        idx = [s.members[0] for s in slots]
+        b_in = None if table.b_in is None else table.b_in[idx]
+        b_out = None if table.b_out is None else table.b_out[idx]
+        table.set_slots(table.w_in[idx], table.w_out[idx], slots, b_in, b_out)
+    dense = []
+    for spec in shared or []:
+        d = DenseExpert(spec, h)
+        with torch.no_grad():
+            for p in d.parameters():
+                p.copy_(r(*p.shape))
+        dense.append(d)
+    return MoELayer(router, table, r(e, h) * 3, r(e) if router_bias else None,
+                    r(e) * 0.3 if router.has_score_bias else None, dense).eval()
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)  # type: ignore[no-any-return]
+
+
+def export_layer(layer: MoELayer, path: Path) -> Any:
+    """Export one layer (dynamic batch and sequence; quantized layers through the registered lowering)
+    and open it in onnxruntime."""
+    import onnxruntime as ort
+
+    from moeopt.ir.layer import layers_as_ops
+    from moeopt.lower.translate import layers_by_name, translation_table
+
+    x = torch.randn(2, 5, layer.table.spec.hidden, generator=torch.Generator().manual_seed(1))
+    dyn = torch.export.Dim.DYNAMIC
+    with layers_as_ops(), layers_by_name({"layer.table.w_in": layer}), torch.no_grad():
+        prog = torch.onnx.export(OneLayer(layer).eval(), (x,), dynamo=True, input_names=["x"], verbose=False,
+                                 custom_translation_table=translation_table(), dynamic_shapes=({0: dyn, 1: dyn},))
+    assert prog is not None
+    prog.save(str(path))
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -10,14 +10,23 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moeopt.ir.layer import DenseExpert, MoELayer, layers_as_ops
+from moeopt.ir.layer import MoELayer, layers_as_ops
 from moeopt.ir.spec import ExpertSpec, RouterSpec, SharedSpec
-from moeopt.ir.table import ExpertTable, SlotInfo
+from moeopt.ir.table import SlotInfo
 from moeopt.lower.decoder import no_router_outputs
 from moeopt.lower.translate import translation_table
 from moeopt.runtime import Session
 from moeopt.testing import DETECTED
-from tests.lower_helpers import artifact, left_padded_batch, manifest, source_model, torch_greedy
+from tests.lower_helpers import (
+    OneLayer,
+    artifact,
+    export_layer,
+    left_padded_batch,
+    manifest,
+    random_layer,
+    source_model,
+    torch_greedy,
+)
 
 TOL = 1e-3  # max abs logit difference, fp32 (measured ~1e-7)
 STEPS = 32
@@ -80,41 +89,6 @@ def test_no_cache_logits_match(tmp_path_factory: pytest.TempPathFactory) -> None
 H = 16
 
 
-def _layer(router: RouterSpec, experts: ExpertSpec, slots: list[SlotInfo] | None = None,
-           shared: list[SharedSpec] | None = None, router_bias: bool = False) -> MoELayer:
-    g = torch.Generator().manual_seed(7)
-    e, f, i = router.num_experts, experts.in_rows, experts.intermediate
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.3
-
-    table = ExpertTable(experts, e, r(e, f, H), r(e, H, i), r(e, f) if experts.bias else None,
-                        r(e, H) if experts.bias else None)
-    if slots is not None:
-        idx = [s.members[0] for s in slots]
-        b_in = None if table.b_in is None else table.b_in[idx]
-        b_out = None if table.b_out is None else table.b_out[idx]
-        table.set_slots(table.w_in[idx], table.w_out[idx], slots, b_in, b_out)
-    dense = []
-    for spec in shared or []:
-        d = DenseExpert(spec, H)
-        with torch.no_grad():
-            for p in d.parameters():
-                p.copy_(r(*p.shape))
-        dense.append(d)
-    return MoELayer(router, table, r(e, H) * 3, r(e) if router_bias else None,
-                    r(e) * 0.3 if router.has_score_bias else None, dense).eval()
-
-
-class _One(torch.nn.Module):
-    def __init__(self, layer: MoELayer) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)  # type: ignore[no-any-return]
-
-
 GLU = ExpertSpec(hidden=H, intermediate=8, act="silu")
 LAYER_CASES = {
     "softmax-pruned-merged": (RouterSpec(6, 2), GLU, [SlotInfo((0, 3)), SlotInfo((2,)), SlotInfo((4, 1))], None),
@@ -139,15 +113,8 @@ LAYER_CASES = {
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_layer_variants_match(case: str, tmp_path: pytest.TempPathFactory) -> None:
     router, experts, slots, shared = LAYER_CASES[case]
-    layer = _layer(router, experts, slots, shared, router_bias=router.has_bias)
-    x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(1))
-    dyn = torch.export.Dim.DYNAMIC
-    with layers_as_ops(), torch.no_grad():
-        prog = torch.onnx.export(_One(layer).eval(), (x,), dynamo=True, custom_translation_table=translation_table(),
-                                 dynamic_shapes=({0: dyn, 1: dyn},), input_names=["x"], verbose=False)
-    path = tmp_path / "layer.onnx"  # type: ignore[operator]
-    prog.save(str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    layer = random_layer(router, experts, slots, shared, router_bias=router.has_bias)
+    sess = export_layer(layer, tmp_path / "layer.onnx")  # type: ignore[operator]
     for shape in ((1, 1, H), (3, 7, H)):
         xs = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
         with torch.no_grad():
@@ -163,7 +130,7 @@ def test_quantized_layers_go_through_the_hook(tmp_path: pytest.TempPathFactory) 
     from moeopt.lower.translate import layers_by_name
 
     router, experts, slots, _ = LAYER_CASES["softmax-pruned-merged"]
-    layer = _layer(router, experts, slots)
+    layer = random_layer(router, experts, slots)
     z = torch.zeros(1, dtype=torch.uint8)
     layer.table.quantized["0_w_in"] = QuantizedMatrix(16, H, 4, 16, True, z, torch.ones(1), None)
     seen: list[object] = []
@@ -180,7 +147,7 @@ def test_quantized_layers_go_through_the_hook(tmp_path: pytest.TempPathFactory) 
     onnx_experts.QUANTIZED_LOWERING.append(hook)
     try:
         with layers_as_ops(), layers_by_name({"layer.table.w_in": layer}), torch.no_grad():
-            prog = torch.onnx.export(_One(layer).eval(), (x,), dynamo=True,
+            prog = torch.onnx.export(OneLayer(layer).eval(), (x,), dynamo=True,
                                      custom_translation_table=translation_table(), input_names=["x"], verbose=False)
     finally:
         onnx_experts.QUANTIZED_LOWERING.remove(hook)

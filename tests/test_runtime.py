@@ -21,6 +21,7 @@ from moeopt.lower.profiles import profile
 from moeopt.passes import PassManager
 from moeopt.runtime import Sampler, Session
 from moeopt.testing import tiny_model
+from tests.conftest import FIXTURE_DATA
 from tests.lower_helpers import artifact, left_padded_batch, tiny
 from tests.test_cli import run_cli
 
@@ -60,6 +61,15 @@ def test_corrupted_or_truncated_files_are_refused(art_copy: Path) -> None:
         Session(art_copy)
 
 
+def test_cli_refuses_a_damaged_artifact_in_one_line(art_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = art_copy / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-7])
+    for argv in (("run", str(art_copy), "--ids", "1,2"),
+                 ("eval", str(art_copy), "--data", str(FIXTURE_DATA), "--ppl", "news", "--tasks", "")):
+        code, _, err = run_cli(*argv, capsys=capsys)
+        assert code == 2 and "model.onnx.data: truncated" in err and len(err.strip().splitlines()) == 1, argv
+
+
 def test_failed_lowering_leaves_no_folder_and_keeps_the_old_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -87,7 +97,7 @@ def test_unlowerable_models_are_refused_cleanly(tmp_path: Path) -> None:
     model = tiny("mixtral")
     z = torch.zeros(1, dtype=torch.uint8)
     model.layers[1].table.quantized["0_w_in"] = QuantizedMatrix(96, 32, 4, 16, True, z, torch.ones(1), None)
-    with pytest.raises(UnsupportedModelError, match="layer 1 has quantized experts"):
+    with pytest.raises(UnsupportedModelError, match="layer 1 slot 0: a packed w_in but the slot is float"):
         lower(model, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []
 

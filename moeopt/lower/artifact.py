@@ -20,6 +20,7 @@ from moeopt.ir.model import MoEModel
 from moeopt.lower.decoder import no_router_outputs
 from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
+from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
 from moeopt.lower.profiles import TargetProfile, profile
 from moeopt.lower.seq2seq import export_seq2seq
 from moeopt.runtime.manifest import FORMAT, MANIFEST, MODEL_FILE, PARITY_FILE, VERSION, hash_files
@@ -34,6 +35,7 @@ def lower(
     ort_optimize: bool = False,
     kv_cache: bool = True,
     pipeline: str = "",
+    accuracy_level: int = 0,
 ) -> Path:
     """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
 
@@ -47,24 +49,33 @@ def lower(
             fusions applied once here instead of at every session start).
         kv_cache: export the graph with past/present key-value inputs/outputs.
         pipeline: the pipeline text that produced the model (recorded in the manifest).
+        accuracy_level: the quantized kernels' activation precision (see `onnx_quant.QuantSettings`):
+            0 keeps fp32 activations where the kernel can, 4 quantizes them to int8 (faster).
     """
     out = Path(out)
     prof = profile(target, threads)  # a bad target fails before the minute of export
+    quant = QuantSettings(accuracy_level)
     check_lowerable(model.layers)
+    check_layers(model.layers)
     tmp = atomic_dir(out)
     try:
         encoder = None
-        if getattr(model.config, "is_encoder_decoder", False):
-            check_float32(model)
-            info, encoder = export_seq2seq(model, tmp, MODEL_FILE)
-        else:
-            info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache)
+        with quant_settings(quant):
+            if getattr(model.config, "is_encoder_decoder", False):
+                check_float32(model)
+                info, encoder = export_seq2seq(model, tmp, MODEL_FILE)
+            else:
+                info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache)
+        if encoder is None:
             record_parity(model, tmp / PARITY_FILE)
         if ort_optimize:
             for name in (MODEL_FILE, encoder["file"]) if encoder else (MODEL_FILE,):
                 optimize_offline(tmp / name, prof)
         tokenizer = _copy_tokenizer(model, tmp)
         manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize)
+        manifest["graph"]["ops"] = contrib_ops(tmp / MODEL_FILE)
+        if any(len(layer.table.quantized) for layer in model.layers):
+            manifest["quant"] = {"accuracy_level": quant.accuracy_level}
         if encoder is not None:  # encoder-decoder: the decoder is "graph", the encoder runs once per prompt
             manifest["encoder"], manifest["parity"] = encoder, None
         manifest["files"] = hash_files(tmp)
@@ -94,6 +105,18 @@ def optimize_offline(onnx_path: Path, prof: TargetProfile) -> None:
         if (work / name).exists():
             (work / name).rename(onnx_path.parent / name)
     shutil.rmtree(work)
+
+
+def contrib_ops(onnx_path: Path) -> dict[str, int]:
+    """How many nodes of each com.microsoft op the saved graph holds (weights are not read)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.domain == "com.microsoft":
+            key = f"{node.domain}.{node.op_type}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def record_parity(model: MoEModel, path: Path, *, prompt_len: int = 8, steps: int = 8) -> None:
@@ -158,6 +181,8 @@ def build_manifest(
         meta["slot_of"] = [int(v) for v in layer.table.slot_of.tolist()]
         meta["bits"] = [s.bits for s in layer.table.slots]
         meta["lowered_as"] = lowering_kind(layer)
+        if len(layer.table.quantized):
+            meta["groups"] = [g.to_dict() for g in plan(layer)]
         layers.append(meta)
     cache = info.cache
     return {
@@ -184,6 +209,7 @@ def build_manifest(
             },
         },
         "vocab_size": int(cfg.vocab_size),
+        "max_positions": getattr(cfg, "max_position_embeddings", None),
         "tokens": {
             "eos": eos,
             "bos": _token_ids(getattr(cfg, "bos_token_id", None)),

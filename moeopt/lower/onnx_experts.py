@@ -37,7 +37,8 @@ tracing and returns the routed experts' output (N, H). The intended lowering (ON
 `com.microsoft.QMoE` node per bitwidth group (`moeopt.quant.ort_layout.qmoe_group`), each fed
 `weighted_router(Gather(sw, group_slots, axis=1))` and its output scaled back, outputs added; packed
 weights enter as `op.Constant(value=ir.tensor(array))` (lifted to initializers by the exporter).
-Register with `QUANTIZED_LOWERING.append(fn)`; the last one registered is used.
+Register with `QUANTIZED_LOWERING.append(fn)`; the last one registered is used. `moeopt.lower.onnx_quant`
+implements it and registers itself when `moeopt.lower` is imported.
 """
 QUANTIZED_LOWERING: list[QuantizedLowering] = []
 
@@ -100,7 +101,11 @@ def weighted_router(sw: Value) -> tuple[Value, Value]:
 
 def moe_node(x2: Value, sw: Value, w_in: Value, w_out: Value, spec: ExpertSpec, k: int) -> Value:
     """Weighted experts through one `com.microsoft.MoE` node: (N, H), (N, S) -> (N, H)."""
-    fc1 = _interleave_gate_up(w_in, spec) if spec.glu else w_in
+    return moe_call(x2, sw, _interleave_gate_up(w_in, spec) if spec.glu else w_in, w_out, spec, k)
+
+
+def moe_call(x2: Value, sw: Value, fc1: Value, w_out: Value, spec: ExpertSpec, k: int) -> Value:
+    """`moe_node` with fc1 already in the kernel's layout (GLU gate/up rows interleaved)."""
     act = "swiglu" if spec.glu else MOE_MLP_ACTS[spec.act]
     logits, scale = weighted_router(sw)
     y = _MOE(

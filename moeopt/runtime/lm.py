@@ -1,0 +1,52 @@
+"""An artifact as a causal LM module, so `moeopt.eval` (and `moeopt eval ARTIFACT`) measure what ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeopt.errors import BadInputError
+from moeopt.runtime.manifest import MANIFEST
+from moeopt.runtime.session import Session
+
+
+def is_artifact(path: str | Path) -> bool:
+    """Whether `path` is an artifact folder (has manifest.json) rather than a checkpoint."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+class ArtifactLM(torch.nn.Module):
+    """`model(input_ids=, attention_mask=).logits` (B, T, V) computed by ONNX Runtime on the artifact.
+
+    The harness's right padding is kept as it comes: positions count the real tokens (pads get 1, as in
+    `Session.logits`), so real tokens score as when run alone.
+    """
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        if session.encoder is not None:
+            raise BadInputError(f"{session.path}: eval reads decoder-only artifacts, this one has an encoder")
+        self.session = session
+        m = session.manifest
+        self.config = SimpleNamespace(vocab_size=int(m.get("vocab_size", 0)) or None,
+                                      max_position_embeddings=m.get("max_positions"))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        ids = input_ids.detach().cpu().numpy().astype(np.int64)
+        mask = None if attention_mask is None else attention_mask.detach().cpu().numpy().astype(np.int64)
+        return SimpleNamespace(logits=torch.from_numpy(self.session.logits(ids, mask)))  # (B, T, V)
+
+
+def load_for_eval(path: str | Path, *, threads: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """(the artifact as a module, its tokenizers.Tokenizer), after verifying the manifest."""
+    sess = Session(path, threads=threads)
+    name = sess.manifest.get("tokenizer")
+    if not name:
+        raise BadInputError(f"{path}: the artifact has no tokenizer.json; eval needs the model's tokenizer")
+    from tokenizers import Tokenizer
+
+    return ArtifactLM(sess), Tokenizer.from_file(str(Path(path) / name))
