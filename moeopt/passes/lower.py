@@ -23,6 +23,9 @@ class Lower(Pass):
         Option("opt-level", "choice", "none", "store the graph ORT-optimised offline (extended is portable)",
                choices=("none", "extended")),
         Option("kv-cache", "bool", True, "export past/present key-value inputs and outputs"),
+        Option("accuracy-level", "int", 0,
+               "quantized experts: 0 keeps fp32 activations (exact), 4 lets QMoE/MatMulNBits use int8 "
+               "activations (faster, ~1% logit error)", min=0, max=4),
     )
 
     def requires(self, model: MoEModel, ctx: PassContext) -> None:
@@ -36,6 +39,7 @@ class Lower(Pass):
         path = lower(
             model, self.opts["out"], target=self.opts["target"], threads=self.opts["threads"],
             ort_optimize=self.opts["opt-level"] == "extended", kv_cache=self.opts["kv-cache"], pipeline=history,
+            accuracy_level=self.opts["accuracy-level"],
         )
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)
