@@ -22,17 +22,18 @@ from moeopt.demo import REFERENCE
 from moeopt.eval import evaluate
 from moeopt.passes import PassManager
 from moeopt.passes.calib import load_tokenizer
+from moeopt.tune.extract import proxy_pipeline
 
 METHODS = ("litemoe", "merge-noalign", "frequency", "random", "magnitude")
 
 
 def pipeline(method: str, keep: float, calib: str, calib_tokens: int) -> str:
     """Pipeline text of one method at one kept fraction of routed experts."""
+    if method in ("litemoe", "merge-noalign"):  # the proxy pipeline `moeopt extract` runs, same text
+        return proxy_pipeline(calib, keep, calib_tokens=calib_tokens,
+                              align="assignment" if method == "litemoe" else "none")
     imp = f"importance{{calib={calib},max-tokens={calib_tokens},progress=false}}"
-    cold = round((1.0 - keep) / 2, 4)  # LiteMoE: the removed share split evenly into cold and moderate
     return {
-        "litemoe": f"{imp},prune{{keep={keep},cold={cold}}},match,merge",
-        "merge-noalign": f"{imp},prune{{keep={keep},cold={cold}}},match,merge{{align=none}}",
         "frequency": f"{imp},prune{{method=frequency,keep={keep}}}",
         "random": f"prune{{method=random,keep={keep}}}",
         "magnitude": f"prune{{method=magnitude,keep={keep}}}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 import moeopt
-from moeopt.cli import main
 from moeopt.demo import DEMO_DATA
 from moeopt.passes.calib import load_tokenizer
 from moeopt.tune import (
@@ -27,6 +25,7 @@ from moeopt.tune import (
     read_rows,
     target_modules,
 )
+from tests.test_cli import run_cli
 
 FAST = TuneSettings(steps=30, batch_size=8, lr=1e-2, rank=4, alpha=8, warmup=2, save_every=0, max_len=96)
 IDS = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -39,18 +38,6 @@ def _examples(model: moeopt.MoEModel, app: str = "intent", loss: str = "label") 
 
 def _lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-
-def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    argv, sys.argv, code = sys.argv, ["moeopt", *args], 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
