@@ -66,7 +66,8 @@ def unigram(args: argparse.Namespace) -> dict[str, Any]:
     # Every stage of a continued run (previous_stage chain) contributes the tokens it consumed.
     stage: dict[str, Any] | None = run
     while stage is not None:
-        mix = ref_data.Mixture(apps_share=stage["apps_share"])
+        mix = ref_data.Mixture(apps_share=stage["apps_share"],
+                               app_weights=tuple(stage.get("app_weights", {}).items()))
         seqs, _, _ = ref_data.training_sequences(docs, stage["steps_planned"] * stage["batch"], stage["seq_len"],
                                                  stage["seed"], mix)
         seen = seqs[: stage["steps"] * stage["batch"]].flatten()  # only what training actually consumed

@@ -31,10 +31,17 @@ class Mixture:
             lets the foundation model answer the apps' prompts without adapters.
         max_app_epochs: An app's train split is repeated at most this often; what a small app cannot
             take goes to the other apps, so tiny splits (intent) are not memorised.
+        app_weights: ``(app, weight)`` pairs; an app's part of the apps' share is proportional to its
+            weight (1.0 when not listed). A later stage can lean on an app that lags.
     """
 
     apps_share: float = 0.45
     max_app_epochs: float = 4.0
+    app_weights: tuple[tuple[str, float], ...] = ()
+
+    def weight(self, app: str) -> float:
+        """The relative weight of ``app`` in the apps' share."""
+        return dict(self.app_weights).get(app, 1.0)
 
 
 def _rng(seed: int, name: str) -> random.Random:
@@ -84,8 +91,8 @@ def labelled_documents(root: Path, tok: Tokenizer, split: str = "train") -> dict
 
 
 def source_budgets(sizes: dict[str, int], total: int, mix: Mixture) -> dict[str, int]:
-    """Tokens to draw from each source: apps share ``apps_share`` equally (water-filling under the
-    epoch cap), news takes the rest.
+    """Tokens to draw from each source: apps share ``apps_share`` in proportion to their weights
+    (water-filling under the epoch cap), news takes the rest.
 
     Args:
         sizes: Tokens in one epoch of each source.
@@ -96,12 +103,16 @@ def source_budgets(sizes: dict[str, int], total: int, mix: Mixture) -> dict[str,
     left = mix.apps_share * total
     budgets: dict[str, int] = {}
     open_apps = list(apps)
-    # Give capped apps their cap, then split what is left equally among the rest; repeat until stable.
+    unknown = sorted(set(dict(mix.app_weights)) - set(apps))
+    if unknown:
+        raise ValueError(f"app weights name unknown apps: {', '.join(unknown)}")
+    # Give capped apps their cap, then split what is left by weight among the rest; repeat until stable.
     while open_apps:
-        share = left / len(open_apps)
-        capped = [a for a in open_apps if mix.max_app_epochs * sizes[a] <= share]
+        total_w = sum(mix.weight(a) for a in open_apps)
+        share = {a: left * mix.weight(a) / total_w for a in open_apps}
+        capped = [a for a in open_apps if mix.max_app_epochs * sizes[a] <= share[a]]
         if not capped:
-            budgets.update({a: int(share) for a in open_apps})
+            budgets.update({a: int(share[a]) for a in open_apps})
             break
         for a in capped:
             budgets[a] = int(mix.max_app_epochs * sizes[a])

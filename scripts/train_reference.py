@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=ref_model.Shape.experts)
     p.add_argument("--top-k", type=int, default=ref_model.Shape.top_k)
     p.add_argument("--apps-share", type=float, default=ref_data.Mixture.apps_share)
+    p.add_argument("--app-weight", action="append", default=[], metavar="APP=W",
+                   help="relative weight of an app in the apps' share (default 1; repeatable)")
     p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokenizer", type=Path, default=Path("moeopt/assets/reference-moe"))
@@ -72,6 +74,17 @@ def parse_args() -> argparse.Namespace:
                    help="load-balancing loss over all layers' routing at once (transformers') or per layer")
     p.add_argument("--aux-coef", type=float, default=None, help="load-balancing coefficient (default: config's)")
     return p.parse_args()
+
+
+def parse_weights(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """``APP=W`` options as ``(app, weight)`` pairs."""
+    out = []
+    for item in items:
+        app, sep, w = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--app-weight wants APP=W, got {item!r}")
+        out.append((app, float(w)))
+    return tuple(out)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -198,7 +211,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     t_start = time.time()
     tok = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
-    mix = ref_data.Mixture(apps_share=args.apps_share)
+    mix = ref_data.Mixture(apps_share=args.apps_share, app_weights=parse_weights(args.app_weight))
     docs = ref_data.labelled_documents(args.data_root, tok)
     seqs, label_mask, budgets = ref_data.training_sequences(
         docs, args.steps * args.batch, args.seq_len, args.seed, mix)
@@ -282,6 +295,7 @@ def main() -> None:
         "tokens_seen": steps_done * args.batch * args.seq_len,
         "tokens_per_source_planned": budgets,
         "apps_share": args.apps_share,
+        "app_weights": dict(mix.app_weights),
         "label_loss": args.label_loss,
         "aux": args.aux,
         "aux_coef": coef,
