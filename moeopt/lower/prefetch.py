@@ -1,0 +1,219 @@
+"""Prefetch hints: the routing predictor lowered into an ONNX graph as extra outputs.
+
+LiteMoE's predictor maps layer 0's router logits to every later layer's; lowered right after layer 0's
+router, it gives the runtime each later layer's likely experts while layer 0 is still computing, so
+their weights can be read before the layer that needs them runs. The MLP is a handful of standard ops
+(Softmax, MatMul+Add, Relu, MatMul+Add, Split, TopK per later layer) and works on any leading shape of
+the logits ((N, E0) or (B, T, E0)). Pruned experts are masked by an -inf bias on their fc2 columns,
+which is exactly `masked_fill(~keep_mask, -inf)` on the predicted logits and costs no extra op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from moeopt.errors import BadInputError
+from moeopt.ir.predictor import RoutingPredictor
+
+OPSET = 18  # Softmax(axis=-1) and Split's `split` input need >= 13; the exporter writes 18
+MIN_OPSET = 13
+
+
+def _np(t: Any) -> np.ndarray:
+    """A torch parameter (or array) as a float32 numpy array."""
+    return np.ascontiguousarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t, dtype=np.float32)
+
+
+def _masks(predictor: RoutingPredictor, keep_masks: Sequence[Any] | None) -> list[np.ndarray | None]:
+    """Per later layer j = 1..L-1, its (E_j,) bool keep mask or None; `keep_masks` has one per MoE layer."""
+    later = predictor.out_experts
+    if keep_masks is None:
+        return [None] * len(later)
+    if len(keep_masks) != len(later) + 1:
+        raise BadInputError(
+            f"prefetch: {len(keep_masks)} keep masks for a predictor of {len(later) + 1} MoE layers "
+            "(give one per MoE layer, layer 0 included)"
+        )
+    out: list[np.ndarray | None] = []
+    for j, (mask, e) in enumerate(zip(keep_masks[1:], later, strict=True), start=1):
+        if mask is None:
+            out.append(None)
+            continue
+        m = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask).astype(bool).reshape(-1)  # (E_j,)
+        if m.shape != (e,):
+            raise BadInputError(f"prefetch: keep mask of layer {j} covers {m.size} experts, the predictor {e}")
+        if not m.any():
+            raise BadInputError(f"prefetch: layer {j} keeps no expert; there is nothing to predict")
+        out.append(m)
+    return out
+
+
+def prefetch_top(
+    predictor: RoutingPredictor, top: int, keep_masks: Sequence[Any] | None = None
+) -> dict[int, int]:
+    """Per later layer j, how many experts its hint names: `top` clamped to the experts it keeps."""
+    if top < 1:
+        raise BadInputError(f"prefetch: top must be at least 1, got {top}")
+    masks = _masks(predictor, keep_masks)
+    return {
+        j: min(top, e if m is None else int(m.sum()))
+        for j, (e, m) in enumerate(zip(predictor.out_experts, masks, strict=True), start=1)
+    }
+
+
+def _fc2_bias(predictor: RoutingPredictor, masks: list[np.ndarray | None]) -> np.ndarray:
+    """fc2's bias with -inf on the columns of pruned experts (so TopK never names them)."""
+    bias = _np(predictor.fc2.bias).copy()  # (sum E_j,)
+    start = 0
+    for e, m in zip(predictor.out_experts, masks, strict=True):
+        if m is not None:
+            bias[start : start + e][~m] = -np.inf
+        start += e
+    return bias
+
+
+def _names_in(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    for node in graph.all_nodes():
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    v.shape = ir.Shape(array.shape)
+    v.dtype = ir.DataType.FLOAT if array.dtype == np.float32 else ir.DataType.INT64
+    graph.register_initializer(v)
+    return v
+
+
+def add_prefetch_outputs(
+    graph: ir.Graph,
+    logits0: ir.Value,
+    predictor: RoutingPredictor,
+    *,
+    top: int,
+    keep_masks: Sequence[Any] | None = None,
+    prefix: str = "prefetch",
+) -> dict[int, str]:
+    """Append the predictor after `logits0` and one int64 (..., k_j) output per later MoE layer j.
+
+    Each output holds the predicted ORIGINAL expert ids of layer j, best first (TopK of the predicted
+    logits, pruned experts masked); k_j is `top` clamped to the experts layer j keeps. The nodes go
+    right after the node that produces `logits0` (first, if it is a graph input), so a segment graph
+    computes the hint as early as it can. `keep_masks` has one (E_l,) bool mask per MoE layer, layer 0
+    included (its mask is not used). Returns {j: output name}.
+    """
+    if logits0.graph is not None and logits0.graph is not graph:
+        raise BadInputError(f"prefetch: value '{logits0.name}' does not belong to the graph it is added to")
+    e0 = logits0.shape[-1] if logits0.shape is not None and len(logits0.shape) > 0 else None
+    if isinstance(e0, int) and e0 != predictor.in_experts:
+        raise BadInputError(
+            f"prefetch: '{logits0.name}' has {e0} experts, the predictor reads {predictor.in_experts}"
+        )
+    version = graph.opset_imports.get("", None)
+    if version is None:
+        graph.opset_imports[""] = OPSET
+    elif version < MIN_OPSET:
+        raise BadInputError(f"prefetch: the graph's opset is {version}, prefetch nodes need {MIN_OPSET} or later")
+    masks = _masks(predictor, keep_masks)
+    ks = prefetch_top(predictor, top, keep_masks)
+    taken = _names_in(graph)
+    clash = sorted(n for n in taken if n == prefix or n.startswith(f"{prefix}."))
+    if clash:
+        raise BadInputError(f"prefetch: the graph already has '{clash[0]}'; choose another prefix")
+
+    w1 = _const(graph, f"{prefix}.fc1.weight", _np(predictor.fc1.weight).T.copy())  # (E0, H)
+    b1 = _const(graph, f"{prefix}.fc1.bias", _np(predictor.fc1.bias))  # (H,)
+    w2 = _const(graph, f"{prefix}.fc2.weight", _np(predictor.fc2.weight).T.copy())  # (H, sum E_j)
+    b2 = _const(graph, f"{prefix}.fc2.bias", _fc2_bias(predictor, masks))  # (sum E_j,)
+    sizes = _const(graph, f"{prefix}.split", np.asarray(predictor.out_experts, dtype=np.int64))
+
+    nodes: list[ir.Node] = []
+
+    def add(op_type: str, inputs: Sequence[ir.Value], name: str, n_out: int = 1, **attrs: Any) -> ir.Node:
+        node = ir.node(op_type, inputs, attrs or None, num_outputs=n_out, name=f"{prefix}/{name}")
+        for i, out in enumerate(node.outputs):
+            out.name = f"{prefix}.{name}" if n_out == 1 else f"{prefix}.{name}{i + 1}"
+        nodes.append(node)
+        return node
+
+    x = logits0
+    if logits0.dtype is not None and logits0.dtype != ir.DataType.FLOAT:
+        x = add("Cast", [x], "cast", to=int(ir.DataType.FLOAT)).outputs[0]  # torch runs the MLP in float32
+    p = add("Softmax", [x], "softmax", axis=-1).outputs[0]  # (..., E0)
+    h = add("MatMul", [p, w1], "fc1_matmul").outputs[0]  # (..., H)
+    h = add("Add", [h, b1], "fc1").outputs[0]
+    h = add("Relu", [h], "relu").outputs[0]
+    y = add("MatMul", [h, w2], "fc2_matmul").outputs[0]  # (..., sum E_j)
+    y = add("Add", [y, b2], "fc2").outputs[0]
+    parts = add("Split", [y, sizes], "logits_layer", n_out=len(ks), axis=-1).outputs  # (..., E_j) each
+
+    lead = list(logits0.shape)[:-1] if logits0.shape is not None else None
+    outputs: dict[int, str] = {}
+    for (j, k), part in zip(ks.items(), parts, strict=True):
+        kv = _const(graph, f"{prefix}.k{j}", np.asarray([k], dtype=np.int64))
+        topk = add("TopK", [part, kv], f"topk_layer{j}", n_out=2, axis=-1, largest=1, sorted=1)
+        ids = topk.outputs[1]
+        ids.name = f"{prefix}.layer{j}"
+        ids.dtype = ir.DataType.INT64
+        if lead is not None:
+            ids.shape = ir.Shape([*lead, k])
+        topk.outputs[0].name = f"{prefix}.layer{j}.logits"
+        graph.outputs.append(ids)
+        outputs[j] = ids.name
+    producer = logits0.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    elif len(graph) > 0:
+        graph.insert_before(graph[0], nodes)
+    else:
+        graph.extend(nodes)
+    return outputs
+
+
+def prefetch_meta(
+    outputs: dict[int, str],
+    predictor: RoutingPredictor,
+    top: int,
+    keep_masks: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """What the manifest's "prefetch" section says about the hint outputs (JSON-ready: string keys).
+
+    {"outputs": {"j": name}, "top": top, "k": {"j": k_j}, "params": predictor parameter count};
+    k_j is the width of output j (`top` clamped to the experts layer j keeps).
+    """
+    ks = prefetch_top(predictor, top, keep_masks)
+    return {
+        "outputs": {str(j): name for j, name in sorted(outputs.items())},
+        "top": int(top),
+        "k": {str(j): ks[j] for j in sorted(outputs)},
+        "params": int(sum(p.numel() for p in predictor.parameters())),
+    }
+
+
+def prefetch_hints_numpy(
+    logits0: np.ndarray, predictor: RoutingPredictor, top: int, keep_masks: Sequence[Any] | None = None
+) -> dict[int, np.ndarray]:
+    """The lowered graph's hints computed in numpy: {j: (..., k_j) int64 predicted expert ids}.
+
+    For a runtime without the graph outputs (or a test) that wants the same answer.
+    """
+    masks = _masks(predictor, keep_masks)
+    ks = prefetch_top(predictor, top, keep_masks)
+    x = np.asarray(logits0, dtype=np.float32)  # (..., E0)
+    z = x - x.max(axis=-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    h = np.maximum(p @ _np(predictor.fc1.weight).T + _np(predictor.fc1.bias), 0.0)  # (..., H)
+    y = h @ _np(predictor.fc2.weight).T + _fc2_bias(predictor, masks)  # (..., sum E_j)
+    out: dict[int, np.ndarray] = {}
+    start = 0
+    for (j, k), e in zip(ks.items(), predictor.out_experts, strict=True):
+        part = y[..., start : start + e]  # (..., E_j)
+        start += e
+        out[j] = np.argsort(-part, axis=-1, kind="stable")[..., :k].astype(np.int64)
+    return out
