@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -219,6 +219,97 @@ def report_routing(
         print(f"layer {layer['layer']}: mean JS {layer['mean_js']:.4f} bits; "
               f"apps with disjoint top-2: {len(layer['disjoint_top2'])} pairs")
     print(f"mean JS over layers {rep['mean_js']:.4f} bits; wrote {', '.join(map(str, files))}")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: Annotated[str, typer.Argument(help="checkpoint folder (Hugging Face or moeopt)")],
+    budget: Annotated[str, typer.Option(help="memory for experts: hot + cache (e.g. 64MB, 1.5GiB)")],
+    latency: Annotated[str, typer.Option(help="target time per token (e.g. 50ms); a miss is a warning")] = "",
+    profile: Annotated[str, typer.Option(help="target profile JSON (moeopt profile), or 'measure'")] = "measure",
+    calib: Annotated[str, typer.Option(help="app:NAME or file.jsonl (';'-separated) for routing statistics")] = "",
+    policy: Annotated[str, typer.Option(help="cache policy: lru, lfu, edgemoe, swapmoe")] = "edgemoe",
+    bits: Annotated[str, typer.Option(help="bitwidth assumed for float experts: auto (float32), 2, 3, 4, 8")] = "auto",
+    data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="save the checkpoint with the plan here")] = None,
+) -> None:
+    """Plan offload mode under a memory budget: hot experts per layer, cache size, expected latency."""
+    import moeopt
+    from moeopt.passes import PassContext, PassManager
+    from moeopt.passes.importance import ImportancePass
+    from moeopt.passes.plan import Plan
+    from moeopt.units import parse_bytes, parse_seconds
+
+    budget_bytes = parse_bytes(budget)  # bad text costs nothing: checked before loading
+    if latency:
+        parse_seconds(latency)
+    plan_pass = Plan(budget=budget_bytes, latency=latency, profile=profile, policy=policy, bits=bits)
+    specs = tuple(s for s in calib.split(";") if s)
+    m = moeopt.load(model)
+    have = all(i.importance is not None for layer in m.layers for i in layer.table.slots)
+    text = plan_pass.text()
+    if specs and not have:
+        text = ImportancePass(calib=specs, progress=False).text() + "," + text
+    report = PassManager(text, ctx=PassContext(data_root=data)).run(m, source=model)
+    plan = report.model.plan
+    assert plan is not None
+    print(format_plan(plan))
+    if out is not None:
+        report.model.save(out)
+        print(f"wrote {out} ({report.pipeline})")
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as a short table: per layer hot / cached / cold counts, then the expected figures."""
+    from moeopt.units import format_bytes
+
+    exp, target = plan["expected"], plan["latency_target_ms"]
+    rows = [f"plan: budget {format_bytes(plan['budget_bytes'])} for experts, policy {plan['policy']}, "
+            f"routing from {plan['frequency_source']}, solver {plan['solver']}",
+            f"{'layer':>5} {'hot':>5} {'cached':>6} {'cold':>5} {'ms/token':>9} {'misses/token':>12}"]
+    rows += [f"{i:>5} {r['hot']:>5} {r['cached']:>6} {r['cold']:>5} {r['latency_ms']:>9.3f} {r['misses']:>12.3f}"
+             for i, r in enumerate(plan["layers"])]
+    meets = "yes" if plan["meets_latency"] else "NO"
+    rows += [f"resident experts {format_bytes(exp['resident_expert_bytes'])}, "
+             f"cache {format_bytes(plan['cache_bytes'])} (minimum budget {format_bytes(plan['min_budget_bytes'])})",
+             f"expected {exp['latency_ms_per_token']:.3f} ms/token (experts), "
+             f"{exp['misses_per_token']:.3f} misses/token, "
+             f"hit rate {100 * exp['hit_rate']:.1f}%, meets latency: "
+             + (f"{meets} (target {target:g} ms)" if target is not None else "n/a (no target)")]
+    rows += [f"warning: {w}" for w in plan.get("warnings", [])]
+    return "\n".join(rows)
+
+
+@app.command("profile")
+def profile_cmd(
+    out: Annotated[Path, typer.Option("-o", "--out", help="profile JSON to write")],
+    model: Annotated[str, typer.Option(help="take the expert shape from this checkpoint's first MoE layer")] = "",
+    hidden: Annotated[int, typer.Option(help="expert hidden size (without --model)")] = 1024,
+    intermediate: Annotated[int, typer.Option(help="expert intermediate size (without --model)")] = 2816,
+    glu: Annotated[bool, typer.Option(help="SwiGLU experts (without --model)")] = True,
+    bits: Annotated[str, typer.Option(help="expert bitwidth: float, 2, 3, 4, 8")] = "4",
+    threads: Annotated[int, typer.Option(help="intra-op threads of the timed sessions")] = 1,
+    file_mb: Annotated[int, typer.Option(help="MiB of the temporary file the read bandwidth is measured on")] = 64,
+    folder: Annotated[Path | None, typer.Option(help="where that file lies (the storage experts will live on)")] = None,
+) -> None:
+    """Measure this machine's target profile (read bandwidth, resident / cold expert time) for `plan`."""
+    from moeopt.targets import measure_profile, save_profile
+
+    if bits not in ("float", "2", "3", "4", "8"):
+        raise BadInputError(f"--bits must be float, 2, 3, 4 or 8, got '{bits}'")
+    if threads < 1 or file_mb < 1:
+        raise BadInputError("--threads and --file-mb must be at least 1")
+    if model:
+        import moeopt
+
+        spec = moeopt.load(model).layers[0].table.spec
+        hidden, intermediate, glu = spec.hidden, spec.intermediate, spec.glu
+    prof = measure_profile(hidden, intermediate, None if bits == "float" else int(bits), glu, threads=threads,
+                           file_bytes=file_mb * 2**20, folder=folder)
+    save_profile(prof, out)
+    print(f"read {prof['read_bandwidth'] / 1e6:.1f} MB/s, "
+          f"resident {prof['resident_s_per_expert'] * 1e3:.3f} ms/expert, "
+          f"cold {prof['cold_s_per_expert'] * 1e3:.3f} ms/expert; wrote {out}")
 
 
 def _register_runtime_commands() -> None:

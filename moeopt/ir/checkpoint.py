@@ -81,6 +81,7 @@ def save_checkpoint(model: MoEModel, path: Path, *, dtype: torch.dtype | None = 
             "tied": tied,
             "layers": [layer.meta() for layer in model.layers],
             "predictor": None if model.predictor is None else model.predictor.meta(),  # type: ignore[operator]
+            "plan": model.plan,
         }
         if model.predictor is not None:
             pred = {k: v.detach().float().contiguous() for k, v in model.predictor.state_dict().items()}
@@ -148,7 +149,7 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
     model = MoEModel(
         hf=hf, layers=layers, source=meta.get("source", str(path)), source_dir=path, predictor=predictor,
         history=list(meta.get("history", [])), adapters=dict(meta.get("adapters", {})),
-        storage_dtype=meta.get("storage_dtype", "float32"),
+        storage_dtype=meta.get("storage_dtype", "float32"), plan=meta.get("plan"),
     )
     return model
 

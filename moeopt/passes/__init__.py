@@ -7,6 +7,7 @@ from moeopt.passes import (
     lower,
     match,
     merge,
+    plan,
     predictor,
     print_ir,
     prune,
@@ -27,7 +28,7 @@ from moeopt.passes.options import Option, OptionTypeError
 from moeopt.passes.pipeline import Pipeline, PipelineSyntaxError, parse_pipeline
 from moeopt.passes.registry import REGISTRY, UnknownOptionError, UnknownPassError, build, get_pass, register
 
-del analyses, canonicalize, importance, lower, match, merge, predictor, print_ir, prune, quantize, verify_ir
+del analyses, canonicalize, importance, lower, match, merge, plan, predictor, print_ir, prune, quantize, verify_ir
 
 __all__ = [
     "ALL", "ANALYSES", "REGISTRY", "AnalysisManager", "Option", "OptionTypeError", "Pass", "PassContext",
