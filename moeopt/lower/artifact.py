@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 import moeopt
+from moeopt.errors import BadInputError
 from moeopt.ir.checkpoint import TOKENIZER_FILES, atomic_dir, commit_dir
 from moeopt.ir.model import MoEModel
 from moeopt.lower.decoder import no_router_outputs
 from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
+from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
 from moeopt.lower.profiles import TargetProfile, profile
@@ -36,6 +38,9 @@ def lower(
     kv_cache: bool = True,
     pipeline: str = "",
     accuracy_level: int = 0,
+    experts: str = "resident",
+    hot: int | None = 2,
+    prefetch: bool | None = None,
 ) -> Path:
     """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
 
@@ -51,7 +56,13 @@ def lower(
         pipeline: the pipeline text that produced the model (recorded in the manifest).
         accuracy_level: the quantized kernels' activation precision (see `onnx_quant.QuantSettings`):
             0 keeps fp32 activations where the kernel can, 4 quantizes them to int8 (faster).
+        experts: "resident" (every expert in the graph) or "offload" (hot slots in segment graphs, the
+            others in experts.bin; see `moeopt.lower.offload`; needs `moeopt.runtime.OffloadSession`).
+        hot: offload mode: hot slots per layer (None: all), unless the model carries a plan.
+        prefetch: offload mode: add the routing predictor's hint outputs (None: when it has one).
     """
+    if experts not in ("resident", "offload"):
+        raise BadInputError(f"experts must be resident or offload, got '{experts}'")
     out = Path(out)
     prof = profile(target, threads)  # a bad target fails before the minute of export
     quant = QuantSettings(accuracy_level)
@@ -60,20 +71,30 @@ def lower(
     tmp = atomic_dir(out)
     try:
         encoder = None
+        offload: dict[str, Any] | None = None
         with quant_settings(quant):
-            if getattr(model.config, "is_encoder_decoder", False):
+            if experts == "offload":
+                info, offload = export_offload(model, tmp, hot=hot, quant=quant, kv_cache=kv_cache, prefetch=prefetch)
+            elif getattr(model.config, "is_encoder_decoder", False):
                 check_float32(model)
                 info, encoder = export_seq2seq(model, tmp, MODEL_FILE)
             else:
                 info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache)
         if encoder is None:
             record_parity(model, tmp / PARITY_FILE)
+        graphs = [s["file"] for s in offload["segments"]] if offload else [MODEL_FILE]
         if ort_optimize:
-            for name in (MODEL_FILE, encoder["file"]) if encoder else (MODEL_FILE,):
+            for name in [*graphs, encoder["file"]] if encoder else graphs:
                 optimize_offline(tmp / name, prof)
         tokenizer = _copy_tokenizer(model, tmp)
         manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize)
-        manifest["graph"]["ops"] = contrib_ops(tmp / MODEL_FILE)
+        manifest["graph"]["ops"] = contrib_ops(*(tmp / g for g in graphs))
+        if offload is not None:  # no single graph: the runtime drives the segments (moeopt.runtime.offload)
+            manifest["graph"]["file"] = None
+            manifest["offload"] = offload
+            plan_dict = getattr(model, "plan", None)
+            if isinstance(plan_dict, dict):
+                manifest["plan"] = plan_dict
         if any(len(layer.table.quantized) for layer in model.layers):
             manifest["quant"] = {"accuracy_level": quant.accuracy_level}
         if encoder is not None:  # encoder-decoder: the decoder is "graph", the encoder runs once per prompt
@@ -107,15 +128,16 @@ def optimize_offline(onnx_path: Path, prof: TargetProfile) -> None:
     shutil.rmtree(work)
 
 
-def contrib_ops(onnx_path: Path) -> dict[str, int]:
-    """How many nodes of each com.microsoft op the saved graph holds (weights are not read)."""
+def contrib_ops(*onnx_paths: Path) -> dict[str, int]:
+    """How many nodes of each com.microsoft op the saved graphs hold (weights are not read)."""
     import onnx
 
     counts: dict[str, int] = {}
-    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
-        if node.domain == "com.microsoft":
-            key = f"{node.domain}.{node.op_type}"
-            counts[key] = counts.get(key, 0) + 1
+    for onnx_path in onnx_paths:
+        for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+            if node.domain == "com.microsoft":
+                key = f"{node.domain}.{node.op_type}"
+                counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
 
 

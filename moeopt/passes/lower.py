@@ -26,11 +26,26 @@ class Lower(Pass):
         Option("accuracy-level", "int", 0,
                "quantized experts: 0 keeps fp32 activations (exact), 4 lets QMoE/MatMulNBits use int8 "
                "activations (faster, ~1% logit error)", min=0, max=4),
+        Option("experts", "choice", "resident", "resident: every expert in the graph; offload: hot experts in "
+               "segment graphs, the rest in a packed file (run with moeopt.runtime.OffloadSession)",
+               choices=("resident", "offload")),
+        Option("hot", "str", "2", "offload: hot slots per layer (a number or 'all'; the model's plan wins)"),
+        Option("prefetch", "choice", "auto", "offload: routing-predictor hint outputs (auto: when the model has "
+               "a predictor)", choices=("auto", "true", "false")),
     )
 
     def requires(self, model: MoEModel, ctx: PassContext) -> None:
         if self.opts["out"] is None:
             raise BadInputError("lower needs out=FOLDER, e.g. lower{out=artifacts/model}")
+        self._hot()
+
+    def _hot(self) -> int | None:
+        raw = str(self.opts["hot"]).strip().lower()
+        if raw == "all":
+            return None
+        if not raw.isdigit():
+            raise BadInputError(f"option 'hot' of pass 'lower' expects a number or 'all', got '{raw}'")
+        return int(raw)
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
         from moeopt.lower import lower
@@ -39,7 +54,8 @@ class Lower(Pass):
         path = lower(
             model, self.opts["out"], target=self.opts["target"], threads=self.opts["threads"],
             ort_optimize=self.opts["opt-level"] == "extended", kv_cache=self.opts["kv-cache"], pipeline=history,
-            accuracy_level=self.opts["accuracy-level"],
+            accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self._hot(),
+            prefetch={"auto": None, "true": True, "false": False}[self.opts["prefetch"]],
         )
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)

@@ -62,9 +62,14 @@ class Session:
         threads: override the profile's intra-op thread count.
     """
 
+    drives_segments = False  # OffloadSession runs an offload artifact's segments; Session cannot
+
     def __init__(self, artifact: str | Path, *, verify: bool = True, threads: int | None = None) -> None:
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, verify=verify)
+        if self.manifest.get("offload") is not None and not self.drives_segments:
+            raise BadInputError(f"{self.path}: an offload artifact; open it with moeopt.runtime.OffloadSession "
+                                "(or open_artifact)")
         graph = self.manifest["graph"]
         target = self.manifest.get("target", {})
         self.ort = self._open(graph["file"], target, threads)

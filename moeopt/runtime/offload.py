@@ -1,0 +1,266 @@
+"""`OffloadSession`: run an offload artifact - the segment driver - and `AllResident`, the simplest expert source.
+
+An offload artifact (``lower{experts=offload}``, see `moeopt.lower.offload`) is segments seg0..segL with
+each MoE layer's cold experts computed between segment i and i + 1. Per step the driver runs seg0, then
+for each layer i: takes the cold slots some token chose (nonzero in ``moe{i}.sw``), groups them by
+format, splits them into chunks of at most the source's frames, acquires each chunk (the source loads
+what is missing: that wait is the stall), runs the format's cold graph on the pool with the routing
+weights moved to the acquired frames, adds the chunk outputs (fixed order), releases, feeds the sum as
+``moe{i}.cold`` and runs segment i + 1. Pool arrays go to ORT as OrtValues that wrap their memory, so a
+load into a frame is seen by the next run without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeopt.errors import BadInputError
+from moeopt.runtime.manifest import read_manifest
+from moeopt.runtime.offload_format import ExpertSource, OffloadIndex
+from moeopt.runtime.session import Session, session_options
+
+SourceFactory = Callable[[OffloadIndex, Path], ExpertSource]
+
+
+class AllResident:
+    """Every cold expert read once into pools with one frame per expert (an `ExpertSource` that never evicts).
+
+    The reference source: offload output with it must equal the resident artifact's.
+    """
+
+    def __init__(self, index: OffloadIndex, artifact: str | Path) -> None:
+        self.index = index
+        path = Path(artifact) / index.file
+        counts: dict[str, int] = {n: 0 for n in index.formats}
+        self._frame: dict[tuple[int, int], int] = {}
+        for key in sorted(index.experts):
+            rec = index.experts[key]
+            self._frame[key] = counts[rec.format]
+            counts[rec.format] += 1
+        self._pools = {n: fmt.empty_pool(counts[n]) for n, fmt in index.formats.items()}
+        read_all(path, index, self._frame, self._pools)
+
+    def frames(self, fmt: str) -> int:
+        return len(next(iter(self._pools[fmt].values()))) if self._pools[fmt] else 0
+
+    def arrays(self, fmt: str) -> dict[str, np.ndarray]:
+        return self._pools[fmt]
+
+    def acquire(self, layer: int, slots: Sequence[int]) -> dict[int, int]:
+        return {s: self._frame[(layer, s)] for s in slots}
+
+    def release(self) -> None:
+        pass
+
+    def hint(self, layer: int, slots: Sequence[int]) -> None:
+        pass
+
+    def keep_mask(self, layer: int) -> np.ndarray | None:
+        return None
+
+    def observe(self, layer: int, logits: np.ndarray) -> None:
+        pass
+
+
+def read_all(path: Path, index: OffloadIndex, frame_of: dict[tuple[int, int], int],
+             pools: dict[str, dict[str, np.ndarray]]) -> None:
+    """Read the records of `frame_of`'s experts straight into their frames (one preadv each).
+
+    Raises:
+        BadInputError: the expert file is missing or shorter than the index says.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing expert file of an offload artifact") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < index.file_bytes:
+            raise BadInputError(f"{path}: truncated expert file ({size} bytes, the index says {index.file_bytes})")
+        for key, f in frame_of.items():
+            rec = index.experts[key]
+            fmt = index.formats[rec.format]
+            bufs = [memoryview(pools[rec.format][p.name][f]).cast("B") for p in fmt.parts]
+            n = os.preadv(fd, bufs, rec.offset)
+            if n != fmt.expert_bytes:
+                raise BadInputError(f"{path}: short read of layer {key[0]} slot {key[1]} ({n} of {fmt.expert_bytes} "
+                                    "bytes)")
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class OffloadTiming:
+    """Where the time of the steps so far went (seconds), and how much cold work there was."""
+
+    steps: int = 0
+    segments_s: float = 0.0  # running segment graphs
+    cold_s: float = 0.0  # running cold graphs
+    stall_s: float = 0.0  # inside source.acquire (waiting for loads)
+    cold_runs: int = 0  # cold-graph runs (chunks)
+    cold_experts: int = 0  # (layer, slot) acquisitions
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class OffloadSession(Session):
+    """An offload artifact opened with ONNX Runtime: the same surface as `Session` (generate, logits, step ...).
+
+    Args:
+        artifact: the folder ``lower{experts=offload}`` wrote.
+        source: where cold experts come from: an `ExpertSource`, or a factory (index, artifact path) -> one;
+            default `AllResident`.
+        verify: check every file's sha256 against the manifest first.
+        threads: override the profile's intra-op thread count.
+        max_chunk: at most this many cold experts per cold-graph run (tests; default: the source's frames).
+    """
+
+    drives_segments = True
+
+    def __init__(self, artifact: str | Path, *, source: ExpertSource | SourceFactory | None = None,
+                 verify: bool = True, threads: int | None = None, max_chunk: int | None = None) -> None:
+        super().__init__(artifact, verify=verify, threads=threads)
+        if self.manifest.get("offload") is None:
+            raise BadInputError(f"{self.path}: not an offload artifact; open it with Session")
+        sec = self.manifest["offload"]
+        target = self.manifest.get("target", {})
+        self.index = OffloadIndex.from_manifest(self.manifest)
+        self.segments = [(self._open(s["file"], target, threads), list(s["inputs"]), list(s["outputs"]))
+                         for s in sec["segments"]]
+        self.layer_names: list[dict[str, str]] = list(sec["layers"])
+        layers = self.manifest["layers"]
+        self.default_masks = [np.asarray(la["keep_mask"], dtype=bool) for la in layers]
+        self.slot_of = [np.asarray(la["slot_of"], dtype=np.int64) for la in layers]
+        self.prefetch: dict[str, Any] | None = sec.get("prefetch")
+        if source is None:
+            source = AllResident(self.index, self.path)
+        elif isinstance(source, type) or not hasattr(source, "acquire"):  # a factory (a class is one too)
+            source = source(self.index, self.path)  # type: ignore[operator]
+        self.source: ExpertSource = source  # type: ignore[assignment]
+        self.max_chunk = max_chunk
+        self.cold_sessions = {n: self._open_cold(n, sec["formats"][n], target, threads) for n in self.index.formats}
+        self._cold = [self.index.cold(i) for i in range(len(self.layer_names))]
+        self._hot = [set(h) for h in self.index.hot]
+        self._pool_values: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
+        self.timing = OffloadTiming()
+
+    def _open(self, name: str | None, target: dict[str, Any], threads: int | None) -> Any:
+        return None if name is None else super()._open(name, target, threads)
+
+    def _open_cold(self, name: str, meta: dict[str, Any], target: dict[str, Any], threads: int | None) -> Any:
+        """The format's cold graph with k clamped to the source's frames (QMoE/MoE need k <= experts)."""
+        import onnx
+        import onnxruntime as ort
+
+        frames = self.source.frames(name)
+        model = onnx.load(str(self.path / meta["graph"]))
+        for node in model.graph.node:
+            for a in node.attribute:
+                if a.name == "k" and node.domain == "com.microsoft" and frames and a.i > frames:
+                    a.i = frames
+        return ort.InferenceSession(model.SerializeToString(), session_options(target, threads),
+                                    providers=target.get("providers", ["CPUExecutionProvider"]))
+
+    def _pool(self, fmt: str) -> dict[str, Any]:
+        """OrtValues over the source's pool arrays (made once; remade if the source swaps its arrays)."""
+        import onnxruntime as ort
+
+        arrays = self.source.arrays(fmt)
+        cached = self._pool_values.get(fmt)
+        if cached is None or any(cached[0].get(k) is not v for k, v in arrays.items()):
+            values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+            cached = (dict(arrays), values)
+            self._pool_values[fmt] = cached
+        return cached[1]
+
+    def _run(self, feeds: dict[str, np.ndarray], past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        n = len(feeds)
+        vals: dict[str, Any] = {k: v if v.dtype == np.float32 else v.astype(np.int64) for k, v in feeds.items()}
+        vals.update(zip(self.input_names[n:], past, strict=True))
+        for i, names in enumerate(self.layer_names):
+            mask = self.source.keep_mask(i)
+            vals[names["keep_mask"]] = self.default_masks[i] if mask is None else np.asarray(mask, dtype=bool)
+        self._segment(0, vals)
+        self._hints(vals)
+        for i, names in enumerate(self.layer_names):
+            vals[names["cold"]] = self._cold_experts(i, vals[names["x"]], vals[names["sw"]])
+            self.source.observe(i, vals[names["logits"]])
+            self._segment(i + 1, vals)
+        self.timing.steps += 1
+        return vals[self.output_names[0]], [vals[k] for k in self.output_names[1:]]
+
+    def _segment(self, k: int, vals: dict[str, Any]) -> None:
+        sess, inputs, outputs = self.segments[k]
+        t0 = time.perf_counter()
+        vals.update(zip(outputs, sess.run(outputs, {name: vals[name] for name in inputs}), strict=True))
+        self.timing.segments_s += time.perf_counter() - t0
+
+    def _hints(self, vals: dict[str, Any]) -> None:
+        """Predicted experts of later layers (seg0's prefetch outputs) -> cold slots -> source.hint."""
+        if not self.prefetch:
+            return
+        for j, name in self.prefetch["outputs"].items():
+            layer = int(j)
+            slots = self.slot_of[layer][np.unique(vals[name])]
+            cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
+            if cold:
+                self.source.hint(layer, cold)
+
+    def _cold_experts(self, layer: int, x: np.ndarray, sw: np.ndarray) -> np.ndarray:
+        """(N, H) tokens, (N, S) slot weights -> (N, H): the chosen cold experts of `layer`, weighted, summed."""
+        y = np.zeros_like(x)  # (N, H)
+        cold = self._cold[layer]
+        if not cold:
+            return y
+        chosen = (sw[:, cold] != 0).any(axis=0)  # (C,)
+        by_fmt: dict[str, list[int]] = {}
+        for s, used in zip(cold, chosen, strict=True):
+            if used:
+                by_fmt.setdefault(self.index.experts[(layer, s)].format, []).append(s)
+        for fmt in sorted(by_fmt):
+            slots = by_fmt[fmt]
+            frames = self.source.frames(fmt)
+            step = min(frames, self.max_chunk) if self.max_chunk else frames
+            for start in range(0, len(slots), step):
+                y += self._chunk(layer, fmt, slots[start:start + step], x, sw, frames)
+        return y
+
+    def _chunk(self, layer: int, fmt: str, slots: list[int], x: np.ndarray, sw: np.ndarray, frames: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        where = self.source.acquire(layer, slots)
+        t1 = time.perf_counter()
+        try:
+            sw_cold = np.zeros((sw.shape[0], frames), dtype=np.float32)  # (N, frames)
+            for s in slots:
+                sw_cold[:, where[s]] = sw[:, s]
+            feeds = {"x": x, "sw": sw_cold, **self._pool(fmt)}
+            out: np.ndarray = self.cold_sessions[fmt].run(["y"], feeds)[0]
+        finally:
+            self.source.release()
+        t2 = time.perf_counter()
+        self.timing.stall_s += t1 - t0
+        self.timing.cold_s += t2 - t1
+        self.timing.cold_runs += 1
+        self.timing.cold_experts += len(slots)
+        return out
+
+
+def open_artifact(path: str | Path, **kw: Any) -> Session:
+    """`OffloadSession` for an offload artifact, `Session` otherwise (keywords go to the class).
+
+    `source` and `max_chunk` only apply to offload artifacts.
+    """
+    manifest = read_manifest(path, verify=False)
+    if manifest.get("offload") is not None:
+        return OffloadSession(path, **kw)
+    kw.pop("source", None)
+    kw.pop("max_chunk", None)
+    return Session(path, **kw)

@@ -1,0 +1,197 @@
+"""Offload mode of `lower` and the segment driver: an offload artifact run with every cold expert resident
+(`AllResident`) decodes exactly like the resident artifact of the same model.
+
+Tolerance: max abs logit difference 1e-5 over 32 greedy steps (the hot and cold nodes add the same
+per-expert products in another order; measured ~1e-7), greedy tokens identical; batch 1 and a
+left-padded batch 2, prompt lengths the export did not see. Each export takes about a minute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from filelock import FileLock
+
+from moeopt.errors import BadInputError, UnsupportedModelError
+from moeopt.ir.model import MoEModel
+from moeopt.ir.predictor import RoutingPredictor
+from moeopt.ir.spec import ExpertSpec, RouterSpec
+from moeopt.ir.table import SlotInfo
+from moeopt.lower import lower
+from moeopt.lower.offload import choose_hot
+from moeopt.lower.offload_graph import check_offloadable
+from moeopt.quant.apply import quantize_slot
+from moeopt.runtime import AllResident, OffloadSession, Session, open_artifact
+from moeopt.runtime.offload_format import OffloadIndex
+from tests.lower_helpers import artifact, left_padded_batch, manifest, random_layer, source_model
+
+STEPS = 32
+TOL = 1e-5
+# 4- and 2-bit: two cold formats, both with fp32 activations in either kernel path (exact). Not 8-bit: its
+# resident QMoE (prepacked initializers) runs int8 activations while the cold graph (weights as inputs) runs
+# fp32 ones, measured 1.5e-4 apart on the logits (tokens equal); the cold path is the exact one (4e-8 vs PyTorch).
+MIXED = "quantize{method=uniform,bits=4,group=16,pin=0:1@2;0:3@2;1:0@2}"
+
+
+def _root(factory: pytest.TempPathFactory) -> Path:
+    base = factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "moeopt-artifacts"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _model(quantized: bool, factory: pytest.TempPathFactory, predictor: bool = False) -> MoEModel:
+    model = source_model("mixtral", artifact("mixtral", factory))  # the reference-like tiny Mixtral (tied embeddings)
+    if quantized:
+        from moeopt.passes import PassManager
+
+        PassManager(MIXED, verify_each=True).run(model)
+    if predictor:  # an untrained routing predictor: hints are wrong but well-formed, and must not change outputs
+        torch.manual_seed(0)
+        model.predictor = RoutingPredictor(4, [4], 8).eval()
+    return model
+
+
+def _built(name: str, quantized: bool, factory: pytest.TempPathFactory, predictor: bool = False, **kw: Any) -> Path:
+    """An artifact of the tiny Mixtral (float, or after MIXED) lowered with `kw`, built once per session."""
+    if name == "mixtral":
+        return artifact("mixtral", factory)
+    out = _root(factory) / f"offload-{name}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").exists():
+            lower(_model(quantized, factory, predictor), out, pipeline="test", **kw)
+    return out
+
+
+def _assert_same_decode(resident: Path, offload: Path, **session_kw: Any) -> OffloadSession:
+    ref, sess = Session(resident), OffloadSession(offload, **session_kw)
+    for lengths in ([6], [9, 4]):
+        ids, mask = left_padded_batch(lengths)
+        want = ref.generate(ids, STEPS, attention_mask=mask, stop_tokens=(), keep_logits=True)
+        got = sess.generate(ids, STEPS, attention_mask=mask, stop_tokens=(), keep_logits=True)
+        assert np.array_equal(got.sequences, want.sequences), lengths
+        assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() <= TOL, lengths
+    return sess
+
+
+def _check_index(art: Path) -> OffloadIndex:
+    """Every cold expert once, page-aligned records inside the file, the file as long as the index says."""
+    m = manifest(art)
+    index = OffloadIndex.from_manifest(m)
+    cold = {(li, s) for li, la in enumerate(m["layers"]) for s in range(len(la["bits"])) if s not in index.hot[li]}
+    assert len(m["offload"]["experts"]) == len(index.experts) and set(index.experts) == cold
+    spans = sorted((r.offset, r.offset + index.formats[r.format].record_bytes) for r in index.experts.values())
+    assert all(start % index.page == 0 and end <= index.file_bytes for start, end in spans)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # no overlap
+    assert (art / index.file).stat().st_size == index.file_bytes == (spans[-1][1] if spans else 0)
+    for name, fmt in index.formats.items():
+        assert (art / fmt.graph).is_file() and fmt.graph in m["files"], name
+    assert {s["file"] for s in m["offload"]["segments"]} <= set(m["files"]) and "experts.bin" in m["files"]
+    return index
+
+
+class Hints(AllResident):
+    """AllResident that records the prefetch requests it gets."""
+
+    def __init__(self, index: OffloadIndex, artifact: Path) -> None:
+        super().__init__(index, artifact)
+        self.hints: list[tuple[int, list[int]]] = []
+
+    def hint(self, layer: int, slots: Any) -> None:
+        self.hints.append((layer, list(slots)))
+
+
+def test_float_offload_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    resident = _built("mixtral", False, tmp_path_factory)
+    offload = _built("float-hot1", False, tmp_path_factory, predictor=True, experts="offload", hot=1)
+    m = manifest(offload)
+    index = _check_index(offload)
+    assert all(len(h) == 1 for h in index.hot) and list(index.formats) == ["moe-f32"]
+    segments = m["offload"]["segments"]
+    assert len(segments) == len(index.top_k) + 1 and segments[-1]["outputs"] == ["logits"]
+    assert m["offload"]["prefetch"]["outputs"] == {"1": "prefetch.layer1"}
+    assert "prefetch.layer1" in segments[0]["outputs"]  # hints come out of the first segment
+    sess = _assert_same_decode(resident, offload, source=Hints)
+    assert sess.timing.cold_runs > 0 and sess.timing.steps == 2 * STEPS
+    hints = sess.source.hints  # type: ignore[attr-defined]
+    # the predictor names 2 of 4 experts and layer 1 has 1 hot slot: every step hints a cold one
+    assert len(hints) == 2 * STEPS and all(j == 1 and set(s) <= set(index.cold(1)) and s for j, s in hints)
+    assert isinstance(open_artifact(offload), OffloadSession) and type(open_artifact(resident)) is Session
+    with pytest.raises(BadInputError, match="offload artifact"):
+        Session(offload)
+    # a truncated expert file is one line naming it
+    broken = tmp_path / "broken"
+    shutil.copytree(offload, broken)
+    with (broken / "experts.bin").open("r+b") as f:
+        f.truncate(index.file_bytes - 1)
+    with pytest.raises(BadInputError, match="truncated expert file") as err:
+        OffloadSession(broken, verify=False)
+    assert "\n" not in str(err.value)
+
+
+def test_quantized_offload_with_two_formats_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory) -> None:
+    resident = _built("q48-resident", True, tmp_path_factory)
+    offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = _check_index(offload)
+    assert index.hot == ((), ()) and len(index.experts) == 8
+    assert sorted(f.op for f in index.formats.values()) == ["com.microsoft.QMoE"] * 2  # 4-bit and 8-bit
+    assert manifest(offload)["graph"]["ops"] == {}  # hot=0: no expert node left in the segments
+    _assert_same_decode(resident, offload)
+    sess = _assert_same_decode(resident, offload, max_chunk=1)  # one expert per cold run
+    assert sess.timing.cold_runs == sess.timing.cold_experts > 0
+
+
+def test_hot_all_has_no_cold_experts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    resident = _built("mixtral", False, tmp_path_factory)
+    offload = _built("float-hot-all", False, tmp_path_factory, experts="offload", hot=None)
+    index = _check_index(offload)
+    assert not index.formats and not index.experts and index.file_bytes == 0
+    assert not list(offload.glob("cold_*.onnx"))
+    sess = _assert_same_decode(resident, offload)
+    assert sess.timing.cold_runs == 0
+
+
+def test_hot_slots_follow_importance_then_the_plan() -> None:
+    import moeopt
+    from moeopt.testing import tiny_model
+
+    model = moeopt.load(tiny_model("mixtral"))
+    assert choose_hot(model, 2) == {0: (0, 1), 1: (0, 1)}
+    t = model.layers[1].table
+    t.slots = [SlotInfo(s.members, s.bits, imp) for s, imp in zip(t.slots, [0.1, 0.5, 0.2, 0.9], strict=True)]
+    assert choose_hot(model, 2)[1] == (1, 3) and choose_hot(model, None)[1] == (0, 1, 2, 3)
+    model.plan = {"hot": [[3], [2, 0]]}  # type: ignore[attr-defined]
+    assert choose_hot(model, 2) == {0: (3,), 1: (0, 2)}
+
+
+def test_matmulnbits_groups_cannot_be_offloaded() -> None:
+    layer = random_layer(RouterSpec(4, 2), ExpertSpec(32, 24, "gelu"))  # QMoE has no exact GELU
+    for s, bits in enumerate([4, 4, None, 8]):
+        quantize_slot(layer.table, s, bits, 16, False)
+    refused = r"layer 0: slots \[0, 1\] lower to com.microsoft.MatMulNBits"
+    with pytest.raises(UnsupportedModelError, match=refused) as err:
+        check_offloadable([layer], {0: (2,)})
+    assert "\n" not in str(err.value) and "gelu" in str(err.value)
+    with pytest.raises(UnsupportedModelError, match="layer 0: slots \\[2\\] lower to onnx-ops"):
+        check_offloadable([layer], {0: (0, 1, 3)})  # the float slot: ORT's MoE has no GELU GLU either
+    check_offloadable([layer], {0: (0, 1, 2, 3)})  # all hot: nothing to offload, nothing refused
+
+
+def test_lower_pass_options(tmp_path: Path) -> None:
+    import moeopt
+    from moeopt.errors import MoeOptError
+    from moeopt.passes import PassManager
+    from moeopt.testing import tiny_model
+
+    text = f"lower{{out={tmp_path / 'a'},experts=offload,hot=all,prefetch=false}}"
+    assert PassManager(text).pipeline.text() == text
+    with pytest.raises(MoeOptError, match=r"'hot' .* a number or 'all', got 'many'"):
+        PassManager(f"lower{{out={tmp_path / 'b'},experts=offload,hot=many}}").run(moeopt.load(tiny_model("mixtral")))
+    assert not (tmp_path / "b").exists()
