@@ -156,6 +156,8 @@ def eval_cmd(
     ppl_tokens: Annotated[int, typer.Option(help="tokens per corpus (0 = all)")] = 32768,
     app_examples: Annotated[int, typer.Option(help="examples per app (0 = all)")] = 500,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON here")] = None,
+    budget: Annotated[str, typer.Option(help="offload artifacts: expert cache budget (e.g. 4MB)")] = "",
+    policy: Annotated[str, typer.Option(help="offload artifacts: cache policy (committee masks the router)")] = "",
 ) -> None:
     """Perplexity on held-out text and per-app accuracy / macro-F1 (label words scored by likelihood)."""
     import moeopt
@@ -173,7 +175,11 @@ def eval_cmd(
     from moeopt.runtime.lm import is_artifact, load_for_eval
 
     if is_artifact(model):  # an artifact folder: measure what ONNX Runtime computes
-        lm, tok = load_for_eval(model)
+        from moeopt.runtime.cli import offload_source
+
+        lm, tok = load_for_eval(model, source=offload_source(Path(model), budget, policy, "auto"))
+    elif budget or policy:
+        raise BadInputError("--budget/--policy apply to offload artifacts, not checkpoints")
     else:
         m = moeopt.load(model)
         lm, tok = m.hf, load_tokenizer(m)

@@ -37,9 +37,9 @@ class Lower(Pass):
     def requires(self, model: MoEModel, ctx: PassContext) -> None:
         if self.opts["out"] is None:
             raise BadInputError("lower needs out=FOLDER, e.g. lower{out=artifacts/model}")
-        self._hot()
+        self.hot_slots()
 
-    def _hot(self) -> int | None:
+    def hot_slots(self) -> int | None:
         raw = str(self.opts["hot"]).strip().lower()
         if raw == "all":
             return None
@@ -54,7 +54,7 @@ class Lower(Pass):
         path = lower(
             model, self.opts["out"], target=self.opts["target"], threads=self.opts["threads"],
             ort_optimize=self.opts["opt-level"] == "extended", kv_cache=self.opts["kv-cache"], pipeline=history,
-            accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self._hot(),
+            accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self.hot_slots(),
             prefetch={"auto": None, "true": True, "false": False}[self.opts["prefetch"]],
         )
         ctx.log(f"lower: wrote {path}")

@@ -19,13 +19,16 @@ def lower_cmd(
     threads: Annotated[int, typer.Option(help="intra-op threads recorded in the profile (0: all cores)")] = 0,
     opt_level: Annotated[str, typer.Option(help="none, or extended: store the ORT-optimised graph")] = "none",
     passes_text: Annotated[str, typer.Option("--passes", help="passes to run before lowering")] = "",
+    experts: Annotated[str, typer.Option(help="resident, or offload: cold experts in experts.bin")] = "resident",
+    hot: Annotated[str, typer.Option(help="offload: hot experts per layer kept in the graph (N or all)")] = "2",
 ) -> None:
     """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer)."""
     import moeopt
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.lower import Lower
 
-    lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level)  # options checked before loading
+    lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level, experts=experts, hot=hot)
+    lower.hot_slots()  # options checked before loading
     pm = PassManager(passes_text) if passes_text else None
     m = moeopt.load(model)
     if pm is not None:
@@ -45,12 +48,19 @@ def run_cmd(
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     threads: Annotated[int | None, typer.Option(help="override the profile's intra-op threads")] = None,
+    budget: Annotated[str, typer.Option(help="offload artifacts: expert cache budget, e.g. 64MB "
+                                        "(default: the plan's cache, else every expert in memory)")] = "",
+    policy: Annotated[str, typer.Option(help="offload: cache policy lru|lfu|fifo|edgemoe|committee|on-demand "
+                                        "(default: the plan's, else lru)")] = "",
+    prefetch: Annotated[str, typer.Option(help="offload: auto (the graph's predictor hints when it has them), "
+                                          "graph, stats (EdgeMoE table learned online) or none")] = "auto",
 ) -> None:
     """Generate from an artifact with the KV cache, printing tokens as they come and the tokens/s."""
-    from moeopt.runtime import Sampler, Session
+    from moeopt.runtime import Sampler, open_artifact
 
     sampler = Sampler(sample, temperature, top_k, top_p, seed)
-    sess = Session(artifact, threads=threads)
+    source = offload_source(artifact, budget, policy, prefetch)
+    sess = open_artifact(artifact, threads=threads, **({"source": source} if source is not None else {}))
     tok = _tokenizer(artifact, sess.manifest) if prompt else None
     if prompt and ids:
         raise BadInputError("give --prompt or --ids, not both")
@@ -86,6 +96,56 @@ def run_cmd(
     g = sess.generate(np.array([prompt_ids], dtype=np.int64), max_new_tokens, sampler=sampler, on_token=stream)
     prefill_tps = len(prompt_ids) / g.prefill_seconds if g.prefill_seconds > 0 else 0.0
     print(f"\n[{g.new_tokens} tokens; prefill {prefill_tps:.1f} tok/s, decode {g.decode_tokens_per_s:.1f} tok/s]")
+    counters = getattr(getattr(sess, "source", None), "counters", None)
+    if counters is not None:
+        c = counters.as_dict()
+        rate = c["hits"] / c["acquired"] if c["acquired"] else 1.0
+        print(f"[experts: {c['acquired']} used, hit rate {rate:.2f}, {c['misses']} misses, "
+              f"{c['bytes_read'] / 2**20:.1f} MiB read, stall {c['stall_seconds'] * 1000:.0f} ms, "
+              f"prefetch recall {c['recall']:.2f}]")
+
+
+def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> Any:
+    """The expert source `moeopt run` opens an offload artifact with (None: the artifact's default).
+
+    Raises:
+        BadInputError: offload options on a resident artifact, an unknown policy or prefetcher, or a
+            budget below the minimum (the message names it).
+    """
+    from moeopt.runtime.cache_policies import POLICIES
+    from moeopt.runtime.manifest import read_manifest
+    from moeopt.units import parse_bytes
+
+    manifest = read_manifest(artifact, verify=False)
+    offload = manifest.get("offload")
+    if offload is None:
+        if budget or policy or prefetch != "auto":
+            raise BadInputError(f"{artifact}: --budget/--policy/--prefetch need an offload artifact "
+                                "(lower{experts=offload})")
+        return None
+    plan = manifest.get("plan") or {}
+    policy = policy or str(plan.get("policy", "lru"))
+    if policy == "swapmoe":
+        policy = "committee"
+    if policy not in POLICIES:
+        raise BadInputError(f"unknown cache policy '{policy}'; choose one of {', '.join(POLICIES)}")
+    if prefetch not in ("auto", "graph", "stats", "none"):
+        raise BadInputError(f"unknown --prefetch '{prefetch}'; choose auto, graph, stats or none")
+    if not budget and "cache_bytes" not in plan:
+        return None  # every expert in memory (AllResident)
+    from moeopt.runtime.expert_cache import cache_source
+    from moeopt.runtime.prefetch import GraphHints, StatsTable
+
+    nbytes = parse_bytes(budget) if budget else int(plan["cache_bytes"])
+    if prefetch == "auto":
+        prefetch = "graph" if offload.get("prefetch") else "none"
+    if prefetch == "graph" and not offload.get("prefetch"):
+        raise BadInputError(f"{artifact}: no predictor outputs in the graph; lower a model that ran the "
+                            "predictor pass, or use --prefetch stats")
+    if policy in ("on-demand", "none") and prefetch != "none":
+        prefetch = "none"  # the on-demand baseline ignores hints by definition
+    prefetcher = {"graph": GraphHints, "stats": StatsTable}.get(prefetch)
+    return cache_source(nbytes, policy, prefetcher() if prefetcher is not None else None)
 
 
 def _tokenizer(artifact: Path, manifest: dict[str, Any]) -> Any:

@@ -41,9 +41,14 @@ class ArtifactLM(torch.nn.Module):
         return SimpleNamespace(logits=torch.from_numpy(self.session.logits(ids, mask)))  # (B, T, V)
 
 
-def load_for_eval(path: str | Path, *, threads: int | None = None) -> tuple[torch.nn.Module, Any]:
-    """(the artifact as a module, its tokenizers.Tokenizer), after verifying the manifest."""
-    sess = Session(path, threads=threads)
+def load_for_eval(path: str | Path, *, threads: int | None = None, source: Any = None) -> tuple[torch.nn.Module, Any]:
+    """(the artifact as a module, its tokenizers.Tokenizer), after verifying the manifest.
+
+    `source` is the expert source of an offload artifact (see `moeopt.runtime.cli.offload_source`).
+    """
+    from moeopt.runtime.offload import open_artifact
+
+    sess = open_artifact(path, threads=threads, **({"source": source} if source is not None else {}))
     name = sess.manifest.get("tokenizer")
     if not name:
         raise BadInputError(f"{path}: the artifact has no tokenizer.json; eval needs the model's tokenizer")

@@ -253,6 +253,19 @@ class OffloadSession(Session):
         return out
 
 
+    def close(self) -> None:
+        """Stop the expert source's I/O threads and close its file (a cache holds both)."""
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> OffloadSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def open_artifact(path: str | Path, **kw: Any) -> Session:
     """`OffloadSession` for an offload artifact, `Session` otherwise (keywords go to the class).
 

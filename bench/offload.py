@@ -1,0 +1,272 @@
+"""Serving under a memory budget: decode tokens/s, peak RSS, hit rate and stall time of an offload
+artifact (``lower{experts=offload}``) for expert-cache budgets from 100% down to 15% of the offloaded
+expert bytes, for each way of feeding the cache:
+
+- resident: every offloaded expert read into memory once (`AllResident`), the no-I/O reference;
+- on-demand: the smallest cache that runs (one layer's working set), each chosen expert read when the
+  router picks it (no reuse beyond that): EdgeMoE's on-demand baseline, independent of the budget;
+- lru: a cache of the budget with LRU replacement, reads on a miss, no prefetching;
+- edgemoe: EdgeMoE's eviction (frequency + layer distance) and its statistics-table prefetcher fitted on
+  the routing trace of a different text (calibration);
+- predictor: LRU cache + prefetch of the experts the in-graph routing predictor (LiteMoE's MLP lowered
+  after layer 0's router) names for every later layer;
+- committee: SwapMoE's resident committee (the router is masked to the experts in memory; routing
+  changes, so its quality cost is measured against the resident tokens);
+- oracle: LRU cache + prefetch of the true routing of this very run (replayed from a recorded trace),
+  the upper bound of any predictor.
+
+Every configuration runs in its own process with the expert file dropped from the page cache first
+(``posix_fadvise(DONTNEED)``, no root needed), so reads hit storage and each peak RSS (VmHWM) is that
+run's own. Writes offload.json and offload.png.
+
+    .venv/bin/python bench/offload.py                          # reference model (real text prompt)
+    .venv/bin/python bench/offload.py --model 1b --hot 0       # ~1B random Mixtral (builds once, ~10 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime import DEFAULT_CACHE, REPO, _rss_mb, checkpoint
+
+METHODS = ("resident", "on-demand", "lru", "edgemoe", "predictor", "committee", "oracle")
+BUDGETS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15)
+APPS = "app:movie-sentiment;app:tweet-sentiment;app:fact-verification;app:intent;app:news-topic"
+
+
+def artifact_path(args: argparse.Namespace) -> Path:
+    return args.cache / args.model / f"offload-4bit-hot{args.hot}"
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Quantize to 4 bits, train the routing predictor, lower in offload mode (cached)."""
+    out = artifact_path(args)
+    if (out / "manifest.json").exists():
+        return out
+    import moeopt
+    from moeopt.lower import lower
+    from moeopt.passes import PassManager
+
+    model = moeopt.load(REPO / "moeopt" / "assets" / "reference-moe" if args.model == "reference"
+                        else checkpoint(args.model, args.cache))
+    model.config.output_router_logits = False
+    tokens = 32768 if args.model == "reference" else 2048  # the ~1B model's forward is slow on 2 cores
+    passes = f"quantize{{method=uniform,bits=4,group=64}},predictor{{calib={APPS},max-tokens={tokens}}}"
+    t0 = time.perf_counter()
+    PassManager(passes).run(model)
+    t1 = time.perf_counter()
+    lower(model, out, experts="offload", hot=args.hot, pipeline=passes)
+    info = {"passes": passes, "hot": args.hot, "passes_s": round(t1 - t0, 1),
+            "lower_s": round(time.perf_counter() - t1, 1)}
+    (out.parent / f"{out.name}.info.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def prompts(args: argparse.Namespace, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(evaluation prompt, calibration prompt), (1, prompt) each: news test text for the reference
+    model (its routing is real), random ids for the random ~1B model."""
+    if args.model != "reference":
+        rng = np.random.default_rng(0)
+        return (rng.integers(1, vocab, (1, args.prompt), dtype=np.int64),
+                rng.integers(1, vocab, (1, args.prompt), dtype=np.int64))
+    from tokenizers import Tokenizer
+
+    from moeopt.data.apps import default_data_root, lm_split
+
+    tok = Tokenizer.from_file(str(REPO / "moeopt" / "assets" / "reference-moe" / "tokenizer.json"))
+    docs = [r["text"] for r in lm_split(default_data_root(), "news", "test")[:2]]
+    ids = [tok.encode(d).ids[: args.prompt] for d in docs]
+    return np.array([ids[0]], dtype=np.int64), np.array([ids[1]], dtype=np.int64)
+
+
+def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
+    """One generation with `method` at `frac` of the offloaded expert bytes; returns its figures."""
+    from moeopt.runtime import OffloadSession, read_manifest
+    from moeopt.runtime.expert_cache import ExpertCache
+    from moeopt.runtime.expert_store import ExpertStore
+    from moeopt.runtime.offload import AllResident
+    from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
+    from moeopt.runtime.prefetch import GraphHints, Oracle, Recorder, StatsTable, load_trace, save_trace
+
+    art = artifact_path(args)
+    manifest = read_manifest(art, verify=False)
+    index = OffloadIndex.from_manifest(manifest)
+    slot_of = [la["slot_of"] for la in manifest["layers"]]
+    total = index.cold_bytes()
+    budget = total if method == "resident" else (
+        index.min_budget() if method == "on-demand" else max(index.min_budget(), int(frac * total)))
+    work = args.out / "work"
+    prompt, calib = prompts(args, int(manifest["vocab_size"]))
+    with ExpertStore(art, index) as store:
+        store.drop_page_cache()
+
+    def source(index: OffloadIndex, path: Path) -> Any:
+        if method == "resident":
+            return Recorder(AllResident(index, path))
+        policy = {"on-demand": "on-demand", "edgemoe": "edgemoe", "committee": "committee"}.get(method, "lru")
+        prefetcher: Any = None
+        if method == "edgemoe":
+            prefetcher = StatsTable().fit(load_trace(work / "trace-calib.json"))
+        elif method == "predictor":
+            prefetcher = GraphHints()
+        elif method == "oracle":
+            prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
+        return ExpertCache(path, index, budget, policy, prefetcher, slot_of=slot_of)
+
+    t0 = time.perf_counter()
+    sess = OffloadSession(art, source=source, threads=args.threads, verify=False)
+    open_s = time.perf_counter() - t0
+    gen = sess.generate(prompt, max_new_tokens=args.new, keep_logits=True, stop_tokens=[])
+    out: dict[str, Any] = {
+        "method": method, "budget_fraction": frac, "budget_bytes": budget,
+        "frames": frames_for_budget(index, budget) if method != "resident" else None,
+        "open_s": round(open_s, 3), "prefill_s": round(gen.prefill_seconds, 4),
+        "decode_tok_s": round(gen.decode_tokens_per_s, 3), "peak_rss_mb": round(_rss_mb(), 1),
+        "timing": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(sess.timing).items()},
+    }
+    counters = getattr(sess.source, "counters", None)
+    if counters is not None:
+        out["counters"] = counters.as_dict()
+    logits = np.stack(gen.step_logits)  # (steps, 1, V)
+    if method == "resident":
+        work.mkdir(parents=True, exist_ok=True)
+        np.savez(work / "resident.npz", tokens=gen.sequences, logits=logits)
+        save_trace(sess.source.trace, work / "trace-eval.json")
+        rec = OffloadSession(art, source=lambda i, p: Recorder(AllResident(i, p)), threads=args.threads,
+                             verify=False)
+        rec.generate(calib, max_new_tokens=args.new, stop_tokens=[])
+        save_trace(rec.source.trace, work / "trace-calib.json")
+    else:
+        ref = np.load(work / "resident.npz")
+        n = min(len(ref["logits"]), len(logits))
+        out["tokens_identical"] = bool(np.array_equal(ref["tokens"], gen.sequences))
+        out["max_logit_diff"] = float(np.abs(ref["logits"][:n] - logits[:n]).max())
+        out["token_agreement"] = float((ref["tokens"] == gen.sequences).mean())
+    close = getattr(sess.source, "close", None)
+    if close is not None:
+        close()
+    return out
+
+
+def resident_bytes(art: Path, manifest: dict[str, Any]) -> int:
+    """Bytes of everything but the expert file: segment and cold graphs (with their weights)."""
+    return sum(e["bytes"] for name, e in manifest["files"].items() if name != manifest["offload"]["file"])
+
+
+def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
+           "--out", str(args.out), "--threads", str(args.threads), "--prompt", str(args.prompt),
+           "--new", str(args.new), "--child", method, str(frac)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"method": method, "budget_fraction": frac,
+                "error": (res.stderr.strip().splitlines() or ["(no output)"])[-1]}
+    return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Acceptance figures: predictor vs on-demand / LRU, and its share of the oracle's gain, per budget."""
+    by = {(r["method"], r["budget_fraction"]): r for r in runs if "error" not in r}
+    out: dict[str, Any] = {}
+    for frac in sorted({r["budget_fraction"] for r in runs}, reverse=True):
+        row: dict[str, Any] = {}
+        pred, orac = by.get(("predictor", frac)), by.get(("oracle", frac))
+        for base in ("on-demand", "lru"):
+            b = by.get((base, frac)) or by.get((base, 1.0))
+            if pred is None or orac is None or b is None:
+                continue
+            gain_p = pred["decode_tok_s"] - b["decode_tok_s"]
+            gain_o = orac["decode_tok_s"] - b["decode_tok_s"]
+            row[f"vs_{base}"] = {"predictor_gain_tok_s": round(gain_p, 3), "oracle_gain_tok_s": round(gain_o, 3),
+                                 "share_of_oracle_gain": round(gain_p / gain_o, 3) if gain_o > 0 else None}
+        out[str(frac)] = row
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if "error" not in r]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in METHODS:
+        rs = sorted((r for r in runs if r["method"] == m), key=lambda r: r["budget_fraction"])
+        if not rs:
+            continue
+        x = [100 * r["budget_fraction"] for r in rs]
+        a1.plot(x, [r["decode_tok_s"] for r in rs], marker="o", label=m)
+        a2.plot(x, [r["peak_rss_mb"] for r in rs], marker="o", label=m)
+        if m != "resident":
+            a3.plot(x, [r["counters"]["hits"] / max(1, r["counters"]["acquired"]) for r in rs], marker="o", label=m)
+    a1.set(xlabel="expert budget (% of offloaded expert bytes)", ylabel="decode tokens/s", title="decode speed")
+    a2.set(xlabel="expert budget (%)", ylabel="peak RSS (MB)", title="peak memory")
+    a3.set(xlabel="expert budget (%)", ylabel="hit rate", title="cache hit rate")
+    a1.legend(fontsize=8)
+    fig.suptitle(f"offload artifact, {result['model']}: {result['settings']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="reference", choices=("reference", "1b"))
+    ap.add_argument("--hot", type=int, default=0, help="hot (resident-graph) experts per layer")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offload")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=48, help="generated tokens")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.out = args.out / args.model
+    if args.child:
+        print(json.dumps(run_child(args, args.child[0], float(args.child[1]))))
+        return
+    t_start = time.perf_counter()
+    art = build(args)
+    from moeopt.runtime import read_manifest
+    from moeopt.runtime.offload_format import OffloadIndex
+
+    manifest = read_manifest(art, verify=False)
+    index = OffloadIndex.from_manifest(manifest)
+    methods = [m for m in args.methods.split(",") if m]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    runs = [_spawn(args, "resident", 1.0)]  # first: it records the traces the others replay or fit
+    print(json.dumps(runs[-1]), flush=True)
+    for frac in budgets:
+        for m in methods:
+            if m == "resident" or (m == "on-demand" and frac != budgets[0]):
+                continue  # neither depends on the budget
+            runs.append(_spawn(args, m, frac))
+            print(json.dumps(runs[-1]), flush=True)
+    result = {
+        "model": args.model, "artifact": str(art),
+        "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
+        "resident_bytes": resident_bytes(art, manifest), "runs": runs, "acceptance": summarise(runs),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "offload.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "offload.png")
+    print(json.dumps(result["acceptance"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

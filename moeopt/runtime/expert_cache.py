@@ -1,0 +1,436 @@
+"""A byte-budgeted cache of cold experts: the `ExpertSource` that serves an offload artifact in a budget.
+
+The budget buys frames in one pool per format (`frames_for_budget`). A frame table says which
+``(layer, slot)`` each frame holds, its state (empty, queued for a prefetch, loading, ready) and its pin
+count; one lock and one condition variable guard it. ``acquire`` pins what is resident, waits for reads
+in flight and reads misses itself (also a hinted read that has not started yet, rather than wait behind
+the queue); ``hint``/``prefetch`` reserve a frame at once and queue the read on the I/O thread(s),
+dropping the hint when no frame may be evicted. Eviction never takes a pinned or loading frame; a
+prefetch never takes what the running layer acquired, another hinted expert not used yet, or an expert
+a router mask of this step allows. A read error on an I/O thread is kept and raised by the next
+``acquire`` (never a hang).
+
+With ``policy="committee"`` (SwapMoE) ``keep_mask(layer)`` masks the router to the layer's hot experts
+and its resident cold ones (reading the most important cold experts first if that leaves fewer than
+top_k), so routing never misses; ``observe`` accumulates router importance and every `refresh_every`
+steps the I/O thread swaps the resident set toward the most important experts, a layer at a time as
+each layer's mask is released.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moeopt.errors import BadInputError
+from moeopt.runtime.cache_policies import CommitteePolicy, Key, SlotMap, make_policy
+from moeopt.runtime.expert_store import ExpertStore
+from moeopt.runtime.frame_table import LOADING, QUEUED, READY, CacheCounters, FrameTable, Job, Spot
+from moeopt.runtime.manifest import read_manifest
+from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
+
+if TYPE_CHECKING:
+    from moeopt.runtime.prefetch import Prefetcher
+
+__all__ = ["CacheCounters", "ExpertCache", "ExpertStore", "cache_source"]
+
+@dataclass
+class _Step:
+    layer: int = -1  # the layer running now (last acquired or masked)
+    protected: set[Key] = field(default_factory=set)  # what that layer acquired or was allowed
+
+
+class ExpertCache:
+    """Cold experts in frames within `budget_bytes`, with a replacement policy, loads on I/O threads and
+    optional prefetching; implements `ExpertSource`.
+
+    Args:
+        folder: the artifact folder holding ``index.file``.
+        index: the manifest's offload index.
+        budget_bytes: bytes of expert frames (at least ``index.min_budget()``).
+        policy: one of `cache_policies.POLICIES`; ``on-demand`` is LRU with every hint ignored.
+        prefetcher: None for no prefetching, else `GraphHints`, `StatsTable`, `Oracle`, ...
+        io_threads: threads that run prefetch reads and committee swaps.
+        slot_of: per MoE layer, each original expert's slot (-1 pruned), from the manifest; identity if None.
+        refresh_every: steps between committee refreshes (``committee`` only).
+        decay: importance decay per step (``committee`` only).
+    """
+
+    def __init__(self, folder: str | Path, index: OffloadIndex, budget_bytes: int, policy: str = "lru",
+                 prefetcher: Prefetcher | None = None, io_threads: int = 1, *,
+                 slot_of: Sequence[Sequence[int]] | None = None, refresh_every: int = 8,
+                 decay: float = 0.9) -> None:
+        if policy in ("on-demand", "none") and prefetcher is not None:
+            raise BadInputError("the on-demand cache does no prefetching; pass no prefetcher or another policy")
+        self.index = index
+        frames = frames_for_budget(index, budget_bytes)
+        self.slots = SlotMap(index, slot_of)
+        self.policy_name = policy
+        self.policy = make_policy(policy, index, self.slots, decay)
+        self.counters = CacheCounters()
+        self._t = FrameTable(index, frames, self.policy, self.counters)
+        self.store = ExpertStore(folder, index)  # last of what can fail before the threads start
+        self._cold = [index.cold(i) for i in range(len(index.top_k))]
+        self._pinned: list[Spot] = []
+        self._hinted: set[Key] = set()
+        self._step = _Step()
+        self._committed: dict[int, set[Key]] = {}  # per layer, the cold experts its last keep_mask allowed
+        self._cond = threading.Condition(threading.Lock())
+        self._error: BadInputError | None = None
+        self._closed = False
+        self.refresh_every = max(1, refresh_every)
+        self._obs_layer, self._steps = -1, 0
+        self._swap_wanted = self._swap_queued = False
+        self._jobs: queue.Queue[Job | Callable[[], None] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._worker, name=f"moeopt-io-{i}", daemon=True)
+                         for i in range(max(1, io_threads))]
+        for t in self._threads:
+            t.start()
+        self.prefetcher = prefetcher
+        if prefetcher is not None:
+            try:
+                prefetcher.attach(self)
+            except BaseException:
+                self.close()
+                raise
+
+    # ---- ExpertSource -------------------------------------------------------------------------------
+    def frames(self, fmt: str) -> int:
+        return self._t.frames_of[fmt]
+
+    def arrays(self, fmt: str) -> dict[str, np.ndarray]:
+        return self._t.pools[fmt]
+
+    def acquire(self, layer: int, slots: Sequence[int]) -> dict[int, int]:
+        """Pin experts ``(layer, s)`` in frames, reading what is missing, and return ``{slot: frame}``.
+
+        Raises:
+            BadInputError: a slot that is not cold, more slots of a format than it has frames, or a read
+                that failed (here or earlier on an I/O thread).
+        """
+        keys = [(layer, int(s)) for s in dict.fromkeys(slots)]
+        t0 = time.perf_counter()
+        with self._cond:
+            self._raise_if_failed()
+            self._check(keys)
+            self._enter_layer(layer)
+            c = self.counters
+            c.acquired += len(keys)
+            c.hinted_acquired += sum(k in self._hinted for k in keys)
+            self._hinted.difference_update(keys)
+            self._step.protected.update(keys)
+            mine, reads = self._pin(keys, count=True)
+            self._pinned.extend(mine)
+        read = self._run_reads(reads)
+        if self._await(mine) or read:
+            self.counters.stall_seconds += time.perf_counter() - t0
+        return {key[1]: idx for key, (_, idx) in zip(keys, mine, strict=True)}
+
+    def release(self) -> None:
+        with self._cond:
+            self._unpin(self._pinned)
+            self._pinned = []
+
+    def hint(self, layer: int, slots: Sequence[int]) -> None:
+        """The driver's prefetch request (graph predictor outputs): acted on when the prefetcher takes
+        graph hints, ignored otherwise (no prefetcher, on-demand, or a prefetcher with its own source)."""
+        if self.prefetcher is not None and self.prefetcher.graph_hints:
+            self.prefetch(layer, slots)
+
+    def keep_mask(self, layer: int) -> np.ndarray | None:
+        """For ``committee``: the router mask (E,) allowing the layer's hot experts and its resident cold
+        ones (at least top_k, reading more if needed); None for every other policy."""
+        pol = self.policy
+        if not isinstance(pol, CommitteePolicy):
+            return None
+        smap, k = self.slots, min(self.index.top_k[layer], int(self.slots.kept(layer).sum()))
+        with self._cond:
+            self._raise_if_failed()
+            allowed = self._allowed(layer)
+            self._commit(layer, allowed)  # no swap may take them until the layer has run
+        if self._experts_in(layer, allowed) < k:  # warm-up: read the most important cold experts
+            t0 = time.perf_counter()
+            extra: list[int] = []
+            for s in pol.ranked(layer, self._cold[layer]):
+                if s not in allowed and self._experts_in(layer, allowed | set(extra)) < k:
+                    extra.append(s)
+            self._ensure(layer, extra)
+            with self._cond:
+                allowed = self._allowed(layer)
+                self._commit(layer, allowed)
+                self.counters.stall_seconds += time.perf_counter() - t0
+        return smap.kept(layer) & np.isin(smap.slot_of[layer], sorted(allowed))  # (E,)
+
+    def observe(self, layer: int, logits: np.ndarray) -> None:
+        """Router logits (N, E) of a layer just run: committee importance, step count, the prefetcher."""
+        with self._cond:
+            if layer < self._obs_layer:
+                self._steps += 1
+                self._swap_wanted |= self._steps == 1 or self._steps % self.refresh_every == 0
+            self._obs_layer = layer
+            self._enter_layer(layer)
+            self._committed.pop(layer, None)  # the layer has run: its committee may be swapped now
+            if isinstance(self.policy, CommitteePolicy):
+                self.policy.update(layer, logits)
+                if self._swap_wanted and not self._swap_queued and not self._closed:
+                    self._swap_queued = True  # re-queued each layer until the committee is complete
+                    self._jobs.put(self._refresh)
+        if self.prefetcher is not None:
+            self.prefetcher.observe(layer, logits)
+
+    # ---- prefetching --------------------------------------------------------------------------------
+    def prefetch(self, layer: int, slots: Sequence[int]) -> None:
+        """Queue reads of the cold experts ``(layer, s)`` that are neither resident nor queued; a hint
+        with no evictable frame (all pinned, loading or used by the current layer) is dropped."""
+        with self._cond:
+            if self._closed or self._error is not None:
+                return
+            for s in slots:
+                key = (layer, int(s))
+                if key not in self.index.experts:
+                    continue
+                self._hinted.add(key)
+                if key in self._t.where:
+                    continue
+                spot = self._reserve(key, prefetch=True)
+                if spot is None:
+                    self.counters.prefetch_dropped += 1
+                    continue
+                fr = self._t.frame(spot)
+                fr.state, fr.prefetched = QUEUED, True
+                self.counters.prefetch_issued += 1
+                self._jobs.put(self._t.job(spot, key))
+
+    def wait_idle(self) -> None:
+        """Block until every queued read and swap has run."""
+        self._jobs.join()
+
+    def resident(self) -> set[Key]:
+        """The experts whose frames are ready now."""
+        with self._cond:
+            return self._t.resident()
+
+    def drop_page_cache(self) -> None:
+        self.store.drop_page_cache()
+
+    def close(self) -> None:
+        """Stop the I/O threads (after the reads already queued) and close the file."""
+        if self._closed:
+            return
+        with self._cond:
+            self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        self.store.close()
+
+    def __enter__(self) -> ExpertCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals (the "_locked" ones run with self._cond held) ------------------------------------
+    def _check(self, keys: list[Key]) -> None:
+        per: dict[str, int] = {}
+        for key in keys:
+            rec = self.index.experts.get(key)
+            if rec is None:
+                raise BadInputError(f"layer {key[0]} slot {key[1]} is not a cold expert of the offload index")
+            per[rec.format] = per.get(rec.format, 0) + 1
+        for fmt, n in per.items():
+            if n > self._t.frames_of[fmt]:
+                raise BadInputError(f"acquire of {n} experts of format {fmt} but its pool has only "
+                                    f"{self._t.frames_of[fmt]} frames; split the request")
+
+    def _enter_layer(self, layer: int) -> None:
+        if layer != self._step.layer:
+            passed = self._step.layer
+            self._hinted = {k for k in self._hinted if k[0] != passed}  # stale hints of the layer just run
+            self._step = _Step(layer)
+
+    def _pin(self, keys: Sequence[Key], count: bool) -> tuple[list[Spot], list[Job]]:
+        """Pin `keys` (reserving frames for misses, waiting for one if every frame is busy): the frames
+        and the reads the caller must do."""
+        mine: list[Spot] = []
+        reads: list[Job] = []
+        c = self.counters
+        try:
+            for key in keys:
+                fresh = False
+                while (spot := self._t.where.get(key)) is None:
+                    if (spot := self._reserve(key, prefetch=False)) is not None:
+                        fresh = True
+                        break
+                    self._wait()  # every other frame is loading: wait for one (a swap may bring `key` itself)
+                fr = self._t.frame(spot)
+                if fresh or fr.state == QUEUED:  # a miss, or a prefetch whose read has not started: read now
+                    c.prefetch_dropped += fr.state == QUEUED
+                    fr.state = LOADING
+                    reads.append(self._t.job(spot, key))
+                    c.misses += count
+                else:
+                    c.hits += count
+                    c.prefetch_used += fr.prefetched
+                fr.prefetched = False
+                self.policy.on_access(key)
+                fr.pins += 1
+                mine.append(spot)
+        except BaseException:  # undo: frames reserved for reads nobody will do must not stay "loading"
+            for fmt, idx, _, key in reads:
+                self._t.clear((fmt, idx), key)
+            self._unpin(mine)
+            raise
+        return mine, reads
+
+    def _unpin(self, spots: list[Spot]) -> None:
+        self._t.unpin(spots)
+        self._cond.notify_all()
+
+    def _reserve(self, key: Key, prefetch: bool, exclude: set[Key] | None = None) -> Spot | None:
+        """A frame for `key`, or None. A prefetch never takes what the running layer acquired, a hinted
+        expert not used yet or one a router mask of this step allows; a miss avoids them while it can,
+        then cancels a queued prefetch, then waits (None) for a read in flight."""
+        hard = exclude or set()
+        soft = self._step.protected | self._hinted | hard
+        for keys in self._committed.values():
+            soft = soft | keys
+        spot = self._t.reserve(key, soft, self._step.layer)
+        if spot is None and not prefetch:
+            spot = self._t.reserve(key, hard, self._step.layer, cancel_queued=True, must=True)
+        return spot
+
+    def _read(self, job: Job) -> None:
+        """Read one expert into its frame (outside the lock) and mark it ready, or record the failure."""
+        fmt, idx, gen, key = job
+        spot = (fmt, idx)
+        try:
+            n = self.store.read_into(key[0], key[1], self._t.views(spot))
+        except Exception as e:  # kept and raised by the next acquire
+            err = e if isinstance(e, BadInputError) else BadInputError(
+                f"reading layer {key[0]} slot {key[1]} from {self.store.path} failed: {e}")
+            with self._cond:
+                if self._t.frame(spot).gen == gen:
+                    self._t.clear(spot, key)
+                self._error = self._error or err
+                self._cond.notify_all()
+            return
+        with self._cond:
+            fr = self._t.frame(spot)
+            if fr.gen == gen:
+                fr.state = READY
+                self.policy.on_load(key)
+            self.counters.loads += 1
+            self.counters.bytes_read += n
+            self._cond.notify_all()
+
+    def _run_reads(self, reads: list[Job]) -> bool:
+        for job in reads:
+            self._read(job)
+        return bool(reads)
+
+    def _await(self, frames: Sequence[Spot]) -> bool:
+        """Wait until `frames` are ready; True if it had to wait."""
+        waited = False
+        with self._cond:
+            while True:
+                self._raise_if_failed()
+                if all(self._t.frame(spot).state == READY for spot in frames):
+                    return waited
+                waited = True
+                self._wait()
+
+    def _wait(self) -> None:
+        self._cond.wait(timeout=0.5)
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise BadInputError(str(self._error))
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if callable(job):
+                    try:
+                        job()
+                    except Exception as e:  # kept and raised by the next acquire, like a failed read
+                        with self._cond:
+                            self._error = self._error or BadInputError(f"expert cache I/O thread failed: {e}")
+                            self._cond.notify_all()
+                    continue
+                fmt, idx, gen, _ = job
+                with self._cond:
+                    fr = self._t.frame((fmt, idx))
+                    if fr.gen != gen or fr.state != QUEUED:
+                        continue  # cancelled, or acquire read it itself
+                    fr.state = LOADING
+                self._read(job)
+            finally:
+                self._jobs.task_done()
+
+    # ---- SwapMoE committee --------------------------------------------------------------------------
+    def _allowed(self, layer: int) -> set[int]:
+        return set(self.index.hot[layer]) | {s for s in self._cold[layer] if self._t.is_ready((layer, s))}
+
+    def _commit(self, layer: int, allowed: set[int]) -> None:
+        self._committed[layer] = {(layer, s) for s in allowed if (layer, s) in self.index.experts}
+
+    def _experts_in(self, layer: int, allowed: set[int]) -> int:
+        smap = self.slots
+        return int((smap.kept(layer) & np.isin(smap.slot_of[layer], sorted(allowed))).sum())
+
+    def _ensure(self, layer: int, slots: Sequence[int]) -> None:
+        """Read and unpin (layer, s) for each slot, outside any acquire (committee warm-up)."""
+        for s in slots:  # one at a time: a pool may hold only min_frames
+            with self._cond:
+                self._raise_if_failed()
+                self._committed.setdefault(layer, set()).add((layer, s))
+                mine, reads = self._pin([(layer, s)], count=True)
+            try:
+                self._run_reads(reads)
+                self._await(mine)
+            finally:
+                with self._cond:
+                    self._unpin(mine)
+
+    def _refresh(self) -> None:
+        """On an I/O thread: swap resident cold experts toward the most important committee, as far as
+        frames that the running layer does not use allow (the rest on a later call)."""
+        assert isinstance(self.policy, CommitteePolicy)
+        with self._cond:
+            self._swap_queued = False
+            if self._error is not None or self._closed:
+                return
+            want = self.policy.committee(self.index, self._t.frames_of)
+            reads: list[Job] = []
+            for key in want:
+                if key not in self._t.where and (spot := self._reserve(key, prefetch=True, exclude=set(want))):
+                    reads.append(self._t.job(spot, key))
+        self._run_reads(reads)
+        with self._cond:
+            self._swap_wanted = any(k not in self._t.where for k in want)
+
+
+def cache_source(budget_bytes: int, policy: str = "lru", prefetcher: Prefetcher | None = None,
+                 **kw: Any) -> Callable[[OffloadIndex, Path], ExpertCache]:
+    """A source factory for ``OffloadSession(artifact, source=...)``: an `ExpertCache` over the artifact
+    whose slot map (each layer's ``slot_of``) is read from the artifact's manifest."""
+
+    def make(index: OffloadIndex, folder: Path) -> ExpertCache:
+        layers = read_manifest(folder, verify=False).get("layers") or []
+        slot_of = [la["slot_of"] for la in layers] if all("slot_of" in la for la in layers) and layers else None
+        return ExpertCache(folder, index, budget_bytes, policy, prefetcher, slot_of=slot_of, **kw)
+
+    return make
