@@ -33,3 +33,9 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+
+# ARM64 check, not in CI (minutes under emulation): scripts/run_artifact.py --parity with PyPI's aarch64
+# onnxruntime in an arm64 Debian root (debootstrap) run through qemu-user-static. See README "ARM64 check".
+.PHONY: test-arm64
+test-arm64: $(STAMP)
+	bash scripts/arm64/test.sh

@@ -30,6 +30,9 @@ def lower_cmd(
     lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level, experts=experts, hot=hot)
     lower.hot_slots()  # options checked before loading
     pm = PassManager(passes_text) if passes_text else None
+    if pm is not None and any(p.name == "lower" for p in pm.passes):
+        raise BadInputError("--passes must not contain lower: this command lowers; give its options here "
+                            "(or run the whole pipeline with `moeopt convert`)")
     m = moeopt.load(model)
     if pm is not None:
         m = pm.run(m, source=model).model

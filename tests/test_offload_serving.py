@@ -1,0 +1,108 @@
+"""Serving an offload artifact from a budgeted `ExpertCache` through the real segment driver.
+
+Every policy that does not change routing must decode exactly like the resident artifact (greedy
+tokens identical, logits within 1e-5) down to the smallest budget that runs; the committee (which masks
+the router) must run and only ever route to experts in memory. The CLI refuses a budget below the
+minimum (naming it) and a truncated expert file, with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moeopt.runtime import ExpertCache, OffloadSession, cache_source
+from moeopt.runtime.offload import AllResident
+from moeopt.runtime.offload_format import OffloadIndex
+from moeopt.runtime.prefetch import GraphHints, Oracle, Recorder, StatsTable
+from tests.lower_helpers import left_padded_batch, manifest
+from tests.test_cli import run_cli
+from tests.test_offload_lower import STEPS, _assert_same_decode, _built
+
+
+def _tracking(base: Any, made: list[ExpertCache]) -> Any:
+    def factory(index: OffloadIndex, path: Path) -> ExpertCache:
+        cache = base(index, path)
+        made.append(cache)
+        return cache
+
+    return factory
+
+
+@pytest.mark.parametrize(("policy", "prefetch", "mult"), [
+    ("lru", None, 1), ("lfu", None, 1), ("edgemoe", "stats", 1), ("on-demand", None, 1), ("lru", "graph", 2),
+])
+def test_cache_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory, policy: str, prefetch: str | None,
+                                     mult: int) -> None:
+    """Float tiny Mixtral, one hot expert per layer, an (untrained) in-graph predictor giving hints."""
+    resident = _built("mixtral", False, tmp_path_factory)
+    offload = _built("float-hot1", False, tmp_path_factory, predictor=True, experts="offload", hot=1)
+    index = OffloadIndex.from_manifest(manifest(offload))
+    made: list[ExpertCache] = []
+    pre = {"stats": StatsTable, "graph": GraphHints}[prefetch]() if prefetch else None
+    sess = _assert_same_decode(resident, offload, source=_tracking(cache_source(index.min_budget() * mult, policy,
+                                                                                 pre), made))
+    c = made[0].counters
+    assert c.acquired > 0 and c.misses > 0  # a small cache really loads (on a cold start at least)
+    assert c.bytes_read >= c.misses * min(f.expert_bytes for f in index.formats.values())
+    if prefetch == "graph":
+        assert c.prefetch_issued > 0  # the hints of seg0's predictor outputs reached the cache
+    sess.close()
+
+
+def test_oracle_prefetch_never_misses_after_the_first_layer(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """4-/2-bit experts (two cold formats), no hot experts; the oracle replays the recorded routing."""
+    offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    ids, mask = left_padded_batch([6])
+    rec = OffloadSession(offload, source=lambda i, p: Recorder(AllResident(i, p)))
+    want = rec.generate(ids, 8, attention_mask=mask, stop_tokens=(), keep_logits=True)
+    trace = rec.source.trace
+    index = OffloadIndex.from_manifest(manifest(offload))
+    budget = index.cold_bytes()  # room for everything: misses can only come from late prefetches
+    with OffloadSession(offload, source=cache_source(budget, "lru", Oracle(trace, depth=len(index.top_k)))) as sess:
+        got = sess.generate(ids, 8, attention_mask=mask, stop_tokens=(), keep_logits=True)
+        c = sess.source.counters
+    assert np.array_equal(got.sequences, want.sequences)
+    assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() <= 1e-5
+    assert c.recall == 1.0  # every acquired expert had been hinted
+    assert c.misses == 0
+
+
+def test_committee_routes_only_to_experts_in_memory(tmp_path_factory: pytest.TempPathFactory) -> None:
+    offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = OffloadIndex.from_manifest(manifest(offload))
+    ids, mask = left_padded_batch([6])
+    with OffloadSession(offload, source=cache_source(index.min_budget(), "committee")) as sess:
+        g = sess.generate(ids, STEPS, attention_mask=mask, stop_tokens=())
+        c = sess.source.counters
+    assert g.sequences.shape[1] == ids.shape[1] + STEPS
+    assert c.acquired > 0
+    # After the first steps the committee is in memory before the router sees it: nearly every use hits.
+    assert c.hits / c.acquired > 0.8
+
+
+def test_run_cli_budget_errors_and_counters(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = OffloadIndex.from_manifest(manifest(offload))
+    code, out, err = run_cli("run", str(offload), "--ids", "5,17,3,9", "--max-new-tokens", "6", "--budget",
+                             str(index.min_budget()), "--policy", "lru", capsys=capsys)
+    assert code == 0, err
+    assert "hit rate" in out and "misses" in out
+    code, out, err = run_cli("run", str(offload), "--ids", "5,17,3", "--budget", str(index.min_budget() - 1),
+                             capsys=capsys)
+    assert code == 2
+    assert str(index.min_budget()) in err and len(err.strip().splitlines()) == 1
+    resident = _built("mixtral", False, tmp_path_factory)
+    code, out, err = run_cli("run", str(resident), "--ids", "5,17", "--budget", "1MB", capsys=capsys)
+    assert code == 2 and "offload artifact" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(offload, broken)
+    with (broken / "experts.bin").open("r+b") as f:
+        f.truncate(4096)
+    code, out, err = run_cli("run", str(broken), "--ids", "5,17", "--budget", str(index.min_budget()), capsys=capsys)
+    assert code == 2 and "experts.bin" in err and len(err.strip().splitlines()) == 1
