@@ -12,6 +12,7 @@ Tolerances (max abs logit difference over 32 greedy steps, batch 4 left-padded a
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -183,6 +184,11 @@ def test_int8_activations_are_close_and_recorded(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = layer(xs).numpy()
     assert np.abs(sess.run(None, {"x": xs.numpy()})[0] - ref).max() <= INT8_REL_TOL * float(np.abs(ref).max())
+    from moeopt.lower.artifact import PARITY_TOL_EXACT, PARITY_TOL_INT8_ACTIVATIONS, parity_tolerance
+
+    model = SimpleNamespace(layers=[layer])
+    assert parity_tolerance(model, QuantSettings(accuracy_level=4)) == PARITY_TOL_INT8_ACTIVATIONS  # type: ignore[arg-type]
+    assert parity_tolerance(model, QuantSettings(accuracy_level=0)) == PARITY_TOL_EXACT  # type: ignore[arg-type]
 
 
 def test_inconsistent_packed_tables_are_refused(tmp_path: Path) -> None:
