@@ -62,7 +62,9 @@ def build(args: argparse.Namespace) -> Path:
                         else checkpoint(args.model, args.cache))
     model.config.output_router_logits = False
     tokens = 32768 if args.model == "reference" else 2048  # the ~1B model's forward is slow on 2 cores
-    passes = f"quantize{{method=uniform,bits=4,group=64}},predictor{{calib={APPS},max-tokens={tokens}}}"
+    # importance first: the slots' routing frequencies go into the manifest (the committee's starting set)
+    passes = (f"importance{{calib={APPS},max-tokens={tokens},progress=false}},"
+              f"quantize{{method=uniform,bits=4,group=64}},predictor{{calib={APPS},max-tokens={tokens}}}")
     t0 = time.perf_counter()
     PassManager(passes).run(model)
     t1 = time.perf_counter()
@@ -93,7 +95,7 @@ def prompts(args: argparse.Namespace, vocab: int) -> tuple[np.ndarray, np.ndarra
 def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
     """One generation with `method` at `frac` of the offloaded expert bytes; returns its figures."""
     from moeopt.runtime import OffloadSession, read_manifest
-    from moeopt.runtime.expert_cache import ExpertCache
+    from moeopt.runtime.expert_cache import ExpertCache, slot_importance
     from moeopt.runtime.expert_store import ExpertStore
     from moeopt.runtime.offload import AllResident
     from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
@@ -122,7 +124,8 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
             prefetcher = GraphHints()
         elif method == "oracle":
             prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
-        return ExpertCache(path, index, budget, policy, prefetcher, slot_of=slot_of)
+        return ExpertCache(path, index, budget, policy, prefetcher, slot_of=slot_of,
+                           prior=slot_importance(manifest["layers"]))
 
     t0 = time.perf_counter()
     sess = OffloadSession(art, source=source, threads=args.threads, verify=False)
@@ -231,6 +234,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=48, help="generated tokens")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out = args.out / args.model
@@ -239,6 +243,9 @@ def main() -> None:
         return
     t_start = time.perf_counter()
     art = build(args)
+    if args.build_only:
+        print(f"artifact: {art}")
+        return
     from moeopt.runtime import read_manifest
     from moeopt.runtime.offload_format import OffloadIndex
 

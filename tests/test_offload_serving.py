@@ -85,6 +85,28 @@ def test_committee_routes_only_to_experts_in_memory(tmp_path_factory: pytest.Tem
     assert c.hits / c.acquired > 0.8
 
 
+def test_committee_with_room_for_every_expert_is_exact(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The committee starts loaded (SwapMoE's offline set): with a budget for every expert it masks nothing."""
+    resident = _built("q48-resident", True, tmp_path_factory)
+    offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = OffloadIndex.from_manifest(manifest(offload))
+    made: list[ExpertCache] = []
+    warm: list[int] = []
+    base = cache_source(index.cold_bytes(), "committee")
+
+    def factory(i: OffloadIndex, path: Path) -> ExpertCache:
+        cache = base(i, path)
+        warm.append(cache.counters.loads)  # every expert read before the first step
+        made.append(cache)
+        return cache
+
+    _assert_same_decode(resident, offload, source=factory)
+    assert warm[0] == len(index.experts)
+    c = made[0].counters  # no read after the warm start, and every use of an expert hit
+    assert c.loads == len(index.experts) and c.acquired > 0 and c.hits == c.acquired
+    made[0].close()
+
+
 def test_run_cli_budget_errors_and_counters(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)

@@ -66,7 +66,7 @@ class ExpertCache:
     def __init__(self, folder: str | Path, index: OffloadIndex, budget_bytes: int, policy: str = "lru",
                  prefetcher: Prefetcher | None = None, io_threads: int = 1, *,
                  slot_of: Sequence[Sequence[int]] | None = None, refresh_every: int = 8,
-                 decay: float = 0.9) -> None:
+                 decay: float = 0.9, prior: Sequence[Sequence[float]] | None = None) -> None:
         if policy in ("on-demand", "none") and prefetcher is not None:
             raise BadInputError("the on-demand cache does no prefetching; pass no prefetcher or another policy")
         self.index = index
@@ -94,12 +94,14 @@ class ExpertCache:
         for t in self._threads:
             t.start()
         self.prefetcher = prefetcher
-        if prefetcher is not None:
-            try:
+        try:
+            if isinstance(self.policy, CommitteePolicy):
+                self._warm_committee(prior)
+            if prefetcher is not None:
                 prefetcher.attach(self)
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     # ---- ExpertSource -------------------------------------------------------------------------------
     def frames(self, fmt: str) -> int:
@@ -405,6 +407,20 @@ class ExpertCache:
                 with self._cond:
                     self._unpin(mine)
 
+    def _warm_committee(self, prior: Sequence[Sequence[float]] | None) -> None:
+        """Load the starting committee before the first step: SwapMoE starts from offline importance
+        (`prior`: per layer, each slot's routing frequency on calibration data; slot order when absent).
+        Without it the prompt would be routed to the first top_k experts read, whatever the budget."""
+        assert isinstance(self.policy, CommitteePolicy)
+        if prior is not None:
+            for i, imp in enumerate(prior):
+                values = np.asarray(imp, dtype=np.float64)
+                self.policy.importance[i][: values.shape[0]] = values / max(float(values.sum()), 1e-12)
+        for layer, s in self.policy.committee(self.index, self._t.frames_of):
+            self._ensure(layer, [s])
+        with self._cond:
+            self._committed.clear()
+
     def _refresh(self) -> None:
         """On an I/O thread: swap resident cold experts toward the most important committee, as far as
         frames that the running layer does not use allow (the rest on a later call)."""
@@ -431,6 +447,21 @@ def cache_source(budget_bytes: int, policy: str = "lru", prefetcher: Prefetcher 
     def make(index: OffloadIndex, folder: Path) -> ExpertCache:
         layers = read_manifest(folder, verify=False).get("layers") or []
         slot_of = [la["slot_of"] for la in layers] if all("slot_of" in la for la in layers) and layers else None
-        return ExpertCache(folder, index, budget_bytes, policy, prefetcher, slot_of=slot_of, **kw)
+        return ExpertCache(folder, index, budget_bytes, policy, prefetcher, slot_of=slot_of,
+                           **{"prior": slot_importance(layers), **kw})
 
     return make
+
+
+def slot_importance(layers: Sequence[dict[str, Any]]) -> list[list[float]] | None:
+    """Per layer, each slot's importance as the manifest records it (the `importance` pass's routing
+    frequency on calibration data); None unless every slot has one."""
+    out = []
+    for la in layers:
+        slots = (la.get("table") or {}).get("slots") or []
+        values = [sl.get("importance") for sl in slots]
+        if not values or any(v is None for v in values):
+            return None
+        out.append([float(v) for v in values])
+    return out
+
