@@ -186,7 +186,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         row: dict[str, Any] = {}
         pred, orac = by.get(("predictor", frac)), by.get(("oracle", frac))
         for base in ("on-demand", "lru"):
-            b = by.get((base, frac)) or by.get((base, 1.0))
+            b = by.get((base, frac)) or next((r for (m, _), r in by.items() if m == base == "on-demand"), None)
             if pred is None or orac is None or b is None:
                 continue
             gain_p = pred["decode_tok_s"] - b["decode_tok_s"]
