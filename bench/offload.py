@@ -169,7 +169,7 @@ def resident_bytes(art: Path, manifest: dict[str, Any]) -> int:
 
 def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
-           "--out", str(args.out), "--threads", str(args.threads), "--prompt", str(args.prompt),
+           "--out", str(args.out.parent), "--threads", str(args.threads), "--prompt", str(args.prompt),
            "--new", str(args.new), "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
