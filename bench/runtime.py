@@ -8,9 +8,10 @@ process, so each peak RSS is that configuration's alone. Writes runtime.json and
     .venv/bin/python bench/runtime.py                       # both models (~1B: builds its artifacts once)
     .venv/bin/python bench/runtime.py --quick               # reference model, short prompt, one repeat
 
-llama.cpp (optional): `pip install llama-cpp-python==0.3.36` compiles llama.cpp from the sdist (about 40
-minutes on 2 busy cores; CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" shortens it), and
-the sdist unpacked under ~/.cache/moeopt/bench/llama-src (or MOEOPT_LLAMA_SRC) gives convert_hf_to_gguf.py.
+llama.cpp (optional): `pip install llama-cpp-python==0.3.36` compiles llama.cpp from the sdist (80
+minutes of wall time here, at nice 19 beside other jobs; CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF
+-DLLAMA_BUILD_EXAMPLES=OFF" shortens it), and the sdist unpacked under ~/.cache/moeopt/bench/llama-src
+(or MOEOPT_LLAMA_SRC) gives convert_hf_to_gguf.py.
 
 Checkpoints and artifacts are cached under ~/.cache/moeopt/bench (the ~1B model's float artifact is
 ~4 GB); nothing large is written into the repository.
