@@ -131,7 +131,7 @@ def test_float_offload_decodes_like_resident(tmp_path_factory: pytest.TempPathFa
     shutil.copytree(offload, broken)
     with (broken / "experts.bin").open("r+b") as f:
         f.truncate(index.file_bytes - 1)
-    with pytest.raises(BadInputError, match="truncated expert file") as err:
+    with pytest.raises(BadInputError, match=r"expert file \S*experts\.bin is truncated") as err:
         OffloadSession(broken, verify=False)
     assert "\n" not in str(err.value)
 

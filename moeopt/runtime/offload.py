@@ -12,7 +12,6 @@ load into a frame is seen by the next run without a copy.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from moeopt.errors import BadInputError
+from moeopt.runtime.expert_store import ExpertStore
 from moeopt.runtime.manifest import read_manifest
 from moeopt.runtime.offload_format import ExpertSource, OffloadIndex
 from moeopt.runtime.session import Session, session_options
@@ -37,7 +37,6 @@ class AllResident:
 
     def __init__(self, index: OffloadIndex, artifact: str | Path) -> None:
         self.index = index
-        path = Path(artifact) / index.file
         counts: dict[str, int] = {n: 0 for n in index.formats}
         self._frame: dict[tuple[int, int], int] = {}
         for key in sorted(index.experts):
@@ -45,7 +44,10 @@ class AllResident:
             self._frame[key] = counts[rec.format]
             counts[rec.format] += 1
         self._pools = {n: fmt.empty_pool(counts[n]) for n, fmt in index.formats.items()}
-        read_all(path, index, self._frame, self._pools)
+        with ExpertStore(artifact, index) as store:  # checks the file against the index first
+            for (layer, slot), f in self._frame.items():
+                fmt = index.formats[index.experts[(layer, slot)].format]
+                store.read_into(layer, slot, [self._pools[fmt.name][p.name][f] for p in fmt.parts])
 
     def frames(self, fmt: str) -> int:
         return len(next(iter(self._pools[fmt].values()))) if self._pools[fmt] else 0
@@ -67,33 +69,6 @@ class AllResident:
 
     def observe(self, layer: int, logits: np.ndarray) -> None:
         pass
-
-
-def read_all(path: Path, index: OffloadIndex, frame_of: dict[tuple[int, int], int],
-             pools: dict[str, dict[str, np.ndarray]]) -> None:
-    """Read the records of `frame_of`'s experts straight into their frames (one preadv each).
-
-    Raises:
-        BadInputError: the expert file is missing or shorter than the index says.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: missing expert file of an offload artifact") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size < index.file_bytes:
-            raise BadInputError(f"{path}: truncated expert file ({size} bytes, the index says {index.file_bytes})")
-        for key, f in frame_of.items():
-            rec = index.experts[key]
-            fmt = index.formats[rec.format]
-            bufs = [memoryview(pools[rec.format][p.name][f]).cast("B") for p in fmt.parts]
-            n = os.preadv(fd, bufs, rec.offset)
-            if n != fmt.expert_bytes:
-                raise BadInputError(f"{path}: short read of layer {key[0]} slot {key[1]} ({n} of {fmt.expert_bytes} "
-                                    "bytes)")
-    finally:
-        os.close(fd)
 
 
 @dataclass
