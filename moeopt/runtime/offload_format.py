@@ -211,8 +211,10 @@ class ExpertSource(Protocol):
 
 
 def frames_for_budget(index: OffloadIndex, budget: int) -> dict[str, int]:
-    """Split a byte budget into frames per format, in proportion to each format's cold bytes, never below
-    `OffloadIndex.min_frames` and never above the format's number of cold experts.
+    """Split a byte budget into frames per format: every format first gets `OffloadIndex.min_frames`,
+    then the rest of the budget is shared in proportion to the bytes of each format's remaining cold
+    experts, so the frames never hold more than `budget` bytes and a budget of every cold expert's bytes
+    holds every cold expert.
 
     Raises:
         BadInputError: the budget is below `OffloadIndex.min_budget` (the message names that minimum).
@@ -225,9 +227,7 @@ def frames_for_budget(index: OffloadIndex, budget: int) -> dict[str, int]:
     count = {n: 0 for n in index.formats}
     for r in index.experts.values():
         count[r.format] += 1
-    total = sum(index.formats[n].expert_bytes * count[n] for n in index.formats) or 1
-    frames = {}
-    for n, fmt in index.formats.items():
-        share = budget * fmt.expert_bytes * count[n] / total
-        frames[n] = min(count[n], max(need[n], int(share // fmt.expert_bytes)))
-    return frames
+    rest = index.cold_bytes() - minimum  # bytes of the experts beyond the minimum frames
+    spare = min(budget, index.cold_bytes()) - minimum
+    # Integer arithmetic: format n gets spare * its share of `rest`, i.e. spare * (count - need) / rest frames.
+    return {n: need[n] + (spare * (count[n] - need[n]) // rest if rest else 0) for n in index.formats}
