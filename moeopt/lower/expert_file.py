@@ -19,7 +19,8 @@ import torch
 from onnx import TensorProto, helper
 
 from moeopt.lower.offload_graph import cold_groups
-from moeopt.lower.onnx_quant import QMOE_MLP_ACTS, Group, QuantSettings, _ort_table
+from moeopt.lower.onnx_experts import MOE_MLP_ACTS
+from moeopt.lower.onnx_quant import QMOE_MLP_ACTS, Group, QuantSettings, _ort_table, qmoe_biases
 from moeopt.quant.ort_layout import glu_interleave, qmoe_group
 from moeopt.runtime.offload_format import EXPERTS_FILE, PAGE, Part, PoolFormat
 
@@ -45,23 +46,17 @@ def _qmoe_parts(layer: Any, g: Group) -> tuple[dict[str, np.ndarray], dict[str, 
     t, spec = layer.table, layer.table.spec
     view = _ort_table(t, g)
     packed = qmoe_group(view, list(g.slots))
-    idx = list(g.slots)
+    bias_in, bias_out = qmoe_biases(t, g, view.spec)  # as the resident node's
     parts: dict[str, np.ndarray] = {"fc1": packed.fc1, "fc1_scales": packed.fc1_scales}
     if packed.fc1_zero_points is not None:
         parts["fc1_zero_points"] = packed.fc1_zero_points
-    if t.b_in is not None:  # as `onnx_quant._qmoe`: padded to the kernel's intermediate, gate/up interleaved
-        b_in = t.b_in[idx].float()
-        inter, padded = spec.intermediate, view.spec.intermediate
-        if padded != inter:
-            halves = 2 if spec.glu else 1
-            b_in = torch.cat([b_in.reshape(len(idx), halves, inter),
-                              torch.zeros(len(idx), halves, padded - inter)], dim=2).reshape(len(idx), -1)
-        parts["fc1_bias"] = _np(b_in[:, glu_interleave(padded)] if spec.glu else b_in)
+    if bias_in is not None:
+        parts["fc1_bias"] = _np(bias_in)
     parts["fc2"], parts["fc2_scales"] = packed.fc2, packed.fc2_scales
     if packed.fc2_zero_points is not None:
         parts["fc2_zero_points"] = packed.fc2_zero_points
-    if t.b_out is not None:
-        parts["fc2_bias"] = _np(t.b_out[idx].float())
+    if bias_out is not None:
+        parts["fc2_bias"] = _np(bias_out)
     attrs = {**packed.attributes(spec.glu), "activation_type": "swiglu" if spec.glu else QMOE_MLP_ACTS[spec.act]}
     return {k: np.ascontiguousarray(v) for k, v in parts.items()}, attrs
 
@@ -72,7 +67,7 @@ def _moe_parts(layer: Any, g: Group) -> tuple[dict[str, np.ndarray], dict[str, A
     idx = list(g.slots)
     w_in = t.w_in[idx].float()
     fc1 = w_in[:, glu_interleave(spec.intermediate)] if spec.glu else w_in
-    act = "swiglu" if spec.glu else QMOE_MLP_ACTS[spec.act]
+    act = "swiglu" if spec.glu else MOE_MLP_ACTS[spec.act]
     return {"fc1": _np(fc1), "fc2": _np(t.w_out[idx].float())}, {"activation_type": act,
                                                                   "swiglu_fusion": 1 if spec.glu else 0}
 

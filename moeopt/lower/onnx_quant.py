@@ -304,23 +304,32 @@ def _group_weights(sw: Value, slots: Sequence[int], num_slots: int) -> Value:
     return op.Gather(sw, op.Constant(value_ints=list(slots)), axis=1)
 
 
+def qmoe_biases(table: Any, g: Group, kernel_spec: ExpertSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A QMoE group's (fc1, fc2) biases as the kernel reads them: fc1's (Sg, F) zero-padded to the kernel's
+    intermediate size (`kernel_spec`, see `pad_rows`) with gate/up interleaved for GLU; fc2's (Sg, H)."""
+    spec, idx = table.spec, list(g.slots)
+    b1 = b2 = None
+    if table.b_in is not None:
+        b_in = table.b_in[idx].float()  # (Sg, F)
+        inter, padded = spec.intermediate, kernel_spec.intermediate
+        if padded != inter:
+            halves = 2 if spec.glu else 1
+            b_in = torch.cat([b_in.reshape(len(idx), halves, inter),
+                              torch.zeros(len(idx), halves, padded - inter)], dim=2).reshape(len(idx), -1)
+        b1 = b_in[:, glu_interleave(padded)] if spec.glu else b_in
+    if table.b_out is not None:
+        b2 = table.b_out[idx].float()
+    return b1, b2
+
+
 def _qmoe(x2: Value, sw: Value, layer: Any, g: Group, settings: QuantSettings) -> Value:
     t, spec = layer.table, layer.table.spec
     view = _ort_table(t, g)
     packed = qmoe_group(view, list(g.slots))
     name = f"layer{layer.index}.q{g.bits}"
-    idx = list(g.slots)
-    b1 = b2 = None
-    if t.b_in is not None:
-        b_in = t.b_in[idx].float()  # (Sg, F)
-        inter, padded = spec.intermediate, view.spec.intermediate
-        if padded != inter:
-            halves = 2 if spec.glu else 1
-            b_in = torch.cat([b_in.reshape(len(idx), halves, inter),
-                              torch.zeros(len(idx), halves, padded - inter)], dim=2).reshape(len(idx), -1)
-        b1 = _const(b_in[:, glu_interleave(padded)] if spec.glu else b_in, f"{name}.fc1_bias")
-    if t.b_out is not None:
-        b2 = _const(t.b_out[idx].float(), f"{name}.fc2_bias")
+    bias_in, bias_out = qmoe_biases(t, g, view.spec)
+    b1 = None if bias_in is None else _const(bias_in, f"{name}.fc1_bias")
+    b2 = None if bias_out is None else _const(bias_out, f"{name}.fc2_bias")
     z1 = None if packed.fc1_zero_points is None else _const(packed.fc1_zero_points, f"{name}.fc1_zero_points")
     z2 = None if packed.fc2_zero_points is None else _const(packed.fc2_zero_points, f"{name}.fc2_zero_points")
     w = _group_weights(sw, g.slots, t.num_slots)
