@@ -121,6 +121,9 @@ def test_run_cli_budget_errors_and_counters(tmp_path_factory: pytest.TempPathFac
                              capsys=capsys)
     assert code == 2
     assert str(index.min_budget()) in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli("run", str(offload), "--ids", "5,17", "--budget", str(index.min_budget()),
+                             "--policy", "on-demand", "--prefetch", "stats", capsys=capsys)
+    assert code == 2 and "never prefetches" in err and len(err.strip().splitlines()) == 1
     resident = _built("mixtral", False, tmp_path_factory)
     code, out, err = run_cli("run", str(resident), "--ids", "5,17", "--budget", "1MB", capsys=capsys)
     assert code == 2 and "offload artifact" in err

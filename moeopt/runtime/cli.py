@@ -140,13 +140,15 @@ def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> A
     from moeopt.runtime.prefetch import GraphHints, StatsTable
 
     nbytes = parse_bytes(budget) if budget else int(plan["cache_bytes"])
+    on_demand = policy in ("on-demand", "none")  # the on-demand baseline never prefetches
     if prefetch == "auto":
-        prefetch = "graph" if offload.get("prefetch") else "none"
+        prefetch = "graph" if offload.get("prefetch") and not on_demand else "none"
+    elif prefetch != "none" and on_demand:
+        raise BadInputError(f"--policy {policy} loads experts on demand and never prefetches; "
+                            f"drop --prefetch {prefetch}")
     if prefetch == "graph" and not offload.get("prefetch"):
         raise BadInputError(f"{artifact}: no predictor outputs in the graph; lower a model that ran the "
                             "predictor pass, or use --prefetch stats")
-    if policy in ("on-demand", "none") and prefetch != "none":
-        prefetch = "none"  # the on-demand baseline ignores hints by definition
     prefetcher = {"graph": GraphHints, "stats": StatsTable}.get(prefetch)
     return cache_source(nbytes, policy, prefetcher() if prefetcher is not None else None)
 
