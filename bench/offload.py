@@ -162,7 +162,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
     return out
 
 
-def resident_bytes(art: Path, manifest: dict[str, Any]) -> int:
+def resident_bytes(manifest: dict[str, Any]) -> int:
     """Bytes of everything but the expert file: segment and cold graphs (with their weights)."""
     return sum(e["bytes"] for name, e in manifest["files"].items() if name != manifest["offload"]["file"])
 
@@ -266,7 +266,7 @@ def main() -> None:
         "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
-        "resident_bytes": resident_bytes(art, manifest), "runs": runs, "acceptance": summarise(runs),
+        "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,18 @@ def torch_greedy(model: MoEModel, ids: np.ndarray, mask: np.ndarray, steps: int)
         logits.append(last)
         seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
     return torch.cat(tokens, 1).numpy(), torch.stack(logits, 1).numpy()
+
+
+def assert_decodes_like_torch(sess: Any, model: MoEModel, steps: int, tol: Callable[[np.ndarray], float]) -> None:
+    """Greedy decode with the artifact's KV cache vs PyTorch's full recompute: identical tokens and max abs
+    logit difference <= tol(reference logits), for a left-padded batch of 4 and a batch of 1 (export saw
+    batch 2, 3 new tokens, 4 past)."""
+    for lengths in ([9, 5, 7, 1], [6]):
+        ids, mask = left_padded_batch(lengths)
+        g = sess.generate(ids, steps, attention_mask=mask, stop_tokens=(), keep_logits=True)
+        ref_tokens, ref_logits = torch_greedy(model, ids, mask, steps)
+        assert np.array_equal(g.sequences[:, ids.shape[1]:], ref_tokens), lengths
+        assert np.abs(np.stack(g.step_logits, 1) - ref_logits).max() <= tol(ref_logits), lengths
 
 
 def manifest(art: Path) -> dict:

@@ -30,12 +30,11 @@ from tests.conftest import FIXTURE_DATA
 from tests.lower_helpers import (
     QUANTIZED,
     artifact,
+    assert_decodes_like_torch,
     export_layer,
-    left_padded_batch,
     manifest,
     random_layer,
     source_model,
-    torch_greedy,
 )
 
 STEPS = 32
@@ -56,13 +55,7 @@ def test_quantized_artifact_decodes_like_the_dequantized_model(
     art = artifact(name, tmp_path_factory)
     model = source_model(name, art)  # after the quantize pass: w_in / w_out hold the dequantized weights
     m = manifest(art)
-    sess = Session(art)
-    for lengths in ([9, 5, 7, 1], [6]):
-        ids, mask = left_padded_batch(lengths)
-        g = sess.generate(ids, STEPS, attention_mask=mask, stop_tokens=(), keep_logits=True)
-        ref_tokens, ref_logits = torch_greedy(model, ids, mask, STEPS)
-        assert np.array_equal(g.sequences[:, ids.shape[1]:], ref_tokens), lengths
-        assert np.abs(np.stack(g.step_logits, 1) - ref_logits).max() <= _tolerance(m, ref_logits)
+    assert_decodes_like_torch(Session(art), model, STEPS, lambda ref: _tolerance(m, ref))
     # one QMoE node per quantized bitwidth group, one MoE node per float group, nothing per expert
     groups = [g for la in m["layers"] for g in la["groups"]]
     assert [g["bits"] for la in m["layers"] for g in la["groups"]] == [

@@ -447,8 +447,8 @@ def cache_source(budget_bytes: int, policy: str = "lru", prefetcher: Prefetcher 
     def make(index: OffloadIndex, folder: Path) -> ExpertCache:
         layers = read_manifest(folder, verify=False).get("layers") or []
         slot_of = [la["slot_of"] for la in layers] if all("slot_of" in la for la in layers) and layers else None
-        return ExpertCache(folder, index, budget_bytes, policy, prefetcher, slot_of=slot_of,
-                           **{"prior": slot_importance(layers), **kw})
+        opts = {"prior": slot_importance(layers), **kw}  # a caller's prior wins
+        return ExpertCache(folder, index, budget_bytes, policy, prefetcher, slot_of=slot_of, **opts)
 
     return make
 
