@@ -99,6 +99,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
     from moeopt.runtime.expert_store import ExpertStore
     from moeopt.runtime.offload import AllResident
     from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
+    from moeopt.runtime.packed_frames import FramePacker
     from moeopt.runtime.prefetch import GraphHints, Oracle, Recorder, StatsTable, load_trace, save_trace
 
     art = artifact_path(args)
@@ -113,9 +114,11 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
     with ExpertStore(art, index) as store:
         store.drop_page_cache()
 
+    packed = args.kernel == "packed"
+
     def source(index: OffloadIndex, path: Path) -> Any:
         if method == "resident":
-            return Recorder(AllResident(index, path))
+            return Recorder(AllResident(index, path, packed=packed, threads=args.threads))
         policy = {"on-demand": "on-demand", "edgemoe": "edgemoe", "committee": "committee"}.get(method, "lru")
         prefetcher: Any = None
         if method == "edgemoe":
@@ -124,8 +127,9 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
             prefetcher = GraphHints()
         elif method == "oracle":
             prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
+        packer = FramePacker(index, path, manifest.get("target"), args.threads) if packed else None
         return ExpertCache(path, index, budget, policy, prefetcher, slot_of=slot_of,
-                           prior=slot_importance(manifest["layers"]))
+                           prior=slot_importance(manifest["layers"]), packer=packer)
 
     t0 = time.perf_counter()
     sess = OffloadSession(art, source=source, threads=args.threads, verify=False)
@@ -146,8 +150,8 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         work.mkdir(parents=True, exist_ok=True)
         np.savez(work / "resident.npz", tokens=gen.sequences, logits=logits)
         save_trace(sess.source.trace, work / "trace-eval.json")
-        rec = OffloadSession(art, source=lambda i, p: Recorder(AllResident(i, p)), threads=args.threads,
-                             verify=False)
+        rec = OffloadSession(art, source=lambda i, p: Recorder(AllResident(i, p, packed=packed, threads=args.threads)),
+                             threads=args.threads, verify=False)
         rec.generate(calib, max_new_tokens=args.new, stop_tokens=[])
         save_trace(rec.source.trace, work / "trace-calib.json")
     else:
@@ -170,7 +174,7 @@ def resident_bytes(manifest: dict[str, Any]) -> int:
 def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
            "--out", str(args.out.parent), "--threads", str(args.threads), "--prompt", str(args.prompt),
-           "--new", str(args.new), "--child", method, str(frac)]
+           "--new", str(args.new), "--kernel", args.kernel, "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"method": method, "budget_fraction": frac,
@@ -234,6 +238,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=48, help="generated tokens")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--kernel", default="packed", choices=("packed", "graph"),
+                    help="cold experts as prepacked one-expert sessions, or the cold graph over the pool")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,7 +269,8 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
     result = {
         "model": args.model, "artifact": str(art),
-        "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}",
+        "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}, "
+                    f"{args.kernel} cold kernel",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
         "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs),

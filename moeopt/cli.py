@@ -315,7 +315,8 @@ def profile_cmd(
     save_profile(prof, out)
     print(f"read {prof['read_bandwidth'] / 1e6:.1f} MB/s, "
           f"resident {prof['resident_s_per_expert'] * 1e3:.3f} ms/expert, "
-          f"cold {prof['cold_s_per_expert'] * 1e3:.3f} ms/expert; wrote {out}")
+          f"cold {prof['cold_s_per_expert'] * 1e3:.3f} ms/expert, "
+          f"packing a loaded expert {prof['pack_s_per_expert'] * 1e3:.3f} ms; wrote {out}")
 
 
 def _register_runtime_commands() -> None:

@@ -1,9 +1,10 @@
 """Measured target profiles: storage read bandwidth and per-expert compute time, for the `plan` pass.
 
 The planner's latency model needs three numbers of the machine that will serve the model: how fast
-expert records come off storage, and how long one token takes through one expert when the expert is
-resident (a QMoE/MoE node with prepacked initializers) or cold (the same node fed its weights as graph
-inputs, as offload mode runs it). `measure_profile` measures them on this machine with random weights of
+expert records come off storage, how long one token takes through one expert when the expert is
+resident (a QMoE/MoE node with prepacked initializers) or cold (a one-expert session with prepacked
+initializers, as the offload runtime runs a loaded expert: `moeopt.runtime.packed_frames`), and how long
+building that session takes (part of every load). `measure_profile` measures them on this machine with random weights of
 the layer's shape; `save_profile` / `load_profile` keep them as JSON so a profile measured on the device
 can be used when planning elsewhere.
 
@@ -14,7 +15,9 @@ Profile (a plain JSON dict)::
                        cache (per-read latency included, since the chunks are one record each),
      "page_cache_dropped": bool (False where posix_fadvise is missing: the bandwidth is then optimistic),
      "resident_s_per_expert": seconds for one token through one resident expert,
-     "cold_s_per_expert": seconds for one token through one expert whose weights are graph inputs,
+     "cold_s_per_expert": seconds for one token through one loaded cold expert (its own session),
+     "pack_s_per_expert": seconds to build a loaded expert's session (ORT prepacks its weights); optional,
+                          0 when absent (profiles measured before the runtime packed its frames),
      "expert": {"hidden", "intermediate", "bits" (None: float32), "glu", "block_size",
                 "expert_bytes", "record_bytes"},
      "threads": intra-op threads, "host": platform text}
@@ -105,9 +108,9 @@ def measure_read_bandwidth(chunk_bytes: int, *, file_bytes: int = 64 * 2**20, fo
 
 
 def _one_node_model(hidden: int, intermediate: int, bits: int | None, glu: bool, block: int, experts: int,
-                    cold: bool, seed: int) -> tuple[bytes, dict[str, np.ndarray]]:
-    """A one-node QMoE (or MoE for float) model with random weights; its weights are initializers
-    (resident) or graph inputs (cold). Returns (serialized model, feeds besides x/router)."""
+                    seed: int) -> bytes:
+    """A one-node QMoE (or MoE for float) model with random weights as initializers (prepacked by ORT).
+    Returns the serialized model (inputs x, router)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -143,33 +146,41 @@ def _one_node_model(hidden: int, intermediate: int, bits: int | None, glu: bool,
     fl = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("x", fl, [1, hidden]),
               helper.make_tensor_value_info("router", fl, [1, experts])]
-    inits = []
-    feeds: dict[str, np.ndarray] = {}
-    for name, arr in weights:
-        if cold:
-            dtype = TensorProto.UINT8 if arr.dtype == np.uint8 else fl
-            inputs.append(helper.make_tensor_value_info(name, dtype, list(arr.shape)))
-            feeds[name] = arr
-        else:
-            inits.append(numpy_helper.from_array(arr, name))
+    inits = [numpy_helper.from_array(arr, name) for name, arr in weights]
     graph = helper.make_graph([node], "expert", inputs, [helper.make_tensor_value_info("y", fl, [1, hidden])], inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets).SerializeToString(), feeds
+    return bytes(helper.make_model(graph, opset_imports=opsets).SerializeToString())
 
 
 def time_expert(hidden: int, intermediate: int, bits: int | None, glu: bool, *, cold: bool, block: int = 32,
                 threads: int = 1, repeats: int = 30, seed: int = 0) -> float:
-    """Median seconds for one token through one expert (k=1) of a one-node QMoE/MoE model."""
+    """Median seconds for one token through one expert (k=1) of a one-node QMoE/MoE model: a resident
+    layer's node (two experts), or with `cold` a loaded cold expert's one-expert session."""
+    return _time_expert(hidden, intermediate, bits, glu, block, 1 if cold else 2, threads, repeats, seed)[0]
+
+
+def time_pack(hidden: int, intermediate: int, bits: int | None, glu: bool, *, block: int = 32, threads: int = 1,
+              repeats: int = 5, seed: int = 0) -> float:
+    """Median seconds to build a loaded cold expert's one-expert session (the prepacking of its weights)."""
+    return _time_expert(hidden, intermediate, bits, glu, block, 1, threads, 1, seed, builds=repeats)[1]
+
+
+def _time_expert(hidden: int, intermediate: int, bits: int | None, glu: bool, block: int, experts: int,
+                 threads: int, repeats: int, seed: int, builds: int = 1) -> tuple[float, float]:
+    """(median run seconds, median session build seconds) of a one-node model with `experts` experts."""
     import onnxruntime as ort
 
-    experts = 2  # the router picks expert 0; a second expert keeps the node's shapes general
-    model, feeds = _one_node_model(hidden, intermediate, bits, glu, block, experts, cold, seed)
+    model = _one_node_model(hidden, intermediate, bits, glu, block, experts, seed)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    built = []
+    for _ in range(builds):
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        built.append(time.perf_counter() - t0)
     rng = np.random.default_rng(seed + 1)
-    feeds = {**feeds, "x": rng.standard_normal((1, hidden)).astype(np.float32),
+    feeds = {"x": rng.standard_normal((1, hidden)).astype(np.float32),
              "router": np.array([[1.0] + [0.0] * (experts - 1)], dtype=np.float32)}
     if bits is None:  # MoE takes logits (softmax inside): make expert 0 the clear choice
         feeds["router"] = np.array([[0.0] + [-30.0] * (experts - 1)], dtype=np.float32)
@@ -180,7 +191,7 @@ def time_expert(hidden: int, intermediate: int, bits: int | None, glu: bool, *, 
         t0 = time.perf_counter()
         sess.run(None, feeds)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(times)), float(np.median(built))
 
 
 def measure_profile(hidden: int, intermediate: int, bits: int | None, glu: bool, *, threads: int = 1,
@@ -207,6 +218,7 @@ def measure_profile(hidden: int, intermediate: int, bits: int | None, glu: bool,
         "read_bandwidth": bandwidth, "page_cache_dropped": dropped,
         "resident_s_per_expert": time_expert(hidden, intermediate, bits, glu, cold=False, **kw),
         "cold_s_per_expert": time_expert(hidden, intermediate, bits, glu, cold=True, **kw),
+        "pack_s_per_expert": time_pack(hidden, intermediate, bits, glu, block=block or 32, threads=threads, seed=seed),
         "expert": {"hidden": hidden, "intermediate": intermediate, "bits": bits, "glu": glu, "block_size": block,
                    "expert_bytes": nbytes, "record_bytes": page_align(nbytes)},
         "threads": threads, "host": f"{platform.system()} {platform.machine()} {platform.processor()}".strip(),

@@ -302,7 +302,7 @@ def test_committee_masks_router_to_resident_experts(tmp_path: Path) -> None:
     # the slot map comes from the artifact's manifest, as the driver's source factory builds it
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"format": "moeopt-artifact", "version": 1, "layers": [{"slot_of": s} for s in slot_of]}))
-    make = cache_source(4 * size, policy="committee", refresh_every=2)
+    make = cache_source(4 * size, policy="committee", refresh_every=2, packed=False)  # synthetic: no cold graph
     with make(index, tmp_path) as cache:
         assert [m.tolist() for m in cache.slots.slot_of] == slot_of
 

@@ -197,7 +197,7 @@ def test_plan_without_importance_is_uniform_and_bits_shrink_experts(tiny_ckpt: P
 def test_measure_profile_tiny(tmp_path: Path) -> None:
     for bits in (4, None):
         prof = measure_profile(32, 64, bits, True, file_bytes=256 * 1024, repeats=3, folder=tmp_path)
-        for key in ("read_bandwidth", "resident_s_per_expert", "cold_s_per_expert"):
+        for key in ("read_bandwidth", "resident_s_per_expert", "cold_s_per_expert", "pack_s_per_expert"):
             assert prof[key] > 0, key
         assert prof["expert"]["expert_bytes"] == expert_bytes(32, 64, bits, True)
         assert prof["expert"]["record_bytes"] % 4096 == 0 and prof["expert"]["record_bytes"] >= 3840

@@ -9,8 +9,9 @@ target profile (`moeopt.targets`).
 Latency model (per token, in expectation; `evaluate` computes it):
 - slot s of MoE layer l is used r = top_k(l) * f(l, s) times per token, f = its share of the layer's
   routing choices (the `importance` analysis, else SlotInfo.importance, else uniform);
-- a hot use costs `resident_s`; a cold use costs `cold_s` (its weights fed as graph inputs), plus, on a
-  cache miss, reading its page-aligned record at the profile's bandwidth (record_bytes / bandwidth);
+- a hot use costs `resident_s`; a cold use costs `cold_s` (its own prepacked session), plus, on a
+  cache miss, reading its page-aligned record at the profile's bandwidth (record_bytes / bandwidth) and
+  prepacking it (`pack_s`);
 - the cache (all of the budget the hot experts leave) is ideal LFU in steady state: it keeps *cached*
   the cold experts worth the most, which always hit; every other cold expert always misses. It must
   also hold the *working frames* a step loads misses into: for each layer, its min(top_k, uncached)
@@ -310,7 +311,8 @@ def build_problem(model: MoEModel, shares: list[list[float]], nbytes: list[list[
         spec, k = layer.table.spec, layer.router.top_k
         scale = spec.hidden * spec.intermediate / (ref["hidden"] * ref["intermediate"])
         rates.append(tuple(k * f for f in share))
-        read.append(tuple(page_align(b) / bw for b in sizes))
+        pack = float(profile.get("pack_s_per_expert", 0.0)) * scale  # a load also prepacks the expert
+        read.append(tuple(page_align(b) / bw + pack for b in sizes))
         res.append(float(profile["resident_s_per_expert"]) * scale)
         cold.append(float(profile["cold_s_per_expert"]) * scale)
         ks.append(k)

@@ -35,6 +35,7 @@ from moeopt.runtime.expert_store import ExpertStore
 from moeopt.runtime.frame_table import LOADING, QUEUED, READY, CacheCounters, FrameTable, Job, Spot
 from moeopt.runtime.manifest import read_manifest
 from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
+from moeopt.runtime.packed_frames import FramePacker, PackedExpert
 
 if TYPE_CHECKING:
     from moeopt.runtime.prefetch import Prefetcher
@@ -61,12 +62,15 @@ class ExpertCache:
         slot_of: per MoE layer, each original expert's slot (-1 pruned), from the manifest; identity if None.
         refresh_every: steps between committee refreshes (``committee`` only).
         decay: importance decay per step (``committee`` only).
+        packer: build a prepacked session for every loaded expert (`packed_frames`), on the thread
+            that read it; None keeps raw pools for the cold graphs.
     """
 
     def __init__(self, folder: str | Path, index: OffloadIndex, budget_bytes: int, policy: str = "lru",
                  prefetcher: Prefetcher | None = None, io_threads: int = 1, *,
                  slot_of: Sequence[Sequence[int]] | None = None, refresh_every: int = 8,
-                 decay: float = 0.9, prior: Sequence[Sequence[float]] | None = None) -> None:
+                 decay: float = 0.9, prior: Sequence[Sequence[float]] | None = None,
+                 packer: FramePacker | None = None) -> None:
         if policy in ("on-demand", "none") and prefetcher is not None:
             raise BadInputError("the on-demand cache does no prefetching; pass no prefetcher or another policy")
         self.index = index
@@ -75,7 +79,9 @@ class ExpertCache:
         self.policy_name = policy
         self.policy = make_policy(policy, index, self.slots, decay)
         self.counters = CacheCounters()
-        self._t = FrameTable(index, frames, self.policy, self.counters)
+        self._t = FrameTable(index, frames, self.policy, self.counters, packer)
+        self.packer = packer
+        self.packed: bool = packer is not None
         self.store = ExpertStore(folder, index)  # last of what can fail before the threads start
         self._cold = [index.cold(i) for i in range(len(index.top_k))]
         self._pinned: list[Spot] = []
@@ -109,6 +115,13 @@ class ExpertCache:
 
     def arrays(self, fmt: str) -> dict[str, np.ndarray]:
         return self._t.pools[fmt]
+
+    def expert(self, fmt: str, frame: int) -> PackedExpert:
+        """The packed session of an acquired frame (with a packer)."""
+        expert = self._t.packed[fmt][frame]
+        if expert is None:
+            raise BadInputError(f"frame {frame} of format {fmt} holds no packed expert; acquire it first")
+        return expert
 
     def acquire(self, layer: int, slots: Sequence[int]) -> dict[int, int]:
         """Pin experts ``(layer, s)`` in frames, reading what is missing, and return ``{slot: frame}``.
@@ -314,8 +327,12 @@ class ExpertCache:
         """Read one expert into its frame (outside the lock) and mark it ready, or record the failure."""
         fmt, idx, gen, key = job
         spot = (fmt, idx)
+        packed = None
         try:
-            n = self.store.read_into(key[0], key[1], self._t.views(spot))
+            views = self._t.views(spot)
+            n = self.store.read_into(key[0], key[1], views)
+            if self.packer is not None:
+                packed = self.packer.build(fmt, views)
         except Exception as e:  # kept and raised by the next acquire
             err = e if isinstance(e, BadInputError) else BadInputError(
                 f"reading layer {key[0]} slot {key[1]} from {self.store.path} failed: {e}")
@@ -329,6 +346,7 @@ class ExpertCache:
             fr = self._t.frame(spot)
             if fr.gen == gen:
                 fr.state = READY
+                self._t.packed[fmt][idx] = packed
                 self.policy.on_load(key)
             self.counters.loads += 1
             self.counters.bytes_read += n
@@ -439,15 +457,19 @@ class ExpertCache:
             self._swap_wanted = any(k not in self._t.where for k in want)
 
 
-def cache_source(budget_bytes: int, policy: str = "lru", prefetcher: Prefetcher | None = None,
+def cache_source(budget_bytes: int, policy: str = "lru", prefetcher: Prefetcher | None = None, *,
+                 packed: bool = True, threads: int | None = None,
                  **kw: Any) -> Callable[[OffloadIndex, Path], ExpertCache]:
     """A source factory for ``OffloadSession(artifact, source=...)``: an `ExpertCache` over the artifact
-    whose slot map (each layer's ``slot_of``) is read from the artifact's manifest."""
+    whose slot map (each layer's ``slot_of``) is read from the artifact's manifest; with `packed`, loaded
+    experts run as prepacked sessions of `threads` intra-op threads (default: the artifact's profile)."""
 
     def make(index: OffloadIndex, folder: Path) -> ExpertCache:
-        layers = read_manifest(folder, verify=False).get("layers") or []
+        manifest = read_manifest(folder, verify=False)
+        layers = manifest.get("layers") or []
         slot_of = [la["slot_of"] for la in layers] if all("slot_of" in la for la in layers) and layers else None
-        opts = {"prior": slot_importance(layers), **kw}  # a caller's prior wins
+        packer = FramePacker(index, folder, manifest.get("target"), threads) if packed else None
+        opts = {"prior": slot_importance(layers), "packer": packer, **kw}  # a caller's prior wins
         return ExpertCache(folder, index, budget_bytes, policy, prefetcher, slot_of=slot_of, **opts)
 
     return make

@@ -15,6 +15,7 @@ import numpy as np
 from moeopt.errors import BadInputError
 from moeopt.runtime.cache_policies import CachePolicy, Key
 from moeopt.runtime.offload_format import OffloadIndex
+from moeopt.runtime.packed_frames import FramePacker, PackedExpert
 
 EMPTY, QUEUED, LOADING, READY = range(4)
 Spot = tuple[str, int]  # (format, frame)
@@ -56,12 +57,20 @@ class Frame:
 
 
 class FrameTable:
-    """Pools (one per format, `frames_of` frames each) and the state of every frame."""
+    """Pools (one per format, `frames_of` frames each) and the state of every frame.
+
+    With a `packer`, each ready frame also has its `PackedExpert`, and the pools hold only the parts the
+    packed session reads at run time (the others are read into the packer's staging buffers).
+    """
 
     def __init__(self, index: OffloadIndex, frames_of: dict[str, int], policy: CachePolicy,
-                 counters: CacheCounters) -> None:
+                 counters: CacheCounters, packer: FramePacker | None = None) -> None:
         self.index, self.frames_of, self.policy, self.counters = index, frames_of, policy, counters
+        self.packer = packer
         self.pools = {f: index.formats[f].empty_pool(n) for f, n in frames_of.items()}
+        if packer is not None:
+            self.pools = {f: {k: v for k, v in pool.items() if k in packer.pooled(f)} for f, pool in self.pools.items()}
+        self.packed: dict[str, list[PackedExpert | None]] = {f: [None] * n for f, n in frames_of.items()}
         self.frames = {f: [Frame() for _ in range(n)] for f, n in frames_of.items()}
         self.where: dict[Key, Spot] = {}
 
@@ -79,13 +88,18 @@ class FrameTable:
         return spot[0], spot[1], self.frame(spot).gen, key
 
     def views(self, spot: Spot) -> list[np.ndarray]:
-        """The frame's slice of each part array, in format order (where a read lands)."""
-        return [a[spot[1]] for a in self.pools[spot[0]].values()]
+        """Where a read of the frame lands, one array per part in format order: the frame's slice of
+        each pool array, or (with a packer) this thread's staging buffer for a part ORT copies."""
+        fmt, idx = spot
+        pool = self.pools[fmt]
+        staging = self.packer.staging(fmt) if self.packer is not None else {}
+        return [pool[p.name][idx] if p.name in pool else staging[p.name] for p in self.index.formats[fmt].parts]
 
     def clear(self, spot: Spot, key: Key) -> None:
         """Empty a frame whose read will not happen or failed."""
         fr = self.frame(spot)
         fr.state, fr.key, fr.prefetched = EMPTY, None, False
+        self.packed[spot[0]][spot[1]] = None
         self.where.pop(key, None)
 
     def unpin(self, spots: list[Spot]) -> None:
@@ -121,5 +135,6 @@ class FrameTable:
             self.counters.evictions += 1
         fr = table[idx]
         fr.key, fr.gen, fr.prefetched, fr.state = key, fr.gen + 1, False, LOADING
+        self.packed[fmt][idx] = None  # frees the old expert's packed weights before the new one is built
         self.where[key] = (fmt, idx)
         return fmt, idx

@@ -24,6 +24,7 @@ from moeopt.errors import BadInputError
 from moeopt.runtime.expert_store import ExpertStore
 from moeopt.runtime.manifest import read_manifest
 from moeopt.runtime.offload_format import ExpertSource, OffloadIndex
+from moeopt.runtime.packed_frames import FramePacker, PackedExpert
 from moeopt.runtime.session import Session, session_options
 
 SourceFactory = Callable[[OffloadIndex, Path], ExpertSource]
@@ -32,10 +33,12 @@ SourceFactory = Callable[[OffloadIndex, Path], ExpertSource]
 class AllResident:
     """Every cold expert read once into pools with one frame per expert (an `ExpertSource` that never evicts).
 
-    The reference source: offload output with it must equal the resident artifact's.
+    The reference source: offload output with it must equal the resident artifact's. With `packed`
+    (default) every expert also gets its prepacked session (`packed_frames`), as `ExpertCache` builds them.
     """
 
-    def __init__(self, index: OffloadIndex, artifact: str | Path) -> None:
+    def __init__(self, index: OffloadIndex, artifact: str | Path, *, packed: bool = True,
+                 threads: int | None = None) -> None:
         self.index = index
         counts: dict[str, int] = {n: 0 for n in index.formats}
         self._frame: dict[tuple[int, int], int] = {}
@@ -43,14 +46,29 @@ class AllResident:
             rec = index.experts[key]
             self._frame[key] = counts[rec.format]
             counts[rec.format] += 1
-        self._pools = {n: fmt.empty_pool(counts[n]) for n, fmt in index.formats.items()}
+        self.packer = (FramePacker(index, artifact, read_manifest(artifact, verify=False).get("target"), threads)
+                       if packed else None)
+        self.packed = packed
+        pools = {n: fmt.empty_pool(counts[n]) for n, fmt in index.formats.items()}
+        if self.packer is not None:
+            pools = {n: {k: v for k, v in pool.items() if k in self.packer.pooled(n)} for n, pool in pools.items()}
+        self._pools = pools
+        self._experts: dict[tuple[str, int], PackedExpert] = {}
         with ExpertStore(artifact, index) as store:  # checks the file against the index first
             for (layer, slot), f in self._frame.items():
                 fmt = index.formats[index.experts[(layer, slot)].format]
-                store.read_into(layer, slot, [self._pools[fmt.name][p.name][f] for p in fmt.parts])
+                staging = self.packer.staging(fmt.name) if self.packer is not None else {}
+                views = [pools[fmt.name][p.name][f] if p.name in pools[fmt.name] else staging[p.name]
+                         for p in fmt.parts]
+                store.read_into(layer, slot, views)
+                if self.packer is not None:
+                    self._experts[(fmt.name, f)] = self.packer.build(fmt.name, views)
+
+    def expert(self, fmt: str, frame: int) -> PackedExpert:
+        return self._experts[(fmt, frame)]
 
     def frames(self, fmt: str) -> int:
-        return len(next(iter(self._pools[fmt].values()))) if self._pools[fmt] else 0
+        return sum(1 for rec in self.index.experts.values() if rec.format == fmt)
 
     def arrays(self, fmt: str) -> dict[str, np.ndarray]:
         return self._pools[fmt]
@@ -108,20 +126,24 @@ class OffloadSession(Session):
         sec = self.manifest["offload"]
         target = self.manifest.get("target", {})
         self.index = OffloadIndex.from_manifest(self.manifest)
-        self.segments = [(self._open(s["file"], target, threads), list(s["inputs"]), list(s["outputs"]))
-                         for s in sec["segments"]]
         self.layer_names: list[dict[str, str]] = list(sec["layers"])
         layers = self.manifest["layers"]
         self.default_masks = [np.asarray(la["keep_mask"], dtype=bool) for la in layers]
         self.slot_of = [np.asarray(la["slot_of"], dtype=np.int64) for la in layers]
         self.prefetch: dict[str, Any] | None = sec.get("prefetch")
         if source is None:
-            source = AllResident(self.index, self.path)
+            source = AllResident(self.index, self.path, threads=threads)
         elif isinstance(source, type) or not hasattr(source, "acquire"):  # a factory (a class is one too)
             source = source(self.index, self.path)  # type: ignore[operator]
         self.source: ExpertSource = source  # type: ignore[assignment]
         self.max_chunk = max_chunk
-        self.cold_sessions = {n: self._open_cold(n, sec["formats"][n], target, threads) for n in self.index.formats}
+        self.packed = bool(getattr(source, "packed", False))  # cold experts as prepacked sessions, or cold graphs
+        if self.packed:  # segment threads spinning after each run would take the cores from the experts' runs
+            target = {**target, "config": {**target.get("config", {}), "session.intra_op.allow_spinning": "0"}}
+        self.segments = [(self._open(s["file"], target, threads), list(s["inputs"]), list(s["outputs"]))
+                         for s in sec["segments"]]
+        self.cold_sessions = {} if self.packed else {
+            n: self._open_cold(n, sec["formats"][n], target, threads) for n in self.index.formats}
         self._cold = [self.index.cold(i) for i in range(len(self.layer_names))]
         self._hot = [set(h) for h in self.index.hot]
         self._pool_values: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
@@ -213,11 +235,10 @@ class OffloadSession(Session):
         where = self.source.acquire(layer, slots)
         t1 = time.perf_counter()
         try:
-            sw_cold = np.zeros((sw.shape[0], frames), dtype=np.float32)  # (N, frames)
-            for s in slots:
-                sw_cold[:, where[s]] = sw[:, s]
-            feeds = {"x": x, "sw": sw_cold, **self._pool(fmt)}
-            out: np.ndarray = self.cold_sessions[fmt].run(["y"], feeds)[0]
+            if self.packed:
+                out = self._packed(fmt, slots, where, x, sw)
+            else:
+                out = self._graph(fmt, slots, where, x, sw, frames)
         finally:
             self.source.release()
         t2 = time.perf_counter()
@@ -227,6 +248,28 @@ class OffloadSession(Session):
         self.timing.cold_experts += len(slots)
         return out
 
+
+    def _graph(self, fmt: str, slots: list[int], where: dict[int, int], x: np.ndarray, sw: np.ndarray,
+               frames: int) -> np.ndarray:
+        """One run of the format's cold graph over the whole pool, routing weights moved to the frames."""
+        sw_cold = np.zeros((sw.shape[0], frames), dtype=np.float32)  # (N, frames)
+        for s in slots:
+            sw_cold[:, where[s]] = sw[:, s]
+        out: np.ndarray = self.cold_sessions[fmt].run(["y"], {"x": x, "sw": sw_cold, **self._pool(fmt)})[0]
+        return out
+
+    def _packed(self, fmt: str, slots: list[int], where: dict[int, int], x: np.ndarray,
+                sw: np.ndarray) -> np.ndarray:
+        """Each expert's prepacked session on the tokens that chose it, weighted, summed in slot order."""
+        y = np.zeros_like(x)
+        for s in slots:
+            rows = np.flatnonzero(sw[:, s])
+            expert = self.source.expert(fmt, where[s])
+            if len(rows) == x.shape[0]:
+                y += expert.run(x, sw[:, s:s + 1])
+            else:
+                y[rows] += expert.run(x[rows], sw[rows, s:s + 1])
+        return y
 
     def close(self) -> None:
         """Stop the expert source's I/O threads and close its file (a cache holds both)."""

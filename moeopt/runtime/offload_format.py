@@ -174,11 +174,14 @@ class ExpertSource(Protocol):
 
     The driver, for each MoE layer with cold experts chosen by some token: splits the chosen cold slots
     by format and into chunks of at most ``frames(fmt)`` slots, calls ``acquire`` on a chunk (which
-    blocks until those experts are in frames and pins them), runs the format's cold graph on
-    ``arrays(fmt)`` with the routing weights moved to the returned frames, and calls ``release``.
+    blocks until those experts are in frames and pins them), computes them and calls ``release``. A
+    `packed` source computes each acquired expert with ``expert(fmt, frame)``, its prepacked session
+    (`moeopt.runtime.packed_frames`); otherwise the driver runs the format's cold graph on
+    ``arrays(fmt)`` with the routing weights moved to the returned frames.
     """
 
     index: OffloadIndex
+    packed: bool
 
     def frames(self, fmt: str) -> int:
         """Frames in the pool of format `fmt`."""
@@ -186,6 +189,10 @@ class ExpertSource(Protocol):
 
     def arrays(self, fmt: str) -> dict[str, np.ndarray]:
         """The pool of `fmt`: ``{part: (frames, *shape)}``, fed as the cold graph's weight inputs."""
+        ...
+
+    def expert(self, fmt: str, frame: int) -> Any:
+        """The `PackedExpert` in an acquired frame (packed sources only)."""
         ...
 
     def acquire(self, layer: int, slots: Sequence[int]) -> dict[int, int]:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from moeopt.runtime.offload_format import ExpertSource, OffloadIndex
+from moeopt.runtime.packed_frames import PackedExpert
 
 if TYPE_CHECKING:
     from moeopt.runtime.expert_cache import ExpertCache
@@ -202,6 +203,7 @@ class Recorder:
     def __init__(self, source: ExpertSource) -> None:
         self.source = source
         self.index: OffloadIndex = source.index
+        self.packed = source.packed
         self.trace: Trace = []
         self._clock = _StepClock()
 
@@ -216,6 +218,9 @@ class Recorder:
 
     def arrays(self, fmt: str) -> dict[str, np.ndarray]:
         return self.source.arrays(fmt)
+
+    def expert(self, fmt: str, frame: int) -> PackedExpert:
+        return self.source.expert(fmt, frame)
 
     def acquire(self, layer: int, slots: Sequence[int]) -> dict[int, int]:
         entries = self._at(layer)

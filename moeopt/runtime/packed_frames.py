@@ -1,0 +1,178 @@
+"""Cold experts run as prepacked one-expert ONNX Runtime sessions: the fast way to compute a loaded frame.
+
+Fed as graph inputs (the cold graph of `offload_format`), QMoE cannot prepack its weights and
+dequantizes every chosen expert on every call: about 13 ms per 4-bit expert of a 1B Mixtral layer
+(H=1024, I=2816) on 2 x86 threads, ten times the prepacked kernel (~1.3 ms, ONNX-NOTES.md). ORT exposes
+no API to prepack a tensor once and feed it later, so each loaded frame gets its own tiny session: the
+format's cold graph with one expert (k=1) whose weights are initializers handed over with
+``SessionOptions.add_initializer`` (no copy). Building it is part of a load (about 2 ms per MB of
+expert, on the thread that read the expert, so a prefetch hides it too).
+
+Which tensors the kernel prepacks - copies into its own buffers at session start - and which it reads
+at run time is ORT's business (1.32: QMoE copies ``fc1``/``fc2`` and reads scales and zero points).
+`FramePacker` measures it once per format (`probe`): a part whose later change does not change the
+output is *copied*. Copied parts need no frame memory: they are read into a per-thread staging buffer,
+packed, and the buffer is reused, so a frame costs the kept parts plus ORT's packed copy, about one
+record. Sessions run without spinning threads (hundreds of idle sessions must not burn the cores) and
+without ORT's memory arena, and glibc is told to mmap every allocation of 1 MiB or more
+(`return_freed_memory`): evicting an expert then gives its packed weights back to the OS at once. Without
+that, glibc's heap kept the freed weights, and RSS grew with every eviction (measured on the ~1B model:
+11 MB per live expert after 112 loads through 20 frames, against 5.6 MB with it; a record is 4.7 MB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeopt.errors import BadInputError
+from moeopt.runtime.offload_format import OffloadIndex, PoolFormat
+
+
+def return_freed_memory() -> bool:
+    """glibc only: serve allocations of 1 MiB or more by mmap, so freeing one returns it to the OS.
+
+    glibc raises its mmap threshold after each large free and serves later large blocks from the heap,
+    which does not shrink; a cache that builds and drops packed experts all the time then holds far
+    more than its frames. Process-wide; returns whether it applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 20))
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+
+
+@dataclass
+class PackedExpert:
+    """One loaded expert: its session, and the OrtValues over frame memory it still reads at run time."""
+
+    session: Any
+    values: list[Any]
+
+    def run(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(N, H) tokens, (N, 1) routing weights -> (N, H) weighted expert output."""
+        out: np.ndarray = self.session.run(["y"], {"x": x, "sw": w})[0]
+        return out
+
+
+class FramePacker:
+    """Builds `PackedExpert`s for the formats of an offload artifact.
+
+    Args:
+        index: the artifact's offload index.
+        folder: the artifact folder (holds each format's cold graph).
+        target: the manifest's target profile (providers, optimisation level).
+        threads: intra-op threads of each expert session (default: the profile's).
+    """
+
+    def __init__(self, index: OffloadIndex, folder: str | Path, target: dict[str, Any] | None = None,
+                 threads: int | None = None) -> None:
+        return_freed_memory()
+        self.index = index
+        self.target = dict(target or {})
+        self.threads = int(threads if threads is not None else self.target.get("intra_op_threads", 0))
+        self._proto = {n: self._one_expert_graph(fmt, Path(folder) / fmt.graph) for n, fmt in index.formats.items()}
+        self.copied = {n: self.probe(n) for n in index.formats}
+        self._local = threading.local()
+
+    @staticmethod
+    def _one_expert_graph(fmt: PoolFormat, path: Path) -> bytes:
+        """The cold graph with k=1 and each part as a (1, *shape) initializer placeholder."""
+        import onnx
+        from onnx import numpy_helper
+
+        if not path.is_file():
+            raise BadInputError(f"cold graph {path} of offload format {fmt.name} is missing")
+        model = onnx.load(str(path))
+        names = {p.name for p in fmt.parts}
+        for node in model.graph.node:
+            for a in node.attribute:
+                if a.name == "k" and node.domain == "com.microsoft":
+                    a.i = 1
+        kept = [i for i in model.graph.input if i.name not in names]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        for p in fmt.parts:  # replaced by add_initializer; a placeholder keeps the graph valid
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, *p.shape), p.dtype), p.name))
+        return bytes(model.SerializeToString())
+
+    def _options(self) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one node: nothing to fuse
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.enable_cpu_mem_arena = False  # a session's arena outlives its runs: hundreds of them add up
+        return so
+
+    def build(self, fmt: str, views: Sequence[np.ndarray]) -> PackedExpert:
+        """A session for the expert whose parts are `views` (format order, one expert each)."""
+        sess, values = self._session(fmt, views)
+        kept = [v for p, v in zip(self.index.formats[fmt].parts, values, strict=True) if p.name not in self.copied[fmt]]
+        return PackedExpert(sess, kept)
+
+    def _session(self, fmt: str, views: Sequence[np.ndarray]) -> tuple[Any, list[Any]]:
+        import onnxruntime as ort
+
+        so = self._options()
+        values = []
+        for p, v in zip(self.index.formats[fmt].parts, views, strict=True):
+            values.append(ort.OrtValue.ortvalue_from_numpy(v.reshape((1, *p.shape))))  # wraps, no copy
+            so.add_initializer(p.name, values[-1])
+        sess = ort.InferenceSession(self._proto[fmt], so,
+                                    providers=self.target.get("providers", ["CPUExecutionProvider"]))
+        return sess, values
+
+    def probe(self, fmt: str) -> frozenset[str]:
+        """The parts of `fmt` that ORT copies at session start (changing them later changes nothing)."""
+        pf = self.index.formats[fmt]
+        rng = np.random.default_rng(0)
+        views = [(rng.random(p.shape, dtype=np.float32) * 0.01).astype(p.dtype) if np.dtype(p.dtype).kind == "f"
+                 else rng.integers(0, 256, p.shape).astype(p.dtype) for p in pf.parts]
+        sess, values = self._session(fmt, views)  # `values` keeps every part alive while probing
+        expert = PackedExpert(sess, values)
+        hidden = self.hidden(fmt)
+        x = rng.standard_normal((2, hidden), dtype=np.float32)
+        w = np.ones((2, 1), dtype=np.float32)
+        base = expert.run(x, w)
+        copied = set()
+        for v, p in zip(views, pf.parts, strict=True):
+            saved = v.copy()
+            v[...] = 0 if np.dtype(p.dtype).kind == "f" else 7
+            if np.array_equal(expert.run(x, w), base):
+                copied.add(p.name)
+            v[...] = saved
+        return frozenset(copied)
+
+    def hidden(self, fmt: str) -> int:
+        """The hidden size H of format `fmt` (its graph input x is (N, H))."""
+        import onnx
+
+        model = onnx.load_from_string(self._proto[fmt])
+        x = next(i for i in model.graph.input if i.name == "x")
+        return int(x.type.tensor_type.shape.dim[1].dim_value)
+
+    def staging(self, fmt: str) -> dict[str, np.ndarray]:
+        """This thread's buffers for the copied parts of `fmt` (a read lands there, then is packed)."""
+        bufs: dict[str, dict[str, np.ndarray]] = self._local.__dict__.setdefault("bufs", {})
+        if fmt not in bufs:
+            bufs[fmt] = {p.name: np.zeros(p.shape, p.dtype) for p in self.index.formats[fmt].parts
+                         if p.name in self.copied[fmt]}
+        return bufs[fmt]
+
+    def pooled(self, fmt: str) -> tuple[str, ...]:
+        """The parts of `fmt` a frame must keep (ORT reads them at run time)."""
+        return tuple(p.name for p in self.index.formats[fmt].parts if p.name not in self.copied[fmt])

@@ -1,0 +1,79 @@
+"""Cold experts as prepacked one-expert sessions (`moeopt.runtime.packed_frames`).
+
+The packed path must compute what the cold graph over the pool computes (logits within 1e-5, greedy
+tokens identical), for quantized formats (QMoE, 4- and 2-bit) and float ones (MoE), with the all-resident
+source and a small cache that evicts. What the probe says ORT copies must really be copied: a frame keeps
+only the other parts, and overwriting the staging buffer after a build changes no output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeopt.runtime import OffloadSession, cache_source
+from moeopt.runtime.offload import AllResident
+from moeopt.runtime.offload_format import OffloadIndex
+from moeopt.runtime.packed_frames import FramePacker
+from tests.lower_helpers import left_padded_batch, manifest
+from tests.test_offload_lower import STEPS, TOL, _built
+
+ARTIFACTS = [("q48-hot0", True, 0), ("float-hot1", False, 1)]
+
+
+def _decode(sess: OffloadSession) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for lengths in ([6], [9, 4]):
+        ids, mask = left_padded_batch(lengths)
+        g = sess.generate(ids, STEPS, attention_mask=mask, stop_tokens=(), keep_logits=True)
+        out.append((g.sequences, np.stack(g.step_logits)))
+    return out
+
+
+@pytest.mark.parametrize(("name", "quantized", "hot"), ARTIFACTS)
+def test_packed_equals_cold_graph(tmp_path_factory: pytest.TempPathFactory, name: str, quantized: bool,
+                                  hot: int) -> None:
+    art = _built(name, quantized, tmp_path_factory, experts="offload", hot=hot)
+    index = OffloadIndex.from_manifest(manifest(art))
+    graph = OffloadSession(art, source=lambda i, p: AllResident(i, p, packed=False))
+    assert not graph.packed and graph.cold_sessions
+    want = _decode(graph)
+    for source in (lambda i, p: AllResident(i, p), cache_source(index.min_budget(), "lru")):
+        with OffloadSession(art, source=source) as sess:
+            assert sess.packed and not sess.cold_sessions  # no cold graph is opened
+            for (ws, wl), (gs, gl) in zip(want, _decode(sess), strict=True):
+                assert np.array_equal(gs, ws)
+                assert np.abs(gl - wl).max() <= TOL
+
+
+def test_probe_finds_what_ort_copies(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """4-bit QMoE prepacks its weights (copied) and reads scales at run time (2-bit QMoE prepacks
+    nothing in ORT 1.32); the cache pools keep only what is read at run time, and a build survives its
+    staging buffer being overwritten."""
+    art = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = OffloadIndex.from_manifest(manifest(art))
+    packer = FramePacker(index, art, threads=1)
+    assert any("4bit" in name for name in index.formats)
+    for name, fmt in index.formats.items():
+        weights = {p.name for p in fmt.parts if p.dtype == "uint8" and "zero" not in p.name}
+        if "4bit" in name:
+            assert weights and weights <= packer.copied[name], (name, packer.copied[name])
+        assert set(packer.pooled(name)) == {p.name for p in fmt.parts} - packer.copied[name]
+        assert any("scales" in p for p in packer.pooled(name))  # read at run time in every format
+    with cache_source(index.min_budget(), "lru")(index, Path(art)) as cache:
+        for name in index.formats:
+            assert set(cache.arrays(name)) == set(packer.pooled(name))
+        (layer, slot), rec = next((k, r) for k, r in index.experts.items() if packer.copied[r.format])
+        where = cache.acquire(layer, [slot])
+        expert = cache.expert(rec.format, where[slot])
+        x = np.random.default_rng(0).standard_normal((3, packer.hidden(rec.format)), dtype=np.float32)
+        w = np.full((3, 1), 0.5, dtype=np.float32)
+        before = expert.run(x, w)
+        for buf in cache.packer.staging(rec.format).values():  # type: ignore[union-attr]
+            buf[...] = 3
+        np.testing.assert_array_equal(expert.run(x, w), before)
+        assert np.abs(before).max() > 0
+        cache.release()
+
