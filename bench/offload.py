@@ -209,15 +209,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     runs = [r for r in result["runs"] if "error" not in r]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for m in METHODS:
+    for i, m in enumerate(METHODS):
         rs = sorted((r for r in runs if r["method"] == m), key=lambda r: r["budget_fraction"])
         if not rs:
             continue
         x = [100 * r["budget_fraction"] for r in rs]
-        a1.plot(x, [r["decode_tok_s"] for r in rs], marker="o", label=m)
-        a2.plot(x, [r["peak_rss_mb"] for r in rs], marker="o", label=m)
-        if m != "resident":
-            a3.plot(x, [r["counters"]["hits"] / max(1, r["counters"]["acquired"]) for r in rs], marker="o", label=m)
+        style = {"marker": "o", "label": m, "color": f"C{i}"}  # one colour per method in every panel
+        a1.plot(x, [r["decode_tok_s"] for r in rs], **style)
+        a2.plot(x, [r["peak_rss_mb"] for r in rs], **style)
+        if m != "resident":  # hits over hits + misses (the committee's warm-up reads count as misses)
+            a3.plot(x, [r["counters"]["hits"] / max(1, r["counters"]["hits"] + r["counters"]["misses"])
+                        for r in rs], **style)
     a1.set(xlabel="expert budget (% of offloaded expert bytes)", ylabel="decode tokens/s", title="decode speed")
     a2.set(xlabel="expert budget (%)", ylabel="peak RSS (MB)", title="peak memory")
     a3.set(xlabel="expert budget (%)", ylabel="hit rate", title="cache hit rate")
@@ -240,12 +242,16 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--kernel", default="packed", choices=("packed", "graph"),
                     help="cold experts as prepacked one-expert sessions, or the cold graph over the pool")
+    ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out = args.out / args.model
     if args.child:
         print(json.dumps(run_child(args, args.child[0], float(args.child[1]))))
+        return
+    if args.replot:
+        plot(json.loads((args.out / "offload.json").read_text()), args.out / "offload.png")
         return
     t_start = time.perf_counter()
     art = build(args)
