@@ -225,3 +225,17 @@ def test_cli_plan(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 2 and err.count("\n") == 1 and "expected a size in bytes" in err
     code, _, err = run_cli("plan", str(tiny_ckpt), "--budget", "1KB", "--profile", str(prof), capsys=capsys)
     assert code == 2 and err.count("\n") == 1 and "minimum is 36864 bytes" in err
+
+
+def test_packing_time_adds_to_every_miss(tiny_ckpt: Path) -> None:
+    """A loaded cold expert is prepacked before it runs: the profile's packing time is part of a miss."""
+    from moeopt.passes.plan import build_problem
+
+    model = moeopt.load(tiny_ckpt)
+    sizes = slot_bytes(model, None)
+    shares = [[1 / len(row)] * len(row) for row in sizes]
+    base = build_problem(model, shares, sizes, PROFILE)
+    packed = build_problem(model, shares, sizes, {**PROFILE, "pack_s_per_expert": 2e-3})
+    for a, b in zip(base.read_s, packed.read_s, strict=True):
+        assert b == pytest.approx(tuple(x + 2e-3 for x in a))  # same expert shape as the profile: scale 1
+    assert packed.cold_s == base.cold_s and packed.resident_s == base.resident_s

@@ -70,7 +70,7 @@ class PlanProblem:
     """What the planner optimises over; every list is per MoE layer (per slot inside).
 
     rates: uses per token of each slot (top_k x routing share); nbytes: bytes of each expert in memory
-    (a hot expert and a cache frame alike); read_s: seconds to read each expert's record on a miss.
+    (a hot expert and a cache frame alike); read_s: seconds to read and prepack each expert on a miss.
     """
 
     rates: tuple[tuple[float, ...], ...]
