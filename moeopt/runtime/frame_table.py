@@ -15,7 +15,7 @@ import numpy as np
 from moeopt.errors import BadInputError
 from moeopt.runtime.cache_policies import CachePolicy, Key
 from moeopt.runtime.offload_format import OffloadIndex
-from moeopt.runtime.packed_frames import FramePacker, PackedExpert
+from moeopt.runtime.packed_frames import FramePacker, PackedExpert, frame_pool, frame_views
 
 EMPTY, QUEUED, LOADING, READY = range(4)
 Spot = tuple[str, int]  # (format, frame)
@@ -67,9 +67,7 @@ class FrameTable:
                  counters: CacheCounters, packer: FramePacker | None = None) -> None:
         self.index, self.frames_of, self.policy, self.counters = index, frames_of, policy, counters
         self.packer = packer
-        self.pools = {f: index.formats[f].empty_pool(n) for f, n in frames_of.items()}
-        if packer is not None:
-            self.pools = {f: {k: v for k, v in pool.items() if k in packer.pooled(f)} for f, pool in self.pools.items()}
+        self.pools = {f: frame_pool(index.formats[f], n, packer) for f, n in frames_of.items()}
         self.packed: dict[str, list[PackedExpert | None]] = {f: [None] * n for f, n in frames_of.items()}
         self.frames = {f: [Frame() for _ in range(n)] for f, n in frames_of.items()}
         self.where: dict[Key, Spot] = {}
@@ -91,9 +89,7 @@ class FrameTable:
         """Where a read of the frame lands, one array per part in format order: the frame's slice of
         each pool array, or (with a packer) this thread's staging buffer for a part ORT copies."""
         fmt, idx = spot
-        pool = self.pools[fmt]
-        staging = self.packer.staging(fmt) if self.packer is not None else {}
-        return [pool[p.name][idx] if p.name in pool else staging[p.name] for p in self.index.formats[fmt].parts]
+        return frame_views(self.index.formats[fmt], self.pools[fmt], idx, self.packer)
 
     def clear(self, spot: Spot, key: Key) -> None:
         """Empty a frame whose read will not happen or failed."""

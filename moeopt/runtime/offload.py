@@ -24,7 +24,7 @@ from moeopt.errors import BadInputError
 from moeopt.runtime.expert_store import ExpertStore
 from moeopt.runtime.manifest import read_manifest
 from moeopt.runtime.offload_format import ExpertSource, OffloadIndex
-from moeopt.runtime.packed_frames import FramePacker, PackedExpert
+from moeopt.runtime.packed_frames import FramePacker, PackedExpert, frame_pool, frame_views
 from moeopt.runtime.session import Session, session_options
 
 SourceFactory = Callable[[OffloadIndex, Path], ExpertSource]
@@ -49,17 +49,13 @@ class AllResident:
         self.packer = (FramePacker(index, artifact, read_manifest(artifact, verify=False).get("target"), threads)
                        if packed else None)
         self.packed = packed
-        pools = {n: fmt.empty_pool(counts[n]) for n, fmt in index.formats.items()}
-        if self.packer is not None:
-            pools = {n: {k: v for k, v in pool.items() if k in self.packer.pooled(n)} for n, pool in pools.items()}
-        self._pools = pools
+        self._counts = counts
+        self._pools = {n: frame_pool(fmt, counts[n], self.packer) for n, fmt in index.formats.items()}
         self._experts: dict[tuple[str, int], PackedExpert] = {}
         with ExpertStore(artifact, index) as store:  # checks the file against the index first
             for (layer, slot), f in self._frame.items():
                 fmt = index.formats[index.experts[(layer, slot)].format]
-                staging = self.packer.staging(fmt.name) if self.packer is not None else {}
-                views = [pools[fmt.name][p.name][f] if p.name in pools[fmt.name] else staging[p.name]
-                         for p in fmt.parts]
+                views = frame_views(fmt, self._pools[fmt.name], f, self.packer)
                 store.read_into(layer, slot, views)
                 if self.packer is not None:
                     self._experts[(fmt.name, f)] = self.packer.build(fmt.name, views)
@@ -68,7 +64,7 @@ class AllResident:
         return self._experts[(fmt, frame)]
 
     def frames(self, fmt: str) -> int:
-        return sum(1 for rec in self.index.experts.values() if rec.format == fmt)
+        return self._counts[fmt]
 
     def arrays(self, fmt: str) -> dict[str, np.ndarray]:
         return self._pools[fmt]

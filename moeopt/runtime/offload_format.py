@@ -32,7 +32,7 @@ Manifest section ``"offload"`` (written by the lowering, read by `OffloadIndex.f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,9 +82,11 @@ class PoolFormat:
         """Bytes one expert takes in the file (page-aligned)."""
         return page_align(self.expert_bytes, self.page)
 
-    def empty_pool(self, frames: int) -> dict[str, np.ndarray]:
-        """Zeroed pool arrays ``{part: (frames, *shape)}``; a zero frame computes 0 at weight 0."""
-        return {p.name: np.zeros((frames, *p.shape), dtype=p.dtype) for p in self.parts}
+    def empty_pool(self, frames: int, only: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """Zeroed pool arrays ``{part: (frames, *shape)}`` of every part, or of the parts named in `only`;
+        a zero frame computes 0 at weight 0."""
+        return {p.name: np.zeros((frames, *p.shape), dtype=p.dtype) for p in self.parts
+                if only is None or p.name in only}
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "graph": self.graph, "record_bytes": self.record_bytes,

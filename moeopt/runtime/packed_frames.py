@@ -176,3 +176,17 @@ class FramePacker:
     def pooled(self, fmt: str) -> tuple[str, ...]:
         """The parts of `fmt` a frame must keep (ORT reads them at run time)."""
         return tuple(p.name for p in self.index.formats[fmt].parts if p.name not in self.copied[fmt])
+
+
+def frame_pool(fmt: PoolFormat, frames: int, packer: FramePacker | None) -> dict[str, np.ndarray]:
+    """Zeroed pool arrays ``{part: (frames, *shape)}`` of `fmt`: every part, or with a packer only the
+    parts its sessions read at run time (the copied ones go through the packer's staging buffers)."""
+    return fmt.empty_pool(frames, packer.pooled(fmt.name) if packer is not None else None)
+
+
+def frame_views(fmt: PoolFormat, pool: dict[str, np.ndarray], frame: int,
+                packer: FramePacker | None) -> list[np.ndarray]:
+    """Where a read of expert `frame` of `pool` lands, one array per part in format order: the frame's
+    slice of each pool array, or (with a packer) this thread's staging buffer for a part ORT copies."""
+    staging = packer.staging(fmt.name) if packer is not None else {}
+    return [pool[p.name][frame] if p.name in pool else staging[p.name] for p in fmt.parts]
