@@ -152,22 +152,11 @@ def _one_node_model(hidden: int, intermediate: int, bits: int | None, glu: bool,
     return bytes(helper.make_model(graph, opset_imports=opsets).SerializeToString())
 
 
-def time_expert(hidden: int, intermediate: int, bits: int | None, glu: bool, *, cold: bool, block: int = 32,
-                threads: int = 1, repeats: int = 30, seed: int = 0) -> float:
-    """Median seconds for one token through one expert (k=1) of a one-node QMoE/MoE model: a resident
-    layer's node (two experts), or with `cold` a loaded cold expert's one-expert session."""
-    return _time_expert(hidden, intermediate, bits, glu, block, 1 if cold else 2, threads, repeats, seed)[0]
-
-
-def time_pack(hidden: int, intermediate: int, bits: int | None, glu: bool, *, block: int = 32, threads: int = 1,
-              repeats: int = 5, seed: int = 0) -> float:
-    """Median seconds to build a loaded cold expert's one-expert session (the prepacking of its weights)."""
-    return _time_expert(hidden, intermediate, bits, glu, block, 1, threads, 1, seed, builds=repeats)[1]
-
-
-def _time_expert(hidden: int, intermediate: int, bits: int | None, glu: bool, block: int, experts: int,
-                 threads: int, repeats: int, seed: int, builds: int = 1) -> tuple[float, float]:
-    """(median run seconds, median session build seconds) of a one-node model with `experts` experts."""
+def time_expert(hidden: int, intermediate: int, bits: int | None, glu: bool, block: int, experts: int,
+                threads: int, repeats: int, seed: int, builds: int = 1) -> tuple[float, float]:
+    """(median seconds for one token through expert 0, median session build seconds) of a one-node
+    QMoE/MoE model with `experts` experts: two for a resident layer's node, one for a loaded cold
+    expert's own session (whose build is the prepacking every load pays)."""
     import onnxruntime as ort
 
     model = _one_node_model(hidden, intermediate, bits, glu, block, experts, seed)
@@ -212,13 +201,12 @@ def measure_profile(hidden: int, intermediate: int, bits: int | None, glu: bool,
     block = block_for(hidden, intermediate) if bits is not None else 0
     nbytes = expert_bytes(hidden, intermediate, bits, glu, block or 32)
     bandwidth, dropped = measure_read_bandwidth(nbytes, file_bytes=file_bytes, folder=folder, seed=seed)
-    kw: dict[str, Any] = {"block": block or 32, "threads": threads, "repeats": repeats, "seed": seed}
+    resident_s = time_expert(hidden, intermediate, bits, glu, block or 32, 2, threads, repeats, seed)[0]
+    cold_s, pack_s = time_expert(hidden, intermediate, bits, glu, block or 32, 1, threads, repeats, seed, builds=5)
     return {
         "format": PROFILE_FORMAT, "version": PROFILE_VERSION,
         "read_bandwidth": bandwidth, "page_cache_dropped": dropped,
-        "resident_s_per_expert": time_expert(hidden, intermediate, bits, glu, cold=False, **kw),
-        "cold_s_per_expert": time_expert(hidden, intermediate, bits, glu, cold=True, **kw),
-        "pack_s_per_expert": time_pack(hidden, intermediate, bits, glu, block=block or 32, threads=threads, seed=seed),
+        "resident_s_per_expert": resident_s, "cold_s_per_expert": cold_s, "pack_s_per_expert": pack_s,
         "expert": {"hidden": hidden, "intermediate": intermediate, "bits": bits, "glu": glu, "block_size": block,
                    "expert_bytes": nbytes, "record_bytes": page_align(nbytes)},
         "threads": threads, "host": f"{platform.system()} {platform.machine()} {platform.processor()}".strip(),
