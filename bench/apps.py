@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import reference_parser  # bench/common.py (the script's folder is on sys.path)
 
 import moeopt
-from moeopt.data.apps import APPS, default_data_root
-from moeopt.demo import REFERENCE
+from moeopt.data.apps import APPS
 from moeopt.eval import evaluate
 from moeopt.passes.calib import load_tokenizer
 from moeopt.tune import extract, plug, read_meta
@@ -192,10 +192,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REFERENCE)
-    p.add_argument("--data", type=Path, default=default_data_root())
-    p.add_argument("--out", type=Path, default=Path("bench/results/apps"))
+    p = reference_parser(__doc__, "bench/results/apps")
     p.add_argument("--apps", default="all", help="'all' or comma-separated app names")
     p.add_argument("--keep", type=float, default=0.3, help="share of routed experts kept as hot slots in a proxy")
     p.add_argument("--steps", type=int, default=150, help="LoRA steps of each tuning")

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import reference_parser  # bench/common.py (the script's folder is on sys.path)
 
 import moeopt
-from moeopt.data.apps import APPS, default_data_root
-from moeopt.demo import REFERENCE
+from moeopt.data.apps import APPS
 from moeopt.eval import evaluate
 from moeopt.passes import PassManager
 from moeopt.passes.calib import load_tokenizer
@@ -146,10 +146,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REFERENCE)
-    p.add_argument("--data", type=Path, default=default_data_root())
-    p.add_argument("--out", type=Path, default=Path("bench/results/compression"))
+    p = reference_parser(__doc__, "bench/results/compression")
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--settings", type=lambda s: s.split(","), default=["per-app", "global"])

@@ -7,28 +7,23 @@ against the importance measured by running the whole model), per app.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
+from common import reference_parser  # bench/common.py (the script's folder is on sys.path)
 from scipy.stats import spearmanr
 
 import moeopt
-from moeopt.data.apps import APPS, default_data_root
-from moeopt.demo import REFERENCE
+from moeopt.data.apps import APPS
 from moeopt.passes import PassContext, PassManager
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REFERENCE)
-    p.add_argument("--data", type=Path, default=default_data_root())
+    p = reference_parser(__doc__, "bench/results/predictor.json")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens per app")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--out", type=Path, default=Path("bench/results/predictor.json"))
     a = p.parse_args()
     torch.set_num_threads(2)
     base = moeopt.load(a.model)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import reference_parser  # bench/common.py (the script's folder is on sys.path)
 
 import moeopt
-from moeopt.data.apps import APPS, default_data_root
-from moeopt.demo import REFERENCE
+from moeopt.data.apps import APPS
 from moeopt.eval import evaluate
 from moeopt.passes import PassContext, PassManager
 from moeopt.passes.calib import load_tokenizer
@@ -162,10 +162,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REFERENCE)
-    p.add_argument("--data", type=Path, default=default_data_root())
-    p.add_argument("--out", type=Path, default=Path("bench/results/quantize"))
+    p = reference_parser(__doc__, "bench/results/quantize")
     p.add_argument("--pre", default="", help="compression pipeline to run before quantizing (e.g. prune/merge)")
     p.add_argument("--calib", default=None, help="quantize's calib option (default: news train + every app's train)")
     p.add_argument("--calib-tokens", type=int, default=8192)
