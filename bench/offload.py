@@ -251,6 +251,8 @@ def main() -> None:
         print(json.dumps(run_child(args, args.child[0], float(args.child[1]))))
         return
     if args.replot:
+        if not (args.out / "offload.json").is_file():
+            ap.error(f"--replot: {args.out / 'offload.json'} does not exist; run the bench first")
         plot(json.loads((args.out / "offload.json").read_text()), args.out / "offload.png")
         return
     t_start = time.perf_counter()

@@ -214,7 +214,8 @@ def measure_profile(hidden: int, intermediate: int, bits: int | None, glu: bool,
 
 
 def check_profile(profile: Any, where: str = "profile") -> dict[str, Any]:
-    """The profile if it has every key the planner reads, with positive numbers; else a BadInputError."""
+    """The profile if it has every key the planner reads, with positive numbers (the optional packing time
+    may be 0); else a BadInputError."""
     if not isinstance(profile, dict):
         raise BadInputError(f"{where}: a target profile is a JSON object")
     missing = [k for k in REQUIRED if k not in profile]
@@ -224,6 +225,9 @@ def check_profile(profile: Any, where: str = "profile") -> dict[str, Any]:
         v = profile[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
             raise BadInputError(f"{where}: target profile '{key}' must be a positive number, got {v!r}")
+    pack = profile.get("pack_s_per_expert", 0.0)  # optional: older profiles lack it
+    if isinstance(pack, bool) or not isinstance(pack, (int, float)) or not 0 <= pack < float("inf"):
+        raise BadInputError(f"{where}: target profile 'pack_s_per_expert' must be a number >= 0, got {pack!r}")
     exp = profile["expert"]
     dims = ("hidden", "intermediate")
     if not isinstance(exp, dict) or not all(isinstance(exp.get(k), int) and exp[k] > 0 for k in dims):

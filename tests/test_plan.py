@@ -206,6 +206,10 @@ def test_measure_profile_tiny(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"read_bandwidth": -1}))
     with pytest.raises(BadInputError, match="lacks"):
         load_profile(tmp_path / "bad.json")
+    for pack in ("soon", -1e-3, float("nan")):
+        (tmp_path / "bad.json").write_text(json.dumps({**PROFILE, "pack_s_per_expert": pack}))
+        with pytest.raises(BadInputError, match="pack_s_per_expert"):
+            load_profile(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(BadInputError, match="not a target profile"):
         load_profile(tmp_path / "bad.json")
