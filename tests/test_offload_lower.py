@@ -55,7 +55,7 @@ def _model(quantized: bool, factory: pytest.TempPathFactory, predictor: bool = F
         PassManager(MIXED, verify_each=True).run(model)
     if predictor:  # an untrained routing predictor: hints are wrong but well-formed, and must not change outputs
         torch.manual_seed(0)
-        model.predictor = RoutingPredictor(4, [4], 8).eval()
+        model.predictor = RoutingPredictor(model.config.hidden_size, [4], 8, "hidden").eval()
     return model
 
 

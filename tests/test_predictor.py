@@ -39,8 +39,33 @@ def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
     model.save(tmp_path / "ck")
     again = moeopt.load(tmp_path / "ck")
     assert again.predictor is not None
-    x = torch.randn(5, 6)
-    assert torch.equal(again.predictor(x)[0], model.predictor(x)[0])  # type: ignore[misc]
+    assert again.predictor.source == "hidden" and again.predictor.in_features == model.config.hidden_size
+    x = torch.randn(5, again.predictor.in_features)
+    assert torch.equal(again.predictor(x)[0], model.predictor(x)[0])  # type: ignore[union-attr]
+
+
+def test_logits_input_is_litemoe_and_old_checkpoints_still_load(tmp_path: Path) -> None:
+    """input=logits reads the first router's (N, E) logits; a checkpoint written before the input
+    option (meta with in_experts, no source) loads as a logits predictor; an unknown source is refused."""
+    model = moeopt.load(tiny_model("mixtral"))
+    calib = _calib(tmp_path / "c.jsonl")
+    PassManager(f"predictor{{calib={calib},seq-len=32,steps=5,input=logits}}").run(model)
+    pred = model.predictor
+    assert pred is not None and pred.source == "logits" and pred.in_features == model.layers[0].router.num_experts
+    model.save(tmp_path / "ck")
+    meta_path = tmp_path / "ck" / "moeopt.json"
+    meta = json.loads(meta_path.read_text())
+    old = {"in_experts": pred.in_features, "out_experts": pred.out_experts, "hidden": pred.hidden}
+    meta_path.write_text(json.dumps({**meta, "predictor": old}))
+    again = moeopt.load(tmp_path / "ck")
+    assert again.predictor is not None and again.predictor.source == "logits"
+    x = torch.randn(4, pred.in_features)
+    assert torch.equal(again.predictor(x)[0], pred(x)[0])
+    meta_path.write_text(json.dumps({**meta, "predictor": {**old, "source": "tokens"}}))
+    with pytest.raises(moeopt.BadInputError, match="predictor input must be one of hidden, logits"):
+        moeopt.load(tmp_path / "ck")
+    with pytest.raises(moeopt.BadInputError, match="input"):
+        PassManager(f"predictor{{calib={calib},input=router}}").run(model)
 
 
 def test_importance_from_predictor_runs_only_the_first_router(tmp_path: Path) -> None:

@@ -138,6 +138,31 @@ def test_prefetch_casts_half_logits_to_float() -> None:
         _same_sets(ids, ref[j])
 
 
+def test_hidden_state_predictor_reads_the_layer_input() -> None:
+    """source=hidden: no softmax, the (B, T, D) layer input feeds fc1; float16 input is cast first."""
+    d = 12
+    torch.manual_seed(8)
+    pred = RoutingPredictor(d, [8, 6], HIDDEN, "hidden").eval()
+    for dtype, np_dtype in ((ir.DataType.FLOAT, np.float32), (ir.DataType.FLOAT16, np.float16)):
+        x = ir.Value(name="moe0.x", shape=ir.Shape(["B", "T", d]), type=ir.TensorType(dtype))
+        graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="g")
+        model = ir.Model(graph, ir_version=10)
+        outputs = add_prefetch_outputs(graph, x, pred, top=2)
+        assert not any(n.op_type == "Softmax" for n in graph)
+        xs = np.random.default_rng(9).normal(0, 1, (3, 5, d)).astype(np_dtype)  # (B, T, D)
+        got = _run(model, {"moe0.x": xs}, list(outputs.values()))
+        with torch.no_grad():
+            outs = pred(torch.from_numpy(xs.astype(np.float32)).reshape(-1, d))
+        hints = prefetch_hints_numpy(xs, pred, 2)
+        for (j, ids), o in zip(zip(outputs, got, strict=True), outs, strict=True):
+            assert ids.shape == (3, 5, 2)
+            _same_sets(ids.reshape(-1, 2), o.topk(2, dim=-1).indices.numpy())
+            _same_sets(hints[j].reshape(-1, 2), o.topk(2, dim=-1).indices.numpy())
+    with pytest.raises(BadInputError, match=r"has 8 features, the predictor reads 12 \(hidden size\)"):
+        other, logits0 = _input_graph()
+        add_prefetch_outputs(other.graph, logits0, pred, top=2)
+
+
 def test_prefetch_rejects_bad_inputs() -> None:
     pred = _predictor()
     model, logits0 = _input_graph()
@@ -145,7 +170,7 @@ def test_prefetch_rejects_bad_inputs() -> None:
         add_prefetch_outputs(model.graph, logits0, pred, top=2, keep_masks=_masks()[1:])
     with pytest.raises(BadInputError, match="top must be"):
         add_prefetch_outputs(model.graph, logits0, pred, top=0)
-    with pytest.raises(BadInputError, match="reads 6"):
+    with pytest.raises(BadInputError, match=r"reads 6 \(experts\)"):
         add_prefetch_outputs(model.graph, logits0, RoutingPredictor(6, [8], 4), top=2)
     none_kept = [*_masks()[:3], np.zeros(E, dtype=bool)]
     with pytest.raises(BadInputError, match="layer 3 keeps no expert"):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moeopt.ir.layer import MoELayer
+from moeopt.ir.predictor import RoutingPredictor
 
 
 @dataclass
@@ -50,7 +51,7 @@ class MoEModel:
     history: list[str] = field(default_factory=list)
     adapters: dict[str, str] = field(default_factory=dict)  # source block class -> adapter name
     storage_dtype: str = "float32"  # dtype on disk: a float16 checkpoint is saved as float16 again
-    predictor: nn.Module | None = None  # RoutingPredictor once the `predictor` pass has run
+    predictor: RoutingPredictor | None = None  # once the `predictor` pass has run
     plan: dict[str, Any] | None = None  # the `plan` pass's budget plan (JSON-able; see moeopt.passes.plan)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -22,6 +22,7 @@ from moeopt.lower.expert_file import offload_section, write_experts
 from moeopt.lower.export import ExportedDecoder, export_decoder
 from moeopt.lower.offload_graph import check_offloadable, expose_markers, offload_layers, value_names
 from moeopt.lower.onnx_quant import QuantSettings
+from moeopt.lower.prefetch import add_prefetch_outputs, prefetch_meta
 from moeopt.lower.segments import partition
 
 FULL = "full.onnx"  # the whole offload graph, before it is cut (removed from the artifact)
@@ -93,18 +94,15 @@ def export_offload(
 
 
 def _add_prefetch(model: MoEModel, graph: ir.Graph, prefetch: bool | None, top: int | None) -> dict[str, Any] | None:
-    """Predictor hint outputs after layer 0's router (default on when the model has a predictor)."""
+    """Predictor hint outputs after layer 0's input or router (default on when the model has a predictor)."""
     predictor = getattr(model, "predictor", None)
     if prefetch is False or (prefetch is None and predictor is None):
         return None
     if predictor is None:
         raise BadInputError("lower{prefetch=true} needs a routing predictor; run the predictor pass first")
-    try:
-        from moeopt.lower.prefetch import add_prefetch_outputs, prefetch_meta
-    except ImportError:  # TODO(issue 8): moeopt.lower.prefetch (H4) not integrated yet: no hints
-        return None
-    logits0 = next(v for v in graph.outputs if v.name == value_names(0)["logits"])
+    name = value_names(0)["x" if predictor.source == "hidden" else "logits"]
+    first = next(v for v in graph.outputs if v.name == name)
     masks: Sequence[Any] = [layer.table.keep_mask.numpy() for layer in model.layers]
     m = top if top is not None else max(int(layer.router.top_k) for layer in model.layers)
-    outputs = add_prefetch_outputs(graph, logits0, predictor, top=m, keep_masks=masks)
+    outputs = add_prefetch_outputs(graph, first, predictor, top=m, keep_masks=masks)
     return prefetch_meta(outputs, predictor, m, masks)

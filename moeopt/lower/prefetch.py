@@ -1,10 +1,11 @@
 """Prefetch hints: the routing predictor lowered into an ONNX graph as extra outputs.
 
-LiteMoE's predictor maps layer 0's router logits to every later layer's; lowered right after layer 0's
-router, it gives the runtime each later layer's likely experts while layer 0 is still computing, so
-their weights can be read before the layer that needs them runs. The MLP is a handful of standard ops
-(Softmax, MatMul+Add, Relu, MatMul+Add, Split, TopK per later layer) and works on any leading shape of
-the logits ((N, E0) or (B, T, E0)). Pruned experts are masked by an -inf bias on their fc2 columns,
+The routing predictor maps what the first MoE layer sees (its input hidden state, or LiteMoE's router
+logits) to every later layer's router logits; lowered right after the value it reads, it gives the
+runtime each later layer's likely experts while layer 0 is still computing, so their weights can be
+read before the layer that needs them runs. The MLP is a handful of standard ops ([Softmax for logits],
+MatMul+Add, Relu, MatMul+Add, Split, TopK per later layer) and works on any leading shape of its input
+((N, F) or (B, T, F)). Pruned experts are masked by an -inf bias on their fc2 columns,
 which is exactly `masked_fill(~keep_mask, -inf)` on the predicted logits and costs no extra op.
 """
 
@@ -93,27 +94,29 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def add_prefetch_outputs(
     graph: ir.Graph,
-    logits0: ir.Value,
+    first: ir.Value,
     predictor: RoutingPredictor,
     *,
     top: int,
     keep_masks: Sequence[Any] | None = None,
     prefix: str = "prefetch",
 ) -> dict[int, str]:
-    """Append the predictor after `logits0` and one int64 (..., k_j) output per later MoE layer j.
+    """Append the predictor after `first` (the value it reads: layer 0's MoE input or router logits, as
+    ``predictor.source`` says) and one int64 (..., k_j) output per later MoE layer j.
 
     Each output holds the predicted ORIGINAL expert ids of layer j, best first (TopK of the predicted
     logits, pruned experts masked); k_j is `top` clamped to the experts layer j keeps. The nodes go
-    right after the node that produces `logits0` (first, if it is a graph input), so a segment graph
+    right after the node that produces `first` (first, if it is a graph input), so a segment graph
     computes the hint as early as it can. `keep_masks` has one (E_l,) bool mask per MoE layer, layer 0
     included (its mask is not used). Returns {j: output name}.
     """
-    if logits0.graph is not None and logits0.graph is not graph:
-        raise BadInputError(f"prefetch: value '{logits0.name}' does not belong to the graph it is added to")
-    e0 = logits0.shape[-1] if logits0.shape is not None and len(logits0.shape) > 0 else None
-    if isinstance(e0, int) and e0 != predictor.in_experts:
+    if first.graph is not None and first.graph is not graph:
+        raise BadInputError(f"prefetch: value '{first.name}' does not belong to the graph it is added to")
+    width = first.shape[-1] if first.shape is not None and len(first.shape) > 0 else None
+    if isinstance(width, int) and width != predictor.in_features:
+        what = "hidden size" if predictor.source == "hidden" else "experts"
         raise BadInputError(
-            f"prefetch: '{logits0.name}' has {e0} experts, the predictor reads {predictor.in_experts}"
+            f"prefetch: '{first.name}' has {width} features, the predictor reads {predictor.in_features} ({what})"
         )
     version = graph.opset_imports.get("", None)
     if version is None:
@@ -127,7 +130,7 @@ def add_prefetch_outputs(
     if clash:
         raise BadInputError(f"prefetch: the graph already has '{clash[0]}'; choose another prefix")
 
-    w1 = _const(graph, f"{prefix}.fc1.weight", _np(predictor.fc1.weight).T.copy())  # (E0, H)
+    w1 = _const(graph, f"{prefix}.fc1.weight", _np(predictor.fc1.weight).T.copy())  # (F, H)
     b1 = _const(graph, f"{prefix}.fc1.bias", _np(predictor.fc1.bias))  # (H,)
     w2 = _const(graph, f"{prefix}.fc2.weight", _np(predictor.fc2.weight).T.copy())  # (H, sum E_j)
     b2 = _const(graph, f"{prefix}.fc2.bias", _fc2_bias(predictor, masks))  # (sum E_j,)
@@ -142,18 +145,19 @@ def add_prefetch_outputs(
         nodes.append(node)
         return node
 
-    x = logits0
-    if logits0.dtype is not None and logits0.dtype != ir.DataType.FLOAT:
+    x = first
+    if first.dtype is not None and first.dtype != ir.DataType.FLOAT:
         x = add("Cast", [x], "cast", to=int(ir.DataType.FLOAT)).outputs[0]  # torch runs the MLP in float32
-    p = add("Softmax", [x], "softmax", axis=-1).outputs[0]  # (..., E0)
-    h = add("MatMul", [p, w1], "fc1_matmul").outputs[0]  # (..., H)
+    if predictor.source == "logits":
+        x = add("Softmax", [x], "softmax", axis=-1).outputs[0]  # (..., E0)
+    h = add("MatMul", [x, w1], "fc1_matmul").outputs[0]  # (..., H)
     h = add("Add", [h, b1], "fc1").outputs[0]
     h = add("Relu", [h], "relu").outputs[0]
     y = add("MatMul", [h, w2], "fc2_matmul").outputs[0]  # (..., sum E_j)
     y = add("Add", [y, b2], "fc2").outputs[0]
     parts = add("Split", [y, sizes], "logits_layer", n_out=len(ks), axis=-1).outputs  # (..., E_j) each
 
-    lead = list(logits0.shape)[:-1] if logits0.shape is not None else None
+    lead = list(first.shape)[:-1] if first.shape is not None else None
     outputs: dict[int, str] = {}
     for (j, k), part in zip(ks.items(), parts, strict=True):
         kv = _const(graph, f"{prefix}.k{j}", np.asarray([k], dtype=np.int64))
@@ -166,7 +170,7 @@ def add_prefetch_outputs(
         topk.outputs[0].name = f"{prefix}.layer{j}.logits"
         graph.outputs.append(ids)
         outputs[j] = ids.name
-    producer = logits0.producer()
+    producer = first.producer()
     if producer is not None:
         graph.insert_after(producer, nodes)
     elif len(graph) > 0:
@@ -197,18 +201,20 @@ def prefetch_meta(
 
 
 def prefetch_hints_numpy(
-    logits0: np.ndarray, predictor: RoutingPredictor, top: int, keep_masks: Sequence[Any] | None = None
+    first: np.ndarray, predictor: RoutingPredictor, top: int, keep_masks: Sequence[Any] | None = None
 ) -> dict[int, np.ndarray]:
-    """The lowered graph's hints computed in numpy: {j: (..., k_j) int64 predicted expert ids}.
+    """The lowered graph's hints computed in numpy from the predictor's (..., F) input: {j: (..., k_j)
+    int64 predicted expert ids}.
 
     For a runtime without the graph outputs (or a test) that wants the same answer.
     """
     masks = _masks(predictor, keep_masks)
     ks = prefetch_top(predictor, top, keep_masks)
-    x = np.asarray(logits0, dtype=np.float32)  # (..., E0)
-    z = x - x.max(axis=-1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
-    h = np.maximum(p @ _np(predictor.fc1.weight).T + _np(predictor.fc1.bias), 0.0)  # (..., H)
+    x = np.asarray(first, dtype=np.float32)  # (..., F)
+    if predictor.source == "logits":
+        z = x - x.max(axis=-1, keepdims=True)
+        x = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    h = np.maximum(x @ _np(predictor.fc1.weight).T + _np(predictor.fc1.bias), 0.0)  # (..., H)
     y = h @ _np(predictor.fc2.weight).T + _fc2_bias(predictor, masks)  # (..., sum E_j)
     out: dict[int, np.ndarray] = {}
     start = 0

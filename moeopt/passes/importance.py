@@ -150,7 +150,7 @@ class _StopForward(Exception):
 
 
 def estimate_with_predictor(model: MoEModel, sets: list[CalibSet], *, progress: bool = True) -> Importance:
-    """Importance from the first router alone: run each batch up to MoE layer 0, predict the rest.
+    """Importance from the first MoE layer alone: run each batch up to its router, predict the rest.
 
     LiteMoE's cheap path: the cost is the embedding and the first block(s), not the whole model.
     """
@@ -167,7 +167,7 @@ def estimate_with_predictor(model: MoEModel, sets: list[CalibSet], *, progress: 
         def observe(layer: MoELayer, trace: RoutingTrace, stats: list[LayerStats] = stats) -> None:
             stats[0].add(trace)
             with torch.no_grad():
-                predicted = predictor(trace.logits)
+                predicted = predictor(predictor.features(trace.hidden, trace.logits))
             for later, logits in zip(model.layers[1:], predicted, strict=True):
                 w, idx = route(logits, later.router, later.table.keep_mask)
                 stats[later.index].add(RoutingTrace(logits, idx, w, trace.hidden), with_inputs=False)

@@ -1,5 +1,8 @@
-"""`predictor`: train LiteMoE's routing predictor (a 2-layer MLP from the first MoE layer's router logits
-to every later layer's) on the calibration routing, attach it to the IR, and report its top-k recall.
+"""`predictor`: train LiteMoE's routing predictor (a 2-layer MLP from the first MoE layer to every later
+layer's router logits) on the calibration routing, attach it to the IR, and report its top-k recall.
+
+Its input is the first MoE layer's hidden state by default (``input=hidden``); ``input=logits`` is
+LiteMoE's original, the first router's output distribution (see `moeopt.ir.predictor` for why hidden).
 
 The same predictor estimates importance cheaply (`importance{estimator=predictor}` runs the model only
 up to the first router) and, lowered into the artifact, tells the runtime which experts to prefetch.
@@ -14,7 +17,7 @@ from moeopt.errors import BadInputError
 from moeopt.ir.compute import RoutingTrace
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
-from moeopt.ir.predictor import RoutingPredictor
+from moeopt.ir.predictor import INPUTS, PredictorInput, RoutingPredictor
 from moeopt.passes.base import ALL, Pass, PassContext, PassResult
 from moeopt.passes.calib import CalibSet
 from moeopt.passes.importance import calibration_sets
@@ -22,12 +25,16 @@ from moeopt.passes.options import Option
 from moeopt.passes.registry import register
 
 
-def router_logits(model: MoEModel, sets: list[CalibSet]) -> list[torch.Tensor]:
-    """Per MoE layer, the (N, E) router logits of every calibration token."""
+def router_logits(model: MoEModel, sets: list[CalibSet]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per MoE layer, the (N, E) router logits of every calibration token; and the first MoE layer's
+    (N, D) input."""
     out: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    first: list[torch.Tensor] = []
 
     def observe(layer: MoELayer, trace: RoutingTrace) -> None:
         out[layer.index].append(trace.logits.detach().float())
+        if layer.index == 0:
+            first.append(trace.hidden.detach().float().reshape(-1, trace.hidden.shape[-1]))
 
     for layer in model.layers:
         layer.observers.append(observe)
@@ -39,7 +46,7 @@ def router_logits(model: MoEModel, sets: list[CalibSet]) -> list[torch.Tensor]:
     finally:
         for layer in model.layers:
             layer.observers.remove(observe)
-    return [torch.cat(chunks) for chunks in out]
+    return [torch.cat(chunks) for chunks in out], torch.cat(first)
 
 
 def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
@@ -51,16 +58,18 @@ def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
 
 
 def train_predictor(
-    logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int
+    inputs: torch.Tensor, logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int,
+    source: PredictorInput = "hidden",
 ) -> RoutingPredictor:
-    """Fit the MLP by KL divergence to each later layer's router distribution (full batch, Adam, seeded)."""
+    """Fit the MLP from (N, F) `inputs` by KL divergence to each later layer's router distribution
+    (`logits[1:]`; full batch, Adam, seeded)."""
     torch.manual_seed(seed)
-    pred = RoutingPredictor(logits[0].shape[1], [x.shape[1] for x in logits[1:]], hidden)
+    pred = RoutingPredictor(inputs.shape[1], [x.shape[1] for x in logits[1:]], hidden, source)
     opt = torch.optim.Adam(pred.parameters(), lr=lr)
     targets = [torch.softmax(x, dim=-1) for x in logits[1:]]
     for _ in range(steps):
         opt.zero_grad()
-        outs = pred(logits[0])
+        outs = pred(inputs)
         loss = sum(F.kl_div(F.log_softmax(o, -1), t, reduction="batchmean") for o, t in zip(outs, targets, strict=True))
         loss.backward()  # type: ignore[union-attr]
         opt.step()
@@ -71,10 +80,12 @@ def train_predictor(
 class Predictor(Pass):
     name = "predictor"
     kind = "transform"
-    summary = "train LiteMoE's routing predictor (layer-1 router -> later routers) and attach it"
+    summary = "train LiteMoE's routing predictor (first MoE layer -> later routers) and attach it"
     exact = True  # the model's outputs do not change
     options = (
         Option("calib", "list", (), "calibration JSONL files or app:NAME, ';'-separated"),
+        Option("input", "choice", "hidden", "what the MLP reads: the first MoE layer's hidden state, or its "
+               "router logits (LiteMoE)", choices=INPUTS),
         Option("hidden", "int", 128, "MLP hidden width", min=1),
         Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
         Option("lr", "float", 3e-3, "learning rate", min=0.0),
@@ -91,18 +102,20 @@ class Predictor(Pass):
         sets = calibration_sets(
             model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"], ctx.data_root
         )
-        logits = router_logits(model, sets)
+        logits, first = router_logits(model, sets)
+        source: PredictorInput = self.opts["input"]
+        inputs = first if source == "hidden" else logits[0]
         n = logits[0].shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
         n_test = int(n * self.opts["holdout"])
         test, train = perm[:n_test], perm[n_test:]
-        pred = train_predictor([x[train] for x in logits], self.opts["hidden"], self.opts["steps"],
-                               self.opts["lr"], ctx.seed)
+        pred = train_predictor(inputs[train], [x[train] for x in logits], self.opts["hidden"],
+                               self.opts["steps"], self.opts["lr"], ctx.seed, source)
         model.predictor = pred
         stats: dict[str, float] = {}
         eval_idx = test if n_test > 0 else train
         with torch.no_grad():
-            outs = pred(logits[0][eval_idx])
+            outs = pred(inputs[eval_idx])
         for i, (o, layer) in enumerate(zip(outs, model.layers[1:], strict=True), start=1):
             recall = topk_recall(o, logits[i][eval_idx], layer.router.top_k)
             stats[f"recall@{layer.router.top_k}-layer{i}"] = round(recall, 4)
