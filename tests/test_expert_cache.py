@@ -193,9 +193,9 @@ def test_hint_then_acquire_is_a_hit_without_stall(one_fmt: tuple[Path, OffloadIn
     size = index.formats["q4"].expert_bytes
     with ExpertCache(folder, index, 3 * size, prefetcher=GraphHints(), io_threads=2) as cache:
         cache.hint(1, [2, 3])
-        cache.hint(1, [2])  # already queued or resident: skipped
+        cache.hint(1, [2, 3])  # already queued or resident: skipped
         cache.wait_idle()
-        assert cache.resident() == {(1, 2), (1, 3)}
+        assert cache.resident() == {(1, 2), (1, 3)} and cache.counters.prefetch_issued == 2
         cache.acquire(1, [2, 3])
         cache.release()
         c = cache.counters
@@ -204,6 +204,21 @@ def test_hint_then_acquire_is_a_hit_without_stall(one_fmt: tuple[Path, OffloadIn
         cache.acquire(2, [0])
         cache.release()
         assert c.recall == pytest.approx(2 / 3) and c.misses == 1
+    with ExpertCache(folder, index, 3 * size, prefetcher=GraphHints()) as cache:
+        cache.hint(1, [2, 3])
+        cache.hint(1, [2])  # supersedes: 3 loses its hint, and its read if that has not started
+        cache.wait_idle()
+        c = cache.counters
+        assert (1, 2) in cache.resident() and c.prefetch_issued == 2 and c.loads + c.prefetch_dropped == 2
+        cache.acquire(1, [2, 3])
+        cache.release()
+        assert c.hinted_acquired == 1 and c.hits + c.misses == 2
+        cache.hint(2, [0])
+        cache.hint(2, [])  # an empty hint withdraws the layer's earlier one
+        cache.wait_idle()
+        cache.acquire(2, [0])
+        cache.release()
+        assert c.hinted_acquired == 1
     with ExpertCache(folder, index, 3 * size, policy="on-demand") as cache:  # hints are ignored
         cache.hint(1, [2])
         cache.wait_idle()

@@ -136,6 +136,59 @@ def test_float_offload_decodes_like_resident(tmp_path_factory: pytest.TempPathFa
     assert "\n" not in str(err.value)
 
 
+def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
+    """A 3-layer Mixtral whose predictor has a look-ahead head for layer 2 (read from layer 1's input):
+    seg0 hints layers 1 and 2, seg1 hints layer 2 again with the head's answer, and an expert cache that
+    follows the hints decodes exactly like every expert resident."""
+    import transformers
+
+    import moeopt
+    from moeopt.lower.prefetch import lookahead_hints_numpy
+    from moeopt.runtime.expert_cache import cache_source
+    from moeopt.runtime.prefetch import GraphHints
+    from moeopt.testing import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
+    d, e = cfg.hidden_size, cfg.num_local_experts
+    model.predictor = RoutingPredictor(d, [e, e], 8, "hidden", ahead_hidden=6).eval()
+    out = tmp_path / "art"
+    lower(model, out, pipeline="test", experts="offload", hot=1)
+    m = manifest(out)
+    pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
+    assert pre["outputs"] == {"1": "prefetch.layer1", "2": "prefetch.layer2"}
+    assert pre["ahead"] == {"2": "prefetch.ahead2"}
+    assert "prefetch.ahead2" in segments[1]["outputs"] and "prefetch.layer2" in segments[0]["outputs"]
+    sess = OffloadSession(out, source=Hints)
+    ids, mask = left_padded_batch([5])
+    want = sess.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True)
+    hints = sess.source.hints  # type: ignore[attr-defined]
+    assert [j for j, _ in hints] == [1, 2, 2] * 6  # per step: seg0's two, then the head's after seg1
+    # the head's hint is its top-2 on layer 1's input, minus layer 2's hot slot
+    vals: dict[str, Any] = {}
+    orig = sess._segment
+
+    def keep(k: int, v: dict[str, Any]) -> None:
+        orig(k, v)
+        vals.update(v)
+
+    sess._segment = keep  # type: ignore[method-assign]
+    sess.source.hints.clear()  # type: ignore[attr-defined]
+    sess.generate(ids, 1, attention_mask=mask, stop_tokens=())
+    top = lookahead_hints_numpy(vals["moe1.x"], model.predictor, 2, top=2)
+    hot = set(OffloadIndex.from_manifest(m).hot[2])
+    assert sess.source.hints[-1] == (2, sorted({int(s) for s in np.unique(top)} - hot))  # type: ignore[attr-defined]
+    cached = OffloadSession(out, source=cache_source(OffloadIndex.from_manifest(m).min_budget() * 2,
+                                                      prefetcher=GraphHints()))
+    got = cached.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True)
+    assert np.array_equal(got.sequences, want.sequences)
+    assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() == 0.0
+    assert cached.source.counters.prefetch_issued > 0  # type: ignore[attr-defined]
+    cached.close()
+
+
 def test_quantized_offload_with_two_formats_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory) -> None:
     resident = _built("q48-resident", True, tmp_path_factory)
     offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)

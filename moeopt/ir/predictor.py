@@ -1,6 +1,7 @@
 """The routing predictor: a 2-layer MLP from what the first MoE layer sees to the router logits of every
-later MoE layer. It lives in the IR (saved with the checkpoint) because importance estimation, the
-lowering (prefetch hints) and the runtime (expert prefetch) all use it.
+later MoE layer, and optional look-ahead heads that refine each layer's prediction one layer earlier.
+It lives in the IR (saved with the checkpoint) because importance estimation, the lowering (prefetch
+hints) and the runtime (expert prefetch) all use it.
 
 Two inputs, both available once the first router has run:
 
@@ -10,6 +11,11 @@ Two inputs, both available once the first router has run:
 The router logits are a linear projection of the hidden state to E_0 dimensions, so they carry less of
 what decides later layers' routing: on the reference model the hidden-state MLP's top-2 recall is
 0.86/0.83/0.77 on layers 1-3 against 0.64/0.57/0.55 from the logits (bench/results/predictor.json).
+
+Look-ahead heads (``hidden`` only): for MoE layer j >= 2, a small MLP from layer j-1's input to layer j's
+router logits. The first MLP names every later layer's experts as early as possible (all of them after
+layer 0); a head names layer j's again, better, while layer j-1 computes, so the runtime can correct
+its prefetches one layer ahead.
 """
 
 from __future__ import annotations
@@ -25,26 +31,41 @@ PredictorInput = Literal["hidden", "logits"]
 INPUTS: tuple[PredictorInput, ...] = ("hidden", "logits")
 
 
+def _mlp(width: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
 class RoutingPredictor(nn.Module):
     """(N, F) first-layer features -> list of (N, E_l) predicted logits for MoE layers 1..L-1.
 
     F is the hidden size for ``source="hidden"``, E_0 for ``source="logits"``; `features` picks the
-    right one from a layer's (hidden, logits).
+    right one from a layer's (hidden, logits). With ``ahead_hidden > 0``, `ahead(j, x)` maps layer
+    j-1's (N, D) input to layer j's (N, E_j) logits for j = 2..L-1.
     """
 
     def __init__(self, in_features: int, out_experts: list[int], hidden: int,
-                 source: PredictorInput = "logits") -> None:
+                 source: PredictorInput = "logits", ahead_hidden: int = 0) -> None:
         super().__init__()
         if source not in INPUTS:
             raise BadInputError(f"routing predictor input must be one of {', '.join(INPUTS)}, got {source!r}")
+        if ahead_hidden and source != "hidden":
+            raise BadInputError("look-ahead heads read hidden states: they need input=hidden")
         self.in_features, self.out_experts, self.hidden, self.source = in_features, list(out_experts), hidden, source
+        self.ahead_hidden = int(ahead_hidden)
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, sum(out_experts))
+        heads = [_mlp(in_features, ahead_hidden, e) for e in out_experts[1:]] if ahead_hidden else []
+        self.heads = nn.ModuleList(heads)  # heads[j - 2]: layer j-1's input -> layer j's logits
 
     @property
     def in_experts(self) -> int:
         """Width of the input (kept for callers written when the input was always router logits)."""
         return self.in_features
+
+    @property
+    def ahead_layers(self) -> list[int]:
+        """The MoE layers j that have a look-ahead head (read from layer j-1's input)."""
+        return list(range(2, 2 + len(self.heads)))
 
     def features(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The predictor's input among the first MoE layer's (N, D) input and (N, E_0) router logits."""
@@ -57,13 +78,26 @@ class RoutingPredictor(nn.Module):
         h = torch.relu(self.fc1(x))
         return list(self.fc2(h).split(self.out_experts, dim=-1))
 
+    def ahead(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s (N, E) logits predicted from layer `layer - 1`'s (N, D) input."""
+        fc1, fc2 = self.head(layer)
+        return fc2(torch.relu(fc1(x.float())))  # type: ignore[no-any-return]
+
+    def head(self, layer: int) -> tuple[nn.Linear, nn.Linear]:
+        """The two linear layers of layer `layer`'s look-ahead head (a ReLU between them)."""
+        if layer not in self.ahead_layers:
+            raise BadInputError(f"the routing predictor has no look-ahead head for MoE layer {layer}")
+        seq = self.heads[layer - 2]
+        return seq[0], seq[2]  # type: ignore[index,return-value]
+
     def meta(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_experts": self.out_experts, "hidden": self.hidden,
-                "source": self.source}
+                "source": self.source, "ahead_hidden": self.ahead_hidden}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> RoutingPredictor:
         """From `meta()`; checkpoints written before the hidden-state input say ``in_experts`` and no source."""
         width = meta.get("in_features", meta.get("in_experts"))
         source = cast(PredictorInput, meta.get("source", "logits"))
-        return cls(int(width), [int(e) for e in meta["out_experts"]], int(meta["hidden"]), source)  # type: ignore[arg-type]
+        return cls(int(width), [int(e) for e in meta["out_experts"]], int(meta["hidden"]), source,  # type: ignore[arg-type]
+                   int(meta.get("ahead_hidden", 0)))

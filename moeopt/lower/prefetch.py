@@ -7,6 +7,10 @@ read before the layer that needs them runs. The MLP is a handful of standard ops
 MatMul+Add, Relu, MatMul+Add, Split, TopK per later layer) and works on any leading shape of its input
 ((N, F) or (B, T, F)). Pruned experts are masked by an -inf bias on their fc2 columns,
 which is exactly `masked_fill(~keep_mask, -inf)` on the predicted logits and costs no extra op.
+
+The predictor's look-ahead heads (one per MoE layer j >= 2, reading layer j-1's input) are lowered the
+same way right after that input (`add_lookahead_outputs`): in an offload artifact they come out of the
+segment that ends at layer j-1's router, so the runtime can correct layer j's prefetches a layer ahead.
 """
 
 from __future__ import annotations
@@ -75,6 +79,13 @@ def _fc2_bias(predictor: RoutingPredictor, masks: list[np.ndarray | None]) -> np
             bias[start : start + e][~m] = -np.inf
         start += e
     return bias
+
+
+def _masked_bias(bias: Any, mask: np.ndarray | None) -> np.ndarray:
+    out = _np(bias).copy()
+    if mask is not None:
+        out[~mask] = -np.inf
+    return out
 
 
 def _names_in(graph: ir.Graph) -> set[str]:
@@ -170,14 +181,96 @@ def add_prefetch_outputs(
         topk.outputs[0].name = f"{prefix}.layer{j}.logits"
         graph.outputs.append(ids)
         outputs[j] = ids.name
-    producer = first.producer()
+    _insert_after(graph, first, nodes)
+    return outputs
+
+
+def _insert_after(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Put `nodes` right after the node producing `value` (first in the graph if it is a graph input)."""
+    producer = value.producer()
     if producer is not None:
         graph.insert_after(producer, nodes)
     elif len(graph) > 0:
         graph.insert_before(graph[0], nodes)
     else:
         graph.extend(nodes)
+
+
+def add_lookahead_outputs(
+    graph: ir.Graph,
+    inputs: dict[int, ir.Value],
+    predictor: RoutingPredictor,
+    *,
+    top: int,
+    keep_masks: Sequence[Any] | None = None,
+    prefix: str = "prefetch",
+) -> dict[int, str]:
+    """Append each look-ahead head j (`inputs[j]` is MoE layer j-1's input) and its int64 (..., k_j)
+    output ``{prefix}.ahead{j}`` of layer j's predicted original expert ids, best first, right after the
+    node that produces its input. Returns {j: output name}."""
+    missing = sorted(set(predictor.ahead_layers) - set(inputs))
+    if missing or set(inputs) - set(predictor.ahead_layers):
+        raise BadInputError(f"prefetch: look-ahead inputs for layers {sorted(inputs)}, the predictor has heads "
+                            f"for {predictor.ahead_layers}")
+    masks = _masks(predictor, keep_masks)
+    ks = prefetch_top(predictor, top, keep_masks)
+    taken = _names_in(graph)
+    outputs: dict[int, str] = {}
+    for j in predictor.ahead_layers:
+        x = inputs[j]
+        name = f"{prefix}.ahead{j}"
+        if any(n == name or n.startswith(f"{name}.") or n.startswith(f"{name}/") for n in taken):
+            raise BadInputError(f"prefetch: the graph already has '{name}'; choose another prefix")
+        width = x.shape[-1] if x.shape is not None and len(x.shape) > 0 else None
+        if isinstance(width, int) and width != predictor.in_features:
+            raise BadInputError(f"prefetch: '{x.name}' has {width} features, the look-ahead head of layer {j} "
+                                f"reads {predictor.in_features}")
+        fc1, fc2 = predictor.head(j)
+        w1 = _const(graph, f"{name}.fc1.weight", _np(fc1.weight).T.copy())  # (D, H)
+        b1 = _const(graph, f"{name}.fc1.bias", _np(fc1.bias))
+        w2 = _const(graph, f"{name}.fc2.weight", _np(fc2.weight).T.copy())  # (H, E_j)
+        b2 = _const(graph, f"{name}.fc2.bias", _masked_bias(fc2.bias, masks[j - 1]))
+        kv = _const(graph, f"{name}.k", np.asarray([ks[j]], dtype=np.int64))
+        nodes: list[ir.Node] = []
+
+        def add(op_type: str, args: Sequence[ir.Value], step: str, n_out: int = 1, name: str = name,
+                nodes: list[ir.Node] = nodes, **attrs: Any) -> ir.Node:
+            node = ir.node(op_type, args, attrs or None, num_outputs=n_out, name=f"{name}/{step}")
+            for i, out in enumerate(node.outputs):
+                out.name = f"{name}.{step}" if n_out == 1 else f"{name}.{step}{i + 1}"
+            nodes.append(node)
+            return node
+
+        h = x
+        if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+            h = add("Cast", [h], "cast", to=int(ir.DataType.FLOAT)).outputs[0]
+        h = add("Add", [add("MatMul", [h, w1], "fc1_matmul").outputs[0], b1], "fc1").outputs[0]
+        h = add("Relu", [h], "relu").outputs[0]
+        y = add("Add", [add("MatMul", [h, w2], "fc2_matmul").outputs[0], b2], "fc2").outputs[0]
+        topk = add("TopK", [y, kv], "topk", n_out=2, axis=-1, largest=1, sorted=1)
+        ids = topk.outputs[1]
+        ids.name, ids.dtype = name, ir.DataType.INT64
+        if x.shape is not None:
+            ids.shape = ir.Shape([*list(x.shape)[:-1], ks[j]])
+        graph.outputs.append(ids)
+        _insert_after(graph, x, nodes)
+        outputs[j] = name
     return outputs
+
+
+def lookahead_hints_numpy(
+    x: np.ndarray, predictor: RoutingPredictor, layer: int, top: int, keep_masks: Sequence[Any] | None = None
+) -> np.ndarray:
+    """A look-ahead output in numpy: layer `layer`'s (..., k) predicted expert ids from layer `layer - 1`'s
+    (..., D) input."""
+    if layer not in predictor.ahead_layers:
+        raise BadInputError(f"prefetch: the predictor has no look-ahead head for layer {layer}")
+    fc1, fc2 = predictor.head(layer)
+    mask = _masks(predictor, keep_masks)[layer - 1]
+    h = np.maximum(np.asarray(x, dtype=np.float32) @ _np(fc1.weight).T + _np(fc1.bias), 0.0)
+    y = h @ _np(fc2.weight).T + _masked_bias(fc2.bias, mask)
+    k = prefetch_top(predictor, top, keep_masks)[layer]
+    return np.argsort(-y, axis=-1, kind="stable")[..., :k].astype(np.int64)
 
 
 def prefetch_meta(
@@ -185,17 +278,20 @@ def prefetch_meta(
     predictor: RoutingPredictor,
     top: int,
     keep_masks: Sequence[Any] | None = None,
+    ahead: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """What the manifest's "prefetch" section says about the hint outputs (JSON-ready: string keys).
 
-    {"outputs": {"j": name}, "top": top, "k": {"j": k_j}, "params": predictor parameter count};
-    k_j is the width of output j (`top` clamped to the experts layer j keeps).
+    {"outputs": {"j": name}, "top": top, "k": {"j": k_j}, "ahead": {"j": name}, "params": predictor
+    parameter count}; k_j is the width of output j (`top` clamped to the experts layer j keeps), also of
+    the look-ahead output of layer j.
     """
     ks = prefetch_top(predictor, top, keep_masks)
     return {
         "outputs": {str(j): name for j, name in sorted(outputs.items())},
         "top": int(top),
         "k": {str(j): ks[j] for j in sorted(outputs)},
+        "ahead": {str(j): name for j, name in sorted((ahead or {}).items())},
         "params": int(sum(p.numel() for p in predictor.parameters())),
     }
 

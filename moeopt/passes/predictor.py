@@ -10,8 +10,11 @@ up to the first router) and, lowered into the artifact, tells the runtime which 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moeopt.errors import BadInputError
 from moeopt.ir.compute import RoutingTrace
@@ -25,16 +28,18 @@ from moeopt.passes.options import Option
 from moeopt.passes.registry import register
 
 
-def router_logits(model: MoEModel, sets: list[CalibSet]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per MoE layer, the (N, E) router logits of every calibration token; and the first MoE layer's
-    (N, D) input."""
+def router_logits(
+    model: MoEModel, sets: list[CalibSet], inputs: int = 1
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per MoE layer, the (N, E) router logits of every calibration token; and the (N, D) inputs of the
+    first `inputs` MoE layers."""
     out: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    first: list[torch.Tensor] = []
+    hidden: list[list[torch.Tensor]] = [[] for _ in range(inputs)]
 
     def observe(layer: MoELayer, trace: RoutingTrace) -> None:
         out[layer.index].append(trace.logits.detach().float())
-        if layer.index == 0:
-            first.append(trace.hidden.detach().float().reshape(-1, trace.hidden.shape[-1]))
+        if layer.index < inputs:
+            hidden[layer.index].append(trace.hidden.detach().float().reshape(-1, trace.hidden.shape[-1]))
 
     for layer in model.layers:
         layer.observers.append(observe)
@@ -46,7 +51,7 @@ def router_logits(model: MoEModel, sets: list[CalibSet]) -> tuple[list[torch.Ten
     finally:
         for layer in model.layers:
             layer.observers.remove(observe)
-    return [torch.cat(chunks) for chunks in out], torch.cat(first)
+    return [torch.cat(chunks) for chunks in out], [torch.cat(chunks) for chunks in hidden]
 
 
 def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
@@ -57,22 +62,33 @@ def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
     return float(hits) / t.numel()
 
 
-def train_predictor(
-    inputs: torch.Tensor, logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int,
-    source: PredictorInput = "hidden",
-) -> RoutingPredictor:
-    """Fit the MLP from (N, F) `inputs` by KL divergence to each later layer's router distribution
-    (`logits[1:]`; full batch, Adam, seeded)."""
-    torch.manual_seed(seed)
-    pred = RoutingPredictor(inputs.shape[1], [x.shape[1] for x in logits[1:]], hidden, source)
-    opt = torch.optim.Adam(pred.parameters(), lr=lr)
-    targets = [torch.softmax(x, dim=-1) for x in logits[1:]]
+def _fit(module: nn.Module, forward: Callable[[], list[torch.Tensor]], targets: list[torch.Tensor], steps: int,
+         lr: float) -> None:
+    """Minimise the summed KL divergence of `forward()`'s logits to `targets` (full batch, Adam)."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        outs = pred(inputs)
-        loss = sum(F.kl_div(F.log_softmax(o, -1), t, reduction="batchmean") for o, t in zip(outs, targets, strict=True))
+        loss = sum(F.kl_div(F.log_softmax(o, -1), t, reduction="batchmean")
+                   for o, t in zip(forward(), targets, strict=True))
         loss.backward()  # type: ignore[union-attr]
         opt.step()
+
+
+def train_predictor(
+    inputs: torch.Tensor, logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int,
+    source: PredictorInput = "hidden", layer_inputs: list[torch.Tensor] | None = None, ahead_hidden: int = 0,
+) -> RoutingPredictor:
+    """Fit the MLP from (N, F) `inputs` by KL divergence to each later layer's router distribution
+    (`logits[1:]`), and with `ahead_hidden` a look-ahead head per layer j >= 2 from `layer_inputs[j - 1]`
+    (full batch, Adam, seeded)."""
+    torch.manual_seed(seed)
+    pred = RoutingPredictor(inputs.shape[1], [x.shape[1] for x in logits[1:]], hidden, source, ahead_hidden)
+    targets = [torch.softmax(x, dim=-1) for x in logits]
+    _fit(nn.ModuleList([pred.fc1, pred.fc2]), lambda: pred(inputs), targets[1:], steps, lr)
+    for j in pred.ahead_layers:
+        assert layer_inputs is not None
+        x = layer_inputs[j - 1]
+        _fit(pred.heads[j - 2], lambda j=j, x=x: [pred.ahead(j, x)], [targets[j]], steps, lr)  # type: ignore[misc]
     return pred.eval()
 
 
@@ -87,6 +103,8 @@ class Predictor(Pass):
         Option("input", "choice", "hidden", "what the MLP reads: the first MoE layer's hidden state, or its "
                "router logits (LiteMoE)", choices=INPUTS),
         Option("hidden", "int", 128, "MLP hidden width", min=1),
+        Option("lookahead", "int", 64, "hidden width of the look-ahead heads (layer j-1's input -> layer j's "
+               "router, for j >= 2; input=hidden only); 0: none", min=0),
         Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
         Option("lr", "float", 3e-3, "learning rate", min=0.0),
         Option("holdout", "float", 0.2, "share of tokens held out to measure recall", min=0.0, max=0.9),
@@ -102,15 +120,17 @@ class Predictor(Pass):
         sets = calibration_sets(
             model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"], ctx.data_root
         )
-        logits, first = router_logits(model, sets)
         source: PredictorInput = self.opts["input"]
-        inputs = first if source == "hidden" else logits[0]
+        ahead = self.opts["lookahead"] if source == "hidden" and len(model.layers) > 2 else 0
+        logits, hidden = router_logits(model, sets, inputs=len(model.layers) - 1 if ahead else 1)
+        inputs = hidden[0] if source == "hidden" else logits[0]
         n = logits[0].shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
         n_test = int(n * self.opts["holdout"])
         test, train = perm[:n_test], perm[n_test:]
         pred = train_predictor(inputs[train], [x[train] for x in logits], self.opts["hidden"],
-                               self.opts["steps"], self.opts["lr"], ctx.seed, source)
+                               self.opts["steps"], self.opts["lr"], ctx.seed, source,
+                               [x[train] for x in hidden], ahead)
         model.predictor = pred
         stats: dict[str, float] = {}
         eval_idx = test if n_test > 0 else train
@@ -119,9 +139,14 @@ class Predictor(Pass):
         for i, (o, layer) in enumerate(zip(outs, model.layers[1:], strict=True), start=1):
             recall = topk_recall(o, logits[i][eval_idx], layer.router.top_k)
             stats[f"recall@{layer.router.top_k}-layer{i}"] = round(recall, 4)
+        for j in pred.ahead_layers:
+            with torch.no_grad():
+                o = pred.ahead(j, hidden[j - 1][eval_idx])
+            k = model.layers[j].router.top_k
+            stats[f"ahead-recall@{k}-layer{j}"] = round(topk_recall(o, logits[j][eval_idx], k), 4)
         size = sum(p.numel() for p in pred.parameters())
         total = sum(p.numel() for p in model.hf.parameters())
         stats["params"] = size
         stats["share-of-model"] = round(size / total, 6)
-        ctx.analyses.put("predictor-recall", {k: v for k, v in stats.items() if k.startswith("recall")})
+        ctx.analyses.put("predictor-recall", {k: v for k, v in stats.items() if "recall" in k})
         return PassResult(model, True, ALL, stats)

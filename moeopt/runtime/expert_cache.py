@@ -155,9 +155,24 @@ class ExpertCache:
 
     def hint(self, layer: int, slots: Sequence[int]) -> None:
         """The driver's prefetch request (graph predictor outputs): acted on when the prefetcher takes
-        graph hints, ignored otherwise (no prefetcher, on-demand, or a prefetcher with its own source)."""
-        if self.prefetcher is not None and self.prefetcher.graph_hints:
-            self.prefetch(layer, slots)
+        graph hints, ignored otherwise (no prefetcher, on-demand, or a prefetcher with its own source).
+
+        The latest hint of a layer supersedes the earlier ones (the look-ahead heads refine what the
+        first predictor said): experts hinted before and not named again lose their protection from
+        eviction, and their reads are cancelled if they have not started."""
+        if self.prefetcher is None or not self.prefetcher.graph_hints:
+            return
+        self._withdraw(layer, {int(s) for s in slots})
+        self.prefetch(layer, slots)
+
+    def _withdraw(self, layer: int, keep: set[int]) -> None:
+        with self._cond:
+            for key in [k for k in self._hinted if k[0] == layer and k[1] not in keep]:
+                self._hinted.discard(key)
+                spot = self._t.where.get(key)
+                if spot is not None and (fr := self._t.frame(spot)).state == QUEUED and fr.pins == 0:
+                    self._t.clear(spot, key)
+                    self.counters.prefetch_dropped += 1
 
     def keep_mask(self, layer: int) -> np.ndarray | None:
         """For ``committee``: the router mask (E,) allowing the layer's hot experts and its resident cold

@@ -138,6 +138,7 @@ class OffloadSession(Session):
             target = {**target, "config": {**target.get("config", {}), "session.intra_op.allow_spinning": "0"}}
         self.segments = [(self._open(s["file"], target, threads), list(s["inputs"]), list(s["outputs"]))
                          for s in sec["segments"]]
+        self._hint_at = self._hint_plan()
         self.cold_sessions = {} if self.packed else {
             n: self._open_cold(n, sec["formats"][n], target, threads) for n in self.index.formats}
         self._cold = [self.index.cold(i) for i in range(len(self.layer_names))]
@@ -182,11 +183,12 @@ class OffloadSession(Session):
             mask = self.source.keep_mask(i)
             vals[names["keep_mask"]] = self.default_masks[i] if mask is None else np.asarray(mask, dtype=bool)
         self._segment(0, vals)
-        self._hints(vals)
+        self._hints(0, vals)
         for i, names in enumerate(self.layer_names):
             vals[names["cold"]] = self._cold_experts(i, vals[names["x"]], vals[names["sw"]])
             self.source.observe(i, vals[names["logits"]])
             self._segment(i + 1, vals)
+            self._hints(i + 1, vals)
         self.timing.steps += 1
         return vals[self.output_names[0]], [vals[k] for k in self.output_names[1:]]
 
@@ -196,16 +198,27 @@ class OffloadSession(Session):
         vals.update(zip(outputs, sess.run(outputs, {name: vals[name] for name in inputs}), strict=True))
         self.timing.segments_s += time.perf_counter() - t0
 
-    def _hints(self, vals: dict[str, Any]) -> None:
-        """Predicted experts of later layers (seg0's prefetch outputs) -> cold slots -> source.hint."""
+    def _hint_plan(self) -> list[list[tuple[int, str]]]:
+        """Per segment, the (layer, output name) prefetch hints it computes, in the order to give them:
+        the predictor's outputs (all in seg0), then the look-ahead ones (layer j's from segment j-1)."""
+        plan: list[list[tuple[int, str]]] = [[] for _ in self.segments]
         if not self.prefetch:
-            return
-        for j, name in self.prefetch["outputs"].items():
-            layer = int(j)
+            return plan
+        named = [*self.prefetch["outputs"].items(), *(self.prefetch.get("ahead") or {}).items()]
+        for j, name in named:
+            k = next((k for k, (_, _, outs) in enumerate(self.segments) if name in outs), None)
+            if k is None:
+                raise BadInputError(f"{self.path}: prefetch output '{name}' is not an output of any segment")
+            plan[k].append((int(j), name))
+        return plan
+
+    def _hints(self, k: int, vals: dict[str, Any]) -> None:
+        """Predicted experts that segment `k` computed -> cold slots -> source.hint (a later hint of a
+        layer supersedes an earlier one)."""
+        for layer, name in self._hint_at[k]:
             slots = self.slot_of[layer][np.unique(vals[name])]
             cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
-            if cold:
-                self.source.hint(layer, cold)
+            self.source.hint(layer, cold)  # also when empty: it withdraws an earlier hint of the layer
 
     def _cold_experts(self, layer: int, x: np.ndarray, sw: np.ndarray) -> np.ndarray:
         """(N, H) tokens, (N, S) slot weights -> (N, H): the chosen cold experts of `layer`, weighted, summed."""
