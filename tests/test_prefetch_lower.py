@@ -178,3 +178,40 @@ def test_prefetch_rejects_bad_inputs() -> None:
     add_prefetch_outputs(model.graph, logits0, pred, top=2)
     with pytest.raises(BadInputError, match="another prefix"):
         add_prefetch_outputs(model.graph, logits0, pred, top=2)
+
+
+def test_lookahead_heads_match_torch_and_mask_pruned_experts() -> None:
+    """Each head j reads its own (N, D) input (layer j-1's) and names layer j's kept experts only."""
+    from moeopt.lower.prefetch import add_lookahead_outputs, lookahead_hints_numpy
+
+    d = 10
+    torch.manual_seed(11)
+    pred = RoutingPredictor(d, LATER, HIDDEN, "hidden", ahead_hidden=7).eval()
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.mul_(4.0)
+    assert pred.ahead_layers == [2, 3]
+    masks = _masks()
+    xs = {j: ir.Value(name=f"moe{j - 1}.x", shape=ir.Shape(["N", d]), type=ir.TensorType(ir.DataType.FLOAT))
+          for j in (2, 3)}
+    graph = ir.Graph(list(xs.values()), [], nodes=[], opset_imports={"": 18}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    outputs = add_lookahead_outputs(graph, xs, pred, top=3, keep_masks=masks)
+    assert outputs == {2: "prefetch.ahead2", 3: "prefetch.ahead3"}
+    rng = np.random.default_rng(12)
+    feeds = {v.name: rng.normal(0, 1, (N, d)).astype(np.float32) for v in xs.values()}
+    got = _run(model, feeds, list(outputs.values()))
+    for (j, ids) in zip(outputs, got, strict=True):
+        x = feeds[f"moe{j - 1}.x"]
+        with torch.no_grad():
+            o = pred.ahead(j, torch.from_numpy(x)).masked_fill(~torch.from_numpy(masks[j]), float("-inf"))
+        k = min(3, int(masks[j].sum()))
+        _same_sets(ids, o.topk(k, dim=-1).indices.numpy())
+        _same_sets(lookahead_hints_numpy(x, pred, j, 3, masks), ids)
+        assert masks[j][ids].all()
+    with pytest.raises(BadInputError, match="look-ahead inputs for layers"):
+        add_lookahead_outputs(graph, {2: xs[2]}, pred, top=2)
+    with pytest.raises(BadInputError, match="another prefix"):
+        add_lookahead_outputs(graph, xs, pred, top=2)
+    with pytest.raises(BadInputError, match="need input=hidden"):
+        RoutingPredictor(E, LATER, HIDDEN, "logits", ahead_hidden=4)
