@@ -154,18 +154,27 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
     d, e = cfg.hidden_size, cfg.num_local_experts
     model.predictor = RoutingPredictor(d, [e, e], 8, "hidden", ahead_hidden=6).eval()
+    table = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:2]
+                         for t in range(cfg.vocab_size)])  # (V, 2): token -> two layer-0 experts
+    model.predictor.set_next_table(table)
     out = tmp_path / "art"
     lower(model, out, pipeline="test", experts="offload", hot=1)
     m = manifest(out)
     pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
     assert pre["outputs"] == {"1": "prefetch.layer1", "2": "prefetch.layer2"}
-    assert pre["ahead"] == {"2": "prefetch.ahead2"}
+    assert pre["ahead"] == {"2": "prefetch.ahead2"} and pre["next"] == {"0": "prefetch.next0"}
     assert "prefetch.ahead2" in segments[1]["outputs"] and "prefetch.layer2" in segments[0]["outputs"]
+    assert "prefetch.next0" in segments[-1]["outputs"]
     sess = OffloadSession(out, source=Hints)
     ids, mask = left_padded_batch([5])
     want = sess.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True)
     hints = sess.source.hints  # type: ignore[attr-defined]
-    assert [j for j, _ in hints] == [1, 2, 2] * 6  # per step: seg0's two, then the head's after seg1
+    # per step: seg0's two, the head's after seg1, then the next step's layer 0 after the LM head
+    assert [j for j, _ in hints] == [1, 2, 2, 0] * 6
+    hot0 = set(OffloadIndex.from_manifest(m).hot[0])
+    for step, (_, slots) in enumerate(hints[3::4][:-1]):  # the token chosen at each step names its layer 0
+        token = int(want.sequences[0, ids.shape[1] + step])
+        assert slots == sorted({int(s) for s in table[token].tolist()} - hot0)
     # the head's hint is its top-2 on layer 1's input, minus layer 2's hot slot
     vals: dict[str, Any] = {}
     orig = sess._segment
@@ -179,7 +188,7 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     sess.generate(ids, 1, attention_mask=mask, stop_tokens=())
     top = lookahead_hints_numpy(vals["moe1.x"], model.predictor, 2, top=2)
     hot = set(OffloadIndex.from_manifest(m).hot[2])
-    assert sess.source.hints[-1] == (2, sorted({int(s) for s in np.unique(top)} - hot))  # type: ignore[attr-defined]
+    assert sess.source.hints[-2] == (2, sorted({int(s) for s in np.unique(top)} - hot))  # type: ignore[attr-defined]
     cached = OffloadSession(out, source=cache_source(OffloadIndex.from_manifest(m).min_budget() * 2,
                                                       prefetcher=GraphHints()))
     got = cached.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True)

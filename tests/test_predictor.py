@@ -10,7 +10,7 @@ import torch
 
 import moeopt
 from moeopt.passes import PassManager
-from moeopt.passes.predictor import topk_recall
+from moeopt.passes.predictor import next_token_table, topk_recall
 from moeopt.testing import tiny_model
 
 
@@ -27,6 +27,20 @@ def test_topk_recall() -> None:
     assert topk_recall(torch.tensor([[5.0, 0.0, 4.0, 0.0], [0.0, 1.0, 0.0, 3.0]]), true, 2) == 0.5
 
 
+def test_next_token_table_counts_each_tokens_experts() -> None:
+    """Token 1 chose experts {0, 2} twice and {0, 3} once -> (0, 2); token 2 never seen -> the most chosen
+    overall; a pruned expert is never named even where it was the most chosen."""
+    ids = torch.tensor([1, 1, 1, 0])
+    logits = torch.tensor([[5.0, 0, 4, 0], [5.0, 0, 4, 0], [5.0, 0, 0, 4], [0, 0, 5.0, 4]])
+    keep = torch.tensor([True, True, True, True])
+    table = next_token_table(ids, logits, keep, 2, vocab=3)
+    assert table.shape == (3, 2) and table.dtype == torch.int64
+    assert set(table[1].tolist()) == {0, 2} and set(table[0].tolist()) == {2, 3}
+    assert set(table[2].tolist()) == {0, 2}  # unseen: overall counts 0:3, 2:3, 3:2
+    pruned = next_token_table(ids, logits, torch.tensor([False, True, True, True]), 2, vocab=3)
+    assert 0 not in pruned.reshape(-1).tolist()
+
+
 def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
     model = moeopt.load(tiny_model("olmoe"))
     calib = _calib(tmp_path / "c.jsonl")
@@ -40,6 +54,9 @@ def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
     again = moeopt.load(tmp_path / "ck")
     assert again.predictor is not None
     assert again.predictor.source == "hidden" and again.predictor.in_features == model.config.hidden_size
+    assert again.predictor.next_table is not None and model.predictor is not None
+    assert torch.equal(again.predictor.next_table, model.predictor.next_table)
+    assert 0.0 <= stats["next-recall@2-layer0"] <= 1.0
     x = torch.randn(5, again.predictor.in_features)
     assert torch.equal(again.predictor(x)[0], model.predictor(x)[0])  # type: ignore[union-attr]
 
@@ -49,7 +66,7 @@ def test_logits_input_is_litemoe_and_old_checkpoints_still_load(tmp_path: Path) 
     option (meta with in_experts, no source) loads as a logits predictor; an unknown source is refused."""
     model = moeopt.load(tiny_model("mixtral"))
     calib = _calib(tmp_path / "c.jsonl")
-    PassManager(f"predictor{{calib={calib},seq-len=32,steps=5,input=logits}}").run(model)
+    PassManager(f"predictor{{calib={calib},seq-len=32,steps=5,input=logits,next-table=false}}").run(model)
     pred = model.predictor
     assert pred is not None and pred.source == "logits" and pred.in_features == model.layers[0].router.num_experts
     model.save(tmp_path / "ck")

@@ -12,6 +12,9 @@ The router logits are a linear projection of the hidden state to E_0 dimensions,
 what decides later layers' routing: on the reference model the hidden-state MLP's top-2 recall is
 0.86/0.83/0.77 on layers 1-3 against 0.64/0.57/0.55 from the logits (bench/results/predictor.json).
 
+A next-token table names the first layer's experts of the next step from the token the step chose
+(`set_next_table`).
+
 Look-ahead heads (``hidden`` only): for MoE layer j >= 2, a small MLP from layer j-1's input to layer j's
 router logits. The first MLP names every later layer's experts as early as possible (all of them after
 layer 0); a head names layer j's again, better, while layer j-1 computes, so the runtime can correct
@@ -56,6 +59,19 @@ class RoutingPredictor(nn.Module):
         self.fc2 = nn.Linear(hidden, sum(out_experts))
         heads = [_mlp(in_features, ahead_hidden, e) for e in out_experts[1:]] if ahead_hidden else []
         self.heads = nn.ModuleList(heads)  # heads[j - 2]: layer j-1's input -> layer j's logits
+        self.next_table: torch.Tensor | None
+        self.register_buffer("next_table", None)
+
+    def set_next_table(self, table: torch.Tensor) -> None:
+        """(V, k) int64: for each token id, the first MoE layer's experts most often chosen for it.
+
+        Lowered after the LM head (ArgMax of the last logits, then a Gather), it names the next step's
+        first-layer experts as soon as a step ends: the only layer the hidden-state predictor cannot
+        reach, since its input does not exist before the next token does.
+        """
+        if table.dim() != 2 or table.shape[1] < 1:
+            raise BadInputError(f"next-token expert table must be (vocab, k), got {tuple(table.shape)}")
+        self.next_table = table.to(torch.int64)
 
     @property
     def in_experts(self) -> int:
@@ -91,13 +107,17 @@ class RoutingPredictor(nn.Module):
         return seq[0], seq[2]  # type: ignore[index,return-value]
 
     def meta(self) -> dict[str, Any]:
+        table = None if self.next_table is None else list(self.next_table.shape)
         return {"in_features": self.in_features, "out_experts": self.out_experts, "hidden": self.hidden,
-                "source": self.source, "ahead_hidden": self.ahead_hidden}
+                "source": self.source, "ahead_hidden": self.ahead_hidden, "next_table": table}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> RoutingPredictor:
         """From `meta()`; checkpoints written before the hidden-state input say ``in_experts`` and no source."""
         width = meta.get("in_features", meta.get("in_experts"))
         source = cast(PredictorInput, meta.get("source", "logits"))
-        return cls(int(width), [int(e) for e in meta["out_experts"]], int(meta["hidden"]), source,  # type: ignore[arg-type]
+        pred = cls(int(width), [int(e) for e in meta["out_experts"]], int(meta["hidden"]), source,  # type: ignore[arg-type]
                    int(meta.get("ahead_hidden", 0)))
+        if meta.get("next_table"):
+            pred.set_next_table(torch.zeros([int(n) for n in meta["next_table"]], dtype=torch.int64))
+        return pred

@@ -22,7 +22,7 @@ from moeopt.lower.expert_file import offload_section, write_experts
 from moeopt.lower.export import ExportedDecoder, export_decoder
 from moeopt.lower.offload_graph import check_offloadable, expose_markers, offload_layers, value_names
 from moeopt.lower.onnx_quant import QuantSettings
-from moeopt.lower.prefetch import add_lookahead_outputs, add_prefetch_outputs, prefetch_meta
+from moeopt.lower.prefetch import add_lookahead_outputs, add_next_output, add_prefetch_outputs, prefetch_meta
 from moeopt.lower.segments import partition
 
 FULL = "full.onnx"  # the whole offload graph, before it is cut (removed from the artifact)
@@ -108,4 +108,7 @@ def _add_prefetch(model: MoEModel, graph: ir.Graph, prefetch: bool | None, top: 
     values = {v.name: v for v in graph.outputs}
     ahead = add_lookahead_outputs(graph, {j: values[value_names(j - 1)["x"]] for j in predictor.ahead_layers},
                                   predictor, top=m, keep_masks=masks)
-    return prefetch_meta(outputs, predictor, m, masks, ahead)
+    following = None
+    if predictor.next_table is not None:
+        following = add_next_output(graph, values["logits"], predictor)
+    return prefetch_meta(outputs, predictor, m, masks, ahead, following)

@@ -258,6 +258,35 @@ def add_lookahead_outputs(
     return outputs
 
 
+def add_next_output(graph: ir.Graph, logits: ir.Value, predictor: RoutingPredictor, *,
+                    prefix: str = "prefetch") -> str:
+    """Append the next-token table after the LM head: ``{prefix}.next0`` (..., k) int64 = the first MoE
+    layer's experts of the argmax token of each position (ArgMax, then Gather from the (V, k) table)."""
+    table = predictor.next_table
+    if table is None:
+        raise BadInputError("prefetch: the routing predictor has no next-token table")
+    name = f"{prefix}.next0"
+    if any(n == name or n.startswith(f"{name}.") for n in _names_in(graph)):
+        raise BadInputError(f"prefetch: the graph already has '{name}'; choose another prefix")
+    vocab = logits.shape[-1] if logits.shape is not None and len(logits.shape) > 0 else None
+    if isinstance(vocab, int) and vocab != table.shape[0]:
+        raise BadInputError(f"prefetch: '{logits.name}' has {vocab} tokens, the next-token table {table.shape[0]}")
+    tab = ir.Value(name=f"{name}.table", const_value=ir.tensor(table.cpu().numpy().astype(np.int64),
+                                                                name=f"{name}.table"))
+    tab.shape, tab.dtype = ir.Shape(list(table.shape)), ir.DataType.INT64
+    graph.register_initializer(tab)
+    arg = ir.node("ArgMax", [logits], {"axis": -1, "keepdims": 0}, name=f"{name}/argmax")
+    arg.outputs[0].name = f"{name}.token"
+    gather = ir.node("Gather", [tab, arg.outputs[0]], {"axis": 0}, name=f"{name}/gather")
+    ids = gather.outputs[0]
+    ids.name, ids.dtype = name, ir.DataType.INT64
+    if logits.shape is not None:
+        ids.shape = ir.Shape([*list(logits.shape)[:-1], int(table.shape[1])])
+    graph.outputs.append(ids)
+    _insert_after(graph, logits, [arg, gather])
+    return name
+
+
 def lookahead_hints_numpy(
     x: np.ndarray, predictor: RoutingPredictor, layer: int, top: int, keep_masks: Sequence[Any] | None = None
 ) -> np.ndarray:
@@ -279,12 +308,14 @@ def prefetch_meta(
     top: int,
     keep_masks: Sequence[Any] | None = None,
     ahead: dict[int, str] | None = None,
+    following: str | None = None,
 ) -> dict[str, Any]:
     """What the manifest's "prefetch" section says about the hint outputs (JSON-ready: string keys).
 
     {"outputs": {"j": name}, "top": top, "k": {"j": k_j}, "ahead": {"j": name}, "params": predictor
-    parameter count}; k_j is the width of output j (`top` clamped to the experts layer j keeps), also of
-    the look-ahead output of layer j.
+    parameter count, "next": {"0": name} or {}}; k_j is the width of output j (`top` clamped to the
+    experts layer j keeps), also of the look-ahead output of layer j. "next" is the next-token table's
+    output: layer 0's experts of the NEXT step, from the last position.
     """
     ks = prefetch_top(predictor, top, keep_masks)
     return {
@@ -292,6 +323,7 @@ def prefetch_meta(
         "top": int(top),
         "k": {str(j): ks[j] for j in sorted(outputs)},
         "ahead": {str(j): name for j, name in sorted((ahead or {}).items())},
+        "next": {"0": following} if following else {},
         "params": int(sum(p.numel() for p in predictor.parameters())),
     }
 

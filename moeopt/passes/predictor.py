@@ -54,6 +54,17 @@ def router_logits(
     return [torch.cat(chunks) for chunks in out], [torch.cat(chunks) for chunks in hidden]
 
 
+def next_token_table(ids: torch.Tensor, logits0: torch.Tensor, keep: torch.Tensor, k: int, vocab: int) -> torch.Tensor:
+    """(V, k) int64: per token id, the first MoE layer's k experts most often chosen for it (ties and
+    unseen tokens by overall frequency); pruned experts never. `ids` (N,), `logits0` (N, E), `keep` (E,)."""
+    top = logits0.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices  # (N, k)
+    counts = torch.zeros(vocab, logits0.shape[1])
+    counts.index_put_((ids.repeat_interleave(k), top.reshape(-1)), torch.ones(top.numel()), accumulate=True)
+    overall = counts.sum(0)
+    score = counts + overall / (overall.max().clamp(min=1.0) * 2)  # < 1 count: only breaks ties
+    return score.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices
+
+
 def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
     """Share of the true top-k experts that are in the predicted top-k, over tokens."""
     p = pred.topk(k, dim=-1).indices
@@ -103,6 +114,8 @@ class Predictor(Pass):
         Option("input", "choice", "hidden", "what the MLP reads: the first MoE layer's hidden state, or its "
                "router logits (LiteMoE)", choices=INPUTS),
         Option("hidden", "int", 128, "MLP hidden width", min=1),
+        Option("next-table", "bool", True, "a token -> first-layer experts table that names the next step's "
+               "first-layer experts from the token just chosen"),
         Option("lookahead", "int", 64, "hidden width of the look-ahead heads (layer j-1's input -> layer j's "
                "router, for j >= 2; input=hidden only); 0: none", min=0),
         Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
@@ -131,6 +144,12 @@ class Predictor(Pass):
         pred = train_predictor(inputs[train], [x[train] for x in logits], self.opts["hidden"],
                                self.opts["steps"], self.opts["lr"], ctx.seed, source,
                                [x[train] for x in hidden], ahead)
+        if self.opts["next-table"]:
+            ids = torch.cat([batch.reshape(-1) for cs in sets for batch in cs.batches])  # observation order
+            first = model.layers[0]
+            vocab = max(int(model.config.vocab_size), int(ids.max()) + 1)
+            keep = first.table.keep_mask.bool()
+            pred.set_next_table(next_token_table(ids[train], logits[0][train], keep, first.router.top_k, vocab))
         model.predictor = pred
         stats: dict[str, float] = {}
         eval_idx = test if n_test > 0 else train
@@ -144,6 +163,12 @@ class Predictor(Pass):
                 o = pred.ahead(j, hidden[j - 1][eval_idx])
             k = model.layers[j].router.top_k
             stats[f"ahead-recall@{k}-layer{j}"] = round(topk_recall(o, logits[j][eval_idx], k), 4)
+        if pred.next_table is not None:
+            k = model.layers[0].router.top_k
+            known = pred.next_table[ids[eval_idx]].float()  # the table's answer, given the token
+            true_top = logits[0][eval_idx].topk(k, dim=-1).indices
+            stats[f"next-recall@{k}-layer0"] = round(float((known.unsqueeze(-1) == true_top.unsqueeze(-2)).any(-1)
+                                                          .sum()) / true_top.numel(), 4)
         size = sum(p.numel() for p in pred.parameters())
         total = sum(p.numel() for p in model.hf.parameters())
         stats["params"] = size

@@ -162,6 +162,13 @@ class ExpertCache:
         eviction, and their reads are cancelled if they have not started."""
         if self.prefetcher is None or not self.prefetcher.graph_hints:
             return
+        depth = getattr(self.prefetcher, "depth", None)
+        if depth is not None:
+            layers = len(self.index.top_k)
+            with self._cond:
+                upcoming = (self._step.layer + 1) % layers  # the layer the driver runs next
+            if (layer - upcoming) % layers > depth:
+                return
         self._withdraw(layer, {int(s) for s in slots})
         self.prefetch(layer, slots)
 
@@ -206,6 +213,7 @@ class ExpertCache:
                 self._swap_wanted |= self._steps == 1 or self._steps % self.refresh_every == 0
             self._obs_layer = layer
             self._enter_layer(layer)
+            self._step.protected.clear()  # the layer has run: its experts may make room for the next ones
             self._committed.pop(layer, None)  # the layer has run: its committee may be swapped now
             if isinstance(self.policy, CommitteePolicy):
                 self.policy.update(layer, logits)

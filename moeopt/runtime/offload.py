@@ -198,25 +198,29 @@ class OffloadSession(Session):
         vals.update(zip(outputs, sess.run(outputs, {name: vals[name] for name in inputs}), strict=True))
         self.timing.segments_s += time.perf_counter() - t0
 
-    def _hint_plan(self) -> list[list[tuple[int, str]]]:
-        """Per segment, the (layer, output name) prefetch hints it computes, in the order to give them:
-        the predictor's outputs (all in seg0), then the look-ahead ones (layer j's from segment j-1)."""
-        plan: list[list[tuple[int, str]]] = [[] for _ in self.segments]
+    def _hint_plan(self) -> list[list[tuple[int, str, bool]]]:
+        """Per segment, the (layer, output name, last position only) prefetch hints it computes, in the
+        order to give them: the predictor's outputs (all in seg0), the look-ahead ones (layer j's from
+        segment j-1), and the next step's layer 0 from the last segment (its last position's token)."""
+        plan: list[list[tuple[int, str, bool]]] = [[] for _ in self.segments]
         if not self.prefetch:
             return plan
-        named = [*self.prefetch["outputs"].items(), *(self.prefetch.get("ahead") or {}).items()]
-        for j, name in named:
+        named = [(j, n, False) for j, n in [*self.prefetch["outputs"].items(),
+                                             *(self.prefetch.get("ahead") or {}).items()]]
+        named += [(j, n, True) for j, n in (self.prefetch.get("next") or {}).items()]
+        for j, name, last in named:
             k = next((k for k, (_, _, outs) in enumerate(self.segments) if name in outs), None)
             if k is None:
                 raise BadInputError(f"{self.path}: prefetch output '{name}' is not an output of any segment")
-            plan[k].append((int(j), name))
+            plan[k].append((int(j), name, last))
         return plan
 
     def _hints(self, k: int, vals: dict[str, Any]) -> None:
         """Predicted experts that segment `k` computed -> cold slots -> source.hint (a later hint of a
         layer supersedes an earlier one)."""
-        for layer, name in self._hint_at[k]:
-            slots = self.slot_of[layer][np.unique(vals[name])]
+        for layer, name, last in self._hint_at[k]:
+            ids = vals[name][:, -1] if last else vals[name]  # (B, k): the token each row continues with
+            slots = self.slot_of[layer][np.unique(ids)]
             cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
             self.source.hint(layer, cold)  # also when empty: it withdraws an earlier hint of the layer
 

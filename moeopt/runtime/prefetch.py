@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from moeopt.errors import BadInputError
 from moeopt.runtime.offload_format import ExpertSource, OffloadIndex
 from moeopt.runtime.packed_frames import PackedExpert
 
@@ -75,9 +76,21 @@ class _StepClock:
 
 
 class GraphHints:
-    """Prefetch what the in-graph routing predictor names (the driver passes its outputs to ``hint``)."""
+    """Prefetch what the in-graph routing predictor names (the driver passes its outputs to ``hint``).
+
+    Args:
+        depth: act only on hints for the next `depth` MoE layers (1: the layer after the one about to
+            run); None: every hint. Hints further ahead come earlier but are less accurate, and under a
+            small budget their frames are taken from experts needed sooner; the look-ahead heads name
+            each layer again one layer ahead, so depth 1 still prefetches every layer.
+    """
 
     graph_hints = True
+
+    def __init__(self, depth: int | None = None) -> None:
+        if depth is not None and depth < 1:
+            raise BadInputError(f"prefetch depth must be at least 1, got {depth}")
+        self.depth = depth
 
     def attach(self, cache: ExpertCache) -> None:
         pass
