@@ -74,11 +74,6 @@ class RoutingPredictor(nn.Module):
         self.next_table = table.to(torch.int64)
 
     @property
-    def in_experts(self) -> int:
-        """Width of the input (kept for callers written when the input was always router logits)."""
-        return self.in_features
-
-    @property
     def ahead_layers(self) -> list[int]:
         """The MoE layers j that have a look-ahead head (read from layer j-1's input)."""
         return list(range(2, 2 + len(self.heads)))

@@ -7,7 +7,9 @@ format, splits them into chunks of at most the source's frames, acquires each ch
 what is missing: that wait is the stall), runs the format's cold graph on the pool with the routing
 weights moved to the acquired frames, adds the chunk outputs (fixed order), releases, feeds the sum as
 ``moe{i}.cold`` and runs segment i + 1. Pool arrays go to ORT as OrtValues that wrap their memory, so a
-load into a frame is seen by the next run without a copy.
+load into a frame is seen by the next run without a copy. After each segment, the prefetch hints it
+computed (the manifest's ``prefetch`` outputs: seg0's predictions of every later layer, look-ahead
+refinements one layer ahead, the next step's layer 0 from the last segment) go to ``source.hint``.
 """
 
 from __future__ import annotations
