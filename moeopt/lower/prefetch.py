@@ -103,6 +103,36 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return v
 
 
+class _Nodes:
+    """Nodes named ``{base}/{step}`` with outputs ``{base}.{step}`` (``{base}.{step}{i}`` for several),
+    collected in order for one insertion."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.nodes: list[ir.Node] = []
+
+    def add(self, op_type: str, inputs: Sequence[ir.Value], step: str, n_out: int = 1, **attrs: Any) -> ir.Node:
+        node = ir.node(op_type, inputs, attrs or None, num_outputs=n_out, name=f"{self.base}/{step}")
+        for i, out in enumerate(node.outputs):
+            out.name = f"{self.base}.{step}" if n_out == 1 else f"{self.base}.{step}{i + 1}"
+        self.nodes.append(node)
+        return node
+
+    def mlp(self, x: ir.Value, w1: ir.Value, b1: ir.Value, w2: ir.Value, b2: ir.Value,
+            softmax: bool = False) -> ir.Value:
+        """relu(x @ w1 + b1) @ w2 + b2 in float32 (x cast first if it is not; softmax of x first if asked),
+        as torch runs the predictor."""
+        if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+            x = self.add("Cast", [x], "cast", to=int(ir.DataType.FLOAT)).outputs[0]
+        if softmax:
+            x = self.add("Softmax", [x], "softmax", axis=-1).outputs[0]
+        h = self.add("MatMul", [x, w1], "fc1_matmul").outputs[0]  # (..., H)
+        h = self.add("Add", [h, b1], "fc1").outputs[0]
+        h = self.add("Relu", [h], "relu").outputs[0]
+        y = self.add("MatMul", [h, w2], "fc2_matmul").outputs[0]  # (..., out)
+        return self.add("Add", [y, b2], "fc2").outputs[0]
+
+
 def add_prefetch_outputs(
     graph: ir.Graph,
     first: ir.Value,
@@ -147,32 +177,15 @@ def add_prefetch_outputs(
     b2 = _const(graph, f"{prefix}.fc2.bias", _fc2_bias(predictor, masks))  # (sum E_j,)
     sizes = _const(graph, f"{prefix}.split", np.asarray(predictor.out_experts, dtype=np.int64))
 
-    nodes: list[ir.Node] = []
-
-    def add(op_type: str, inputs: Sequence[ir.Value], name: str, n_out: int = 1, **attrs: Any) -> ir.Node:
-        node = ir.node(op_type, inputs, attrs or None, num_outputs=n_out, name=f"{prefix}/{name}")
-        for i, out in enumerate(node.outputs):
-            out.name = f"{prefix}.{name}" if n_out == 1 else f"{prefix}.{name}{i + 1}"
-        nodes.append(node)
-        return node
-
-    x = first
-    if first.dtype is not None and first.dtype != ir.DataType.FLOAT:
-        x = add("Cast", [x], "cast", to=int(ir.DataType.FLOAT)).outputs[0]  # torch runs the MLP in float32
-    if predictor.source == "logits":
-        x = add("Softmax", [x], "softmax", axis=-1).outputs[0]  # (..., E0)
-    h = add("MatMul", [x, w1], "fc1_matmul").outputs[0]  # (..., H)
-    h = add("Add", [h, b1], "fc1").outputs[0]
-    h = add("Relu", [h], "relu").outputs[0]
-    y = add("MatMul", [h, w2], "fc2_matmul").outputs[0]  # (..., sum E_j)
-    y = add("Add", [y, b2], "fc2").outputs[0]
-    parts = add("Split", [y, sizes], "logits_layer", n_out=len(ks), axis=-1).outputs  # (..., E_j) each
+    b = _Nodes(prefix)
+    y = b.mlp(first, w1, b1, w2, b2, softmax=predictor.source == "logits")  # (..., sum E_j)
+    parts = b.add("Split", [y, sizes], "logits_layer", n_out=len(ks), axis=-1).outputs  # (..., E_j) each
 
     lead = list(first.shape)[:-1] if first.shape is not None else None
     outputs: dict[int, str] = {}
     for (j, k), part in zip(ks.items(), parts, strict=True):
         kv = _const(graph, f"{prefix}.k{j}", np.asarray([k], dtype=np.int64))
-        topk = add("TopK", [part, kv], f"topk_layer{j}", n_out=2, axis=-1, largest=1, sorted=1)
+        topk = b.add("TopK", [part, kv], f"topk_layer{j}", n_out=2, axis=-1, largest=1, sorted=1)
         ids = topk.outputs[1]
         ids.name = f"{prefix}.layer{j}"
         ids.dtype = ir.DataType.INT64
@@ -181,7 +194,7 @@ def add_prefetch_outputs(
         topk.outputs[0].name = f"{prefix}.layer{j}.logits"
         graph.outputs.append(ids)
         outputs[j] = ids.name
-    _insert_after(graph, first, nodes)
+    _insert_after(graph, first, b.nodes)
     return outputs
 
 
@@ -231,29 +244,15 @@ def add_lookahead_outputs(
         w2 = _const(graph, f"{name}.fc2.weight", _np(fc2.weight).T.copy())  # (H, E_j)
         b2 = _const(graph, f"{name}.fc2.bias", _masked_bias(fc2.bias, masks[j - 1]))
         kv = _const(graph, f"{name}.k", np.asarray([ks[j]], dtype=np.int64))
-        nodes: list[ir.Node] = []
-
-        def add(op_type: str, args: Sequence[ir.Value], step: str, n_out: int = 1, name: str = name,
-                nodes: list[ir.Node] = nodes, **attrs: Any) -> ir.Node:
-            node = ir.node(op_type, args, attrs or None, num_outputs=n_out, name=f"{name}/{step}")
-            for i, out in enumerate(node.outputs):
-                out.name = f"{name}.{step}" if n_out == 1 else f"{name}.{step}{i + 1}"
-            nodes.append(node)
-            return node
-
-        h = x
-        if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
-            h = add("Cast", [h], "cast", to=int(ir.DataType.FLOAT)).outputs[0]
-        h = add("Add", [add("MatMul", [h, w1], "fc1_matmul").outputs[0], b1], "fc1").outputs[0]
-        h = add("Relu", [h], "relu").outputs[0]
-        y = add("Add", [add("MatMul", [h, w2], "fc2_matmul").outputs[0], b2], "fc2").outputs[0]
-        topk = add("TopK", [y, kv], "topk", n_out=2, axis=-1, largest=1, sorted=1)
+        nodes = _Nodes(name)
+        y = nodes.mlp(x, w1, b1, w2, b2)  # (..., E_j)
+        topk = nodes.add("TopK", [y, kv], "topk", n_out=2, axis=-1, largest=1, sorted=1)
         ids = topk.outputs[1]
         ids.name, ids.dtype = name, ir.DataType.INT64
         if x.shape is not None:
             ids.shape = ir.Shape([*list(x.shape)[:-1], ks[j]])
         graph.outputs.append(ids)
-        _insert_after(graph, x, nodes)
+        _insert_after(graph, x, nodes.nodes)
         outputs[j] = name
     return outputs
 

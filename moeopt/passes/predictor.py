@@ -67,10 +67,13 @@ def next_token_table(ids: torch.Tensor, logits0: torch.Tensor, keep: torch.Tenso
 
 def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
     """Share of the true top-k experts that are in the predicted top-k, over tokens."""
-    p = pred.topk(k, dim=-1).indices
-    t = true.topk(k, dim=-1).indices
-    hits = (p.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).sum()
-    return float(hits) / t.numel()
+    return index_recall(pred.topk(k, dim=-1).indices, true.topk(k, dim=-1).indices)
+
+
+def index_recall(named: torch.Tensor, true: torch.Tensor) -> float:
+    """Share of the (N, k) `true` expert ids that appear in the same row of the (N, m) `named` ids."""
+    hits = (named.unsqueeze(-1) == true.unsqueeze(-2)).any(-2).sum()
+    return float(hits) / true.numel()
 
 
 def _fit(module: nn.Module, forward: Callable[[], list[torch.Tensor]], targets: list[torch.Tensor], steps: int,
@@ -165,10 +168,9 @@ class Predictor(Pass):
             stats[f"ahead-recall@{k}-layer{j}"] = round(topk_recall(o, logits[j][eval_idx], k), 4)
         if pred.next_table is not None:
             k = model.layers[0].router.top_k
-            known = pred.next_table[ids[eval_idx]].float()  # the table's answer, given the token
+            known = pred.next_table[ids[eval_idx]]  # the table's answer, given the token
             true_top = logits[0][eval_idx].topk(k, dim=-1).indices
-            stats[f"next-recall@{k}-layer0"] = round(float((known.unsqueeze(-1) == true_top.unsqueeze(-2)).any(-1)
-                                                          .sum()) / true_top.numel(), 4)
+            stats[f"next-recall@{k}-layer0"] = round(index_recall(known, true_top), 4)
         size = sum(p.numel() for p in pred.parameters())
         total = sum(p.numel() for p in model.hf.parameters())
         stats["params"] = size
