@@ -24,14 +24,22 @@ from moeopt.passes import PassManager
 from moeopt.passes.calib import load_tokenizer
 from moeopt.tune.extract import proxy_pipeline
 
-METHODS = ("litemoe", "merge-noalign", "frequency", "random", "magnitude")
+METHODS = ("litemoe", "litemoe-freq", "merge-noalign", "loss-prune", "frequency", "random", "magnitude")
 
 
 def pipeline(method: str, keep: float, calib: str, calib_tokens: int) -> str:
-    """Pipeline text of one method at one kept fraction of routed experts."""
-    if method in ("litemoe", "merge-noalign"):  # the proxy pipeline `moeopt extract` runs, same text
-        return proxy_pipeline(calib, keep, calib_tokens=calib_tokens,
-                              align="assignment" if method == "litemoe" else "none")
+    """Pipeline text of one method at one kept fraction of routed experts.
+
+    litemoe is the proxy pipeline `moeopt extract` runs (experts ranked and merge-weighted by the loss
+    sensitivity); litemoe-freq the same with LiteMoE's frequency ranking; merge-noalign the litemoe
+    pipeline without neuron alignment; loss-prune the same ranking with plain pruning (nothing merged).
+    """
+    if method in ("litemoe", "litemoe-freq", "merge-noalign"):
+        rank = "freq" if method == "litemoe-freq" else "loss"
+        align = "none" if method == "merge-noalign" else "assignment"
+        return proxy_pipeline(calib, keep, calib_tokens=calib_tokens, rank=rank, align=align)
+    if method == "loss-prune":
+        return f"sensitivity{{calib={calib},progress=false}},prune{{keep={keep},score=loss}}"
     imp = f"importance{{calib={calib},max-tokens={calib_tokens},progress=false}}"
     return {
         "frequency": f"{imp},prune{{method=frequency,keep={keep}}}",
@@ -152,7 +160,8 @@ def main() -> None:
     p.add_argument("--settings", type=lambda s: s.split(","), default=["per-app", "global"])
     p.add_argument("--apps", default="all")
     p.add_argument("--ppl", type=lambda s: [x for x in s.split(",") if x], default=["wiki", "news"])
-    p.add_argument("--app-examples", type=int, default=300)
+    p.add_argument("--app-examples", type=lambda s: int(s) or None, default=None,
+                   help="test rows per app (default: all; 0 = all)")
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--threads", type=int, default=2)

@@ -1,9 +1,10 @@
 """The README's main job: the whole pipeline on the embedded default model, with a short report.
 
 With the shipped reference MoE: evaluate it on a small held-out sample of every app, build each app's
-LiteMoE proxy (importance on the app's own data, prune + ILP match + aligned merge to half the routed
-experts), evaluate the proxy on its app, save/reload one proxy and check it is bit-identical and traces
-to one node per MoE layer. Without the reference checkpoint: the same spine on a seeded small MoE.
+LiteMoE proxy (importance and loss sensitivity on the app's own data, prune + ILP match + aligned merge
+to half the routed experts), evaluate the proxy on its app, save/reload one proxy and check it is
+bit-identical and traces to one node per MoE layer. Without the reference checkpoint: the same spine on
+a seeded small MoE.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 ASSETS = Path(__file__).parent / "assets"
 REFERENCE = ASSETS / "reference-moe"
 DEMO_DATA = ASSETS / "demo-data"
-PROXY_PIPELINE = "importance{{calib=app:{app},progress=false}},prune{{keep=0.5,cold=0.25}},match,merge,canonicalize"
 
 
 def has_reference() -> bool:
@@ -74,6 +74,7 @@ def _reference_demo(out: Path) -> dict[str, object]:
     from moeopt.eval import evaluate
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.calib import load_tokenizer
+    from moeopt.tune.extract import proxy_pipeline
 
     t0 = time.perf_counter()
     base = moeopt.load(REFERENCE)
@@ -87,12 +88,13 @@ def _reference_demo(out: Path) -> dict[str, object]:
     proxy = None
     for app in APPS:
         model = copy.deepcopy(base)
-        PassManager(PROXY_PIPELINE.format(app=app), verify_each=True, ctx=PassContext(data_root=DEMO_DATA)).run(model)
+        pm = PassManager(proxy_pipeline(f"app:{app}", 0.5), verify_each=True, ctx=PassContext(data_root=DEMO_DATA))
+        pm.run(model)
         res = evaluate(model.hf, tok, tasks=[app], **ev)
         rows.append((app, full["apps"][app]["accuracy"], res["apps"][app]["accuracy"],
                      full["apps"][app]["majority_acc"], model.stats(float_bytes=2).expert_bytes))
         proxy = proxy or model
-    print(f"== LiteMoE proxies: {PROXY_PIPELINE.format(app='APP')}")
+    print(f"== LiteMoE proxies: {proxy_pipeline('app:APP', 0.5)}")
     print(f"  {'app':<18} {'full acc':>8} {'proxy acc':>9} {'majority':>8} {'experts fp16 MiB':>17}")
     for app, a_full, a_proxy, maj, nbytes in rows:
         print(f"  {app:<18} {a_full:8.3f} {a_proxy:9.3f} {maj:8.3f} {nbytes / 2**20:8.2f} of {full_bytes / 2**20:.2f}")

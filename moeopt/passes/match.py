@@ -142,4 +142,4 @@ class Match(Pass):
         ctx.analyses.put("matching", MatchResult(assignment, objective, status, seconds))
         stats = {"pairs": sum(len(a) for a in assignment), "objective": round(objective, 6),
                  "solve-seconds": round(seconds, 3)}
-        return PassResult(model, False, frozenset({"importance", "expert-classes", "matching"}), stats)
+        return PassResult(model, False, frozenset({"importance", "sensitivity", "expert-classes", "matching"}), stats)

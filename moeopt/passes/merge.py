@@ -19,6 +19,7 @@ from moeopt.passes.base import Pass, PassContext, PassResult
 from moeopt.passes.match import MatchResult
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
+from moeopt.passes.sensitivity import loss_scores
 
 
 def neuron_features(w_in: torch.Tensor, w_out: torch.Tensor, inter: int, glu: bool) -> torch.Tensor:
@@ -89,7 +90,8 @@ class Merge(Pass):
     summary = "align each matched moderate expert's neurons to its hot expert and average by importance"
     options = (
         Option("align", "choice", "assignment", "neuron alignment", choices=("assignment", "ot", "none")),
-        Option("weight", "choice", "freq", "importance used as merge weight", choices=("freq", "prob", "uniform")),
+        Option("weight", "choice", "freq", "importance used as merge weight (loss: the sensitivity analysis)",
+               choices=("freq", "prob", "loss", "uniform")),
     )
 
     def requires(self, model: MoEModel, ctx: PassContext) -> None:
@@ -99,15 +101,17 @@ class Merge(Pass):
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
         match: MatchResult = ctx.analyses.peek("matching")
         imp = ctx.analyses.peek("importance")
-        if self.opts["weight"] != "uniform" and imp is None:
-            raise BadInputError(f"merge{{weight={self.opts['weight']}}} needs routing statistics: run importance first")
+        kind = self.opts["weight"]
+        if kind in ("freq", "prob") and imp is None:
+            raise BadInputError(f"merge{{weight={kind}}} needs routing statistics: run importance first")
         merged = 0
         for i, layer in enumerate(model.layers):
             pairs = match.assignment[i]
             if not pairs:
                 continue
             t = layer.table
-            score = None if imp is None or self.opts["weight"] == "uniform" else imp.score(i, self.opts["weight"])
+            score = (None if kind == "uniform" else loss_scores(ctx, i, "merge{weight=loss}") if kind == "loss"
+                     else imp.score(i, kind))
             groups: dict[int, list[int]] = {}
             for m, h in sorted(pairs.items()):
                 groups.setdefault(h, []).append(m)

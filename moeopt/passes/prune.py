@@ -18,6 +18,7 @@ from moeopt.ir.model import MoEModel
 from moeopt.passes.base import Pass, PassContext, PassResult
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
+from moeopt.passes.sensitivity import loss_scores
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ def rank_experts(
     if method == "magnitude":
         norms = ctx.analyses.get("expert-norms", model, ctx)[layer]
         return [owners[s] for s in sorted(range(len(owners)), key=lambda s: (-norms[s], owners[s]))]
+    if score == "loss":
+        rise = loss_scores(ctx, layer, "prune{score=loss}")
+        return sorted(owners, key=lambda e: (-float(rise[e]), e))
     imp = ctx.analyses.peek("importance")
     if imp is None:
         raise BadInputError(f"prune{{method={method}}} needs routing statistics: run `importance{{calib=...}}` first")
@@ -92,7 +96,8 @@ class Prune(Pass):
         Option("alpha", "float", -1.0, "threshold mode: cold if routing share < alpha/E (-1: off)", min=-1.0),
         Option("beta", "float", -1.0, "threshold mode: hot if routing share >= beta/E (-1: off)", min=-1.0),
         Option("method", "choice", "importance", "ranking", choices=("importance", "frequency", "random", "magnitude")),
-        Option("score", "choice", "freq", "importance kind for method=importance", choices=("freq", "prob", "swapmoe")),
+        Option("score", "choice", "freq", "importance kind for method=importance (loss: the sensitivity analysis)",
+               choices=("freq", "prob", "swapmoe", "loss")),
         Option("seed", "int", 0, "seed of method=random"),
     )
 
@@ -134,4 +139,4 @@ class Prune(Pass):
             "hot": sum(len(c.hot) for c in classes),
             "moderate": sum(len(c.moderate) for c in classes),
         }
-        return PassResult(model, removed > 0, frozenset({"importance", "expert-classes"}), stats)
+        return PassResult(model, removed > 0, frozenset({"importance", "sensitivity", "expert-classes"}), stats)

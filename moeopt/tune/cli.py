@@ -33,17 +33,21 @@ def extract_cmd(
     calib_tokens: Annotated[int, typer.Option(help="calibration tokens for the importance statistics")] = 16384,
     data: DataRoot = None,
     dtype: Annotated[str, typer.Option(help="storage dtype; float32 keeps merged experts exact")] = "float32",
+    rank: Annotated[str, typer.Option(help="expert ranking: loss (the app loss's rise when an expert is masked) "
+                                           "or freq (LiteMoE's routing frequency)")] = "loss",
 ) -> None:
     """Extract an app's LiteMoE proxy: importance on its data, prune + ILP match + aligned merge."""
     import moeopt
-    from moeopt.tune.extract import calib_spec, check_keep, extract
+    from moeopt.tune.extract import calib_spec, check_keep, check_rank, extract
 
     check_keep(keep)
+    check_rank(rank)
     spec = calib_spec(app)
     save_dtype = _dtype(dtype, None)
     m = moeopt.load(model)
     before = m.stats()
-    report = extract(m, spec, keep=keep, cold=None if cold < 0 else cold, calib_tokens=calib_tokens, data_root=data)
+    report = extract(m, spec, keep=keep, cold=None if cold < 0 else cold, calib_tokens=calib_tokens, data_root=data,
+                     rank=rank)
     after = m.stats()
     m.save(out, dtype=save_dtype)  # type: ignore[arg-type]
     print(f"proxy: routed-expert params {after.expert:,} of {before.expert:,} ({after.expert / before.expert:.1%}), "
