@@ -166,6 +166,7 @@ def test_cli_extract_finetune_plug(text_ckpt: Path, tmp_path: Path, capsys: pyte
                               "-o", str(proxy), "--calib-tokens", "1024", *data, capsys=capsys)
     assert code == 0, err
     assert "routed-expert params" in text and moeopt.load(proxy).layers[0].table.num_slots == 2
+    assert "sensitivity{calib=app:tweet-sentiment" in text and "prune{keep=0.25,cold=0.375,score=loss}" in text
     code, text, err = run_cli("finetune", str(proxy), "--app", "app:tweet-sentiment", "-o", str(adapter),
                               "--steps", "3", "--batch-size", "4", "--max-len", "64", "--no-progress", *data,
                               capsys=capsys)
@@ -181,6 +182,7 @@ def test_cli_extract_finetune_plug(text_ckpt: Path, tmp_path: Path, capsys: pyte
     (("extract", "{ckpt}", "--app", "app:intent", "--keep", "0", "-o", "{tmp}/p"), "--keep must be in (0, 1]"),
     (("extract", "{ckpt}", "--app", "app:intent", "--keep", "1.5", "-o", "{tmp}/p"), "--keep must be in (0, 1]"),
     (("extract", "{ckpt}", "--app", "app:chess", "-o", "{tmp}/p"), "unknown app 'chess'"),
+    (("extract", "{ckpt}", "--app", "app:intent", "--rank", "norm", "-o", "{tmp}/p"), "--rank must be one of loss"),
     (("finetune", "{ckpt}", "--app", "{tmp}/missing.jsonl", "-o", "{tmp}/a"), "no such app data file"),
     (("finetune", "{ckpt}", "--app", "app:intent", "--steps", "0", "-o", "{tmp}/a"), "--steps must be >= 1"),
     (("finetune", "{ckpt}", "--app", "app:intent", "--targets", "experts", "-o", "{tmp}/a", "--data", "{demo}"),
