@@ -122,7 +122,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "mean_gap_to_upper_points": 100 * sum(gaps.values()) / n,
         "proxy_over_full": mem,  # per app: proxy tuning / full tuning
         "beats_foundation_on_every_app": all(g > 0 for g in gains.values()),
-        "within_2_points_of_upper_bound": all(g <= 0.02 for g in gaps.values()),
+        # Accuracies are counts over the same rows: a gap of exactly 2 points must not fail on float rounding.
+        "within_2_points_of_upper_bound": all(g <= 0.02 + 1e-9 for g in gaps.values()),
         "proxy_memory_at_most_a_third": {k: all(v <= 1 / 3 for v in mem[k].values())
                                          for k in ("peak_rss_mib", "above_base_mib", "tuning_rss_mib")},
     }
