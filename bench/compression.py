@@ -102,6 +102,22 @@ def _one(base: moeopt.MoEModel, tok: Any, setting: str, method: str, keep: float
     }
 
 
+def combine(folders: list[Path]) -> dict[str, Any]:
+    """One result from several runs' results.json: their runs in order, sorted by setting, keep and method.
+    The runs must share the model, apps and evaluation settings (else their figures do not compare)."""
+    parts = [json.loads((f / "results.json").read_text()) for f in folders]
+    first = parts[0]
+    for f, part in zip(folders[1:], parts[1:], strict=True):
+        for key in ("model", "apps", "eval", "uncompressed"):
+            if part[key] != first[key]:
+                raise SystemExit(f"--combine: {f} differs from {folders[0]} in '{key}'; its figures do not compare")
+    order = {m: i for i, m in enumerate(METHODS)}
+    settings = list(dict.fromkeys(s for part in parts for s in part["settings"]))
+    runs = sorted((r for part in parts for r in part["runs"]),
+                  key=lambda r: (settings.index(r["setting"]), -r["keep"], order.get(r["method"], len(order))))
+    return first | {"settings": settings, "runs": runs, "combined_from": [str(f) for f in folders]}
+
+
 def _accs(res: dict[str, Any], apps: list[str]) -> dict[str, float]:
     return {a: float(res["apps"][a]["accuracy"]) for a in apps}
 
@@ -165,8 +181,10 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--combine", type=lambda s: [Path(x) for x in s.split(",")], default=None,
+                   help="merge the results.json of these earlier runs (e.g. one per fraction) into --out; no run")
     args = p.parse_args()
-    results = run(args)
+    results = combine(args.combine) if args.combine else run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(table(results) + "\n")
