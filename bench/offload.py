@@ -124,7 +124,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         if method == "edgemoe":
             prefetcher = StatsTable().fit(load_trace(work / "trace-calib.json"))
         elif method == "predictor":  # one layer ahead: further hints cost frames (and reads) for less recall
-            prefetcher = GraphHints(depth=1)
+            prefetcher = GraphHints(depth=args.predictor_depth or None)
         elif method == "oracle":
             prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
         packer = FramePacker(index, path, manifest.get("target"), args.threads) if packed else None
@@ -174,7 +174,8 @@ def resident_bytes(manifest: dict[str, Any]) -> int:
 def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
            "--out", str(args.out.parent), "--threads", str(args.threads), "--prompt", str(args.prompt),
-           "--new", str(args.new), "--kernel", args.kernel, "--child", method, str(frac)]
+           "--new", str(args.new), "--kernel", args.kernel, "--predictor-depth", str(args.predictor_depth),
+           "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"method": method, "budget_fraction": frac,
@@ -259,6 +260,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds of every method; the median run is reported")
     ap.add_argument("--kernel", default="packed", choices=("packed", "graph"),
                     help="cold experts as prepacked one-expert sessions, or the cold graph over the pool")
+    ap.add_argument("--predictor-depth", type=int, default=1,
+                    help="the predictor method acts on hints for this many layers ahead (0: every hint)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
@@ -299,7 +302,8 @@ def main() -> None:
     result = {
         "model": args.model, "artifact": str(art),
         "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}, "
-                    f"{args.kernel} cold kernel, median of {args.repeat}",
+                    f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
+                    f"median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
         "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs),
