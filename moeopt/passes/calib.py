@@ -29,6 +29,12 @@ class CalibSet:
         return sum(int(b.numel()) for b in self.batches)
 
 
+def check_distinct(names: list[str]) -> None:
+    """Datasets are kept apart by name: two with one name would merge their statistics silently."""
+    if len(set(names)) != len(names):
+        raise BadInputError(f"calibration sets need distinct names, got {names}")
+
+
 def load_tokenizer(model: MoEModel) -> object | None:
     """The model's tokenizers.Tokenizer, if its checkpoint folder has tokenizer.json."""
     if model.source_dir is None or not (model.source_dir / "tokenizer.json").exists():
@@ -110,11 +116,11 @@ def _pack(
     return CalibSet(name, tuple(data.split(batch_size)))
 
 
-def load_app_calibration(
-    model: MoEModel, app: str, *, split: str = "train", seq_len: int = 128, max_tokens: int = 32768,
-    data_root: Path | None = None, batch_size: int = 8,
-) -> CalibSet:
-    """An app's split from the prepared data, each example rendered as prompt + answer."""
+def app_rows(app: str, split: str = "train", data_root: Path | None = None) -> tuple[str, Path, list[dict[str, str]]]:
+    """An app's split from the prepared data: (dataset name, file, rows ``{"text", "label"}``).
+
+    The name is the app's for its train split, ``app:split`` otherwise.
+    """
     from moeopt.data.apps import APPS, app_split, default_data_root
 
     if app not in APPS:
@@ -125,5 +131,15 @@ def load_app_calibration(
     path = root / "apps" / app / f"{split}.jsonl"
     if not path.exists():
         raise BadInputError(f"no prepared data at {path}: run `moeopt data prepare` first")
-    rows = [{"text": r["text"], "label": r["label"], "app": app} for r in app_split(root, app, split)]
-    return _pack(model, rows, app if split == "train" else f"{app}:{split}", path, seq_len, max_tokens, batch_size)
+    rows = [{"text": r["text"], "label": r["label"]} for r in app_split(root, app, split)]
+    return (app if split == "train" else f"{app}:{split}"), path, rows
+
+
+def load_app_calibration(
+    model: MoEModel, app: str, *, split: str = "train", seq_len: int = 128, max_tokens: int = 32768,
+    data_root: Path | None = None, batch_size: int = 8,
+) -> CalibSet:
+    """An app's split from the prepared data, each example rendered as prompt + answer."""
+    name, path, rows = app_rows(app, split, data_root)
+    records: list[dict[str, object]] = [{"text": r["text"], "label": r["label"], "app": app} for r in rows]
+    return _pack(model, records, name, path, seq_len, max_tokens, batch_size)

@@ -20,10 +20,12 @@ from moeopt.ir.compute import RoutingTrace
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
 from moeopt.passes.base import ALL, Pass, PassContext, PassResult
-from moeopt.passes.calib import CalibSet, load_app_calibration, load_calibration
+from moeopt.passes.calib import CalibSet, check_distinct, load_app_calibration, load_calibration
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
 
+# The calibration option of every pass that reads calibration datasets (importance, sensitivity).
+CALIB_OPTION = Option("calib", "list", (), "calibration JSONL files or app:NAME, ';'-separated; one dataset each")
 SAMPLE_TOKENS = 512  # layer inputs kept per layer: enough for output similarity, small in memory
 
 
@@ -208,9 +210,7 @@ def calibration_sets(
                                              max_tokens=max_tokens, data_root=data_root))
         else:
             sets.append(load_calibration(model, Path(spec), seq_len=seq_len, max_tokens=max_tokens))
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise BadInputError(f"calibration sets need distinct names, got {names}")
+    check_distinct([s.name for s in sets])
     return sets
 
 
@@ -221,7 +221,7 @@ class ImportancePass(Pass):
     summary = "routing statistics on calibration data: frequency, probability mass, SwapMoE score, co-activation"
     exact = True
     options = (
-        Option("calib", "list", (), "calibration JSONL files or app:NAME, ';'-separated; one dataset each"),
+        CALIB_OPTION,
         Option("seq-len", "int", 128, "tokens per calibration sequence", min=8),
         Option("max-tokens", "int", 32768, "tokens per dataset at most", min=8),
         Option("progress", "bool", True, "show a progress bar"),

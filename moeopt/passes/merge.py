@@ -16,6 +16,7 @@ from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import ExpertTable, SlotInfo
 from moeopt.passes.base import Pass, PassContext, PassResult
+from moeopt.passes.importance import Importance
 from moeopt.passes.match import MatchResult
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
@@ -83,6 +84,17 @@ def merge_slots(
     return w_in, w_out, b_in, b_out
 
 
+def _weights(ctx: PassContext, imp: Importance | None, layer: int, kind: str) -> torch.Tensor | None:
+    """(E,) merge weight of every original expert of `layer` by `kind`; None for uniform weights."""
+    if kind == "uniform":
+        return None
+    if kind == "loss":
+        return loss_scores(ctx, layer, "merge{weight=loss}")
+    if imp is None:
+        raise BadInputError(f"merge{{weight={kind}}} needs routing statistics: run importance first")
+    return imp.score(layer, kind)
+
+
 @register
 class Merge(Pass):
     name = "merge"
@@ -101,17 +113,15 @@ class Merge(Pass):
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
         match: MatchResult = ctx.analyses.peek("matching")
         imp = ctx.analyses.peek("importance")
-        kind = self.opts["weight"]
-        if kind in ("freq", "prob") and imp is None:
-            raise BadInputError(f"merge{{weight={kind}}} needs routing statistics: run importance first")
+        # Every layer's weights before any layer changes: a missing analysis fails with nothing merged.
+        scores = [_weights(ctx, imp, i, self.opts["weight"]) for i in range(len(model.layers))]
         merged = 0
         for i, layer in enumerate(model.layers):
             pairs = match.assignment[i]
             if not pairs:
                 continue
             t = layer.table
-            score = (None if kind == "uniform" else loss_scores(ctx, i, "merge{weight=loss}") if kind == "loss"
-                     else imp.score(i, kind))
+            score = scores[i]
             groups: dict[int, list[int]] = {}
             for m, h in sorted(pairs.items()):
                 groups.setdefault(h, []).append(m)

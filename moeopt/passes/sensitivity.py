@@ -30,10 +30,12 @@ from tqdm import tqdm
 from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.passes.base import ALL, Pass, PassContext, PassResult
-from moeopt.passes.calib import CalibSet, load_tokenizer, read_records
-from moeopt.passes.importance import calibration_sets
+from moeopt.passes.calib import CalibSet, app_rows, check_distinct, load_tokenizer, read_records
+from moeopt.passes.importance import CALIB_OPTION, calibration_sets
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
+
+TEXT_TOKENS = 8192  # default plain-text tokens: every kept expert costs one pass over them
 
 
 @dataclass
@@ -91,17 +93,12 @@ class _Text:
 
 def _labelled_rows(spec: str, data_root: Path | None) -> tuple[str, Any, list[dict[str, str]]] | None:
     """(name, App, rows) when `spec` is labelled app data, else None."""
-    from moeopt.data.apps import APPS, app_split, default_data_root
+    from moeopt.data.apps import APPS
 
     if spec.startswith("app:"):
-        name, _, split = spec[4:].partition(":")
-        if name not in APPS:
-            raise BadInputError(f"unknown app '{name}'; apps: {', '.join(APPS)}")
-        root = data_root or default_data_root()
-        if not (root / "apps" / name / f"{split or 'train'}.jsonl").exists():
-            raise BadInputError(f"no prepared data for app {name} under {root}: run `moeopt data prepare` first")
-        rows = [{"text": r["text"], "label": r["label"]} for r in app_split(root, name, split or "train")]
-        return (name if not split or split == "train" else f"{name}:{split}"), APPS[name], rows
+        app_name, _, split = spec[4:].partition(":")
+        name, _, rows = app_rows(app_name, split or "train", data_root)
+        return name, APPS[app_name], rows
     records = read_records(Path(spec))
     apps = {str(r.get("app")) for r in records}
     if len(apps) == 1 and all("label" in r and "text" in r for r in records):
@@ -125,6 +122,7 @@ def datasets(model: MoEModel, specs: tuple[str, ...], rows: int, seq_len: int, m
             out.append(_Labelled(name, app, recs[:rows], tok))
         else:
             out.extend(_Text(cs) for cs in calibration_sets(model, (spec,), seq_len, max_tokens, data_root))
+    check_distinct([ds.name for ds in out])
     return out
 
 
@@ -168,10 +166,10 @@ class SensitivityPass(Pass):
     summary = "loss rise when each expert alone is masked out of the router (task loss for app data)"
     exact = True
     options = (
-        Option("calib", "list", (), "calibration JSONL files or app:NAME, ';'-separated; one dataset each"),
+        CALIB_OPTION,
         Option("rows", "int", 128, "labelled rows per app dataset (gold-label NLL)", min=1),
         Option("seq-len", "int", 128, "tokens per sequence of plain-text calibration", min=8),
-        Option("max-tokens", "int", 8192, "tokens per plain-text dataset at most", min=8),
+        Option("max-tokens", "int", TEXT_TOKENS, "tokens per plain-text dataset at most", min=8),
         Option("progress", "bool", True, "show a progress bar"),
     )
 

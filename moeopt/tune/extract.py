@@ -16,6 +16,7 @@ from moeopt.ir.model import MoEModel
 from moeopt.passes.base import PassContext
 from moeopt.passes.manager import PassManager, RunReport
 from moeopt.passes.pipeline import _quote, needs_quotes
+from moeopt.passes.sensitivity import TEXT_TOKENS
 
 
 def check_keep(keep: float) -> float:
@@ -80,7 +81,8 @@ def proxy_pipeline(
     imp = f"importance{{calib={value},max-tokens={calib_tokens},progress=false}}"
     opts = [] if align == "assignment" else [f"align={align}"]
     if rank == "loss":
-        imp += f",sensitivity{{calib={value},rows={rows},max-tokens={min(calib_tokens, 8192)},progress=false}}"
+        tokens = min(calib_tokens, TEXT_TOKENS)  # plain text: one pass per expert, so fewer than importance reads
+        imp += f",sensitivity{{calib={value},rows={rows},max-tokens={tokens},progress=false}}"
         prune = f"prune{{keep={keep},cold={cold},score=loss}}"
         opts.append("weight=loss")
     else:
