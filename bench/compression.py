@@ -105,6 +105,9 @@ def _one(base: moeopt.MoEModel, tok: Any, setting: str, method: str, keep: float
 def combine(folders: list[Path]) -> dict[str, Any]:
     """One result from several runs' results.json: their runs in order, sorted by setting, keep and method.
     The runs must share the model, apps and evaluation settings (else their figures do not compare)."""
+    missing = [str(f) for f in folders if not (f / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"--combine: no results.json in {', '.join(missing)}")
     parts = [json.loads((f / "results.json").read_text()) for f in folders]
     first = parts[0]
     for f, part in zip(folders[1:], parts[1:], strict=True):
