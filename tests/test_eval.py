@@ -172,4 +172,9 @@ def test_evaluate_on_fixtures(model: torch.nn.Module, tok: Tokenizer) -> None:
     assert "ppl/wiki" in table and "acc/news-topic" in table and "mean accuracy" in table
     with pytest.raises(ValueError, match="unknown apps"):
         evaluate(model, tok, data_root=FIXTURES, ppl=(), tasks=["nope"], progress=False)
+    # "all" is the foundation's five apps; a held-out app is scored when named.
+    held = evaluate(model, tok, data_root=FIXTURES, ppl=(), tasks=["health-source"], app_examples=4,
+                    progress=False)["apps"]
+    assert list(held) == ["health-source"] and held["health-source"]["n"] == 4
+    assert "health-source" not in res["apps"]
     assert model.training is False

@@ -220,3 +220,19 @@ def test_records_without_a_label_need_loss_all(text_ckpt: Path, tmp_path: Path) 
     assert [int(i) for i, t in zip(labelled.ids, labelled.target, strict=True) if t] == conts[
         APPS["intent"].labels.index(row["label"])]
     assert labelled.target[-1] and labelled.ids[0] == 0  # ends with the label, starts with EOS like the eval
+
+
+def test_held_out_app_examples_take_the_loss_on_its_label(text_ckpt: Path) -> None:
+    # A held-out app (not in the reference model's training) resolves by name like the five others.
+    from moeopt.data.apps import HELD_OUT_APPS
+    from moeopt.eval.classify import label_continuations
+
+    fixtures = Path(__file__).parent / "fixtures" / "data"
+    model = moeopt.load(text_ckpt)
+    tok = load_tokenizer(model)
+    rows, name = read_rows("app:health-source", data_root=fixtures)
+    assert name == "health-source" and all(r["app"] == "health-source" for r in rows)
+    app = HELD_OUT_APPS["health-source"]
+    for row, ex in zip(rows[:5], build_examples(rows[:5], tok), strict=True):
+        _, conts = label_continuations(tok, app.prompt(row["text"]), app.labels)
+        assert [int(i) for i, t in zip(ex.ids, ex.target, strict=True) if t] == conts[app.labels.index(row["label"])]

@@ -15,21 +15,27 @@ class DataError(BadInputError):
 
 
 from moeopt.data.apps import (  # noqa: E402  (DataError must exist before submodules import it)
+    ALL_APPS,
     APPS,
+    HELD_OUT_APPS,
     App,
     app_split,
     default_data_root,
+    get_app,
     lm_split,
     read_jsonl,
     write_jsonl,
 )
 
 __all__ = [
+    "ALL_APPS",
     "APPS",
+    "HELD_OUT_APPS",
     "App",
     "DataError",
     "app_split",
     "default_data_root",
+    "get_app",
     "lm_split",
     "read_jsonl",
     "write_jsonl",

@@ -1,4 +1,5 @@
-"""The five labelled "apps" of the reference model, and readers for the prepared JSONL splits.
+"""The labelled "apps": the five the reference model trained on, the held-out ones it never saw, and
+readers for the prepared JSONL splits.
 
 An app is a prompt template plus a closed set of single-word labels; training text is
 ``prompt + " " + label`` and evaluation scores each label's likelihood after the prompt.
@@ -85,6 +86,33 @@ APPS: dict[str, App] = {
         ),
     )
 }
+"""The apps in the reference model's training mixture (its train splits); ``"all"`` in the CLI and eval."""
+
+HELD_OUT_APPS: dict[str, App] = {
+    app.name: app
+    for app in (
+        App(
+            "health-source",
+            ("bbc", "cbc", "cnn", "everyday", "fox", "guardian", "goodhealth", "kaiser", "latimes", "msn",
+             "nbc", "npr", "nytimes", "reuters", "usnews", "wsj"),
+            "Health tweet: {text}\nAccount:",
+        ),
+    )
+}
+"""Apps the reference model never trained on: LiteMoE's setting, where an app brings a task new to the
+shared foundation and its adapter has something to learn. Named explicitly, never part of ``"all"``."""
+
+ALL_APPS: dict[str, App] = {**APPS, **HELD_OUT_APPS}
+"""Every app by name: what names resolve against."""
+
+
+def get_app(name: str) -> App:
+    """The app called ``name``, foundation or held out; a one-line error naming the known apps otherwise."""
+    from moeopt.errors import BadInputError
+
+    if name not in ALL_APPS:
+        raise BadInputError(f"unknown app '{name}'; apps: {', '.join(ALL_APPS)}")
+    return ALL_APPS[name]
 
 
 def default_data_root() -> Path:
@@ -125,8 +153,7 @@ def _check_split(split: str) -> None:
 
 def app_split(root: str | os.PathLike[str], app: str, split: str) -> list[dict[str, Any]]:
     """Rows ``{"text", "label"}`` of one app split under ``root/apps/<app>/<split>.jsonl``."""
-    if app not in APPS:
-        raise ValueError(f"unknown app {app!r}; known: {', '.join(APPS)}")
+    get_app(app)
     _check_split(split)
     return read_jsonl(Path(root) / "apps" / app / f"{split}.jsonl")
 

@@ -4,7 +4,7 @@ Layout under the output root::
 
     lm/news/{train,valid,test}.jsonl     {"text"}            articles, split by article
     lm/wiki/test.jsonl                   {"text"}            held-out perplexity only, never training
-    apps/<app>/{train,valid,test}.jsonl  {"text", "label"}   the five apps of ``apps.APPS``
+    apps/<app>/{train,valid,test}.jsonl  {"text", "label"}   every app of ``apps.ALL_APPS``
     sources.json, LICENSES.md            provenance and licence note per source
     manifest.json                        sha256 of every data file
     READY                                the summary JSON, written last
@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from moeopt.data import DataError
-from moeopt.data.apps import APPS, default_data_root, read_jsonl, write_jsonl
+from moeopt.data.apps import ALL_APPS, default_data_root, read_jsonl, write_jsonl
 from moeopt.data.fetch import default_cache, fetch_package, read_member, sha256_file
 from moeopt.data.sources import LOADERS, SOURCES, Record, Source
 from moeopt.data.splits import cap, dedupe, group_split, strip_group
@@ -58,9 +58,10 @@ APP_SPECS: dict[str, AppSpec] = {
     "intent": AppSpec("intent", fractions=(0.30, 0.10, 0.60), caps=(None, None, None)),
     # Shares the article split of lm/news (see _news_splits), so its test articles are never trained on.
     "news-topic": AppSpec("news", caps=(None, None, None)),
+    "health-source": AppSpec("healthtweets"),  # held out: never in the reference model's training
 }
 NEWS_FRACTIONS = {"test": 0.10, "valid": 0.05, "train": 0.85}
-OUTPUTS = ("news", "wiki", *APPS)  # valid names for prepare(sources=...)
+OUTPUTS = ("news", "wiki", *ALL_APPS)  # valid names for prepare(sources=...)
 
 
 def _dump(obj: Any) -> str:
@@ -118,7 +119,7 @@ def _app_rows(app: str, load: _Loader, seed: int) -> dict[str, list[Record]]:
     caps = dict(zip(("train", "valid", "test"), spec.caps, strict=True))
     out = {s: strip_group(cap(parts[s], caps[s]), ("text", "label")) for s in ("train", "valid", "test")}
     for split, rows in out.items():
-        bad = {r["label"] for r in rows} - set(APPS[app].labels)
+        bad = {r["label"] for r in rows} - set(ALL_APPS[app].labels)
         if bad or not rows:
             raise DataError(f"{app}/{split}: {'labels ' + str(bad) if bad else 'empty split'}")
     return out
@@ -231,7 +232,7 @@ def make_fixtures(src_root: Path, out: Path, *, n_train: int = 24, n_valid: int 
             write_jsonl(out / "lm" / corpus / f"{split}.jsonl", docs)
             counts[f"lm/{corpus}/{split}"] = len(docs)
     limits = {"train": n_train, "valid": n_valid, "test": n_test}
-    for name, app in APPS.items():
+    for name, app in ALL_APPS.items():
         for split, n in limits.items():
             rows = read_jsonl(src_root / "apps" / name / f"{split}.jsonl")[:n]
             small = [{"text": app.truncate(r["text"]), "label": r["label"]} for r in rows]

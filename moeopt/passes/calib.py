@@ -67,9 +67,9 @@ def render(row: dict[str, object]) -> str:
     """A record's text; app records ({"text", "label"}) are rendered as the app's prompt + answer."""
     text = str(row["text"])
     if "label" in row and "app" in row:
-        from moeopt.data.apps import APPS
+        from moeopt.data.apps import ALL_APPS
 
-        app = APPS.get(str(row["app"]))
+        app = ALL_APPS.get(str(row["app"]))
         if app is not None:
             return app.render(text, str(row["label"]))
     return text
@@ -121,10 +121,9 @@ def app_rows(app: str, split: str = "train", data_root: Path | None = None) -> t
 
     The name is the app's for its train split, ``app:split`` otherwise.
     """
-    from moeopt.data.apps import APPS, app_split, default_data_root
+    from moeopt.data.apps import app_split, default_data_root, get_app
 
-    if app not in APPS:
-        raise BadInputError(f"unknown app '{app}'; apps: {', '.join(APPS)}")
+    get_app(app)
     if split not in ("train", "valid", "test"):
         raise BadInputError(f"unknown split '{split}' of app '{app}' (train, valid, test)")
     root = data_root or default_data_root()

@@ -93,16 +93,16 @@ class _Text:
 
 def _labelled_rows(spec: str, data_root: Path | None) -> tuple[str, Any, list[dict[str, str]]] | None:
     """(name, App, rows) when `spec` is labelled app data, else None."""
-    from moeopt.data.apps import APPS
+    from moeopt.data.apps import ALL_APPS, get_app
 
     if spec.startswith("app:"):
         app_name, _, split = spec[4:].partition(":")
         name, _, rows = app_rows(app_name, split or "train", data_root)
-        return name, APPS[app_name], rows
+        return name, get_app(app_name), rows
     records = read_records(Path(spec))
     apps = {str(r.get("app")) for r in records}
     if len(apps) == 1 and all("label" in r and "text" in r for r in records):
-        app = APPS.get(apps.pop())
+        app = ALL_APPS.get(apps.pop())
         if app is not None and all(str(r["label"]) in app.labels for r in records):
             return Path(spec).stem, app, [{"text": str(r["text"]), "label": str(r["label"])} for r in records]
     return None

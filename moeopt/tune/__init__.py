@@ -1,8 +1,12 @@
 """LiteMoE's per-app customisation: extract a proxy, tune LoRA on it, plug the adapter into the foundation.
 
-    proxy = moeopt.load("reference-moe"); extract(proxy, "app:intent", keep=0.3)
+    ref = "moeopt/assets/reference-moe"
+    proxy = moeopt.load(ref); extract(proxy, "app:intent", keep=0.3)
     finetune(proxy, examples, TuneSettings(), Path("out/intent-adapter"))
-    model = plug(moeopt.load("reference-moe"), "out/intent-adapter")      # merged, ready for `lower`
+    model = plug(moeopt.load(ref), "out/intent-adapter")      # merged, ready for `lower`
+
+Apps are named from `moeopt.data.ALL_APPS`: the five the reference model trained on, and held-out ones
+(`health-source`) that are new to it, LiteMoE's setting where an adapter has a task to learn.
 """
 
 from moeopt.tune.data import Example, build_examples, read_rows

@@ -45,13 +45,12 @@ def read_rows(data: str, *, data_root: Path | None = None, task: str | None = No
     File rows are `{"text", "label"[, "app"]}` (the app comes from the row or from `task`), `{"text"}`
     or `{"ids": [...]}` (the last two: loss on all tokens only).
     """
-    from moeopt.data.apps import APPS, SPLITS, app_split, default_data_root, read_jsonl
+    from moeopt.data.apps import SPLITS, app_split, default_data_root, get_app, read_jsonl
 
     if data.startswith("app:"):
         name, _, split = data[4:].partition(":")
         split = split or "train"
-        if name not in APPS:
-            raise BadInputError(f"unknown app '{name}'; apps: {', '.join(APPS)}")
+        get_app(name)
         if split not in SPLITS:
             raise BadInputError(f"unknown split '{split}' of app '{name}' ({', '.join(SPLITS)})")
         root = data_root or default_data_root()
@@ -69,8 +68,7 @@ def read_rows(data: str, *, data_root: Path | None = None, task: str | None = No
             raise BadInputError(f"{path}: not a JSONL file (one JSON object per line)") from None
         label = path.stem
         if task is not None:
-            if task not in APPS:
-                raise BadInputError(f"unknown app '{task}'; apps: {', '.join(APPS)}")
+            get_app(task)
             rows = [{**r, "app": r.get("app", task)} if isinstance(r, dict) else r for r in rows]
     if not rows:
         raise BadInputError(f"app data {data} is empty")
@@ -85,7 +83,7 @@ def build_examples(
     vocab_size: int | None = None,
 ) -> list[Example]:
     """Tokenize rows into examples; labelled rows follow the evaluation's tokenization exactly."""
-    from moeopt.data.apps import APPS
+    from moeopt.data.apps import ALL_APPS
     from moeopt.eval.classify import label_continuations
     from moeopt.eval.model_io import as_tokenizer, encode, eos_id
 
@@ -94,7 +92,7 @@ def build_examples(
     prefix = [eos] if eos is not None else []
     out = []
     for n, row in enumerate(rows, 1):
-        app = APPS.get(str(row.get("app", "")))
+        app = ALL_APPS.get(str(row.get("app", "")))
         if "ids" in row:
             ids, n_label = [int(i) for i in row["ids"]], 0
         elif tok is None:

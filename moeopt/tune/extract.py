@@ -29,11 +29,9 @@ def check_keep(keep: float) -> float:
 def calib_spec(data: str) -> str:
     """A calibration spec for `importance{calib=...}`: `app:NAME[:SPLIT]` as is, else an existing JSONL file."""
     if data.startswith("app:"):
-        from moeopt.data.apps import APPS
+        from moeopt.data.apps import get_app
 
-        name = data[4:].partition(":")[0]
-        if name not in APPS:
-            raise BadInputError(f"unknown app '{name}'; apps: {', '.join(APPS)}")
+        get_app(data[4:].partition(":")[0])
         return data
     path = Path(data)
     if not path.is_file():
