@@ -97,7 +97,9 @@ def data_section(moe: dict[str, Any], data_root: Path) -> list[str]:
         "## Training data",
         "",
         "All text comes from data files shipped inside PyPI packages, prepared by `moeopt.data` into "
-        f"seeded splits (manifest sha256 `{(moe.get('data_manifest_sha256') or '?')[:16]}...`). Sources "
+        f"seeded splits (manifest sha256 `{(moe.get('data_manifest_sha256') or '?')[:16]}...` at training time; "
+        "the held-out app `health-source`, added later and never trained on, adds files to the manifest but "
+        "changes none of these). Sources "
         "and licences: `LICENSES.md` and `sources.json` in the prepared data root "
         f"(`{data_root}`), and `moeopt/data/sources.py`:",
         "",
