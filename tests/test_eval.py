@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moeopt.data import APPS, App, app_split
+from moeopt.data import ALL_APPS, APPS, App, app_split
 from moeopt.eval import app_accuracy, evaluate, format_table, label_scores, macro_f1, perplexity
-from moeopt.eval.classify import label_continuations, plan_jobs
+from moeopt.eval.classify import gold_label_scores, label_continuations, plan_jobs
 from moeopt.eval.model_io import encode, eos_id
 from moeopt.eval.perplexity import token_stream, windows
 from tests.conftest import FIXTURE_DATA as FIXTURES
@@ -103,6 +103,18 @@ def test_label_scores_match_direct_and_ignore_batching(model: torch.nn.Module, t
     np.testing.assert_allclose(one, direct, rtol=0, atol=1e-4)
     np.testing.assert_allclose(four, one, rtol=0, atol=1e-5)
     assert np.ptp(direct, axis=1).min() > 1e-3  # labels really are told apart
+
+
+@pytest.mark.parametrize("app_name", ["health-source", "intent"])
+def test_gold_label_scores_equal_the_gold_column(model: torch.nn.Module, tok: Tokenizer, app_name: str) -> None:
+    # health-source has multi-token labels: scoring only the gold one needs fewer forwards, same values.
+    app = ALL_APPS[app_name]
+    rows = app_split(FIXTURES, app_name, "test")[:8]
+    texts, gold = [r["text"] for r in rows], [app.labels.index(r["label"]) for r in rows]
+    full = label_scores(model, tok, app, texts, batch_size=4, progress=False)  # (N, L)
+    only = gold_label_scores(model, tok, app, texts, gold, batch_size=4)  # (N,)
+    np.testing.assert_allclose(only, full[np.arange(len(rows)), gold], rtol=0, atol=1e-5)
+    assert len(set(gold)) > 1 and (only < 0).all()
 
 
 def test_app_accuracy_predicts_argmax_label(model: torch.nn.Module, tok: Tokenizer) -> None:

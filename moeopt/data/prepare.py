@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from moeopt.data import DataError
-from moeopt.data.apps import ALL_APPS, default_data_root, read_jsonl, write_jsonl
+from moeopt.data.apps import ALL_APPS, APPS, default_data_root, read_jsonl, write_jsonl
 from moeopt.data.fetch import default_cache, fetch_package, read_member, sha256_file
 from moeopt.data.sources import LOADERS, SOURCES, Record, Source
 from moeopt.data.splits import cap, dedupe, group_split, strip_group
@@ -218,11 +218,13 @@ def _merge_provenance(root: Path, new: dict[str, dict[str, str]]) -> dict[str, d
 
 
 def make_fixtures(src_root: Path, out: Path, *, n_train: int = 24, n_valid: int = 12, n_test: int = 24,
-                  n_docs: int = 3, doc_chars: int = 1500) -> dict[str, int]:
+                  n_docs: int = 3, doc_chars: int = 1500, n_train_held_out: int | None = None) -> dict[str, int]:
     """Write a tiny copy of a prepared root (same layout) for offline tests.
 
     App texts are cut to each app's ``max_chars`` (what a prompt would keep) and LM documents to
-    ``doc_chars`` at a word boundary, so the whole fixture stays well under 200 KB.
+    ``doc_chars`` at a word boundary, so the whole fixture stays well under 200 KB. ``n_train_held_out``
+    (default ``n_train``) sizes the held-out apps' train splits: an adapter for a task new to the model
+    needs thousands of examples, where the foundation apps' proxies need a few dozen for calibration.
     """
     counts: dict[str, int] = {}
     for corpus, splits in (("news", ("train", "valid", "test")), ("wiki", ("test",))):
@@ -231,8 +233,9 @@ def make_fixtures(src_root: Path, out: Path, *, n_train: int = 24, n_valid: int 
             docs = [{"text": _cut(r["text"], doc_chars)} for r in rows]
             write_jsonl(out / "lm" / corpus / f"{split}.jsonl", docs)
             counts[f"lm/{corpus}/{split}"] = len(docs)
-    limits = {"train": n_train, "valid": n_valid, "test": n_test}
     for name, app in ALL_APPS.items():
+        held_out = name not in APPS and n_train_held_out is not None
+        limits = {"train": n_train_held_out if held_out else n_train, "valid": n_valid, "test": n_test}
         for split, n in limits.items():
             rows = read_jsonl(src_root / "apps" / name / f"{split}.jsonl")[:n]
             small = [{"text": app.truncate(r["text"]), "label": r["label"]} for r in rows]

@@ -6,7 +6,7 @@ tokenizer is a ``tokenizers.Tokenizer`` (the reference model ships ``tokenizer.j
 
 from __future__ import annotations
 
-from moeopt.eval.classify import app_accuracy, label_scores
+from moeopt.eval.classify import app_accuracy, gold_label_scores, label_scores
 from moeopt.eval.harness import evaluate, format_table
 from moeopt.eval.metrics import accuracy, macro_f1, majority_accuracy
 from moeopt.eval.perplexity import perplexity
@@ -16,6 +16,7 @@ __all__ = [
     "app_accuracy",
     "evaluate",
     "format_table",
+    "gold_label_scores",
     "label_scores",
     "macro_f1",
     "majority_accuracy",

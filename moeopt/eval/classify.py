@@ -125,6 +125,35 @@ def label_scores(
         prefix_eos: Start every prompt with the EOS token (when the tokenizer has one), matching a
             model trained on EOS-separated documents.
     """
+    return _scores(model, tokenizer, app, texts, None, batch_size=batch_size, prefix_eos=prefix_eos,
+                   progress=progress)
+
+
+def gold_label_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    app: App,
+    texts: Sequence[str],
+    gold: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int = 16,
+    prefix_eos: bool = True,
+) -> np.ndarray:
+    """Summed log-likelihood of each row's own label (index into ``app.labels``) after its prompt, (N,).
+
+    Equal to ``label_scores(...)[i, gold[i]]`` up to float rounding (the same prompt cut, fewer forwards):
+    a row costs one forward instead of one per distinct multi-token label, all a gold-label loss needs.
+    """
+    scores = _scores(model, tokenizer, app, texts, gold, batch_size=batch_size, prefix_eos=prefix_eos,
+                     progress=False)
+    return scores[np.arange(len(texts)), np.asarray(gold, dtype=np.int64)]
+
+
+def _scores(
+    model: torch.nn.Module, tokenizer: Any, app: App, texts: Sequence[str], only: Sequence[int] | np.ndarray | None, *,
+    batch_size: int, prefix_eos: bool, progress: bool,
+) -> np.ndarray:
+    """(N, L) label log-likelihoods; with `only`, just row i's label `only[i]` (the rest stay 0)."""
     tok = as_tokenizer(tokenizer)
     eos = eos_id(tok)
     prefix = [eos] if prefix_eos and eos is not None else []
@@ -132,7 +161,13 @@ def label_scores(
     jobs: list[Job] = []
     for r, text in enumerate(texts):
         prompt_ids, conts = label_continuations(tok, app.prompt(text), app.labels)
-        jobs += plan_jobs(r, _fit(prefix + prompt_ids, conts, max_len), conts)
+        fitted = _fit(prefix + prompt_ids, conts, max_len)  # the same prompt cut as when every label is scored
+        if only is None:
+            jobs += plan_jobs(r, fitted, conts)
+        else:
+            label = int(only[r])
+            jobs += [Job(j.row, j.ids, tuple((label, p, t) for _, p, t in j.queries))
+                     for j in plan_jobs(r, fitted, [conts[label]])]
     check_vocab(model, [max(j.ids) for j in jobs] + [q[2] for j in jobs for q in j.queries])
     # Similar lengths per batch waste less on padding; right padding keeps scores batch-independent.
     jobs.sort(key=lambda j: -len(j.ids))

@@ -70,10 +70,9 @@ class _Labelled:
         self.gold = np.array([app.labels.index(r["label"]) for r in rows])
 
     def loss(self, model: MoEModel) -> float:
-        from moeopt.eval.classify import label_scores
+        from moeopt.eval.classify import gold_label_scores
 
-        scores = label_scores(model.hf, self.tok, self.app, self.texts, progress=False)  # (N, labels)
-        return float(-scores[np.arange(len(self.texts)), self.gold].mean())
+        return float(-gold_label_scores(model.hf, self.tok, self.app, self.texts, self.gold).mean())
 
 
 class _Text:

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,7 +240,10 @@ def finetune(
     torch.manual_seed(settings.seed)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=names, bias="none")
-    peft_model = get_peft_model(model.hf, config)
+    with warnings.catch_warnings():
+        # peft asks the model for the deprecated `is_gradient_checkpointing`; transformers warns on every call.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model.hf, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     start, losses = 0, []
