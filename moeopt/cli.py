@@ -151,7 +151,8 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help="checkpoint (HF or moeopt) or artifact folder, with tokenizer.json")],
     ppl: Annotated[str, typer.Option(help="comma-separated LM corpora (wiki, news); empty for none")] = "wiki,news",
     tasks: Annotated[str, typer.Option(help="'all' (the five apps the reference trained on), comma-separated "
-                                            "app names (also held-out ones: health-source), or empty")] = "all",
+                                            "app names (held-out ones too: health-source, opinion-sentiment), "
+                                            "or empty")] = "all",
     data: Annotated[Path | None, typer.Option(help="data root written by `moeopt data prepare`")] = None,
     split: Annotated[str, typer.Option(help="test or valid")] = "test",
     ppl_tokens: Annotated[int, typer.Option(help="tokens per corpus (0 = all)")] = 32768,

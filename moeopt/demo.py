@@ -9,7 +9,8 @@ adapter into the foundation and compare. Without the reference checkpoint: the s
 small MoE.
 
 The shipped data sample (`DEMO_DATA`) is `moeopt.data.prepare.make_fixtures(PREPARED, DEMO_DATA,
-n_train=48, n_valid=0, n_test=100, n_docs=2, doc_chars=4000, n_train_held_out=3200)`.
+n_train=48, n_valid=0, n_test=100, n_docs=2, doc_chars=4000, n_train_held_out=3200,
+held_out=["health-source"])`.
 """
 
 from __future__ import annotations

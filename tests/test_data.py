@@ -30,7 +30,7 @@ from moeopt.data import (
 )
 from moeopt.data.fetch import read_member
 from moeopt.data.prepare import make_fixtures, prepare, verify_manifest
-from moeopt.data.sources import HEALTH_ACCOUNTS, INTENTS, OUTLETS, SOURCES
+from moeopt.data.sources import HEALTH_ACCOUNTS, INTENTS, OPINIONS, OUTLETS, SOURCES
 from moeopt.data.splits import dedupe, group_split
 from moeopt.data.text import detokenise, filter_wiki, normalise
 from moeopt.errors import BadInputError
@@ -91,9 +91,10 @@ def test_apps_are_fixed_and_labels_single_words() -> None:
 
 def test_held_out_apps_are_apart_from_the_foundation_apps() -> None:
     # The reference model's training mixture and "all" iterate APPS: a held-out app must never be in it.
-    assert list(HELD_OUT_APPS) == ["health-source"] and not set(HELD_OUT_APPS) & set(APPS)
+    assert list(HELD_OUT_APPS) == ["health-source", "opinion-sentiment"] and not set(HELD_OUT_APPS) & set(APPS)
     assert ALL_APPS == {**APPS, **HELD_OUT_APPS}
     assert set(HELD_OUT_APPS["health-source"].labels) == set(HEALTH_ACCOUNTS.values())
+    assert HELD_OUT_APPS["opinion-sentiment"].labels == OPINIONS
     assert get_app("health-source") is HELD_OUT_APPS["health-source"] and get_app("intent") is APPS["intent"]
     with pytest.raises(BadInputError, match=r"unknown app 'chess'; apps: movie-sentiment, .*health-source"):
         get_app("chess")
@@ -222,8 +223,10 @@ def _fake_cache(cache: Path) -> None:
     intents = sorted(INTENTS)
     intent = [{"input": f"Utterance: please do {i}",
                "target_scores": {k: int(k == intents[i % 7]) for k in intents}} for i in range(70)]
+    emo = [{"input": f"The hotel room {i} was fine.", "target_scores": {k: int(k == OPINIONS[i % 4]) for k in OPINIONS}}
+           for i in range(120)]
     with tarfile.open(pkgs / "bigbench-1.0.0.tar.gz", "w:gz") as tf:
-        for src, task in (("vitaminc", vit), ("intent", intent)):
+        for src, task in (("vitaminc", vit), ("intent", intent), ("multiemo", emo)):
             data = json.dumps({"examples": task}).encode()
             info = tarfile.TarInfo(f"bigbench-1.0.0/{SOURCES[src].member}")
             info.size = len(data)
@@ -253,6 +256,8 @@ def test_prepare_offline_is_deterministic(fake_cache: Path, tmp_path: Path) -> N
     health = [r for s in SPLITS for r in app_split(root, "health-source", s)]
     assert len(health) == 320 and all("http" not in r["text"] for r in health)  # a link names its outlet
     assert {r["label"] for r in health} == set(HEALTH_ACCOUNTS.values())
+    opinions = [r for s in SPLITS for r in app_split(root, "opinion-sentiment", s)]
+    assert len(opinions) == 120 and {r["label"] for r in opinions} == set(OPINIONS)
     assert '"?' not in "".join(r["text"] for r in lm_split(root, "news", "train"))
     for app in ALL_APPS:
         texts = {s: {r["text"] for r in app_split(root, app, s)} for s in SPLITS}
@@ -275,6 +280,12 @@ def test_prepare_subset_and_fixtures(fake_cache: Path, tmp_path: Path) -> None:
     prepare(tmp_path / "full", fake_cache, progress=False)
     counts = make_fixtures(tmp_path / "full", tmp_path / "fx", n_train=4, n_valid=2, n_test=3)
     assert counts["apps/intent/train"] == 4 and counts["apps/intent/test"] == 3
+    assert counts["apps/health-source/train"] == 4 and "apps/opinion-sentiment/train" in counts
+    # the demo sample: more train rows for a held-out app, and only the held-out apps named
+    counts = make_fixtures(tmp_path / "full", tmp_path / "demo", n_train=4, n_valid=2, n_test=3,
+                           n_train_held_out=9, held_out=["health-source"])
+    assert counts["apps/health-source/train"] == 9 and counts["apps/intent/train"] == 4
+    assert not any(k.startswith("apps/opinion-sentiment") for k in counts)
     assert app_split(tmp_path / "fx", "intent", "valid") == app_split(tmp_path / "full", "intent",
                                                                       "valid")[:2]
 

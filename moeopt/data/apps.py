@@ -97,6 +97,7 @@ HELD_OUT_APPS: dict[str, App] = {
              "nbc", "npr", "nytimes", "reuters", "usnews", "wsj"),
             "Health tweet: {text}\nAccount:",
         ),
+        App("opinion-sentiment", ("negative", "positive", "neutral", "ambivalent"), "Opinion: {text}\nSentiment:"),
     )
 }
 """Apps the reference model never trained on: LiteMoE's setting, where an app brings a task new to the

@@ -58,7 +58,9 @@ APP_SPECS: dict[str, AppSpec] = {
     "intent": AppSpec("intent", fractions=(0.30, 0.10, 0.60), caps=(None, None, None)),
     # Shares the article split of lm/news (see _news_splits), so its test articles are never trained on.
     "news-topic": AppSpec("news", caps=(None, None, None)),
-    "health-source": AppSpec("healthtweets"),  # held out: never in the reference model's training
+    # held out: never in the reference model's training
+    "health-source": AppSpec("healthtweets"),
+    "opinion-sentiment": AppSpec("multiemo"),
 }
 NEWS_FRACTIONS = {"test": 0.10, "valid": 0.05, "train": 0.85}
 OUTPUTS = ("news", "wiki", *ALL_APPS)  # valid names for prepare(sources=...)
@@ -218,13 +220,15 @@ def _merge_provenance(root: Path, new: dict[str, dict[str, str]]) -> dict[str, d
 
 
 def make_fixtures(src_root: Path, out: Path, *, n_train: int = 24, n_valid: int = 12, n_test: int = 24,
-                  n_docs: int = 3, doc_chars: int = 1500, n_train_held_out: int | None = None) -> dict[str, int]:
+                  n_docs: int = 3, doc_chars: int = 1500, n_train_held_out: int | None = None,
+                  held_out: Sequence[str] | None = None) -> dict[str, int]:
     """Write a tiny copy of a prepared root (same layout) for offline tests.
 
     App texts are cut to each app's ``max_chars`` (what a prompt would keep) and LM documents to
     ``doc_chars`` at a word boundary, so the whole fixture stays well under 200 KB. ``n_train_held_out``
     (default ``n_train``) sizes the held-out apps' train splits: an adapter for a task new to the model
     needs thousands of examples, where the foundation apps' proxies need a few dozen for calibration.
+    ``held_out`` names the held-out apps to copy (default: all).
     """
     counts: dict[str, int] = {}
     for corpus, splits in (("news", ("train", "valid", "test")), ("wiki", ("test",))):
@@ -234,8 +238,10 @@ def make_fixtures(src_root: Path, out: Path, *, n_train: int = 24, n_valid: int 
             write_jsonl(out / "lm" / corpus / f"{split}.jsonl", docs)
             counts[f"lm/{corpus}/{split}"] = len(docs)
     for name, app in ALL_APPS.items():
-        held_out = name not in APPS and n_train_held_out is not None
-        limits = {"train": n_train_held_out if held_out else n_train, "valid": n_valid, "test": n_test}
+        if name not in APPS and held_out is not None and name not in held_out:
+            continue
+        big = name not in APPS and n_train_held_out is not None
+        limits = {"train": n_train_held_out if big else n_train, "valid": n_valid, "test": n_test}
         for split, n in limits.items():
             rows = read_jsonl(src_root / "apps" / name / f"{split}.jsonl")[:n]
             small = [{"text": app.truncate(r["text"]), "label": r["label"]} for r in rows]

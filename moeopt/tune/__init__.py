@@ -6,7 +6,7 @@
     model = plug(moeopt.load(ref), "out/intent-adapter")      # merged, ready for `lower`
 
 Apps are named from `moeopt.data.ALL_APPS`: the five the reference model trained on, and held-out ones
-(`health-source`) that are new to it, LiteMoE's setting where an adapter has a task to learn.
+(`health-source`, `opinion-sentiment`) that are new to it, LiteMoE's setting where an adapter has a task to learn.
 """
 
 from moeopt.tune.data import Example, build_examples, read_rows
