@@ -13,12 +13,13 @@ the RNG state, so `--resume` continues exactly where the run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,15 @@ def target_modules(model: MoEModel, targets: str) -> list[str]:
     if not chosen:
         raise BadInputError(f"--targets {targets}: no matching linear layers in {type(model.hf).__name__}")
     return chosen
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wrap peft calls that wrap a model: peft asks it for the deprecated `is_gradient_checkpointing`, and
+    transformers prints a FutureWarning on every such call, which users cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def lr_at(step: int, s: TuneSettings) -> float:
@@ -240,9 +250,7 @@ def finetune(
     torch.manual_seed(settings.seed)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=names, bias="none")
-    with warnings.catch_warnings():
-        # peft asks the model for the deprecated `is_gradient_checkpointing`; transformers warns on every call.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model.hf, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)

@@ -13,7 +13,7 @@ import torch
 
 from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
-from moeopt.tune.lora import moe_layers
+from moeopt.tune.lora import moe_layers, quiet_peft
 from moeopt.tune.meta import check_foundation, fingerprint, read_meta
 
 
@@ -46,7 +46,8 @@ def plug(model: MoEModel | str | Path, adapter: str | Path, *, merge: bool = Tru
     folder = Path(adapter)
     meta = read_meta(folder)
     check_foundation(model, meta, folder)
-    peft_model = PeftModel.from_pretrained(model.hf, str(folder), adapter_name="default")
+    with quiet_peft():
+        peft_model = PeftModel.from_pretrained(model.hf, str(folder), adapter_name="default")
     peft_model.eval()
     if merge:
         return _rewrap(model, peft_model.merge_and_unload(), f"plug{{adapter={folder.name}}}")
@@ -56,7 +57,7 @@ def plug(model: MoEModel | str | Path, adapter: str | Path, *, merge: bool = Tru
 class AdapterSet:
     """Several apps' adapters side by side over one foundation (peft multi-adapter), one active at a time.
 
-    >>> apps = AdapterSet(moeopt.load("reference-moe"), {"intent": "out/intent", "news": "out/news"})
+    >>> apps = AdapterSet(moeopt.load(CKPT), {"intent": "out/intent", "news": "out/news"})
     >>> apps.use("intent"); apps.logits(ids)            # foundation + intent adapter
     >>> with apps.foundation(): apps.logits(ids)        # no adapter
     >>> apps.merged("news").save("out/news-model")      # one app's model, ready for `lower`
@@ -73,7 +74,8 @@ class AdapterSet:
         for folder in self.paths.values():
             check_foundation(self.model, read_meta(folder), folder, have=self.fingerprint)
         first, *rest = self.paths.items()
-        self.peft: Any = PeftModel.from_pretrained(self.model.hf, str(first[1]), adapter_name=first[0])
+        with quiet_peft():
+            self.peft: Any = PeftModel.from_pretrained(self.model.hf, str(first[1]), adapter_name=first[0])
         for name, folder in rest:
             self.peft.load_adapter(str(folder), adapter_name=name)
         self.peft.eval()
