@@ -28,7 +28,7 @@ import torch
 from common import reference_parser  # bench/common.py (the script's folder is on sys.path)
 
 import moeopt
-from moeopt.data.apps import ALL_APPS, APPS
+from moeopt.data.apps import ALL_APPS, APPS, get_app
 from moeopt.eval import evaluate
 from moeopt.passes.calib import load_tokenizer
 from moeopt.tune import extract, plug, read_meta
@@ -226,9 +226,11 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.steps, args.app_examples, args.calib_tokens = 20, 60, 4096
-    unknown = [a for a in args.apps.split(",") if args.apps != "all" and a not in ALL_APPS]
-    if unknown:
-        p.error(f"unknown app {unknown[0]}; apps: {', '.join(ALL_APPS)}")
+    for name in [] if args.apps == "all" else args.apps.split(","):
+        try:
+            get_app(name)
+        except moeopt.BadInputError as e:
+            p.error(str(e))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moeopt-bench-apps-") as tmp:
         results = run(args, Path(tmp))

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apps import tune  # bench/apps.py: one `moeopt finetune` process, its metadata and peak RSS
 from runtime import DEFAULT_CACHE, checkpoint
 
-from moeopt.data.apps import default_data_root
+from moeopt.data.apps import default_data_root, get_app
+from moeopt.errors import BadInputError
 
 
 def proxy(ckpt: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -78,11 +79,19 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=Path("bench/results/tune_memory.json"))
     args = ap.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    bad = sorted(set(models) - {"reference", "1b"})
+    if bad or not models:
+        ap.error(f"--models: unknown model {bad[0]!r} (reference, 1b)" if bad else "--models: name at least one")
+    try:
+        get_app(args.app)
+    except BadInputError as e:
+        ap.error(str(e))
     work = args.cache / "tune-memory"
     t0 = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("app", "keep", "steps", "batch_size", "lr", "rank", "targets",
                                               "calib_tokens", "threads")}
-    result = {"settings": settings, "models": {m: measure(m, args, work) for m in args.models.split(",") if m}}
+    result = {"settings": settings, "models": {m: measure(m, args, work) for m in models}}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

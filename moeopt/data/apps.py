@@ -154,7 +154,8 @@ def _check_split(split: str) -> None:
 
 def app_split(root: str | os.PathLike[str], app: str, split: str) -> list[dict[str, Any]]:
     """Rows ``{"text", "label"}`` of one app split under ``root/apps/<app>/<split>.jsonl``."""
-    get_app(app)
+    if app not in ALL_APPS:  # a ValueError like _check_split's: callers name the app in their own errors
+        raise ValueError(f"unknown app {app!r}; known: {', '.join(ALL_APPS)}")
     _check_split(split)
     return read_jsonl(Path(root) / "apps" / app / f"{split}.jsonl")
 
