@@ -43,10 +43,11 @@ CONFIGS = {  # key -> label in the table and the plot
 LITEMOE_GAIN = 12.7  # LiteMoE (SenSys 2024): accuracy points over the foundation without adapters
 
 
-def tune(model_dir: Path, app: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def tune(model_dir: Path, app: str, out: Path, args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     """Run `moeopt finetune` in a fresh process; returns its adapter metadata plus the process wall time."""
     cmd = [sys.executable, "-m", "moeopt.cli", "finetune", str(model_dir), "--app", f"app:{app}", "-o", str(out),
            "--data", str(args.data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--seed", str(seed),
            "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(2 * args.rank), "--targets", args.targets,
            "--loss", args.loss, "--threads", str(args.threads), "--save-every", "0", "--no-progress"]
     t0 = time.perf_counter()
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # The foundation as a float32 moeopt checkpoint: both tunings then load through the same reader.
     foundation_dir = base.save(work / "foundation", dtype=torch.float32)
     settings = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "rank", "targets", "loss", "keep",
-                                              "calib_tokens", "app_examples", "threads")}
+                                              "calib_tokens", "app_examples", "threads", "refit", "seeds")}
     results: dict[str, Any] = {"model": str(args.model), "data": str(args.data), "apps": apps, "settings": settings,
                                "rows": {}, "litemoe_reference_gain": LITEMOE_GAIN}
     for app in apps:
@@ -88,17 +89,28 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row: dict[str, Any] = {"acc": {}}
         row["acc"]["foundation"] = accuracy(base, tok, app, args)
         proxy = copy.deepcopy(base)
-        report = extract(proxy, f"app:{app}", keep=args.keep, calib_tokens=args.calib_tokens, data_root=args.data)
+        report = extract(proxy, f"app:{app}", keep=args.keep, calib_tokens=args.calib_tokens, data_root=args.data,
+                         refit=args.refit)
         proxy_dir = proxy.save(work / f"proxy-{app}", dtype=torch.float32)
         row["pipeline"] = report.pipeline
         row["expert_share"] = proxy.stats().expert / base.stats().expert
         row["acc"]["proxy"] = accuracy(proxy, tok, app, args)
         del proxy
-        row["tune_proxy"] = tune(proxy_dir, app, work / f"adapter-proxy-{app}", args)
-        row["tune_full"] = tune(foundation_dir, app, work / f"adapter-full-{app}", args)
-        row["acc"]["proxy_tuned"] = accuracy(plug(proxy_dir, work / f"adapter-proxy-{app}"), tok, app, args)
-        row["acc"]["litemoe"] = accuracy(plug(foundation_dir, work / f"adapter-proxy-{app}"), tok, app, args)
-        row["acc"]["upper"] = accuracy(plug(foundation_dir, work / f"adapter-full-{app}"), tok, app, args)
+        per_seed: dict[str, list[dict[str, float]]] = {"proxy_tuned": [], "litemoe": [], "upper": []}
+        for seed in args.seeds:  # LoRA init and data order: one tuning of each kind per seed
+            tp = tune(proxy_dir, app, work / f"adapter-proxy-{app}-{seed}", args, seed)
+            tf = tune(foundation_dir, app, work / f"adapter-full-{app}-{seed}", args, seed)
+            if seed == args.seeds[0]:
+                row["tune_proxy"], row["tune_full"] = tp, tf  # memory and time: the first seed's processes
+            per_seed["proxy_tuned"].append(accuracy(plug(proxy_dir, work / f"adapter-proxy-{app}-{seed}"), tok, app,
+                                                    args))
+            per_seed["litemoe"].append(accuracy(plug(foundation_dir, work / f"adapter-proxy-{app}-{seed}"), tok, app,
+                                                args))
+            per_seed["upper"].append(accuracy(plug(foundation_dir, work / f"adapter-full-{app}-{seed}"), tok, app,
+                                              args))
+        for key, accs in per_seed.items():  # the mean over seeds; each seed's accuracy beside it
+            row["acc"][key] = {k: sum(a[k] for a in accs) / len(accs) for k in accs[0]}
+        row["accuracy_per_seed"] = {key: [a["accuracy"] for a in accs] for key, accs in per_seed.items()}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results["rows"][app] = row
         a, tp, tf = row["acc"], row["tune_proxy"], row["tune_full"]
@@ -151,7 +163,11 @@ def table(results: dict[str, Any]) -> str:
                      f"{s['gain_points'][app]:+.1f} | {s['gap_to_upper_points'][app]:+.1f} |")
     lines.append("| **mean** | | | " + " | ".join(f"**{s['mean_accuracy'][k]:.3f}**" for k in CONFIGS)
                  + f" | **{s['mean_gain_points']:+.1f}** | **{s['mean_gap_to_upper_points']:+.1f}** |")
-    lines += ["", f"Gain and gap in accuracy points; LiteMoE reports +{LITEMOE_GAIN} over its foundation."]
+    st = results["settings"]
+    lines += ["", f"Gain and gap in accuracy points; LiteMoE reports +{LITEMOE_GAIN} over its foundation. "
+              f"Proxies: keep {st['keep']}, {'with' if st.get('refit') else 'without'} refit. Tuned rows (proxy + "
+              f"adapter, LiteMoE, upper bound): mean over LoRA seeds {st.get('seeds', [0])}, {st['steps']} steps "
+              "each; each seed's accuracy is in results.json."]
     for name, g in s.get("by_group", {}).items():
         lines.append(f"- {name.replace('_', ' ')} ({', '.join(g['apps'])}): mean gain {g['mean_gain_points']:+.1f}; "
                      f"beats the foundation on every one: {'yes' if g['beats_foundation_on_every_app'] else 'no'}; "
@@ -222,10 +238,17 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--app-examples", type=int, default=0, help="test examples per app (0 = all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit the proxy's kept experts to the foundation's layer outputs (moeopt extract's default)")
+    p.add_argument("--seeds", default="0", help="LoRA seeds, comma-separated; tuned accuracies are their mean")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 60 test examples, 4096 calib tokens")
     args = p.parse_args()
     if args.quick:
         args.steps, args.app_examples, args.calib_tokens = 20, 60, 4096
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got '{args.seeds}'")
     for name in [] if args.apps == "all" else args.apps.split(","):
         try:
             get_app(name)

@@ -24,20 +24,23 @@ from moeopt.passes import PassManager
 from moeopt.passes.calib import load_tokenizer
 from moeopt.tune.extract import proxy_pipeline
 
-METHODS = ("litemoe", "litemoe-freq", "merge-noalign", "loss-prune", "frequency", "random", "magnitude")
+METHODS = ("litemoe", "litemoe-refit", "litemoe-freq", "merge-noalign", "loss-prune", "frequency", "random",
+           "magnitude")
 
 
 def pipeline(method: str, keep: float, calib: str, calib_tokens: int) -> str:
     """Pipeline text of one method at one kept fraction of routed experts.
 
     litemoe is the proxy pipeline `moeopt extract` runs (experts ranked and merge-weighted by the loss
-    sensitivity); litemoe-freq the same with LiteMoE's frequency ranking; merge-noalign the litemoe
+    sensitivity) without its final refit; litemoe-refit the same with it (`moeopt extract`'s default);
+    litemoe-freq the same with LiteMoE's frequency ranking; merge-noalign the litemoe
     pipeline without neuron alignment; loss-prune the same ranking with plain pruning (nothing merged).
     """
-    if method in ("litemoe", "litemoe-freq", "merge-noalign"):
+    if method in ("litemoe", "litemoe-refit", "litemoe-freq", "merge-noalign"):
         rank = "freq" if method == "litemoe-freq" else "loss"
         align = "none" if method == "merge-noalign" else "assignment"
-        return proxy_pipeline(calib, keep, calib_tokens=calib_tokens, rank=rank, align=align)
+        return proxy_pipeline(calib, keep, calib_tokens=calib_tokens, rank=rank, align=align,
+                              refit=method == "litemoe-refit")
     if method == "loss-prune":
         return f"sensitivity{{calib={calib},progress=false}},prune{{keep={keep},score=loss}}"
     imp = f"importance{{calib={calib},max-tokens={calib_tokens},progress=false}}"

@@ -63,6 +63,7 @@ def test_proxy_shares_the_non_expert_weights_and_shrinks_the_experts(text_ckpt: 
     assert all(layer.table.num_slots == 4 for layer in proxy.layers)  # keep=0.5 of 8 experts
     assert proxy.stats().expert == foundation.stats().expert // 2
     assert "merge" in proxy.history[-1] and "importance{calib=app:intent" in proxy.history[-1]
+    assert proxy.history[-1].endswith("canonicalize,refit")  # extract refits by default; the fingerprint holds
 
 
 def test_targets_are_the_shared_linear_layers(text_ckpt: Path) -> None:

@@ -12,6 +12,7 @@ from moeopt.passes import (
     print_ir,
     prune,
     quantize,
+    refit,
     sensitivity,
     verify_ir,
 )
@@ -29,8 +30,8 @@ from moeopt.passes.options import Option, OptionTypeError
 from moeopt.passes.pipeline import Pipeline, PipelineSyntaxError, parse_pipeline
 from moeopt.passes.registry import REGISTRY, UnknownOptionError, UnknownPassError, build, get_pass, register
 
-del (analyses, canonicalize, importance, lower, match, merge, plan, predictor, print_ir, prune, quantize, sensitivity,
-     verify_ir)
+del (analyses, canonicalize, importance, lower, match, merge, plan, predictor, print_ir, prune, quantize, refit,
+     sensitivity, verify_ir)
 
 __all__ = [
     "ALL", "ANALYSES", "REGISTRY", "AnalysisManager", "Option", "OptionTypeError", "Pass", "PassContext",

@@ -19,6 +19,9 @@ from moeopt.passes.options import Option
 
 PassKind = Literal["analysis", "transform", "lowering", "utility"]
 ALL = frozenset({"*"})  # "preserves every analysis"
+# Analyses that record the source model (e.g. `layer-io`, the layer outputs `refit` fits to), not the model
+# being transformed: no transform invalidates them.
+SOURCE_RECORDS = frozenset({"layer-io"})
 
 
 @dataclass
@@ -76,7 +79,7 @@ class AnalysisManager:
     def invalidate(self, preserved: frozenset[str]) -> list[str]:
         if preserved == ALL or "*" in preserved:
             return []
-        dropped = [k for k in self._cache if k not in preserved]
+        dropped = [k for k in self._cache if k not in preserved and k not in SOURCE_RECORDS]
         for k in dropped:
             del self._cache[k]
         return dropped

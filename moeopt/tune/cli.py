@@ -35,8 +35,10 @@ def extract_cmd(
     dtype: Annotated[str, typer.Option(help="storage dtype; float32 keeps merged experts exact")] = "float32",
     rank: Annotated[str, typer.Option(help="expert ranking: loss (the app loss's rise when an expert is masked) "
                                            "or freq (LiteMoE's routing frequency)")] = "loss",
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="fit the kept experts to the foundation's layer "
+                                        "outputs on the app's data after the merge")] = True,
 ) -> None:
-    """Extract an app's LiteMoE proxy: importance on its data, prune + ILP match + aligned merge."""
+    """Extract an app's LiteMoE proxy: importance on its data, prune + ILP match + aligned merge, refit."""
     import moeopt
     from moeopt.tune.extract import calib_spec, check_keep, check_rank, extract
 
@@ -47,7 +49,7 @@ def extract_cmd(
     m = moeopt.load(model)
     before = m.stats()
     report = extract(m, spec, keep=keep, cold=None if cold < 0 else cold, calib_tokens=calib_tokens, data_root=data,
-                     rank=rank)
+                     rank=rank, refit=refit)
     after = m.stats()
     m.save(out, dtype=save_dtype)  # type: ignore[arg-type]
     print(f"proxy: routed-expert params {after.expert:,} of {before.expert:,} ({after.expert / before.expert:.1%}), "

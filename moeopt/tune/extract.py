@@ -1,5 +1,5 @@
 """LiteMoE proxy extraction: importance (and loss sensitivity) on one app's data, then prune + ILP match +
-aligned merge.
+aligned merge, and a refit of the kept experts to the foundation's layer outputs on that data.
 
 The proxy keeps the foundation's non-expert weights (attention, embeddings, norms, routers) bit for bit
 and only shrinks the routed experts, so adapters tuned on those shared modules plug back into the
@@ -42,6 +42,7 @@ def calib_spec(data: str) -> str:
 
 
 RANKS = ("loss", "freq")
+IO_TOKENS = 8192  # layer inputs and outputs recorded for refit: 2 x tokens x hidden x 4 bytes a layer
 
 
 def check_rank(rank: str) -> str:
@@ -53,7 +54,7 @@ def check_rank(rank: str) -> str:
 
 def proxy_pipeline(
     calib: str, keep: float, *, cold: float | None = None, calib_tokens: int = 16384, align: str = "assignment",
-    rank: str = "loss", rows: int = 128,
+    rank: str = "loss", rows: int = 128, refit: bool = True,
 ) -> str:
     """Pipeline text of one app's LiteMoE proxy.
 
@@ -69,6 +70,9 @@ def proxy_pipeline(
             when the expert is masked; ``freq``: LiteMoE's routing frequency. On the reference model at
             half the experts, freq kept 92.6% of the apps' accuracy and loss 97.3% (bench/compression.py).
         rows: labelled rows the sensitivity is measured on (``rank=loss``).
+        refit: record the foundation's MoE layer outputs on the calibration tokens first (`layer-io`) and,
+            after the merge, fit the kept experts to reproduce them (`refit`). The proxy then computes
+            what the foundation computes on the app's data, and an adapter tuned on it transfers better.
     """
     check_keep(keep)
     check_rank(rank)
@@ -86,7 +90,10 @@ def proxy_pipeline(
     else:
         prune = f"prune{{keep={keep},cold={cold}}}"
     merge = f"merge{{{','.join(opts)}}}" if opts else "merge"
-    return f"{imp},{prune},match,{merge},canonicalize"
+    if not refit:
+        return f"{imp},{prune},match,{merge},canonicalize"
+    record = f"layer-io{{calib={value},max-tokens={min(calib_tokens, IO_TOKENS)},progress=false}}"
+    return f"{record},{imp},{prune},match,{merge},canonicalize,refit"
 
 
 def extract(
@@ -99,8 +106,9 @@ def extract(
     data_root: Path | None = None,
     verify_each: bool = True,
     rank: str = "loss",
+    refit: bool = True,
 ) -> RunReport:
     """Turn `model` (in place) into the proxy of the app whose data is `data`; returns the run report."""
-    text = proxy_pipeline(calib_spec(data), keep, cold=cold, calib_tokens=calib_tokens, rank=rank)
+    text = proxy_pipeline(calib_spec(data), keep, cold=cold, calib_tokens=calib_tokens, rank=rank, refit=refit)
     pm = PassManager(text, verify_each=verify_each, ctx=PassContext(data_root=data_root))
     return pm.run(model)
