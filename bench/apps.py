@@ -10,6 +10,7 @@ Gains are summarised for both groups apart.
 
     .venv/bin/python bench/apps.py --out bench/results/apps
     .venv/bin/python bench/apps.py --quick --apps intent        # a smoke run in a minute or two
+    .venv/bin/python bench/apps.py --merge DIR1,DIR2 --out DIR  # one table from runs of other apps
 """
 
 from __future__ import annotations
@@ -225,6 +226,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge_runs(dirs: list[Path]) -> dict[str, Any]:
+    """One result from runs of the same settings over different apps (e.g. one process per app)."""
+    runs = [json.loads((d / "results.json").read_text()) for d in dirs]
+    first = runs[0]
+    for d, r in zip(dirs, runs, strict=True):
+        if r["settings"] != first["settings"] or r["model"] != first["model"]:
+            raise SystemExit(f"{d}: other settings or model than {dirs[0]}; only runs of one setting merge")
+    merged = {**first, "apps": [a for r in runs for a in r["apps"]],
+              "rows": {k: v for r in runs for k, v in r["rows"].items()}}
+    merged["summary"] = summarise(merged)
+    merged["seconds"] = round(sum(r["seconds"] for r in runs), 1)
+    merged["runs"] = f"{len(runs)} runs of the same settings, merged: " + ", ".join(
+        f"--apps {','.join(r['apps'])}" for r in runs)
+    return merged
+
+
 def main() -> None:
     p = reference_parser(__doc__, "bench/results/apps")
     p.add_argument("--apps", default="all", help="'all' (foundation and held-out apps) or comma-separated names")
@@ -241,6 +258,7 @@ def main() -> None:
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                    help="refit the proxy's kept experts to the foundation's layer outputs (moeopt extract's default)")
     p.add_argument("--seeds", default="0", help="LoRA seeds, comma-separated; tuned accuracies are their mean")
+    p.add_argument("--merge", default="", help="comma-separated result folders to merge into --out (no run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 60 test examples, 4096 calib tokens")
     args = p.parse_args()
     if args.quick:
@@ -255,9 +273,12 @@ def main() -> None:
         except moeopt.BadInputError as e:
             p.error(str(e))
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="moeopt-bench-apps-") as tmp:
-        results = run(args, Path(tmp))
-    results["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.merge:
+        results = merge_runs([Path(d) for d in args.merge.split(",")])
+    else:
+        with tempfile.TemporaryDirectory(prefix="moeopt-bench-apps-") as tmp:
+            results = run(args, Path(tmp))
+        results["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(table(results) + "\n")
