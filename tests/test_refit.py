@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,3 +85,39 @@ def test_refit_errors(pipeline: str, fragment: str, tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match=r"pass 'refit': ") as err:
         PassManager(pipeline.replace("CALIB", str(calib))).run(model)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_refit_makes_a_reference_proxy_compute_what_the_foundation_computes() -> None:
+    """The reference model's keep-0.3 proxy of a held-out app (frequency ranking, the shipped demo data):
+    on 64 test texts it never saw, refit cuts the next-token KL divergence from the foundation from 0.60
+    to 0.044 nats per token (measured, 1 thread); bound: below 0.3x merge alone."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from moeopt.data.apps import app_split
+    from moeopt.demo import DEMO_DATA, REFERENCE
+    from moeopt.passes import PassContext
+    from moeopt.passes.calib import load_tokenizer
+    from moeopt.tune.extract import proxy_pipeline
+
+    base = moeopt.load(REFERENCE)
+    tok: Any = load_tokenizer(base)
+    texts = [r["text"] for r in app_split(DEMO_DATA, "health-source", "test")][:64]
+    ids = [torch.tensor([tok.encode(t).ids[:96]]) for t in texts]
+    ref = [torch.log_softmax(base.logits(x).float(), -1) for x in ids]
+
+    def kl(model: moeopt.MoEModel) -> float:
+        total = sum(F.kl_div(torch.log_softmax(model.logits(x).float(), -1), r, log_target=True, reduction="sum")
+                    for x, r in zip(ids, ref, strict=True))
+        return float(total) / sum(x.numel() for x in ids)
+
+    kls, stats = [], {}
+    for refit in (False, True):
+        model = copy.deepcopy(base)
+        text = proxy_pipeline("app:health-source", 0.3, rank="freq", calib_tokens=4096, refit=refit)
+        report = PassManager(text, ctx=PassContext(data_root=DEMO_DATA)).run(model)
+        kls.append(kl(model))
+        stats = report.stats[-1][1]
+    assert stats["layers-fitted"] == 4 and stats["error-after"] < 0.05 < stats["error-before"]
+    assert kls[1] < 0.3 * kls[0], kls
