@@ -5,7 +5,8 @@ random weights measure it as a trained model would; accuracy is not measured her
 
 Each `moeopt finetune` runs in its own process (the same command as `bench/apps.py`), a few steps, with
 the proxy extracted by `moeopt extract --rank freq --no-refit` on a short calibration sample (the ~1B
-model's forward is slow on 2 cores; neither the ranking nor the refit changes the proxy's shapes). Writes tune_memory.json.
+model's forward is slow on 2 cores; neither the ranking nor the refit changes the proxy's shapes).
+Writes tune_memory.json.
 
     .venv/bin/python bench/tune_memory.py                    # both models (~1B: builds its checkpoint once)
     .venv/bin/python bench/tune_memory.py --models reference
@@ -34,8 +35,8 @@ def proxy(ckpt: Path, out: Path, args: argparse.Namespace) -> Path:
     if (out / "config.json").exists():
         return out
     cmd = [sys.executable, "-m", "moeopt.cli", "extract", str(ckpt), "--app", f"app:{args.app}", "--keep",
-           str(args.keep), "--rank", "freq", "--no-refit", "--calib-tokens", str(args.calib_tokens), "--data", str(args.data),
-           "-o", str(out)]
+           str(args.keep), "--rank", "freq", "--no-refit", "--calib-tokens", str(args.calib_tokens), "--data",
+           str(args.data), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"extract failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
