@@ -103,12 +103,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             tf = tune(foundation_dir, app, work / f"adapter-full-{app}-{seed}", args, seed)
             if seed == args.seeds[0]:
                 row["tune_proxy"], row["tune_full"] = tp, tf  # memory and time: the first seed's processes
-            per_seed["proxy_tuned"].append(accuracy(plug(proxy_dir, work / f"adapter-proxy-{app}-{seed}"), tok, app,
-                                                    args))
-            per_seed["litemoe"].append(accuracy(plug(foundation_dir, work / f"adapter-proxy-{app}-{seed}"), tok, app,
-                                                args))
-            per_seed["upper"].append(accuracy(plug(foundation_dir, work / f"adapter-full-{app}-{seed}"), tok, app,
-                                              args))
+            plugged = {"proxy_tuned": (proxy_dir, "proxy"), "litemoe": (foundation_dir, "proxy"),
+                       "upper": (foundation_dir, "full")}  # model + the adapter tuned on which
+            for key, (model_dir, tuned_on) in plugged.items():
+                adapter = work / f"adapter-{tuned_on}-{app}-{seed}"
+                per_seed[key].append(accuracy(plug(model_dir, adapter), tok, app, args))
         for key, accs in per_seed.items():  # the mean over seeds; each seed's accuracy beside it
             row["acc"][key] = {k: sum(a[k] for a in accs) / len(accs) for k in accs[0]}
         row["accuracy_per_seed"] = {key: [a["accuracy"] for a in accs] for key, accs in per_seed.items()}
@@ -228,11 +227,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def merge_runs(dirs: list[Path]) -> dict[str, Any]:
     """One result from runs of the same settings over different apps (e.g. one process per app)."""
+    missing = [d for d in dirs if not (d / "results.json").is_file()]
+    if missing:
+        raise ValueError(f"no results.json in {missing[0]}")
     runs = [json.loads((d / "results.json").read_text()) for d in dirs]
     first = runs[0]
     for d, r in zip(dirs, runs, strict=True):
         if r["settings"] != first["settings"] or r["model"] != first["model"]:
-            raise SystemExit(f"{d}: other settings or model than {dirs[0]}; only runs of one setting merge")
+            raise ValueError(f"{d}: other settings or model than {dirs[0]}; only runs of one setting merge")
     merged = {**first, "apps": [a for r in runs for a in r["apps"]],
               "rows": {k: v for r in runs for k, v in r["rows"].items()}}
     merged["summary"] = summarise(merged)
@@ -274,7 +276,10 @@ def main() -> None:
             p.error(str(e))
     t0 = time.perf_counter()
     if args.merge:
-        results = merge_runs([Path(d) for d in args.merge.split(",")])
+        try:
+            results = merge_runs([Path(d) for d in args.merge.split(",")])
+        except ValueError as e:
+            p.error(f"--merge: {e}")
     else:
         with tempfile.TemporaryDirectory(prefix="moeopt-bench-apps-") as tmp:
             results = run(args, Path(tmp))

@@ -19,9 +19,9 @@ from moeopt.passes.options import Option
 
 PassKind = Literal["analysis", "transform", "lowering", "utility"]
 ALL = frozenset({"*"})  # "preserves every analysis"
-# Analyses that record the source model (e.g. `layer-io`, the layer outputs `refit` fits to), not the model
-# being transformed: no transform invalidates them.
-SOURCE_RECORDS = frozenset({"layer-io"})
+LAYER_IO = "layer-io"  # the source's MoE layer inputs and outputs (moeopt.passes.refit), what `refit` fits to
+# Analyses that record the source model, not the model being transformed: no transform invalidates them.
+SOURCE_RECORDS = frozenset({LAYER_IO})
 
 
 @dataclass

@@ -35,12 +35,10 @@ from tqdm import tqdm
 from moeopt.errors import BadInputError
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
-from moeopt.passes.base import ALL, Pass, PassContext, PassResult
+from moeopt.passes.base import ALL, LAYER_IO, Pass, PassContext, PassResult
 from moeopt.passes.importance import CALIB_OPTION, calibration_sets
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
-
-LAYER_IO = "layer-io"
 
 
 @dataclass

@@ -90,10 +90,11 @@ def proxy_pipeline(
     else:
         prune = f"prune{{keep={keep},cold={cold}}}"
     merge = f"merge{{{','.join(opts)}}}" if opts else "merge"
+    text = f"{imp},{prune},match,{merge},canonicalize"
     if not refit:
-        return f"{imp},{prune},match,{merge},canonicalize"
+        return text
     record = f"layer-io{{calib={value},max-tokens={min(calib_tokens, IO_TOKENS)},progress=false}}"
-    return f"{record},{imp},{prune},match,{merge},canonicalize,refit"
+    return f"{record},{text},refit"
 
 
 def extract(
