@@ -46,7 +46,8 @@ APPS = "app:movie-sentiment;app:tweet-sentiment;app:fact-verification;app:intent
 
 
 def artifact_path(args: argparse.Namespace) -> Path:
-    return args.cache / args.model / f"offload-4bit-hot{args.hot}"
+    top = f"-top{args.prefetch_top}" if args.prefetch_top else ""  # 0: lowering's default (the router's top_k)
+    return args.cache / args.model / f"offload-4bit-hot{args.hot}{top}"
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -68,8 +69,8 @@ def build(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     PassManager(passes).run(model)
     t1 = time.perf_counter()
-    lower(model, out, experts="offload", hot=args.hot, pipeline=passes)
-    info = {"passes": passes, "hot": args.hot, "passes_s": round(t1 - t0, 1),
+    lower(model, out, experts="offload", hot=args.hot, pipeline=passes, prefetch_top=args.prefetch_top or None)
+    info = {"passes": passes, "hot": args.hot, "prefetch_top": args.prefetch_top, "passes_s": round(t1 - t0, 1),
             "lower_s": round(time.perf_counter() - t1, 1)}
     (out.parent / f"{out.name}.info.json").write_text(json.dumps(info, indent=1))
     return out
@@ -124,7 +125,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         if method == "edgemoe":
             prefetcher = StatsTable().fit(load_trace(work / "trace-calib.json"))
         elif method == "predictor":  # one layer ahead: further hints cost frames (and reads) for less recall
-            prefetcher = GraphHints(depth=args.predictor_depth or None)
+            prefetcher = GraphHints(depth=args.predictor_depth or None, width=args.predictor_width or None)
         elif method == "oracle":
             prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
         packer = FramePacker(index, path, manifest.get("target"), args.threads) if packed else None
@@ -175,6 +176,7 @@ def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]
     cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
            "--out", str(args.out.parent), "--threads", str(args.threads), "--prompt", str(args.prompt),
            "--new", str(args.new), "--kernel", args.kernel, "--predictor-depth", str(args.predictor_depth),
+           "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -262,6 +264,11 @@ def main() -> None:
                     help="cold experts as prepacked one-expert sessions, or the cold graph over the pool")
     ap.add_argument("--predictor-depth", type=int, default=1,
                     help="the predictor method acts on hints for this many layers ahead (0: every hint)")
+    ap.add_argument("--predictor-width", type=int, default=0,
+                    help="the predictor method prefetches this many of each token's hinted experts (0: all "
+                         "the artifact names)")
+    ap.add_argument("--prefetch-top", type=int, default=0,
+                    help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
@@ -303,6 +310,7 @@ def main() -> None:
         "model": args.model, "artifact": str(art),
         "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}, "
                     f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
+                    f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "
                     f"median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),

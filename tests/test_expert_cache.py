@@ -422,3 +422,27 @@ def test_acquire_reads_a_queued_prefetch_itself_and_close_stops_the_threads(one_
     assert not any(t.is_alive() for t in cache._threads)
     cache.hint(2, [2])  # after close: ignored
     assert cache.counters.prefetch_issued == 1
+
+
+def test_routed_cancels_the_mispredicted_reads_of_the_layer(one_fmt: tuple[Path, OffloadIndex]) -> None:
+    """Once the router has chosen, a hinted expert of that layer it did not choose was mispredicted: its
+    queued read is cancelled (the I/O thread does not spend time on it) and it loses its protection."""
+    import threading
+
+    folder, index = one_fmt
+    size = index.formats["q4"].expert_bytes
+    cache = ExpertCache(folder, index, 3 * size, prefetcher=GraphHints())
+    gate = threading.Event()
+    cache._jobs.put(gate.wait)  # the I/O thread is busy: the hinted reads stay queued
+    cache.hint(1, [2, 3])
+    cache.hint(2, [0])  # another layer's hint is not touched
+    cache.routed(1, [2])
+    assert cache.counters.prefetch_dropped == 1
+    gate.set()
+    cache.wait_idle()
+    assert cache.resident() == {(1, 2), (2, 0)}
+    assert cache.counters.loads == 2
+    cache.acquire(1, [2])
+    cache.release()
+    assert cache.counters.hits == 1 and cache.counters.hinted_acquired == 1
+    cache.close()

@@ -117,6 +117,7 @@ def test_float_offload_decodes_like_resident(tmp_path_factory: pytest.TempPathFa
     segments = m["offload"]["segments"]
     assert len(segments) == len(index.top_k) + 1 and segments[-1]["outputs"] == ["logits"]
     assert m["offload"]["prefetch"]["outputs"] == {"1": "prefetch.layer1"}
+    assert m["offload"]["prefetch"]["top"] == 2  # by default a hint names as many experts as the router picks
     assert "prefetch.layer1" in segments[0]["outputs"]  # hints come out of the first segment
     sess = _assert_same_decode(resident, offload, source=Hints)
     assert sess.timing.cold_runs > 0 and sess.timing.steps == 2 * STEPS
@@ -158,7 +159,7 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
                          for t in range(cfg.vocab_size)])  # (V, 2): token -> two layer-0 experts
     model.predictor.set_next_table(table)
     out = tmp_path / "art"
-    lower(model, out, pipeline="test", experts="offload", hot=1)
+    lower(model, out, pipeline="test", experts="offload", hot=1, prefetch_top=3)
     m = manifest(out)
     pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
     assert pre["outputs"] == {"1": "prefetch.layer1", "2": "prefetch.layer2"}
@@ -186,9 +187,17 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     sess._segment = keep  # type: ignore[method-assign]
     sess.source.hints.clear()  # type: ignore[attr-defined]
     sess.generate(ids, 1, attention_mask=mask, stop_tokens=())
-    top = lookahead_hints_numpy(vals["moe1.x"], model.predictor, 2, top=2)
+    # lowered with prefetch-top 3 (one more than the router's top_k), best first
+    assert pre["top"] == 3 and m["offload"]["prefetch"]["k"] == {"1": 3, "2": 3}
+    top = lookahead_hints_numpy(vals["moe1.x"], model.predictor, 2, top=3)
     hot = set(OffloadIndex.from_manifest(m).hot[2])
     assert sess.source.hints[-2] == (2, sorted({int(s) for s in np.unique(top)} - hot))  # type: ignore[attr-defined]
+    # a source's hint_width keeps each token's first experts: the head's top-2 of the same input
+    sess.source.hint_width = 2  # type: ignore[misc]
+    sess.source.hints.clear()  # type: ignore[attr-defined]
+    sess.generate(ids, 1, attention_mask=mask, stop_tokens=())
+    assert sess.source.hints[-2] == (2, sorted({int(s) for s in np.unique(top[..., :2])} - hot))  # type: ignore[attr-defined]
+    assert len(np.unique(top[..., :2])) < len(np.unique(top))  # the narrower hint is a different one
     cached = OffloadSession(out, source=cache_source(OffloadIndex.from_manifest(m).min_budget() * 2,
                                                       prefetcher=GraphHints()))
     got = cached.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True)
@@ -257,3 +266,5 @@ def test_lower_pass_options(tmp_path: Path) -> None:
     with pytest.raises(MoeOptError, match=r"'hot' .* a number or 'all', got 'many'"):
         PassManager(f"lower{{out={tmp_path / 'b'},experts=offload,hot=many}}").run(moeopt.load(tiny_model("mixtral")))
     assert not (tmp_path / "b").exists()
+    with pytest.raises(MoeOptError, match="prefetch-top"):
+        PassManager(f"lower{{out={tmp_path / 'c'},experts=offload,prefetch-top=-1}}")

@@ -39,6 +39,11 @@ def test_next_token_table_counts_each_tokens_experts() -> None:
     assert set(table[2].tolist()) == {0, 2}  # unseen: overall counts 0:3, 2:3, 3:2
     pruned = next_token_table(ids, logits, torch.tensor([False, True, True, True]), 2, vocab=3)
     assert 0 not in pruned.reshape(-1).tolist()
+    # wider: the same two first, then the next best; never more than the kept experts
+    wide = next_token_table(ids, logits, keep, 2, vocab=3, width=3)
+    assert wide.shape == (3, 3)
+    assert all(set(w[:2].tolist()) == set(t.tolist()) for w, t in zip(wide, table, strict=True))
+    assert next_token_table(ids, logits, torch.tensor([False, True, True, True]), 2, vocab=3, width=4).shape == (3, 3)
 
 
 def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
@@ -57,6 +62,10 @@ def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
     assert again.predictor.next_table is not None and model.predictor is not None
     assert torch.equal(again.predictor.next_table, model.predictor.next_table)
     assert 0.0 <= stats["next-recall@2-layer0"] <= 1.0
+    assert again.predictor.next_table.shape[1] == 4  # next-width 0: twice the router's top_k
+    for name in ("recall{}-layer1", "next-recall{}-layer0"):  # a third expert can only add hits
+        assert stats[name.format("@2")] <= stats[name.format("@3of2")] <= 1.0
+    assert stats["recall@3of2-layer1"] > stats["recall@2-layer1"]
     x = torch.randn(5, again.predictor.in_features)
     assert torch.equal(again.predictor(x)[0], model.predictor(x)[0])  # type: ignore[union-attr]
 

@@ -41,6 +41,7 @@ def lower(
     experts: str = "resident",
     hot: int | None = 2,
     prefetch: bool | None = None,
+    prefetch_top: int | None = None,
 ) -> Path:
     """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
 
@@ -60,6 +61,7 @@ def lower(
             others in experts.bin; see `moeopt.lower.offload`; needs `moeopt.runtime.OffloadSession`).
         hot: offload mode: hot slots per layer (None: all), unless the model carries a plan.
         prefetch: offload mode: add the routing predictor's hint outputs (None: when it has one).
+        prefetch_top: experts each hint output names, best first (None: the router's top_k).
     """
     if experts not in ("resident", "offload"):
         raise BadInputError(f"experts must be resident or offload, got '{experts}'")
@@ -74,7 +76,8 @@ def lower(
         offload: dict[str, Any] | None = None
         with quant_settings(quant):
             if experts == "offload":
-                info, offload = export_offload(model, tmp, hot=hot, quant=quant, kv_cache=kv_cache, prefetch=prefetch)
+                info, offload = export_offload(model, tmp, hot=hot, quant=quant, kv_cache=kv_cache, prefetch=prefetch,
+                                              prefetch_top=prefetch_top)
             elif getattr(model.config, "is_encoder_decoder", False):
                 check_float32(model)
                 info, encoder = export_seq2seq(model, tmp, MODEL_FILE)

@@ -258,12 +258,17 @@ def add_lookahead_outputs(
 
 
 def add_next_output(graph: ir.Graph, logits: ir.Value, predictor: RoutingPredictor, *,
-                    prefix: str = "prefetch") -> str:
-    """Append the next-token table after the LM head: ``{prefix}.next0`` (..., k) int64 = the first MoE
-    layer's experts of the argmax token of each position (ArgMax, then Gather from the (V, k) table)."""
+                    top: int | None = None, prefix: str = "prefetch") -> str:
+    """Append the next-token table after the LM head: ``{prefix}.next0`` (..., m) int64 = the first MoE
+    layer's experts of the argmax token of each position, best first (ArgMax, then Gather from the
+    table's first m = min(`top`, its width) columns; None: all of them)."""
     table = predictor.next_table
     if table is None:
         raise BadInputError("prefetch: the routing predictor has no next-token table")
+    if top is not None:
+        if top < 1:
+            raise BadInputError(f"prefetch: top must be at least 1, got {top}")
+        table = table[:, :top]
     name = f"{prefix}.next0"
     if any(n == name or n.startswith(f"{name}.") for n in _names_in(graph)):
         raise BadInputError(f"prefetch: the graph already has '{name}'; choose another prefix")

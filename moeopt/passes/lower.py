@@ -32,6 +32,8 @@ class Lower(Pass):
         Option("hot", "str", "2", "offload: hot slots per layer (a number or 'all'; the model's plan wins)"),
         Option("prefetch", "choice", "auto", "offload: routing-predictor hint outputs (auto: when the model has "
                "a predictor)", choices=("auto", "true", "false")),
+        Option("prefetch-top", "int", 0, "offload: experts each hint output names, best first (0: the router's "
+               "top_k)", min=0),
     )
 
     def requires(self, model: MoEModel, ctx: PassContext) -> None:
@@ -56,6 +58,7 @@ class Lower(Pass):
             ort_optimize=self.opts["opt-level"] == "extended", kv_cache=self.opts["kv-cache"], pipeline=history,
             accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self.hot_slots(),
             prefetch={"auto": None, "true": True, "false": False}[self.opts["prefetch"]],
+            prefetch_top=self.opts["prefetch-top"] or None,
         )
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)

@@ -54,20 +54,38 @@ def router_logits(
     return [torch.cat(chunks) for chunks in out], [torch.cat(chunks) for chunks in hidden]
 
 
-def next_token_table(ids: torch.Tensor, logits0: torch.Tensor, keep: torch.Tensor, k: int, vocab: int) -> torch.Tensor:
-    """(V, k) int64: per token id, the first MoE layer's k experts most often chosen for it (ties and
-    unseen tokens by overall frequency); pruned experts never. `ids` (N,), `logits0` (N, E), `keep` (E,)."""
+def next_token_table(ids: torch.Tensor, logits0: torch.Tensor, keep: torch.Tensor, k: int, vocab: int,
+                     width: int | None = None) -> torch.Tensor:
+    """(V, m) int64: per token id, the first MoE layer's experts most often among its top-k, best first (ties
+    and unseen tokens by overall frequency); pruned experts never. m = `width` (default k), at most the
+    kept experts. `ids` (N,), `logits0` (N, E), `keep` (E,)."""
     top = logits0.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices  # (N, k)
     counts = torch.zeros(vocab, logits0.shape[1])
     counts.index_put_((ids.repeat_interleave(k), top.reshape(-1)), torch.ones(top.numel()), accumulate=True)
     overall = counts.sum(0)
     score = counts + overall / (overall.max().clamp(min=1.0) * 2)  # < 1 count: only breaks ties
-    return score.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices
+    m = min(width or k, int(keep.sum()))
+    return score.masked_fill(~keep, float("-inf")).topk(m, dim=-1).indices
 
 
-def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> float:
-    """Share of the true top-k experts that are in the predicted top-k, over tokens."""
-    return index_recall(pred.topk(k, dim=-1).indices, true.topk(k, dim=-1).indices)
+def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int, true_k: int | None = None) -> float:
+    """Share of the true top-`true_k` experts (default k) that are in the predicted top-k, over tokens."""
+    return index_recall(pred.topk(k, dim=-1).indices, true.topk(true_k or k, dim=-1).indices)
+
+
+def _widths(k: int) -> tuple[int, int]:
+    """The hint widths whose recall the pass reports: the router's k, and k + 1 (`lower{prefetch-top}`)."""
+    return k, k + 1
+
+
+def _at(m: int, k: int) -> str:
+    """A recall stat's width: ``@2`` for the router's k, ``@3of2`` for 3 named of the true top-2."""
+    return f"@{m}" if m == k else f"@{m}of{k}"
+
+
+def _recalls(name: str, pred: torch.Tensor, true: torch.Tensor, k: int) -> dict[str, float]:
+    """``{name.format(width): recall}`` at each of `_widths(k)`."""
+    return {name.format(_at(m, k)): round(topk_recall(pred, true, m, k), 4) for m in _widths(k)}
 
 
 def index_recall(named: torch.Tensor, true: torch.Tensor) -> float:
@@ -119,6 +137,8 @@ class Predictor(Pass):
         Option("hidden", "int", 128, "MLP hidden width", min=1),
         Option("next-table", "bool", True, "a token -> first-layer experts table that names the next step's "
                "first-layer experts from the token just chosen"),
+        Option("next-width", "int", 0, "experts the next-token table ranks per token (0: twice the router's "
+               "top_k; lowering keeps its prefetch-top of them)", min=0),
         Option("lookahead", "int", 64, "hidden width of the look-ahead heads (layer j-1's input -> layer j's "
                "router, for j >= 2; input=hidden only); 0: none", min=0),
         Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
@@ -152,25 +172,27 @@ class Predictor(Pass):
             first = model.layers[0]
             vocab = max(int(model.config.vocab_size), int(ids.max()) + 1)
             keep = first.table.keep_mask.bool()
-            pred.set_next_table(next_token_table(ids[train], logits[0][train], keep, first.router.top_k, vocab))
+            k = first.router.top_k
+            pred.set_next_table(next_token_table(ids[train], logits[0][train], keep, k, vocab,
+                                                 self.opts["next-width"] or 2 * k))
         model.predictor = pred
         stats: dict[str, float] = {}
         eval_idx = test if n_test > 0 else train
         with torch.no_grad():
             outs = pred(inputs[eval_idx])
         for i, (o, layer) in enumerate(zip(outs, model.layers[1:], strict=True), start=1):
-            recall = topk_recall(o, logits[i][eval_idx], layer.router.top_k)
-            stats[f"recall@{layer.router.top_k}-layer{i}"] = round(recall, 4)
+            stats.update(_recalls(f"recall{{}}-layer{i}", o, logits[i][eval_idx], layer.router.top_k))
         for j in pred.ahead_layers:
             with torch.no_grad():
                 o = pred.ahead(j, hidden[j - 1][eval_idx])
-            k = model.layers[j].router.top_k
-            stats[f"ahead-recall@{k}-layer{j}"] = round(topk_recall(o, logits[j][eval_idx], k), 4)
+            stats.update(_recalls(f"ahead-recall{{}}-layer{j}", o, logits[j][eval_idx], model.layers[j].router.top_k))
         if pred.next_table is not None:
-            k = model.layers[0].router.top_k
-            known = pred.next_table[ids[eval_idx]]  # the table's answer, given the token
-            true_top = logits[0][eval_idx].topk(k, dim=-1).indices
-            stats[f"next-recall@{k}-layer0"] = round(index_recall(known, true_top), 4)
+            first = model.layers[0]
+            true_top = logits[0][eval_idx].topk(first.router.top_k, dim=-1).indices
+            for m in _widths(first.router.top_k):
+                if m <= pred.next_table.shape[1]:
+                    known = pred.next_table[ids[eval_idx], :m]  # the table's answer, given the token
+                    stats[f"next-recall{_at(m, first.router.top_k)}-layer0"] = round(index_recall(known, true_top), 4)
         size = sum(p.numel() for p in pred.parameters())
         total = sum(p.numel() for p in model.hf.parameters())
         stats["params"] = size

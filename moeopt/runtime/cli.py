@@ -21,13 +21,16 @@ def lower_cmd(
     passes_text: Annotated[str, typer.Option("--passes", help="passes to run before lowering")] = "",
     experts: Annotated[str, typer.Option(help="resident, or offload: cold experts in experts.bin")] = "resident",
     hot: Annotated[str, typer.Option(help="offload: hot experts per layer kept in the graph (N or all)")] = "2",
+    prefetch_top: Annotated[int, typer.Option(help="offload: experts each prefetch hint names "
+                                              "(0: the router's top_k)")] = 0,
 ) -> None:
     """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer)."""
     import moeopt
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.lower import Lower
 
-    lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level, experts=experts, hot=hot)
+    lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level, experts=experts, hot=hot,
+                  prefetch_top=prefetch_top)
     lower.hot_slots()  # options checked before loading
     pm = PassManager(passes_text) if passes_text else None
     if pm is not None and any(p.name == "lower" for p in pm.passes):
@@ -137,7 +140,7 @@ def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> A
     if not budget and "cache_bytes" not in plan:
         return None  # every expert in memory (AllResident)
     from moeopt.runtime.expert_cache import cache_source
-    from moeopt.runtime.prefetch import GraphHints, StatsTable
+    from moeopt.runtime.prefetch import GraphHints, Prefetcher, StatsTable
 
     nbytes = parse_bytes(budget) if budget else int(plan["cache_bytes"])
     on_demand = policy in ("on-demand", "none")  # the on-demand baseline never prefetches
@@ -149,8 +152,12 @@ def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> A
     if prefetch == "graph" and not offload.get("prefetch"):
         raise BadInputError(f"{artifact}: no predictor outputs in the graph; lower a model that ran the "
                             "predictor pass, or use --prefetch stats")
-    prefetcher = {"graph": GraphHints, "stats": StatsTable}.get(prefetch)
-    return cache_source(nbytes, policy, prefetcher() if prefetcher is not None else None)
+    prefetcher: Prefetcher | None = None
+    if prefetch == "graph":
+        prefetcher = GraphHints()
+    elif prefetch == "stats":
+        prefetcher = StatsTable()
+    return cache_source(nbytes, policy, prefetcher)
 
 
 def _tokenizer(artifact: Path, manifest: dict[str, Any]) -> Any:

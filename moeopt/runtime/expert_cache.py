@@ -100,6 +100,7 @@ class ExpertCache:
         for t in self._threads:
             t.start()
         self.prefetcher = prefetcher
+        self.hint_width = prefetcher.width if prefetcher is not None and prefetcher.graph_hints else None
         try:
             if isinstance(self.policy, CommitteePolicy):
                 self._warm_committee(prior)
@@ -171,6 +172,12 @@ class ExpertCache:
                 return
         self._withdraw(layer, {int(s) for s in slots})
         self.prefetch(layer, slots)
+
+    def routed(self, layer: int, slots: Sequence[int]) -> None:
+        """The router chose `slots` for `layer`: the layer's other hinted experts were mispredicted, so
+        their reads that have not started are cancelled (the I/O thread's time goes to what is needed)
+        and their frames may be evicted again."""
+        self._withdraw(layer, {int(s) for s in slots})
 
     def _withdraw(self, layer: int, keep: set[int]) -> None:
         with self._cond:

@@ -77,7 +77,12 @@ class AllResident:
     def release(self) -> None:
         pass
 
+    hint_width: int | None = None
+
     def hint(self, layer: int, slots: Sequence[int]) -> None:
+        pass
+
+    def routed(self, layer: int, slots: Sequence[int]) -> None:
         pass
 
     def keep_mask(self, layer: int) -> np.ndarray | None:
@@ -221,7 +226,9 @@ class OffloadSession(Session):
         """Predicted experts that segment `k` computed -> cold slots -> source.hint (a later hint of a
         layer supersedes an earlier one)."""
         for layer, name, last in self._hint_at[k]:
-            ids = vals[name][:, -1] if last else vals[name]  # (B, k): the token each row continues with
+            ids = vals[name][:, -1] if last else vals[name]  # (..., m) best first
+            if self.source.hint_width is not None:
+                ids = ids[..., : self.source.hint_width]
             slots = self.slot_of[layer][np.unique(ids)]
             cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
             self.source.hint(layer, cold)  # also when empty: it withdraws an earlier hint of the layer
@@ -237,6 +244,7 @@ class OffloadSession(Session):
         for s, used in zip(cold, chosen, strict=True):
             if used:
                 by_fmt.setdefault(self.index.experts[(layer, s)].format, []).append(s)
+        self.source.routed(layer, [s for slots in by_fmt.values() for s in slots])
         for fmt in sorted(by_fmt):
             slots = by_fmt[fmt]
             frames = self.source.frames(fmt)

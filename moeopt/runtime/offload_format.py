@@ -184,6 +184,7 @@ class ExpertSource(Protocol):
 
     index: OffloadIndex
     packed: bool
+    hint_width: int | None  # use only the first n experts of each token's prefetch hint (None: all)
 
     def frames(self, fmt: str) -> int:
         """Frames in the pool of format `fmt`."""
@@ -208,6 +209,11 @@ class ExpertSource(Protocol):
 
     def hint(self, layer: int, slots: Sequence[int]) -> None:
         """A prefetch request: the experts ``(layer, s)`` will probably be needed soon (may be ignored)."""
+        ...
+
+    def routed(self, layer: int, slots: Sequence[int]) -> None:
+        """Every cold expert the router chose for `layer`, before the driver acquires them (in chunks):
+        hints of the layer that name others were wrong, and their reads may be cancelled."""
         ...
 
     def keep_mask(self, layer: int) -> np.ndarray | None:

@@ -41,6 +41,7 @@ class Prefetcher(Protocol):
     """What `ExpertCache` asks of a prefetcher (the classes below)."""
 
     graph_hints: bool  # True: the driver's `hint` calls (graph predictor outputs) are acted on
+    width: int | None  # with graph_hints: the first `width` experts of each token's hint (None: all)
 
     def attach(self, cache: ExpertCache) -> None:
         """Called once by the cache; a prefetcher requests loads with ``cache.prefetch``."""
@@ -83,14 +84,20 @@ class GraphHints:
             run); None: every hint. Hints further ahead come earlier but are less accurate, and under a
             small budget their frames are taken from experts needed sooner; the look-ahead heads name
             each layer again one layer ahead, so depth 1 still prefetches every layer.
+        width: prefetch the first `width` experts of each token's hint (they come best first; the
+            artifact names ``prefetch.top`` per token: the router's top_k unless lowered with a larger
+            ``prefetch-top``); None: all.
+            Wider hints miss less and read more.
     """
 
     graph_hints = True
 
-    def __init__(self, depth: int | None = None) -> None:
+    def __init__(self, depth: int | None = None, width: int | None = None) -> None:
         if depth is not None and depth < 1:
             raise BadInputError(f"prefetch depth must be at least 1, got {depth}")
-        self.depth = depth
+        if width is not None and width < 1:
+            raise BadInputError(f"prefetch width must be at least 1, got {width}")
+        self.depth, self.width = depth, width
 
     def attach(self, cache: ExpertCache) -> None:
         pass
@@ -109,6 +116,7 @@ class StatsTable:
     """
 
     graph_hints = False
+    width: int | None = None
 
     def __init__(self, top_m: int | None = None, learn: bool = True) -> None:
         self.top_m = top_m
@@ -178,6 +186,7 @@ class Oracle:
     hinted when it attaches."""
 
     graph_hints = False
+    width: int | None = None
 
     def __init__(self, trace: Trace, depth: int = 1) -> None:
         self.trace = trace
@@ -217,6 +226,7 @@ class Recorder:
         self.source = source
         self.index: OffloadIndex = source.index
         self.packed = source.packed
+        self.hint_width = source.hint_width
         self.trace: Trace = []
         self._clock = _StepClock()
 
@@ -249,6 +259,9 @@ class Recorder:
 
     def hint(self, layer: int, slots: Sequence[int]) -> None:
         self.source.hint(layer, slots)
+
+    def routed(self, layer: int, slots: Sequence[int]) -> None:
+        self.source.routed(layer, slots)
 
     def keep_mask(self, layer: int) -> np.ndarray | None:
         return self.source.keep_mask(layer)
