@@ -268,3 +268,7 @@ def test_lower_pass_options(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
     with pytest.raises(MoeOptError, match="prefetch-top"):
         PassManager(f"lower{{out={tmp_path / 'c'},experts=offload,prefetch-top=-1}}")
+    from moeopt.passes.lower import Lower
+
+    with pytest.raises(MoeOptError, match=r"'prefetch-top' of pass 'lower' must be in \[0, inf\], got '-1'"):
+        Lower(out=tmp_path / "c", prefetch_top=-1)  # keywords from the API (and the CLI) are range-checked too

@@ -133,3 +133,21 @@ def test_run_cli_budget_errors_and_counters(tmp_path_factory: pytest.TempPathFac
         f.truncate(4096)
     code, out, err = run_cli("run", str(broken), "--ids", "5,17", "--budget", str(index.min_budget()), capsys=capsys)
     assert code == 2 and "experts.bin" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_cli_stops_the_cache_threads_before_it_returns(tmp_path_factory: pytest.TempPathFactory,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`moeopt run` closes its expert cache: an I/O thread still building a prefetched expert's session
+    when the interpreter tore ONNX Runtime down made the process abort after printing (exit 134, seen on
+    the reference model with graph prefetch)."""
+    import threading
+
+    offload = _built("float-hot1", False, tmp_path_factory, predictor=True, experts="offload", hot=1)
+    index = OffloadIndex.from_manifest(manifest(offload))  # it has prefetch hints: reads on the I/O thread
+    before = set(threading.enumerate())
+    code, out, err = run_cli("run", str(offload), "--ids", "5,17,3,9", "--max-new-tokens", "8", "--budget",
+                             str(index.min_budget() * 2), capsys=capsys)
+    assert code == 0, err
+    assert "prefetch recall" in out
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("moeopt-io")]
+    assert left == []

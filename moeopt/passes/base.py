@@ -116,7 +116,10 @@ class Pass:
             opt = known.get(key) or known.get(key.replace("_", "-"))
             if opt is None:
                 raise unknown_option_error(self.name, key, list(known))
-            values[opt.name] = opt.parse(val, self.name) if isinstance(val, str) and opt.type != "str" else val
+            numeric = isinstance(val, (int, float)) and not isinstance(val, bool) and opt.type in ("int", "float")
+            if (isinstance(val, str) and opt.type != "str") or numeric:  # a number from the API: its range too
+                val = opt.parse(str(val), self.name)
+            values[opt.name] = val
         for o in self.options:
             values.setdefault(o.name, o.default)
         self.opts: Mapping[str, Any] = MappingProxyType(values)

@@ -67,6 +67,15 @@ def run_cmd(
     sampler = Sampler(sample, temperature, top_k, top_p, seed)
     source = offload_source(artifact, budget, policy, prefetch)
     sess = open_artifact(artifact, threads=threads, **({"source": source} if source is not None else {}))
+    try:
+        _generate(sess, artifact, prompt, ids, max_new_tokens, sampler)
+    finally:  # an expert cache's I/O threads must stop before the interpreter tears ORT down (else SIGABRT)
+        close = getattr(sess, "close", None)
+        if close is not None:
+            close()
+
+
+def _generate(sess: Any, artifact: Path, prompt: str, ids: str, max_new_tokens: int, sampler: Any) -> None:
     tok = _tokenizer(artifact, sess.manifest) if prompt else None
     if prompt and ids:
         raise BadInputError("give --prompt or --ids, not both")
