@@ -172,7 +172,7 @@ def resident_bytes(manifest: dict[str, Any]) -> int:
     return sum(e["bytes"] for name, e in manifest["files"].items() if name != manifest["offload"]["file"])
 
 
-def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]:
+def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
            "--out", str(args.out.parent), "--threads", str(args.threads), "--prompt", str(args.prompt),
            "--new", str(args.new), "--kernel", args.kernel, "--predictor-depth", str(args.predictor_depth),
@@ -180,9 +180,9 @@ def _spawn(args: argparse.Namespace, method: str, frac: float) -> dict[str, Any]
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        return {"method": method, "budget_fraction": frac,
+        return {"method": method, "budget_fraction": frac, "round": rnd,
                 "error": (res.stderr.strip().splitlines() or ["(no output)"])[-1]}
-    return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "round": rnd}
 
 
 def median_runs(every: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -201,8 +201,21 @@ def median_runs(every: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Acceptance figures: predictor vs on-demand / LRU, and its share of the oracle's gain, per budget."""
+def paired_shares(every: list[dict[str, Any]], frac: float) -> list[float]:
+    """The predictor's share of the oracle's gain over on-demand within each round (the three ran minutes
+    apart, so a slow spell of the shared machine hits them alike), for rounds where the oracle gained."""
+    out = []
+    for rnd in sorted({r.get("round", 0) for r in every}):
+        by = {r["method"]: r["decode_tok_s"] for r in every if r.get("round", 0) == rnd and "error" not in r
+              and (r["budget_fraction"] == frac or r["method"] == "on-demand")}
+        if {"predictor", "oracle", "on-demand"} <= set(by) and by["oracle"] > by["on-demand"]:
+            out.append(round((by["predictor"] - by["on-demand"]) / (by["oracle"] - by["on-demand"]), 3))
+    return out
+
+
+def summarise(runs: list[dict[str, Any]], every: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Acceptance figures: predictor vs on-demand / LRU, and its share of the oracle's gain, per budget
+    (of the median runs; with `every` run, also per round and the median of those)."""
     by = {(r["method"], r["budget_fraction"]): r for r in runs if "error" not in r}
     out: dict[str, Any] = {}
     for frac in sorted({r["budget_fraction"] for r in runs}, reverse=True):
@@ -216,6 +229,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             gain_o = orac["decode_tok_s"] - b["decode_tok_s"]
             row[f"vs_{base}"] = {"predictor_gain_tok_s": round(gain_p, 3), "oracle_gain_tok_s": round(gain_o, 3),
                                  "share_of_oracle_gain": round(gain_p / gain_o, 3) if gain_o > 0 else None}
+        if every is not None and (shares := paired_shares(every, frac)):
+            row["paired_share_of_oracle_gain"] = {"per_round": shares, "median": float(np.median(shares))}
         out[str(frac)] = row
     return out
 
@@ -298,12 +313,12 @@ def main() -> None:
     print(json.dumps(every[-1]), flush=True)
     for rep in range(args.repeat):  # rounds interleave the methods, so a slow spell hits them all alike
         if rep:
-            every.append(_spawn(args, "resident", 1.0))
+            every.append(_spawn(args, "resident", 1.0, rep))
         for frac in budgets:
             for m in methods:
                 if m == "resident" or (m == "on-demand" and frac != budgets[0]):
                     continue  # neither depends on the budget
-                every.append(_spawn(args, m, frac))
+                every.append(_spawn(args, m, frac, rep))
                 print(json.dumps(every[-1]), flush=True)
     runs = median_runs(every)
     result = {
@@ -314,7 +329,7 @@ def main() -> None:
                     f"median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
-        "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs),
+        "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs, every),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
