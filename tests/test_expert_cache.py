@@ -446,3 +446,27 @@ def test_routed_cancels_the_mispredicted_reads_of_the_layer(one_fmt: tuple[Path,
     cache.release()
     assert cache.counters.hits == 1 and cache.counters.hinted_acquired == 1
     cache.close()
+
+
+def test_a_cache_nobody_closed_finishes_its_io_work_at_exit(tmp_path: Path) -> None:
+    """The I/O threads are daemons: a process that exits without closing its cache (a script, `moeopt
+    eval` on an offload artifact) must not kill one mid-read, or mid-build of an ORT session (which aborts
+    the process), so the cache closes itself at exit, after the work already queued."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    script = f"""
+import time
+from pathlib import Path
+from moeopt.runtime.expert_cache import ExpertCache
+from tests.test_expert_cache import write_artifact
+folder = Path({str(tmp_path)!r})
+index, _ = write_artifact(folder, cold=[[0, 1, 2, 3]] * 3, hot=[[]] * 3, top_k=1)
+cache = ExpertCache(folder, index, 3 * index.formats["q4"].expert_bytes)
+cache._jobs.put(lambda: (time.sleep(0.5), Path({str(done)!r}).write_text("ok")))
+"""  # exits at once, the cache still open and its I/O thread busy
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr[-500:]
+    assert done.read_text() == "ok"

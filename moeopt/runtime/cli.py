@@ -69,7 +69,7 @@ def run_cmd(
     sess = open_artifact(artifact, threads=threads, **({"source": source} if source is not None else {}))
     try:
         _generate(sess, artifact, prompt, ids, max_new_tokens, sampler)
-    finally:  # an expert cache's I/O threads must stop before the interpreter tears ORT down (else SIGABRT)
+    finally:  # an offload session's expert cache: stop its I/O threads and close its file
         close = getattr(sess, "close", None)
         if close is not None:
             close()

@@ -19,6 +19,7 @@ each layer's mask is released.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -99,6 +100,10 @@ class ExpertCache:
                          for i in range(max(1, io_threads))]
         for t in self._threads:
             t.start()
+        # The I/O threads are daemons: one still building an expert's ORT session when the interpreter
+        # tears ONNX Runtime down aborts the process (SIGABRT after a finished `moeopt run`), so a cache
+        # nobody closed is closed at exit, after the reads already queued.
+        atexit.register(self.close)
         self.prefetcher = prefetcher
         self.hint_width = prefetcher.width if prefetcher is not None and prefetcher.graph_hints else None
         try:
@@ -269,6 +274,7 @@ class ExpertCache:
         """Stop the I/O threads (after the reads already queued) and close the file."""
         if self._closed:
             return
+        atexit.unregister(self.close)
         with self._cond:
             self._closed = True
         for _ in self._threads:

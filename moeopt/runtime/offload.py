@@ -39,6 +39,8 @@ class AllResident:
     (default) every expert also gets its prepacked session (`packed_frames`), as `ExpertCache` builds them.
     """
 
+    hint_width: int | None = None  # it takes no hints
+
     def __init__(self, index: OffloadIndex, artifact: str | Path, *, packed: bool = True,
                  threads: int | None = None) -> None:
         self.index = index
@@ -76,8 +78,6 @@ class AllResident:
 
     def release(self) -> None:
         pass
-
-    hint_width: int | None = None
 
     def hint(self, layer: int, slots: Sequence[int]) -> None:
         pass
