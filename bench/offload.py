@@ -119,7 +119,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
 
     def source(index: OffloadIndex, path: Path) -> Any:
         if method == "resident":
-            return Recorder(AllResident(index, path, packed=packed, threads=args.threads))
+            return Recorder(AllResident(index, path, packed=packed, threads=args.expert_threads))
         policy = {"on-demand": "on-demand", "edgemoe": "edgemoe", "committee": "committee"}.get(method, "lru")
         prefetcher: Any = None
         if method == "edgemoe":
@@ -128,7 +128,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
             prefetcher = GraphHints(depth=args.predictor_depth or None, width=args.predictor_width or None)
         elif method == "oracle":
             prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
-        packer = FramePacker(index, path, manifest.get("target"), args.threads) if packed else None
+        packer = FramePacker(index, path, manifest.get("target"), args.expert_threads) if packed else None
         return ExpertCache(path, index, budget, policy, prefetcher, slot_of=slot_of,
                            prior=slot_importance(manifest["layers"]), packer=packer)
 
@@ -151,8 +151,8 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         work.mkdir(parents=True, exist_ok=True)
         np.savez(work / "resident.npz", tokens=gen.sequences, logits=logits)
         save_trace(sess.source.trace, work / "trace-eval.json")
-        rec = OffloadSession(art, source=lambda i, p: Recorder(AllResident(i, p, packed=packed, threads=args.threads)),
-                             threads=args.threads, verify=False)
+        rec = OffloadSession(art, threads=args.threads, verify=False, source=lambda i, p: Recorder(
+            AllResident(i, p, packed=packed, threads=args.expert_threads)))
         rec.generate(calib, max_new_tokens=args.new, stop_tokens=[])
         save_trace(rec.source.trace, work / "trace-calib.json")
     else:
@@ -174,8 +174,9 @@ def resident_bytes(manifest: dict[str, Any]) -> int:
 
 def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", args.model, "--hot", str(args.hot), "--cache", str(args.cache),
-           "--out", str(args.out.parent), "--threads", str(args.threads), "--prompt", str(args.prompt),
-           "--new", str(args.new), "--kernel", args.kernel, "--predictor-depth", str(args.predictor_depth),
+           "--out", str(args.out.parent), "--threads", str(args.threads), "--expert-threads", str(args.expert_threads),
+           "--prompt", str(args.prompt), "--new", str(args.new), "--kernel", args.kernel,
+           "--predictor-depth", str(args.predictor_depth),
            "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -269,7 +270,8 @@ def main() -> None:
     ap.add_argument("--hot", type=int, default=0, help="hot (resident-graph) experts per layer")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offload")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the segments")
+    ap.add_argument("--expert-threads", type=int, default=1, help="intra-op threads of each packed expert session")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
@@ -323,7 +325,8 @@ def main() -> None:
     runs = median_runs(every)
     result = {
         "model": args.model, "artifact": str(art),
-        "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads, hot {args.hot}, "
+        "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads "
+                    f"({args.expert_threads} per expert session), hot {args.hot}, "
                     f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
                     f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "
                     f"median of {args.repeat}",

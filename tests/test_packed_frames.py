@@ -77,3 +77,30 @@ def test_probe_finds_what_ort_copies(tmp_path_factory: pytest.TempPathFactory) -
         assert np.abs(before).max() > 0
         cache.release()
 
+
+
+def test_loads_reuse_the_frames_ortvalues(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every expert loaded into a frame reuses the OrtValues made for that frame's memory (and for each
+    thread's staging buffers): after cycling every cold expert through the smallest cache, and again,
+    the packer wraps no more buffers than the pools and staging hold, and outputs still equal the
+    all-resident source's."""
+    art = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = OffloadIndex.from_manifest(manifest(art))
+    resident = AllResident(index, Path(art))
+    with cache_source(index.min_budget(), "lru")(index, Path(art)) as cache:
+        packer = cache.packer
+        assert packer is not None
+        bound = sum(cache.frames(n) * len(packer.pooled(n)) + 2 * len(packer.copied[n]) for n in index.formats)
+        x = np.random.default_rng(1).standard_normal((2, packer.hidden(next(iter(index.formats)))), dtype=np.float32)
+        w = np.full((2, 1), 0.5, dtype=np.float32)
+        counts = []
+        for _ in range(2):
+            for (layer, slot), rec in sorted(index.experts.items()):
+                where = cache.acquire(layer, [slot])
+                got = cache.expert(rec.format, where[slot]).run(x, w)
+                cache.release()
+                want = resident.expert(rec.format, resident.acquire(layer, [slot])[slot]).run(x, w)
+                np.testing.assert_array_equal(got, want)
+            counts.append(packer.wrapped_buffers)
+        assert cache.counters.loads >= 2 * len(index.experts) - cache.frames(next(iter(index.formats)))
+        assert counts[0] == counts[1] <= bound, (counts, bound)

@@ -498,7 +498,7 @@ def cache_source(budget_bytes: int, policy: str = "lru", prefetcher: Prefetcher 
                  **kw: Any) -> Callable[[OffloadIndex, Path], ExpertCache]:
     """A source factory for ``OffloadSession(artifact, source=...)``: an `ExpertCache` over the artifact
     whose slot map (each layer's ``slot_of``) is read from the artifact's manifest; with `packed`, loaded
-    experts run as prepacked sessions of `threads` intra-op threads (default: the artifact's profile)."""
+    experts run as prepacked sessions of `threads` intra-op threads (default 1, `packed_frames`)."""
 
     def make(index: OffloadIndex, folder: Path) -> ExpertCache:
         manifest = read_manifest(folder, verify=False)
