@@ -120,7 +120,8 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
     def source(index: OffloadIndex, path: Path) -> Any:
         if method == "resident":
             return Recorder(AllResident(index, path, packed=packed, threads=args.expert_threads))
-        policy = {"on-demand": "on-demand", "edgemoe": "edgemoe", "committee": "committee"}.get(method, "lru")
+        policy = {"on-demand": "on-demand", "edgemoe": "edgemoe", "committee": "committee", "lru": "lru"}.get(
+            method, args.prefetch_policy)
         prefetcher: Any = None
         if method == "edgemoe":
             prefetcher = StatsTable().fit(load_trace(work / "trace-calib.json"))
@@ -178,6 +179,7 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--prompt", str(args.prompt), "--new", str(args.new), "--kernel", args.kernel,
            "--predictor-depth", str(args.predictor_depth),
            "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
+           "--prefetch-policy", args.prefetch_policy,
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -284,6 +286,8 @@ def main() -> None:
     ap.add_argument("--predictor-width", type=int, default=0,
                     help="the predictor method prefetches this many of each token's hinted experts (0: all "
                          "the artifact names)")
+    ap.add_argument("--prefetch-policy", default="lru", choices=("lru", "lfu", "fifo", "edgemoe"),
+                    help="cache policy under the predictor and oracle methods")
     ap.add_argument("--prefetch-top", type=int, default=0,
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")

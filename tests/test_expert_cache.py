@@ -153,13 +153,22 @@ def test_recency_and_frequency_victims(one_fmt: tuple[Path, OffloadIndex], polic
 
 
 def test_edgemoe_evicts_the_layer_just_passed(one_fmt: tuple[Path, OffloadIndex]) -> None:
+    """Layers run 0, 1, 2, 0, ...: the running layer's other experts are needed last (a whole step
+    away), then those of the layer before it; the next layer's are kept longest."""
     folder, index = one_fmt
     size = index.formats["q4"].expert_bytes
-    for policy, victim in (("edgemoe", (0, 0)), ("lru", (2, 0))):
+    for policy, victim in (("edgemoe", (1, 0)), ("lru", (2, 0))):
         with ExpertCache(folder, index, 3 * size, policy=policy) as cache:
-            run(cache, (2, 0), (1, 0), (0, 0))  # layer 0 ran last; layer 1 runs next
-            run(cache, (1, 1))
+            run(cache, (2, 0), (1, 0), (0, 0))  # layer 0 ran last; layer 1 runs now, then layer 2
+            run(cache, (1, 1))  # layer 1's other expert waits a step, layer 0's runs in two layers
             assert cache.resident() == {(2, 0), (1, 0), (0, 0), (1, 1)} - {victim}, policy
+    for policy, victim in (("edgemoe", (0, 0)), ("lru", (1, 0))):
+        with ExpertCache(folder, index, 3 * size, policy=policy) as cache:
+            run(cache, (1, 0), (2, 0), (0, 0))
+            cache.observe(0, np.zeros((1, 4), dtype=np.float32))  # layer 0 has run: (0, 0) waits a whole step
+            cache.prefetch(1, [1])
+            cache.wait_idle()
+            assert cache.resident() == {(1, 0), (2, 0), (0, 0), (1, 1)} - {victim}, policy
     with ExpertCache(folder, index, 3 * size, policy="edgemoe") as cache:
         # same layer and distance: the expert with the smaller share of its layer's accesses goes first
         run(cache, (2, 0), (2, 0), (2, 1), (2, 2))

@@ -8,8 +8,10 @@ filters those out first). Policies are only called with the cache's lock held, s
 - ``fifo``: first in, first out (only loads count).
 - ``lfu``: least frequently used, counts kept across evictions (ties: least recent).
 - ``edgemoe``: EdgeMoE's rule: the lowest score ``freq_share + proximity``, where ``freq_share`` is the
-  expert's share of its layer's accesses and ``proximity = 1 - d / L`` with ``d`` the number of layers
-  until the expert's layer runs again; experts of the layers just passed go first.
+  expert's share of its layer's accesses and ``proximity = 1 - d / L`` with ``d`` (1..L) the number of
+  layers until the expert's layer runs again; experts of the layers just passed go first, those of the
+  layer running now (or just run) before all others: decoding cycles through the layers, so they are
+  needed last.
 - ``committee``: SwapMoE: the lowest decayed router importance (softmax mass) goes first; the cache also
   masks the router to the resident committee and refreshes it asynchronously (see `ExpertCache`).
 - ``on-demand`` (or ``none``): the baseline of EdgeMoE's comparison: LRU replacement, no prefetching at all.
@@ -156,7 +158,9 @@ class EdgeMoEPolicy(LFUPolicy):
     def score(self, key: Key, current_layer: int) -> float:
         """Higher is kept longer: the expert's share of its layer's accesses plus its layer's proximity."""
         share = self.freq.get(key, 0) / max(1, self.layer_total.get(key[0], 0))
-        d = (key[0] - current_layer) % self.num_layers  # layers until key's layer runs again
+        # layers until key's layer runs again: 1 for the next layer, L for the current one (what it needs
+        # now is pinned; its other experts wait a whole step)
+        d = (key[0] - current_layer - 1) % self.num_layers + 1
         return share + self.distance_weight * (1.0 - d / self.num_layers)
 
     def victim(self, candidates: Sequence[Key], current_layer: int) -> Key:
