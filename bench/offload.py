@@ -128,9 +128,9 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         elif method == "predictor":  # one layer ahead: further hints cost frames (and reads) for less recall
             prefetcher = GraphHints(depth=args.predictor_depth or None, width=args.predictor_width or None)
         elif method == "oracle":
-            prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=len(index.top_k))
+            prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=args.oracle_depth or len(index.top_k))
         packer = FramePacker(index, path, manifest.get("target"), args.expert_threads) if packed else None
-        return ExpertCache(path, index, budget, policy, prefetcher, slot_of=slot_of,
+        return ExpertCache(path, index, budget, policy, prefetcher, io_threads=args.io_threads, slot_of=slot_of,
                            prior=slot_importance(manifest["layers"]), packer=packer)
 
     t0 = time.perf_counter()
@@ -179,7 +179,8 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--prompt", str(args.prompt), "--new", str(args.new), "--kernel", args.kernel,
            "--predictor-depth", str(args.predictor_depth),
            "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
-           "--prefetch-policy", args.prefetch_policy,
+           "--prefetch-policy", args.prefetch_policy, "--io-threads", str(args.io_threads),
+           "--oracle-depth", str(args.oracle_depth),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -288,6 +289,9 @@ def main() -> None:
                          "the artifact names)")
     ap.add_argument("--prefetch-policy", default="lru", choices=("lru", "lfu", "fifo", "edgemoe"),
                     help="cache policy under the predictor and oracle methods")
+    ap.add_argument("--oracle-depth", type=int, default=0,
+                    help="layers ahead the oracle hints (0: every layer, a whole step ahead: the upper bound)")
+    ap.add_argument("--io-threads", type=int, default=1, help="I/O threads of each expert cache")
     ap.add_argument("--prefetch-top", type=int, default=0,
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")

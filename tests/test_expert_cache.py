@@ -416,7 +416,7 @@ def test_acquire_reads_a_queued_prefetch_itself_and_close_stops_the_threads(one_
     def hold() -> None:  # keeps the I/O thread busy so the hinted read stays queued
         gate.wait()
 
-    cache._jobs.put(hold)
+    cache._put(hold, 0)
     cache.hint(2, [1])
     assert cache.counters.prefetch_issued == 1 and cache.resident() == set()
     cache.acquire(2, [1])  # does not wait behind the I/O queue: reads it now
@@ -442,7 +442,7 @@ def test_routed_cancels_the_mispredicted_reads_of_the_layer(one_fmt: tuple[Path,
     size = index.formats["q4"].expert_bytes
     cache = ExpertCache(folder, index, 3 * size, prefetcher=GraphHints())
     gate = threading.Event()
-    cache._jobs.put(gate.wait)  # the I/O thread is busy: the hinted reads stay queued
+    cache._put(gate.wait, 0)  # the I/O thread is busy: the hinted reads stay queued
     cache.hint(1, [2, 3])
     cache.hint(2, [0])  # another layer's hint is not touched
     cache.routed(1, [2])
@@ -455,6 +455,34 @@ def test_routed_cancels_the_mispredicted_reads_of_the_layer(one_fmt: tuple[Path,
     cache.release()
     assert cache.counters.hits == 1 and cache.counters.hinted_acquired == 1
     cache.close()
+
+
+def test_queued_reads_run_in_order_of_need(one_fmt: tuple[Path, OffloadIndex]) -> None:
+    """The I/O thread reads what is needed soonest first, whatever order the hints came in: layers run
+    0, 1, 2, 0, ..., so after layer 1 ran, layer 2 comes before the next step's layer 0, and that before
+    layer 1 again; one layer's hints keep their order (best first)."""
+    import threading
+
+    folder, index = one_fmt
+    size = index.formats["q4"].expert_bytes
+    with ExpertCache(folder, index, 8 * size, prefetcher=GraphHints()) as cache:
+        order: list[tuple[int, int]] = []
+        read_into = cache.store.read_into
+
+        def logged(layer: int, slot: int, views: Any) -> int:
+            order.append((layer, slot))
+            return read_into(layer, slot, views)
+
+        cache.store.read_into = logged  # type: ignore[method-assign]
+        run(cache, (0, 0), (1, 0))  # layer 1 is running
+        gate = threading.Event()
+        cache._put(gate.wait, 0)  # hold the I/O thread while the hints queue up
+        cache.hint(1, [3])
+        cache.hint(0, [2, 1])
+        cache.hint(2, [1])
+        gate.set()
+        cache.wait_idle()
+        assert order == [(0, 0), (1, 0), (2, 1), (0, 2), (0, 1), (1, 3)]
 
 
 def test_a_cache_nobody_closed_finishes_its_io_work_at_exit(tmp_path: Path) -> None:
@@ -473,7 +501,7 @@ from tests.test_expert_cache import write_artifact
 folder = Path({str(tmp_path)!r})
 index, _ = write_artifact(folder, cold=[[0, 1, 2, 3]] * 3, hot=[[]] * 3, top_k=1)
 cache = ExpertCache(folder, index, 3 * index.formats["q4"].expert_bytes)
-cache._jobs.put(lambda: (time.sleep(0.5), Path({str(done)!r}).write_text("ok")))
+cache._put(lambda: (time.sleep(0.5), Path({str(done)!r}).write_text("ok")), 0)
 """  # exits at once, the cache still open and its I/O thread busy
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parent.parent)

@@ -20,7 +20,9 @@ each layer's mask is released.
 from __future__ import annotations
 
 import atexit
+import itertools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -95,7 +97,10 @@ class ExpertCache:
         self.refresh_every = max(1, refresh_every)
         self._obs_layer, self._steps = -1, 0
         self._swap_wanted = self._swap_queued = False
-        self._jobs: queue.Queue[Job | Callable[[], None] | None] = queue.Queue()
+        # I/O work in order of need: (layer position the read is needed at, order queued, job); see `_put`
+        self._jobs: queue.PriorityQueue[tuple[int, int, Job | Callable[[], None] | None]] = queue.PriorityQueue()
+        self._queued = itertools.count()
+        self._position = 0  # layers entered so far (the running layer's position in the decode)
         self._threads = [threading.Thread(target=self._worker, name=f"moeopt-io-{i}", daemon=True)
                          for i in range(max(1, io_threads))]
         for t in self._threads:
@@ -231,7 +236,7 @@ class ExpertCache:
                 self.policy.update(layer, logits)
                 if self._swap_wanted and not self._swap_queued and not self._closed:
                     self._swap_queued = True  # re-queued each layer until the committee is complete
-                    self._jobs.put(self._refresh)
+                    self._put(self._refresh, self._position + len(self.index.top_k))
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, logits)
 
@@ -256,7 +261,7 @@ class ExpertCache:
                 fr = self._t.frame(spot)
                 fr.state, fr.prefetched = QUEUED, True
                 self.counters.prefetch_issued += 1
-                self._jobs.put(self._t.job(spot, key))
+                self._put(self._t.job(spot, key), self._needed_at(layer))
 
     def wait_idle(self) -> None:
         """Block until every queued read and swap has run."""
@@ -278,7 +283,7 @@ class ExpertCache:
         with self._cond:
             self._closed = True
         for _ in self._threads:
-            self._jobs.put(None)
+            self._put(None, sys.maxsize)  # after every queued read
         for t in self._threads:
             t.join()
         self.store.close()
@@ -302,9 +307,22 @@ class ExpertCache:
                 raise BadInputError(f"acquire of {n} experts of format {fmt} but its pool has only "
                                     f"{self._t.frames_of[fmt]} frames; split the request")
 
+    def _needed_at(self, layer: int) -> int:
+        """The decode position at which `layer` runs next: the next layer is one past the running one,
+        the running layer itself a whole step later (layers run in a cycle)."""
+        layers = len(self.index.top_k)
+        return self._position + (layer - self._step.layer - 1) % layers + 1
+
+    def _put(self, job: Job | Callable[[], None] | None, needed_at: int) -> None:
+        """Queue I/O work. Reads go in order of need, not of hinting: a look-ahead hint that refines the
+        next layer's experts is read before the earlier, less sure hints for the layers after it; hints
+        of one layer keep their order (best first)."""
+        self._jobs.put((needed_at, next(self._queued), job))
+
     def _enter_layer(self, layer: int) -> None:
         if layer != self._step.layer:
             passed = self._step.layer
+            self._position += (layer - passed) % len(self.index.top_k) if passed >= 0 else 0
             self._hinted = {k for k in self._hinted if k[0] != passed}  # stale hints of the layer just run
             self._step = _Step(layer)
 
@@ -414,7 +432,7 @@ class ExpertCache:
 
     def _worker(self) -> None:
         while True:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             try:
                 if job is None:
                     return
