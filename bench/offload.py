@@ -337,7 +337,8 @@ def main() -> None:
                     f"({args.expert_threads} per expert session), hot {args.hot}, "
                     f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
                     f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "
-                    f"median of {args.repeat}",
+                    f"{args.prefetch_policy} under predictor and oracle, oracle depth {args.oracle_depth or 'all'}, "
+                    f"{args.io_threads} I/O thread(s), median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
         "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs, every),
