@@ -10,10 +10,10 @@ expert, on the thread that read the expert, so a prefetch hides it too), so the 
 graph's placeholders are one-element tensors (the real ones replace them before ORT reads a shape), the
 OrtValues over a frame's memory are made once per frame and reused by every expert it holds, and each
 session runs on one intra-op thread by default. Measured on the reference model's 140 KB 4-bit experts
-(2 x86 cores): a build plus the release of the frame's previous session went from 1.08 ms to 0.69 ms,
-and a one-token run from 0.14 ms to 0.11 ms; a session with a thread pool pays for starting and joining
-its thread, and one expert's decode work is too small to split (a 32-token prefill is 25% slower on
-one thread, a one-off).
+(2 x86 cores, `bench/expert_load.py`): a build plus the release of the frame's previous session went
+from 1.03 ms to 0.74 ms, and a one-token run from 0.175 ms to 0.139 ms; a session with a thread pool
+pays for starting and joining its thread, and one expert's decode work is too small to split (a
+32-token prefill of one expert is about 25% slower on one thread, a one-off).
 
 Which tensors the kernel prepacks - copies into its own buffers at session start - and which it reads
 at run time is ORT's business (1.32: QMoE copies ``fc1``/``fc2`` and reads scales and zero points).

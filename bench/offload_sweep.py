@@ -1,0 +1,109 @@
+"""Paired comparison of offload serving configurations (`bench/offload.py`'s child runs).
+
+On 2 shared cores one configuration's decode speed moves by tens of percent between runs, more than the
+differences being looked for. Here every configuration runs once per round, one after another at each
+budget, so a slow stretch of the machine hits them alike, and each prefetching configuration is scored
+per round against that round's on-demand and reference-oracle runs: its share of the oracle's gain
+``(tok/s - on-demand) / (oracle - on-demand)``. Writes sweep.json.
+
+A configuration is ``METHOD`` or ``METHOD:key=value,...`` with keys ``predictor-depth``,
+``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``io-threads``, ``expert-threads``; the
+on-demand run and the reference oracle (every layer ahead, LRU) are always included.
+
+    .venv/bin/python bench/offload_sweep.py --prefetch-top 4 --configs \
+        "oracle:oracle-depth=1;oracle:oracle-depth=2;predictor:predictor-width=2" \
+        --out bench/results/offload-sweep/oracle-depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import offload
+from runtime import DEFAULT_CACHE
+
+KEYS = {"predictor-depth": int, "predictor-width": int, "prefetch-policy": str, "oracle-depth": int,
+        "io-threads": int, "expert-threads": int}
+BASELINES = ("on-demand", "oracle")
+
+
+def parse_config(text: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:
+    """``METHOD[:k=v,...]`` -> (method, the child's arguments)."""
+    method, _, opts = text.partition(":")
+    if method not in offload.METHODS:
+        raise SystemExit(f"offload_sweep: unknown method '{method}' in '{text}' (one of {', '.join(offload.METHODS)})")
+    args = copy.copy(base)
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        if key not in KEYS or not value:
+            raise SystemExit(f"offload_sweep: bad option '{item}' in '{text}' (keys: {', '.join(KEYS)})")
+        setattr(args, key.replace("-", "_"), KEYS[key](value))
+    return method, args
+
+
+def shares(tok_s: list[float], on_demand: list[float], oracle: list[float]) -> list[float | None]:
+    """Per round, the share of the oracle's gain over on-demand (None where the oracle gained nothing)."""
+    return [round((p - d) / (o - d), 3) if o > d else None for p, d, o in zip(tok_s, on_demand, oracle, strict=True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", required=True, help="';'-separated configurations (see above)")
+    ap.add_argument("--budgets", default="0.35,0.25,0.15", help="fractions of offloaded expert bytes")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prefetch-top", type=int, default=4, help="experts each hint output names (the artifact)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=128, help="generated tokens")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--out", type=Path, required=True)
+    cli = ap.parse_args()
+    base = argparse.Namespace(model="reference", hot=0, cache=cli.cache, out=cli.out / "reference",
+                              threads=cli.threads, expert_threads=1, prompt=32, new=cli.new, kernel="packed",
+                              predictor_depth=1, predictor_width=0, prefetch_top=cli.prefetch_top,
+                              prefetch_policy="lru", io_threads=1, oracle_depth=0)
+    configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
+    for text in filter(None, (c.strip() for c in cli.configs.split(";"))):
+        configs[text] = parse_config(text, base)
+    budgets = [float(b) for b in cli.budgets.split(",")]
+    offload.build(base)
+    t0 = time.perf_counter()
+    first = offload._spawn(base, "resident", 1.0)  # the reference tokens and the routing traces
+    if "error" in first:
+        raise SystemExit(f"offload_sweep: the resident run failed: {first['error']}")
+    runs: list[dict[str, Any]] = []
+    for rnd in range(cli.rounds):
+        for frac in budgets:
+            for name, (method, args) in configs.items():
+                run = {**offload._spawn(args, method, frac, rnd), "config": name}
+                runs.append(run)
+                print(rnd, frac, name, run.get("decode_tok_s", run.get("error")), flush=True)
+    summary: dict[str, Any] = {}
+    for frac in budgets:
+        tok = {name: [r.get("decode_tok_s", float("nan")) for r in runs
+                      if r["config"] == name and r["budget_fraction"] == frac] for name in configs}
+        summary[str(frac)] = {name: {"median_tok_s": round(statistics.median(v), 1), "tok_s": v,
+                                     **({} if name in BASELINES else
+                                        {"paired_share": (s := shares(v, tok["on-demand"], tok["oracle"])),
+                                         "median_paired_share": statistics.median(x for x in s if x is not None)
+                                         if any(x is not None for x in s) else None})}
+                              for name, v in tok.items()}
+    result = {"settings": f"reference model, prompt 32, {cli.new} new tokens, {cli.threads} threads, "
+                          f"prefetch-top {cli.prefetch_top}, {cli.rounds} rounds",
+              "configs": list(configs), "summary": summary, "runs": runs,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    cli.out.mkdir(parents=True, exist_ok=True)
+    (cli.out / "sweep.json").write_text(json.dumps(result, indent=1))
+    for frac, rows in summary.items():
+        print(frac, {name: (row["median_tok_s"], row.get("median_paired_share")) for name, row in rows.items()})
+
+
+if __name__ == "__main__":
+    main()
