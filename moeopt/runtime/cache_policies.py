@@ -77,6 +77,12 @@ class SlotMap:
         return out  # (S,)
 
 
+def layers_until(layer: int, current: int, layers: int) -> int:
+    """How many layers run, counting from `current` (the layer running or just run), until `layer` runs
+    again: 1 for the next layer, `layers` for `current` itself (decoding cycles through the layers)."""
+    return (layer - current - 1) % layers + 1
+
+
 class CachePolicy(Protocol):
     """What the cache asks of a replacement policy (always with the cache's lock held)."""
 
@@ -158,9 +164,8 @@ class EdgeMoEPolicy(LFUPolicy):
     def score(self, key: Key, current_layer: int) -> float:
         """Higher is kept longer: the expert's share of its layer's accesses plus its layer's proximity."""
         share = self.freq.get(key, 0) / max(1, self.layer_total.get(key[0], 0))
-        # layers until key's layer runs again: 1 for the next layer, L for the current one (what it needs
-        # now is pinned; its other experts wait a whole step)
-        d = (key[0] - current_layer - 1) % self.num_layers + 1
+        # the current layer's experts are a whole step away (what it needs now is pinned)
+        d = layers_until(key[0], current_layer, self.num_layers)
         return share + self.distance_weight * (1.0 - d / self.num_layers)
 
     def victim(self, candidates: Sequence[Key], current_layer: int) -> Key:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moeopt.errors import BadInputError
-from moeopt.runtime.cache_policies import CommitteePolicy, Key, SlotMap, make_policy
+from moeopt.runtime.cache_policies import CommitteePolicy, Key, SlotMap, layers_until, make_policy
 from moeopt.runtime.expert_store import ExpertStore
 from moeopt.runtime.frame_table import LOADING, QUEUED, READY, CacheCounters, FrameTable, Job, Spot
 from moeopt.runtime.manifest import read_manifest
@@ -175,10 +175,9 @@ class ExpertCache:
             return
         depth = getattr(self.prefetcher, "depth", None)
         if depth is not None:
-            layers = len(self.index.top_k)
-            with self._cond:
-                upcoming = (self._step.layer + 1) % layers  # the layer the driver runs next
-            if (layer - upcoming) % layers > depth:
+            with self._cond:  # 0: the layer the driver runs next
+                ahead = layers_until(layer, self._step.layer, len(self.index.top_k)) - 1
+            if ahead > depth:
                 return
         self._withdraw(layer, {int(s) for s in slots})
         self.prefetch(layer, slots)
@@ -310,8 +309,7 @@ class ExpertCache:
     def _needed_at(self, layer: int) -> int:
         """The decode position at which `layer` runs next: the next layer is one past the running one,
         the running layer itself a whole step later (layers run in a cycle)."""
-        layers = len(self.index.top_k)
-        return self._position + (layer - self._step.layer - 1) % layers + 1
+        return self._position + layers_until(layer, self._step.layer, len(self.index.top_k))
 
     def _put(self, job: Job | Callable[[], None] | None, needed_at: int) -> None:
         """Queue I/O work. Reads go in order of need, not of hinting: a look-ahead hint that refines the
