@@ -70,8 +70,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "expert_load.json")
     args = ap.parse_args()
     if not (args.artifact / "manifest.json").is_file():
-        raise SystemExit(f"expert_load: no offload artifact at {args.artifact}; run bench/offload.py --build-only "
-                         "--prefetch-top 4 first")
+        ap.error(f"no offload artifact at {args.artifact}; run bench/offload.py --build-only --prefetch-top 4 first")
     from moeopt.runtime import read_manifest
     from moeopt.runtime.expert_store import ExpertStore
     from moeopt.runtime.offload_format import OffloadIndex

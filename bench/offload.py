@@ -267,14 +267,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def _at_least(low: int) -> Any:
+    """An argparse type: an int of at least `low` (anything else is a one-line usage error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The bench's options (also the defaults of `offload_sweep.py`'s runs)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="reference", choices=("reference", "1b"))
     ap.add_argument("--hot", type=int, default=0, help="hot (resident-graph) experts per layer")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offload")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the segments")
-    ap.add_argument("--expert-threads", type=int, default=1, help="intra-op threads of each packed expert session")
+    ap.add_argument("--expert-threads", type=_at_least(1), default=1,
+                    help="intra-op threads of each packed expert session")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
@@ -289,14 +302,19 @@ def main() -> None:
                          "the artifact names)")
     ap.add_argument("--prefetch-policy", default="lru", choices=("lru", "lfu", "fifo", "edgemoe"),
                     help="cache policy under the predictor and oracle methods")
-    ap.add_argument("--oracle-depth", type=int, default=0,
+    ap.add_argument("--oracle-depth", type=_at_least(0), default=0,
                     help="layers ahead the oracle hints (0: every layer, a whole step ahead: the upper bound)")
-    ap.add_argument("--io-threads", type=int, default=1, help="I/O threads of each expert cache")
+    ap.add_argument("--io-threads", type=_at_least(1), default=1, help="I/O threads of each expert cache")
     ap.add_argument("--prefetch-top", type=int, default=0,
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = make_parser()
     args = ap.parse_args()
     args.out = args.out / args.model
     if args.child:

@@ -36,17 +36,32 @@ BASELINES = ("on-demand", "oracle")
 
 
 def parse_config(text: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:
-    """``METHOD[:k=v,...]`` -> (method, the child's arguments)."""
+    """``METHOD[:k=v,...]`` -> (method, the child's arguments); ValueError names what is wrong."""
     method, _, opts = text.partition(":")
     if method not in offload.METHODS:
-        raise SystemExit(f"offload_sweep: unknown method '{method}' in '{text}' (one of {', '.join(offload.METHODS)})")
-    args = copy.copy(base)
+        raise ValueError(f"unknown method '{method}' in '{text}' (one of {', '.join(offload.METHODS)})")
+    argv = []
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key not in KEYS or not value:
-            raise SystemExit(f"offload_sweep: bad option '{item}' in '{text}' (keys: {', '.join(KEYS)})")
-        setattr(args, key.replace("-", "_"), KEYS[key](value))
+            raise ValueError(f"bad option '{item}' in '{text}' (keys: {', '.join(KEYS)})")
+        argv += [f"--{key}", value]
+    args = copy.copy(base)
+    try:  # offload.py's own parser checks each value (types, ranges, choices)
+        parsed = _quiet(offload.make_parser()).parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"'{text}': {e}") from None
+    for key in KEYS:
+        dest = key.replace("-", "_")
+        if f"--{key}" in argv:
+            setattr(args, dest, getattr(parsed, dest))
     return method, args
+
+
+def _quiet(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`ap`, raising ArgumentError instead of printing usage and exiting."""
+    ap.exit_on_error = False
+    return ap
 
 
 def shares(tok_s: list[float], on_demand: list[float], oracle: list[float]) -> list[float | None]:
@@ -65,19 +80,22 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, required=True)
     cli = ap.parse_args()
-    base = argparse.Namespace(model="reference", hot=0, cache=cli.cache, out=cli.out / "reference",
-                              threads=cli.threads, expert_threads=1, prompt=32, new=cli.new, kernel="packed",
-                              predictor_depth=1, predictor_width=0, prefetch_top=cli.prefetch_top,
-                              prefetch_policy="lru", io_threads=1, oracle_depth=0)
+    base = offload.make_parser().parse_args(["--cache", str(cli.cache), "--out", str(cli.out), "--threads",
+                                             str(cli.threads), "--new", str(cli.new), "--prefetch-top",
+                                             str(cli.prefetch_top)])  # offload.py's defaults for the rest
+    base.out = base.out / base.model  # as offload.py's main does
     configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
     for text in filter(None, (c.strip() for c in cli.configs.split(";"))):
-        configs[text] = parse_config(text, base)
+        try:
+            configs[text] = parse_config(text, base)
+        except ValueError as e:
+            ap.error(str(e))
     budgets = [float(b) for b in cli.budgets.split(",")]
     offload.build(base)
     t0 = time.perf_counter()
     first = offload._spawn(base, "resident", 1.0)  # the reference tokens and the routing traces
     if "error" in first:
-        raise SystemExit(f"offload_sweep: the resident run failed: {first['error']}")
+        sys.exit(f"offload_sweep: the resident run failed: {first['error']}")
     runs: list[dict[str, Any]] = []
     for rnd in range(cli.rounds):
         for frac in budgets:
