@@ -47,7 +47,8 @@ APPS = "app:movie-sentiment;app:tweet-sentiment;app:fact-verification;app:intent
 
 def artifact_path(args: argparse.Namespace) -> Path:
     top = f"-top{args.prefetch_top}" if args.prefetch_top else ""  # 0: lowering's default (the router's top_k)
-    return args.cache / args.model / f"offload-4bit-hot{args.hot}{top}"
+    far = f"-far{args.far}" if args.far else ""
+    return args.cache / args.model / f"offload-4bit-hot{args.hot}{top}{far}"
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -65,7 +66,8 @@ def build(args: argparse.Namespace) -> Path:
     tokens = 32768 if args.model == "reference" else 2048  # the ~1B model's forward is slow on 2 cores
     # importance first: the slots' routing frequencies go into the manifest (the committee's starting set)
     passes = (f"importance{{calib={APPS},max-tokens={tokens},progress=false}},"
-              f"quantize{{method=uniform,bits=4,group=64}},predictor{{calib={APPS},max-tokens={tokens}}}")
+              f"quantize{{method=uniform,bits=4,group=64}},predictor{{calib={APPS},max-tokens={tokens}"
+              + (f",far={args.far}}}" if args.far else "}"))
     t0 = time.perf_counter()
     PassManager(passes).run(model)
     t1 = time.perf_counter()
@@ -180,7 +182,7 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--predictor-depth", str(args.predictor_depth),
            "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
            "--prefetch-policy", args.prefetch_policy, "--io-threads", str(args.io_threads),
-           "--oracle-depth", str(args.oracle_depth),
+           "--oracle-depth", str(args.oracle_depth), "--far", str(args.far),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -307,6 +309,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--io-threads", type=_at_least(1), default=1, help="I/O threads of each expert cache")
     ap.add_argument("--prefetch-top", type=int, default=0,
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
+    ap.add_argument("--far", type=_at_least(0), default=0,
+                    help="train the predictor's far heads this wide (a separate artifact; 0: none, the pass's default)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
@@ -356,7 +360,7 @@ def main() -> None:
                     f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
                     f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "
                     f"{args.prefetch_policy} under predictor and oracle, oracle depth {args.oracle_depth or 'all'}, "
-                    f"{args.io_threads} I/O thread(s), median of {args.repeat}",
+                    f"{args.io_threads} I/O thread(s), far heads {args.far or 'none'}, median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
         "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs, every),

@@ -76,13 +76,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefetch-top", type=int, default=4, help="experts each hint output names (the artifact)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--far", type=int, default=0, help="the artifact's predictor far-head width (0: none)")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, required=True)
     cli = ap.parse_args()
-    base = offload.make_parser().parse_args(["--cache", str(cli.cache), "--out", str(cli.out), "--threads",
-                                             str(cli.threads), "--new", str(cli.new), "--prefetch-top",
-                                             str(cli.prefetch_top)])  # offload.py's defaults for the rest
+    base = offload.make_parser().parse_args([  # offload.py's defaults for the rest
+        "--cache", str(cli.cache), "--out", str(cli.out), "--threads", str(cli.threads), "--new", str(cli.new),
+        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far)])
     base.out = base.out / base.model  # as offload.py's main does
     configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
     for text in filter(None, (c.strip() for c in cli.configs.split(";"))):
@@ -114,7 +115,7 @@ def main() -> None:
                                          if any(x is not None for x in s) else None})}
                               for name, v in tok.items()}
     result = {"settings": f"reference model, prompt 32, {cli.new} new tokens, {cli.threads} threads, "
-                          f"prefetch-top {cli.prefetch_top}, {cli.rounds} rounds",
+                          f"prefetch-top {cli.prefetch_top}, far heads {cli.far or 'none'}, {cli.rounds} rounds",
               "configs": list(configs), "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - t0, 1)}
     cli.out.mkdir(parents=True, exist_ok=True)

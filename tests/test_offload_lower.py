@@ -272,3 +272,60 @@ def test_lower_pass_options(tmp_path: Path) -> None:
 
     with pytest.raises(MoeOptError, match=r"'prefetch-top' of pass 'lower' must be in \[0, inf\], got '-1'"):
         Lower(out=tmp_path / "c", prefetch_top=-1)  # keywords from the API (and the CLI) are range-checked too
+
+
+def test_far_hints_come_two_layers_ahead(tmp_path: Path) -> None:
+    """A 4-layer Mixtral whose predictor has far heads: layer 3's comes out of seg1 (layer 1's input), the
+    next step's layers 0 and 1 out of seg2 and seg3 (from the last position), so each step hints
+    1,2,3 (seg0) 2,3 (seg1) 3,0 (seg2) 1 (seg3) 0 (the LM head's table); a cache that takes hints two
+    layers ahead decodes exactly like every expert resident."""
+    import transformers
+
+    import moeopt
+    from moeopt.runtime.expert_cache import cache_source
+    from moeopt.runtime.prefetch import GraphHints
+    from moeopt.testing import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(1)
+    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
+    d, e = cfg.hidden_size, cfg.num_local_experts
+    model.predictor = RoutingPredictor(d, [e, e, e], 8, "hidden", ahead_hidden=6, far_hidden=5,
+                                       first_experts=e).eval()
+    model.predictor.set_next_table(torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:2]
+                                                for t in range(cfg.vocab_size)]))
+    out = tmp_path / "art"
+    lower(model, out, pipeline="test", experts="offload", hot=1)
+    m = manifest(out)
+    pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
+    assert pre["far"] == {"3": "prefetch.far3"}
+    assert pre["next_far"] == {"0": "prefetch.far0", "1": "prefetch.far1"}
+    for k, name in ((1, "prefetch.far3"), (2, "prefetch.far0"), (3, "prefetch.far1")):
+        assert name in segments[k]["outputs"]
+    sess = OffloadSession(out, source=Hints)
+    ids, mask = left_padded_batch([5])
+    vals: dict[str, Any] = {}
+    orig = sess._segment
+
+    def keep(k: int, v: dict[str, Any]) -> None:
+        orig(k, v)
+        vals.update(v)
+
+    sess._segment = keep  # type: ignore[method-assign]
+    want = sess.generate(ids, 4, attention_mask=mask, stop_tokens=(), keep_logits=True)
+    hints = sess.source.hints  # type: ignore[attr-defined]
+    assert [j for j, _ in hints] == [1, 2, 3, 2, 3, 3, 0, 1, 0] * 4
+    # the last step's far hint of layer 0: the head's top-2 on the last position of layer 2's input
+    with torch.no_grad():
+        top = model.predictor.far_logits(0, torch.from_numpy(vals["moe2.x"][-1:])).topk(2, dim=-1).indices
+    hot0 = set(OffloadIndex.from_manifest(m).hot[0])
+    assert hints[-3] == (0, sorted({int(s) for s in top.reshape(-1)} - hot0))
+    index = OffloadIndex.from_manifest(m)
+    for depth in (1, 2):
+        cached = OffloadSession(out, source=cache_source(index.min_budget() * 2, prefetcher=GraphHints(depth=depth)))
+        got = cached.generate(ids, 4, attention_mask=mask, stop_tokens=(), keep_logits=True)
+        assert np.array_equal(got.sequences, want.sequences)
+        assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() == 0.0
+        assert cached.source.counters.prefetch_issued > 0  # type: ignore[attr-defined]
+        cached.close()

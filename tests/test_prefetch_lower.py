@@ -215,3 +215,43 @@ def test_lookahead_heads_match_torch_and_mask_pruned_experts() -> None:
         add_lookahead_outputs(graph, xs, pred, top=2)
     with pytest.raises(BadInputError, match="need input=hidden"):
         RoutingPredictor(E, LATER, HIDDEN, "logits", ahead_hidden=4)
+
+
+def test_far_heads_match_torch_and_mask_pruned_experts() -> None:
+    """Each far head j reads layer far_source(j)'s (N, D) input and names layer j's kept experts only (layer
+    0's mask included); the manifest puts the heads that name the next step under "next_far"."""
+    from moeopt.lower.prefetch import add_far_outputs
+
+    d = 10
+    torch.manual_seed(13)
+    pred = RoutingPredictor(d, LATER, HIDDEN, "hidden", far_hidden=7, first_experts=E).eval()
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.mul_(4.0)
+    masks = _masks()
+    masks[0] = np.ones(E, dtype=bool)
+    masks[0][[1, 6]] = False
+    xs = {j: ir.Value(name=f"moe{pred.far_source(j)}.x", shape=ir.Shape(["N", d]),
+                      type=ir.TensorType(ir.DataType.FLOAT)) for j in pred.far_layers}
+    graph = ir.Graph(list(xs.values()), [], nodes=[], opset_imports={"": 18}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    outputs = add_far_outputs(graph, xs, pred, top=3, keep_masks=masks)
+    assert outputs == {0: "prefetch.far0", 1: "prefetch.far1", 3: "prefetch.far3"}
+    rng = np.random.default_rng(14)
+    feeds = {v.name: rng.normal(0, 1, (N, d)).astype(np.float32) for v in xs.values()}
+    got = _run(model, feeds, list(outputs.values()))
+    for j, ids in zip(outputs, got, strict=True):
+        x = feeds[f"moe{pred.far_source(j)}.x"]
+        with torch.no_grad():
+            o = pred.far_logits(j, torch.from_numpy(x)).masked_fill(~torch.from_numpy(masks[j]), float("-inf"))
+        k = min(3, int(masks[j].sum()))
+        assert ids.shape == (N, k)
+        _same_sets(ids, o.topk(k, dim=-1).indices.numpy())
+        assert masks[j][ids].all()
+    meta = prefetch_meta({}, pred, 3, masks, far=outputs)
+    assert meta["far"] == {"3": "prefetch.far3"}
+    assert meta["next_far"] == {"0": "prefetch.far0", "1": "prefetch.far1"}
+    with pytest.raises(BadInputError, match="far-head inputs for layers"):
+        add_far_outputs(graph, {0: xs[0]}, pred, top=2)
+    with pytest.raises(BadInputError, match="another prefix"):
+        add_far_outputs(graph, xs, pred, top=2)

@@ -19,6 +19,17 @@ Look-ahead heads (``hidden`` only): for MoE layer j >= 2, a small MLP from layer
 router logits. The first MLP names every later layer's experts as early as possible (all of them after
 layer 0); a head names layer j's again, better, while layer j-1 computes, so the runtime can correct
 its prefetches one layer ahead.
+
+Far heads (``hidden`` only, at least 3 MoE layers): a small MLP per MoE layer j that names its experts
+two layers ahead, from the input of layer (j - 2) mod L. For j = 0 and 1 that is layer L-2+j of the
+*previous* step (position t's hidden state predicts position t+1's routing), so the next step's first
+two layers get a read started while the current step's last layers compute; for j >= 3 it is layer
+j-2 of the same step. Layer 2 has none: the first MLP already names it from layer 0's input. The
+bench showed why they were tried (bench/results/offload-sweep/lead-time): an oracle that hints one
+layer ahead gets only about half of the full oracle's gain on 2 cores, two layers ahead nearly all of
+it. On the reference model the next step's heads name only about half of the true experts (recall@2
+0.57 for layer 0, 0.52 for layer 1), and each wrong read costs a session build on the cores the decode
+uses, so the predictor pass trains them only when asked (``far=N``; bench/results/offload-sweep/far).
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ class RoutingPredictor(nn.Module):
     """
 
     def __init__(self, in_features: int, out_experts: list[int], hidden: int,
-                 source: PredictorInput = "logits", ahead_hidden: int = 0) -> None:
+                 source: PredictorInput = "logits", ahead_hidden: int = 0, far_hidden: int = 0,
+                 first_experts: int = 0) -> None:
         super().__init__()
         if source not in INPUTS:
             raise BadInputError(f"routing predictor input must be one of {', '.join(INPUTS)}, got {source!r}")
@@ -59,6 +71,12 @@ class RoutingPredictor(nn.Module):
         self.fc2 = nn.Linear(hidden, sum(out_experts))
         heads = [_mlp(in_features, ahead_hidden, e) for e in out_experts[1:]] if ahead_hidden else []
         self.heads = nn.ModuleList(heads)  # heads[j - 2]: layer j-1's input -> layer j's logits
+        if far_hidden and (source != "hidden" or len(out_experts) < 2 or first_experts < 1):
+            raise BadInputError("far heads read hidden states of at least 3 MoE layers and need the first "
+                                "layer's expert count: input=hidden, first_experts >= 1")
+        self.far_hidden, self.first_experts = int(far_hidden), int(first_experts)
+        experts = [self.first_experts, *self.out_experts]
+        self.far = nn.ModuleList([_mlp(in_features, far_hidden, experts[j]) for j in self.far_layers])
         self.next_table: torch.Tensor | None
         self.register_buffer("next_table", None)
 
@@ -77,6 +95,29 @@ class RoutingPredictor(nn.Module):
     def ahead_layers(self) -> list[int]:
         """The MoE layers j that have a look-ahead head (read from layer j-1's input)."""
         return list(range(2, 2 + len(self.heads)))
+
+    @property
+    def far_layers(self) -> list[int]:
+        """The MoE layers j that have a far head (none without ``far_hidden``)."""
+        layers = len(self.out_experts) + 1
+        return [j for j in range(layers) if j != 2] if self.far_hidden else []
+
+    def far_source(self, layer: int) -> int:
+        """The MoE layer whose input layer `layer`'s far head reads (of the previous step when it is
+        not below `layer`)."""
+        return (layer - 2) % (len(self.out_experts) + 1)
+
+    def far_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s (N, E) logits predicted two layers ahead from `far_source(layer)`'s (N, D) input."""
+        fc1, fc2 = self.far_head(layer)
+        return fc2(torch.relu(fc1(x.float())))  # type: ignore[no-any-return]
+
+    def far_head(self, layer: int) -> tuple[nn.Linear, nn.Linear]:
+        """The two linear layers of layer `layer`'s far head (a ReLU between them)."""
+        if layer not in self.far_layers:
+            raise BadInputError(f"the routing predictor has no far head for MoE layer {layer}")
+        seq = self.far[self.far_layers.index(layer)]
+        return seq[0], seq[2]  # type: ignore[index,return-value]
 
     def features(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The predictor's input among the first MoE layer's (N, D) input and (N, E_0) router logits."""
@@ -104,7 +145,8 @@ class RoutingPredictor(nn.Module):
     def meta(self) -> dict[str, Any]:
         table = None if self.next_table is None else list(self.next_table.shape)
         return {"in_features": self.in_features, "out_experts": self.out_experts, "hidden": self.hidden,
-                "source": self.source, "ahead_hidden": self.ahead_hidden, "next_table": table}
+                "source": self.source, "ahead_hidden": self.ahead_hidden, "far_hidden": self.far_hidden,
+                "first_experts": self.first_experts, "next_table": table}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> RoutingPredictor:
@@ -112,7 +154,8 @@ class RoutingPredictor(nn.Module):
         width = meta.get("in_features", meta.get("in_experts"))
         source = cast(PredictorInput, meta.get("source", "logits"))
         pred = cls(int(width), [int(e) for e in meta["out_experts"]], int(meta["hidden"]), source,  # type: ignore[arg-type]
-                   int(meta.get("ahead_hidden", 0)))
+                   int(meta.get("ahead_hidden", 0)), int(meta.get("far_hidden", 0)),
+                   int(meta.get("first_experts", 0)))
         if meta.get("next_table"):
             pred.set_next_table(torch.zeros([int(n) for n in meta["next_table"]], dtype=torch.int64))
         return pred

@@ -22,7 +22,13 @@ from moeopt.lower.expert_file import offload_section, write_experts
 from moeopt.lower.export import ExportedDecoder, export_decoder
 from moeopt.lower.offload_graph import check_offloadable, expose_markers, offload_layers, value_names
 from moeopt.lower.onnx_quant import QuantSettings
-from moeopt.lower.prefetch import add_lookahead_outputs, add_next_output, add_prefetch_outputs, prefetch_meta
+from moeopt.lower.prefetch import (
+    add_far_outputs,
+    add_lookahead_outputs,
+    add_next_output,
+    add_prefetch_outputs,
+    prefetch_meta,
+)
 from moeopt.lower.segments import partition
 
 FULL = "full.onnx"  # the whole offload graph, before it is cut (removed from the artifact)
@@ -117,7 +123,9 @@ def _add_prefetch(model: MoEModel, graph: ir.Graph, prefetch: bool | None, top: 
     values = {v.name: v for v in graph.outputs}
     ahead = add_lookahead_outputs(graph, {j: values[value_names(j - 1)["x"]] for j in predictor.ahead_layers},
                                   predictor, top=m, keep_masks=masks)
+    far = add_far_outputs(graph, {j: values[value_names(predictor.far_source(j))["x"]] for j in predictor.far_layers},
+                          predictor, top=m, keep_masks=masks)
     following = None
     if predictor.next_table is not None:
         following = add_next_output(graph, values["logits"], predictor, top=m)
-    return prefetch_meta(outputs, predictor, m, masks, ahead, following)
+    return prefetch_meta(outputs, predictor, m, masks, ahead, following, far)

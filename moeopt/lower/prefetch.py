@@ -209,6 +209,32 @@ def _insert_after(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> Non
         graph.extend(nodes)
 
 
+def _add_head(graph: ir.Graph, x: ir.Value, name: str, fc1: Any, fc2: Any, mask: np.ndarray | None, k: int,
+              what: str, taken: set[str], in_features: int) -> str:
+    """One head MLP (fc1, ReLU, fc2; masked experts at -inf) and TopK after `x`'s producer: the int64
+    (..., k) output `name` of predicted original expert ids, best first."""
+    if any(n == name or n.startswith(f"{name}.") or n.startswith(f"{name}/") for n in taken):
+        raise BadInputError(f"prefetch: the graph already has '{name}'; choose another prefix")
+    width = x.shape[-1] if x.shape is not None and len(x.shape) > 0 else None
+    if isinstance(width, int) and width != in_features:
+        raise BadInputError(f"prefetch: '{x.name}' has {width} features, the {what} reads {in_features}")
+    w1 = _const(graph, f"{name}.fc1.weight", _np(fc1.weight).T.copy())  # (D, H)
+    b1 = _const(graph, f"{name}.fc1.bias", _np(fc1.bias))
+    w2 = _const(graph, f"{name}.fc2.weight", _np(fc2.weight).T.copy())  # (H, E_j)
+    b2 = _const(graph, f"{name}.fc2.bias", _masked_bias(fc2.bias, mask))
+    kv = _const(graph, f"{name}.k", np.asarray([k], dtype=np.int64))
+    nodes = _Nodes(name)
+    y = nodes.mlp(x, w1, b1, w2, b2)  # (..., E_j)
+    topk = nodes.add("TopK", [y, kv], "topk", n_out=2, axis=-1, largest=1, sorted=1)
+    ids = topk.outputs[1]
+    ids.name, ids.dtype = name, ir.DataType.INT64
+    if x.shape is not None:
+        ids.shape = ir.Shape([*list(x.shape)[:-1], k])
+    graph.outputs.append(ids)
+    _insert_after(graph, x, nodes.nodes)
+    return name
+
+
 def add_lookahead_outputs(
     graph: ir.Graph,
     inputs: dict[int, ir.Value],
@@ -228,33 +254,49 @@ def add_lookahead_outputs(
     masks = _masks(predictor, keep_masks)
     ks = prefetch_top(predictor, top, keep_masks)
     taken = _names_in(graph)
-    outputs: dict[int, str] = {}
-    for j in predictor.ahead_layers:
-        x = inputs[j]
-        name = f"{prefix}.ahead{j}"
-        if any(n == name or n.startswith(f"{name}.") or n.startswith(f"{name}/") for n in taken):
-            raise BadInputError(f"prefetch: the graph already has '{name}'; choose another prefix")
-        width = x.shape[-1] if x.shape is not None and len(x.shape) > 0 else None
-        if isinstance(width, int) and width != predictor.in_features:
-            raise BadInputError(f"prefetch: '{x.name}' has {width} features, the look-ahead head of layer {j} "
-                                f"reads {predictor.in_features}")
-        fc1, fc2 = predictor.head(j)
-        w1 = _const(graph, f"{name}.fc1.weight", _np(fc1.weight).T.copy())  # (D, H)
-        b1 = _const(graph, f"{name}.fc1.bias", _np(fc1.bias))
-        w2 = _const(graph, f"{name}.fc2.weight", _np(fc2.weight).T.copy())  # (H, E_j)
-        b2 = _const(graph, f"{name}.fc2.bias", _masked_bias(fc2.bias, masks[j - 1]))
-        kv = _const(graph, f"{name}.k", np.asarray([ks[j]], dtype=np.int64))
-        nodes = _Nodes(name)
-        y = nodes.mlp(x, w1, b1, w2, b2)  # (..., E_j)
-        topk = nodes.add("TopK", [y, kv], "topk", n_out=2, axis=-1, largest=1, sorted=1)
-        ids = topk.outputs[1]
-        ids.name, ids.dtype = name, ir.DataType.INT64
-        if x.shape is not None:
-            ids.shape = ir.Shape([*list(x.shape)[:-1], ks[j]])
-        graph.outputs.append(ids)
-        _insert_after(graph, x, nodes.nodes)
-        outputs[j] = name
-    return outputs
+    return {j: _add_head(graph, inputs[j], f"{prefix}.ahead{j}", *predictor.head(j), masks[j - 1], ks[j],
+                         f"look-ahead head of layer {j}", taken, predictor.in_features)
+            for j in predictor.ahead_layers}
+
+
+def far_top(predictor: RoutingPredictor, top: int, keep_masks: Sequence[Any] | None = None) -> dict[int, int]:
+    """Per far-head layer j, how many experts its output names: `top` clamped to the experts j keeps."""
+    later = prefetch_top(predictor, top, keep_masks)
+    first = predictor.first_experts
+    if keep_masks is not None and keep_masks[0] is not None:
+        first = int(np.asarray(keep_masks[0]).astype(bool).sum())
+    return {j: later[j] if j else min(top, first) for j in predictor.far_layers}
+
+
+def _first_mask(keep_masks: Sequence[Any] | None) -> np.ndarray | None:
+    if keep_masks is None or keep_masks[0] is None:
+        return None
+    m = keep_masks[0]
+    return np.asarray(m.cpu() if hasattr(m, "cpu") else m).astype(bool).reshape(-1)
+
+
+def add_far_outputs(
+    graph: ir.Graph,
+    inputs: dict[int, ir.Value],
+    predictor: RoutingPredictor,
+    *,
+    top: int,
+    keep_masks: Sequence[Any] | None = None,
+    prefix: str = "prefetch",
+) -> dict[int, str]:
+    """Append each far head j (`inputs[j]` is MoE layer `predictor.far_source(j)`'s input) and its int64
+    (..., k_j) output ``{prefix}.far{j}``: layer j's predicted original expert ids two layers ahead (of
+    the next step when its source is not below j), right after the node that produces its input.
+    Returns {j: output name}."""
+    if set(inputs) != set(predictor.far_layers):
+        raise BadInputError(f"prefetch: far-head inputs for layers {sorted(inputs)}, the predictor has far heads "
+                            f"for {predictor.far_layers}")
+    masks = [_first_mask(keep_masks), *_masks(predictor, keep_masks)]
+    ks = far_top(predictor, top, keep_masks)
+    taken = _names_in(graph)
+    return {j: _add_head(graph, inputs[j], f"{prefix}.far{j}", *predictor.far_head(j), masks[j], ks[j],
+                         f"far head of layer {j}", taken, predictor.in_features)
+            for j in predictor.far_layers}
 
 
 def add_next_output(graph: ir.Graph, logits: ir.Value, predictor: RoutingPredictor, *,
@@ -313,13 +355,16 @@ def prefetch_meta(
     keep_masks: Sequence[Any] | None = None,
     ahead: dict[int, str] | None = None,
     following: str | None = None,
+    far: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """What the manifest's "prefetch" section says about the hint outputs (JSON-ready: string keys).
 
     {"outputs": {"j": name}, "top": top, "k": {"j": k_j}, "ahead": {"j": name}, "params": predictor
     parameter count, "next": {"0": name} or {}}; k_j is the width of output j (`top` clamped to the
     experts layer j keeps), also of the look-ahead output of layer j. "next" is the next-token table's
-    output: layer 0's experts of the NEXT step, from the last position.
+    output: layer 0's experts of the NEXT step, from the last position. "far": {"j": name} are the far
+    heads of the same step, "next_far": {"j": name} those that name the NEXT step's layer j from this
+    step's last position (their source layer runs after j).
     """
     ks = prefetch_top(predictor, top, keep_masks)
     return {
@@ -328,6 +373,8 @@ def prefetch_meta(
         "k": {str(j): ks[j] for j in sorted(outputs)},
         "ahead": {str(j): name for j, name in sorted((ahead or {}).items())},
         "next": {"0": following} if following else {},
+        "far": {str(j): n for j, n in sorted((far or {}).items()) if predictor.far_source(j) < j},
+        "next_far": {str(j): n for j, n in sorted((far or {}).items()) if predictor.far_source(j) >= j},
         "params": int(sum(p.numel() for p in predictor.parameters())),
     }
 

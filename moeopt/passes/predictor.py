@@ -106,21 +106,60 @@ def _fit(module: nn.Module, forward: Callable[[], list[torch.Tensor]], targets: 
         opt.step()
 
 
+def next_positions(batches: list[torch.Tensor]) -> torch.Tensor:
+    """(N,) int64 over the tokens of `batches` ((B, T) each, flattened in order): the index of the same
+    sequence's next token, -1 for a sequence's last token."""
+    out, start = [], 0
+    for batch in batches:
+        b, t = batch.shape
+        idx = torch.arange(start, start + b * t).reshape(b, t) + 1
+        idx[:, -1] = -1
+        out.append(idx.reshape(-1))
+        start += b * t
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def far_pairs(pred: RoutingPredictor, layer: int, rows: torch.Tensor, following: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (source row, target row) token pairs of layer `layer`'s far head among `rows`: the same token
+    when its source layer runs earlier in the step, else the token and the next one of its sequence."""
+    if pred.far_source(layer) < layer:
+        return rows, rows
+    nxt = following[rows]
+    ok = nxt >= 0
+    return rows[ok], nxt[ok]
+
+
 def train_predictor(
     inputs: torch.Tensor, logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int,
     source: PredictorInput = "hidden", layer_inputs: list[torch.Tensor] | None = None, ahead_hidden: int = 0,
+    far_hidden: int = 0, following: torch.Tensor | None = None, rows: torch.Tensor | None = None,
 ) -> RoutingPredictor:
     """Fit the MLP from (N, F) `inputs` by KL divergence to each later layer's router distribution
-    (`logits[1:]`), and with `ahead_hidden` a look-ahead head per layer j >= 2 from `layer_inputs[j - 1]`
-    (full batch, Adam, seeded)."""
+    (`logits[1:]`), with `ahead_hidden` a look-ahead head per layer j >= 2 from `layer_inputs[j - 1]`, and
+    with `far_hidden` the far heads (`RoutingPredictor.far_source`; `following` is `next_positions` of the
+    tokens); on the tokens `rows` only (default all; a far pair needs both of its tokens there). Full
+    batch, Adam, seeded."""
     torch.manual_seed(seed)
-    pred = RoutingPredictor(inputs.shape[1], [x.shape[1] for x in logits[1:]], hidden, source, ahead_hidden)
+    rows = torch.arange(len(inputs)) if rows is None else rows
+    pred = RoutingPredictor(inputs.shape[1], [x.shape[1] for x in logits[1:]], hidden, source, ahead_hidden,
+                            far_hidden, logits[0].shape[1])
     targets = [torch.softmax(x, dim=-1) for x in logits]
-    _fit(nn.ModuleList([pred.fc1, pred.fc2]), lambda: pred(inputs), targets[1:], steps, lr)
+    x0 = inputs[rows]
+    _fit(nn.ModuleList([pred.fc1, pred.fc2]), lambda: pred(x0), [t[rows] for t in targets[1:]], steps, lr)
     for j in pred.ahead_layers:
         assert layer_inputs is not None
-        x = layer_inputs[j - 1]
-        _fit(pred.heads[j - 2], lambda j=j, x=x: [pred.ahead(j, x)], [targets[j]], steps, lr)  # type: ignore[misc]
+        x = layer_inputs[j - 1][rows]
+        _fit(pred.heads[j - 2], lambda j=j, x=x: [pred.ahead(j, x)], [targets[j][rows]], steps, lr)  # type: ignore[misc]
+    if pred.far_layers:
+        assert layer_inputs is not None and following is not None
+        inside = torch.zeros(len(inputs), dtype=torch.bool)
+        inside[rows] = True
+        for i, j in enumerate(pred.far_layers):
+            src, dst = far_pairs(pred, j, rows, following)
+            src, dst = src[inside[dst]], dst[inside[dst]]
+            x = layer_inputs[pred.far_source(j)][src]
+            _fit(pred.far[i], lambda j=j, x=x: [pred.far_logits(j, x)], [targets[j][dst]], steps, lr)  # type: ignore[misc]
     return pred.eval()
 
 
@@ -141,6 +180,10 @@ class Predictor(Pass):
                "top_k; lowering keeps its prefetch-top of them)", min=0),
         Option("lookahead", "int", 64, "hidden width of the look-ahead heads (layer j-1's input -> layer j's "
                "router, for j >= 2; input=hidden only); 0: none", min=0),
+        Option("far", "int", 0, "hidden width of the far heads (each layer's experts two layers ahead, the "
+               "next step's first two layers from this step's last two; input=hidden, 3+ MoE layers); 0: none "
+               "(off by default: on 2 cores their reads cost more than they hid, bench/results/offload-sweep/far)",
+               min=0),
         Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
         Option("lr", "float", 3e-3, "learning rate", min=0.0),
         Option("holdout", "float", 0.2, "share of tokens held out to measure recall", min=0.0, max=0.9),
@@ -157,16 +200,19 @@ class Predictor(Pass):
             model, self.opts["calib"], self.opts["seq-len"], self.opts["max-tokens"], ctx.data_root
         )
         source: PredictorInput = self.opts["input"]
-        ahead = self.opts["lookahead"] if source == "hidden" and len(model.layers) > 2 else 0
-        logits, hidden = router_logits(model, sets, inputs=len(model.layers) - 1 if ahead else 1)
+        deep = source == "hidden" and len(model.layers) > 2
+        ahead = self.opts["lookahead"] if deep else 0
+        far = self.opts["far"] if deep else 0
+        logits, hidden = router_logits(model, sets, inputs=len(model.layers) if far else
+                                       len(model.layers) - 1 if ahead else 1)
+        following = next_positions([batch for cs in sets for batch in cs.batches])
         inputs = hidden[0] if source == "hidden" else logits[0]
         n = logits[0].shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
         n_test = int(n * self.opts["holdout"])
         test, train = perm[:n_test], perm[n_test:]
-        pred = train_predictor(inputs[train], [x[train] for x in logits], self.opts["hidden"],
-                               self.opts["steps"], self.opts["lr"], ctx.seed, source,
-                               [x[train] for x in hidden], ahead)
+        pred = train_predictor(inputs, logits, self.opts["hidden"], self.opts["steps"], self.opts["lr"], ctx.seed,
+                               source, hidden, ahead, far, following, train)
         if self.opts["next-table"]:
             ids = torch.cat([batch.reshape(-1) for cs in sets for batch in cs.batches])  # observation order
             first = model.layers[0]
@@ -186,6 +232,11 @@ class Predictor(Pass):
             with torch.no_grad():
                 o = pred.ahead(j, hidden[j - 1][eval_idx])
             stats.update(_recalls(f"ahead-recall{{}}-layer{j}", o, logits[j][eval_idx], model.layers[j].router.top_k))
+        for j in pred.far_layers:
+            src, dst = far_pairs(pred, j, eval_idx, following)
+            with torch.no_grad():
+                o = pred.far_logits(j, hidden[pred.far_source(j)][src])
+            stats.update(_recalls(f"far-recall{{}}-layer{j}", o, logits[j][dst], model.layers[j].router.top_k))
         if pred.next_table is not None:
             first = model.layers[0]
             true_top = logits[0][eval_idx].topk(first.router.top_k, dim=-1).indices

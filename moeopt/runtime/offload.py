@@ -9,7 +9,8 @@ weights moved to the acquired frames, adds the chunk outputs (fixed order), rele
 ``moe{i}.cold`` and runs segment i + 1. Pool arrays go to ORT as OrtValues that wrap their memory, so a
 load into a frame is seen by the next run without a copy. After each segment, the prefetch hints it
 computed (the manifest's ``prefetch`` outputs: seg0's predictions of every later layer, look-ahead
-refinements one layer ahead, the next step's layer 0 from the last segment) go to ``source.hint``.
+refinements one layer ahead, far heads two layers ahead - into the next step for its first two layers -
+and the next step's layer 0 from the last segment) go to ``source.hint``.
 """
 
 from __future__ import annotations
@@ -208,13 +209,17 @@ class OffloadSession(Session):
     def _hint_plan(self) -> list[list[tuple[int, str, bool]]]:
         """Per segment, the (layer, output name, last position only) prefetch hints it computes, in the
         order to give them: the predictor's outputs (all in seg0), the look-ahead ones (layer j's from
-        segment j-1), and the next step's layer 0 from the last segment (its last position's token)."""
+        segment j-1), the far heads (layer j's from segment j-2, the next step's first two layers from
+        the last two segments with a router, last position), and the next step's layer 0 from the last
+        segment (its last position's token)."""
         plan: list[list[tuple[int, str, bool]]] = [[] for _ in self.segments]
         if not self.prefetch:
             return plan
         named = [(j, n, False) for j, n in [*self.prefetch["outputs"].items(),
-                                             *(self.prefetch.get("ahead") or {}).items()]]
-        named += [(j, n, True) for j, n in (self.prefetch.get("next") or {}).items()]
+                                             *(self.prefetch.get("ahead") or {}).items(),
+                                             *(self.prefetch.get("far") or {}).items()]]
+        named += [(j, n, True) for j, n in [*(self.prefetch.get("next") or {}).items(),
+                                            *(self.prefetch.get("next_far") or {}).items()]]
         for j, name, last in named:
             k = next((k for k, (_, _, outs) in enumerate(self.segments) if name in outs), None)
             if k is None:
