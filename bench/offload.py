@@ -130,7 +130,8 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         elif method == "predictor":  # one layer ahead: further hints cost frames (and reads) for less recall
             prefetcher = GraphHints(depth=args.predictor_depth or None, width=args.predictor_width or None)
         elif method == "oracle":
-            prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=args.oracle_depth or len(index.top_k))
+            prefetcher = Oracle(load_trace(work / "trace-eval.json"), depth=args.oracle_depth or len(index.top_k),
+                                causal=bool(args.oracle_causal))
         packer = FramePacker(index, path, manifest.get("target"), args.expert_threads) if packed else None
         return ExpertCache(path, index, budget, policy, prefetcher, io_threads=args.io_threads, slot_of=slot_of,
                            prior=slot_importance(manifest["layers"]), packer=packer)
@@ -182,7 +183,8 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--predictor-depth", str(args.predictor_depth),
            "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
            "--prefetch-policy", args.prefetch_policy, "--io-threads", str(args.io_threads),
-           "--oracle-depth", str(args.oracle_depth), "--far", str(args.far),
+           "--oracle-depth", str(args.oracle_depth), "--oracle-causal", str(args.oracle_causal),
+           "--far", str(args.far),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -306,6 +308,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="cache policy under the predictor and oracle methods")
     ap.add_argument("--oracle-depth", type=_at_least(0), default=0,
                     help="layers ahead the oracle hints (0: every layer, a whole step ahead: the upper bound)")
+    ap.add_argument("--oracle-causal", type=int, choices=(0, 1), default=0,
+                    help="1: the oracle hints the next step only after the step's last layer (what a predictor "
+                         "that cannot see the next token could know at most)")
     ap.add_argument("--io-threads", type=_at_least(1), default=1, help="I/O threads of each expert cache")
     ap.add_argument("--prefetch-top", type=int, default=0,
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
@@ -359,7 +364,8 @@ def main() -> None:
                     f"({args.expert_threads} per expert session), hot {args.hot}, "
                     f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
                     f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "
-                    f"{args.prefetch_policy} under predictor and oracle, oracle depth {args.oracle_depth or 'all'}, "
+                    f"{args.prefetch_policy} under predictor and oracle, oracle depth {args.oracle_depth or 'all'}"
+                    f"{' (causal)' if args.oracle_causal else ''}, "
                     f"{args.io_threads} I/O thread(s), far heads {args.far or 'none'}, median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),

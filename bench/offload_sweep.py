@@ -7,7 +7,7 @@ per round against that round's on-demand and reference-oracle runs: its share of
 ``(tok/s - on-demand) / (oracle - on-demand)``. Writes sweep.json.
 
 A configuration is ``METHOD`` or ``METHOD:key=value,...`` with keys ``predictor-depth``,
-``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``io-threads``, ``expert-threads``; the
+``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``oracle-causal``, ``io-threads``, ``expert-threads``; the
 on-demand run and the reference oracle (every layer ahead, LRU) are always included.
 
     .venv/bin/python bench/offload_sweep.py --prefetch-top 4 --configs \
@@ -31,7 +31,7 @@ import offload
 from runtime import DEFAULT_CACHE
 
 KEYS = {"predictor-depth": int, "predictor-width": int, "prefetch-policy": str, "oracle-depth": int,
-        "io-threads": int, "expert-threads": int}
+        "oracle-causal": int, "io-threads": int, "expert-threads": int}
 BASELINES = ("on-demand", "oracle")
 
 

@@ -278,6 +278,43 @@ def test_oracle_replays_a_recorded_trace_with_full_recall(tmp_path: Path) -> Non
         assert c.stall_seconds == 0.0
 
 
+class _Prefetches:
+    """Records what a prefetcher asks of a cache (the only cache call an oracle makes)."""
+
+    def __init__(self, layers: int) -> None:
+        self.index = type("Index", (), {"top_k": (1,) * layers})()
+        self.asked: list[tuple[int, tuple[int, ...]]] = []
+
+    def prefetch(self, layer: int, slots: Sequence[int]) -> None:
+        self.asked.append((layer, tuple(slots)))
+
+
+def test_causal_oracle_waits_for_the_steps_last_layer() -> None:
+    """A full-depth oracle hints the next step's layer 0 right after layer 0 (a whole step ahead); the
+    causal one hints nothing of the next step until the step's last layer has run, then all of it."""
+    layers = 3
+    trace: Trace = [[(i, (10 * t + i,)) for i in range(layers)] for t in range(3)]
+    seen: dict[bool, list[list[tuple[int, tuple[int, ...]]]]] = {}
+    for causal in (False, True):
+        cache = _Prefetches(layers)
+        oracle = Oracle(trace, depth=layers, causal=causal)
+        oracle.attach(cache)  # type: ignore[arg-type]
+        seen[causal] = [list(cache.asked)]
+        for _ in range(2):
+            for layer in range(layers):
+                cache.asked.clear()
+                oracle.observe(layer, np.zeros((1, 1)))
+                seen[causal].append(list(cache.asked))
+    step0 = [(0, (0,)), (1, (1,)), (2, (2,))]
+    assert seen[False][0] == seen[True][0] == step0
+    assert seen[False][1] == [(1, (1,)), (2, (2,)), (0, (10,))]  # layer 0 ran: next step's layer 0 too
+    assert seen[True][1] == [(1, (1,)), (2, (2,))]
+    assert seen[True][2] == [(2, (2,))]
+    assert seen[True][3] == [(0, (10,)), (1, (11,)), (2, (12,))]  # the step's last layer: all of the next
+    assert seen[False][3] == [(0, (10,)), (1, (11,)), (2, (12,))]
+    assert seen[True][4] == [(1, (11,)), (2, (12,))]  # the second step, as the first
+
+
 def test_stats_table_learns_transitions(tmp_path: Path) -> None:
     layers, experts = 3, 8
     index, _ = write_artifact(tmp_path, cold=[range(experts)] * layers, hot=[[]] * layers, top_k=1)

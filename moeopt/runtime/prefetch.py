@@ -183,14 +183,20 @@ class StatsTable:
 class Oracle:
     """Replay a recorded trace: after layer i of step t, hint the true cold experts of the next `depth`
     layers (into the next step where the model wraps around); the first `depth` layers of step 0 are
-    hinted when it attaches."""
+    hinted when it attaches.
+
+    With `causal`, the next step's layers are hinted only after the step's last layer, when its token is
+    (nearly) known: the most any predictor can know that, like every real one, does not see the next
+    token before it is chosen. It bounds what prefetching from the routing of the current token can reach.
+    """
 
     graph_hints = False
     width: int | None = None
 
-    def __init__(self, trace: Trace, depth: int = 1) -> None:
+    def __init__(self, trace: Trace, depth: int = 1, causal: bool = False) -> None:
         self.trace = trace
         self.depth = max(1, depth)
+        self.causal = causal
         self._cache: ExpertCache | None = None
         self._clock = _StepClock()
         self._layers = 1
@@ -214,8 +220,12 @@ class Oracle:
     def observe(self, layer: int, logits: np.ndarray) -> None:
         if self._cache is None:
             return
-        pos = self._clock.tick(layer) * self._layers + layer
-        self._hint(pos + 1, pos + self.depth)
+        step = self._clock.tick(layer)
+        pos = step * self._layers + layer
+        hi = pos + self.depth
+        if self.causal and layer < self._layers - 1:
+            hi = min(hi, (step + 1) * self._layers - 1)  # not past this step's last layer
+        self._hint(pos + 1, hi)
 
 
 class Recorder:
