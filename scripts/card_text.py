@@ -55,6 +55,8 @@ def _train_cmd(arch: str, out: str, run: dict[str, Any], init: str | None) -> st
            f"--steps {run['steps_planned']} --warmup {warm} --lr {o['lr']} --batch {run['batch']} "
            f"--seq-len {run['seq_len']} --hidden {s['hidden']} --expert-inter {s['expert_inter']} "
            f"--apps-share {run['apps_share']} --threads {run['threads']}")
+    for app, w in sorted(run.get("app_weights", {}).items()):
+        cmd += f" --app-weight {app}={w:g}"
     if run.get("label_loss"):
         cmd += f" --label-loss {run['label_loss']}"
     if run.get("aux", "global") != "global":

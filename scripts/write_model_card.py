@@ -77,7 +77,10 @@ def _stage_recipe(st: dict[str, Any]) -> str:
     label = st.get("label_loss", 0.0)
     aux = st.get("aux", "global")
     extra = (f"; plus {label} x the mean cross-entropy of the app label tokens" if label else "")
-    return (f"{st['apps_share']:.0%} app tokens, load-balancing loss {aux} "
+    weights = st.get("app_weights") or {}
+    split = ("" if not weights else " (weighted " + ", ".join(f"{a} x{w:g}" for a, w in sorted(weights.items()))
+             + ", the others x1)")
+    return (f"{st['apps_share']:.0%} app tokens{split}, load-balancing loss {aux} "
             f"(coefficient {st.get('aux_coef', 0.01)}){extra}")
 
 
@@ -119,7 +122,8 @@ def data_section(moe: dict[str, Any], data_root: Path) -> list[str]:
         "rendered with `App.render` (prompt + ' ' + label), "
         + " then ".join(f"{st['apps_share']:.0%} (stage {i + 1})" for i, st in enumerate(runs))
         + " of tokens from the apps "
-        "(split equally, an app repeated at most 4 epochs, the remainder to the others), each document "
+        "(split equally unless a stage weights an app, an app repeated at most 4 epochs, the remainder to "
+        "the others), each document "
         "followed by `<|endoftext|>`, documents shuffled together (seeded per stage) and packed into "
         f"{moe['seq_len']}-token sequences. Tokens per source (planned):",
         "",
