@@ -244,6 +244,52 @@ def merge_runs(dirs: list[Path]) -> dict[str, Any]:
     return merged
 
 
+def pool_seeds(dirs: list[Path]) -> dict[str, Any]:
+    """Runs of one setting over different LoRA seeds, pooled per app: each tuned row's mean over every
+    seed, and LiteMoE's gap to the upper bound paired by seed (mean, standard error, 95% t-interval)."""
+    from scipy import stats  # only this mode needs it
+
+    runs = []
+    for d in dirs:
+        if not (d / "results.json").is_file():
+            raise ValueError(f"no results.json in {d}")
+        runs.append(json.loads((d / "results.json").read_text()))
+    key = [{k: v for k, v in r["settings"].items() if k != "seeds"} for r in runs]
+    if any(k != key[0] or r["model"] != runs[0]["model"] for k, r in zip(key, runs, strict=True)):
+        raise ValueError("only runs whose settings differ in --seeds alone pool")
+    seeds = [s for r in runs for s in r["settings"]["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"a seed occurs in two runs: {seeds}")
+    apps = [a for a in runs[0]["apps"] if all(a in r["rows"] for r in runs)]
+    out: dict[str, Any] = {"model": runs[0]["model"], "settings": key[0], "seeds": seeds,
+                           "runs": [str(d) for d in dirs], "apps": {}}
+    for app in apps:
+        per = {k: [x for r in runs for x in r["rows"][app]["accuracy_per_seed"][k]]
+               for k in runs[0]["rows"][app]["accuracy_per_seed"]}
+        gap = [100 * (u - m) for u, m in zip(per["upper"], per["litemoe"], strict=True)]
+        n = len(gap)
+        mean = sum(gap) / n
+        se = float(stats.sem(gap)) if n > 1 else float("nan")
+        half = float(stats.t.ppf(0.975, n - 1)) * se if n > 1 else float("nan")
+        out["apps"][app] = {"accuracy_per_seed": per, "mean": {k: sum(v) / n for k, v in per.items()},
+                            "gap_to_upper_points": {"per_seed": [round(g, 1) for g in gap], "mean": mean,
+                                                    "standard_error": se, "ci95": [mean - half, mean + half]}}
+    return out
+
+
+def pool_table(pooled: dict[str, Any]) -> str:
+    """Markdown: pooled means and the paired gap per app."""
+    lines = [f"LoRA seeds {pooled['seeds']} pooled; gap = upper bound - LiteMoE in accuracy points, paired by seed.",
+             "", "| app | seeds | proxy + adapter | LiteMoE | upper bound | gap (mean +- s.e.) | 95% interval |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for app, r in pooled["apps"].items():
+        m, g = r["mean"], r["gap_to_upper_points"]
+        lines.append(f"| {app} | {len(g['per_seed'])} | {m['proxy_tuned']:.3f} | {m['litemoe']:.3f} | "
+                     f"{m['upper']:.3f} | {g['mean']:+.1f} +- {g['standard_error']:.1f} | "
+                     f"[{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}] |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = reference_parser(__doc__, "bench/results/apps")
     p.add_argument("--apps", default="all", help="'all' (foundation and held-out apps) or comma-separated names")
@@ -261,6 +307,9 @@ def main() -> None:
                    help="refit the proxy's kept experts to the foundation's layer outputs (moeopt extract's default)")
     p.add_argument("--seeds", default="0", help="LoRA seeds, comma-separated; tuned accuracies are their mean")
     p.add_argument("--merge", default="", help="comma-separated result folders to merge into --out (no run)")
+    p.add_argument("--pool-seeds", default="",
+                   help="comma-separated result folders of one setting and different --seeds: pooled per app into "
+                        "--out/seeds.json and seeds.md (no run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 60 test examples, 4096 calib tokens")
     args = p.parse_args()
     if args.quick:
@@ -274,6 +323,16 @@ def main() -> None:
             get_app(name)
         except moeopt.BadInputError as e:
             p.error(str(e))
+    if args.pool_seeds:
+        try:
+            pooled = pool_seeds([Path(d) for d in args.pool_seeds.split(",")])
+        except ValueError as e:
+            p.error(f"--pool-seeds: {e}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "seeds.json").write_text(json.dumps(pooled, indent=1))
+        (args.out / "seeds.md").write_text(pool_table(pooled) + "\n")
+        print(pool_table(pooled))
+        return
     t0 = time.perf_counter()
     if args.merge:
         try:
