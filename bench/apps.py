@@ -225,12 +225,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def merge_runs(dirs: list[Path]) -> dict[str, Any]:
-    """One result from runs of the same settings over different apps (e.g. one process per app)."""
+def read_runs(dirs: list[Path]) -> list[dict[str, Any]]:
+    """The results.json of each result folder (ValueError naming the first folder without one)."""
     missing = [d for d in dirs if not (d / "results.json").is_file()]
     if missing:
         raise ValueError(f"no results.json in {missing[0]}")
-    runs = [json.loads((d / "results.json").read_text()) for d in dirs]
+    return [json.loads((d / "results.json").read_text()) for d in dirs]
+
+
+def merge_runs(dirs: list[Path]) -> dict[str, Any]:
+    """One result from runs of the same settings over different apps (e.g. one process per app)."""
+    runs = read_runs(dirs)
     first = runs[0]
     for d, r in zip(dirs, runs, strict=True):
         if r["settings"] != first["settings"] or r["model"] != first["model"]:
@@ -249,11 +254,7 @@ def pool_seeds(dirs: list[Path]) -> dict[str, Any]:
     seed, and LiteMoE's gap to the upper bound paired by seed (mean, standard error, 95% t-interval)."""
     from scipy import stats  # only this mode needs it
 
-    runs = []
-    for d in dirs:
-        if not (d / "results.json").is_file():
-            raise ValueError(f"no results.json in {d}")
-        runs.append(json.loads((d / "results.json").read_text()))
+    runs = read_runs(dirs)
     key = [{k: v for k, v in r["settings"].items() if k != "seeds"} for r in runs]
     if any(k != key[0] or r["model"] != runs[0]["model"] for k, r in zip(key, runs, strict=True)):
         raise ValueError("only runs whose settings differ in --seeds alone pool")
@@ -306,8 +307,9 @@ def main() -> None:
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                    help="refit the proxy's kept experts to the foundation's layer outputs (moeopt extract's default)")
     p.add_argument("--seeds", default="0", help="LoRA seeds, comma-separated; tuned accuracies are their mean")
-    p.add_argument("--merge", default="", help="comma-separated result folders to merge into --out (no run)")
-    p.add_argument("--pool-seeds", default="",
+    combine = p.add_mutually_exclusive_group()
+    combine.add_argument("--merge", default="", help="comma-separated result folders to merge into --out (no run)")
+    combine.add_argument("--pool-seeds", default="",
                    help="comma-separated result folders of one setting and different --seeds: pooled per app into "
                         "--out/seeds.json and seeds.md (no run)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 60 test examples, 4096 calib tokens")
@@ -328,10 +330,11 @@ def main() -> None:
             pooled = pool_seeds([Path(d) for d in args.pool_seeds.split(",")])
         except ValueError as e:
             p.error(f"--pool-seeds: {e}")
+        text = pool_table(pooled)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "seeds.json").write_text(json.dumps(pooled, indent=1))
-        (args.out / "seeds.md").write_text(pool_table(pooled) + "\n")
-        print(pool_table(pooled))
+        (args.out / "seeds.md").write_text(text + "\n")
+        print(text)
         return
     t0 = time.perf_counter()
     if args.merge:
