@@ -46,6 +46,18 @@ def _stop(run: dict[str, Any]) -> str:
     return f" --stop-after {run['steps']}" if run.get("truncated") else ""
 
 
+EVAL_EVERY = 100  # train_reference.py's default --eval-every
+
+
+def eval_every(run: dict[str, Any]) -> int:
+    """A stage's validation period: recorded since it was added to training.json; for older records, the
+    first point of the validation curve (a curve of one point, the last step, had the default)."""
+    if "eval_every" in run:
+        return int(run["eval_every"])
+    curve = run.get("valid_curve") or []
+    return int(curve[0]["step"]) if len(curve) > 1 else EVAL_EVERY
+
+
 def _train_cmd(arch: str, out: str, run: dict[str, Any], init: str | None) -> str:
     """The train_reference.py command line of one stage."""
     s = run["shape"]
@@ -61,6 +73,8 @@ def _train_cmd(arch: str, out: str, run: dict[str, Any], init: str | None) -> st
         cmd += f" --label-loss {run['label_loss']}"
     if run.get("aux", "global") != "global":
         cmd += f" --aux {run['aux']} --aux-coef {run['aux_coef']}"
+    if eval_every(run) != EVAL_EVERY:  # else the re-run's validation curve misses the card's points
+        cmd += f" --eval-every {eval_every(run)}"
     if init is not None:
         cmd += f" --init-from {init}"
     return cmd + _stop(run)

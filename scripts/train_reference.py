@@ -305,6 +305,7 @@ def main() -> None:
                       "grad_clip": args.clip},
         "experts_implementation": args.experts_impl if args.arch == "moe" else None,
         "threads": args.threads,
+        "eval_every": args.eval_every,
         "wall_time_s": round(wall, 1),
         "mean_step_s": round(wall / steps_done, 3),
         "final_train_ce_last50": round(sum(window) / len(window), 5),

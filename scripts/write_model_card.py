@@ -173,8 +173,8 @@ def training_section(moe: dict[str, Any], dense: dict[str, Any]) -> list[str]:
         dv = {r["step"]: r for r in d["valid_curve"]}
         for r in m["valid_curve"]:
             dr = dv.get(r["step"], {})
-            lines.append(f"| {offset + r['step']} | {r['news']:.3f} | {r['apps']:.3f} | "
-                         f"{dr.get('news', float('nan')):.3f} | {dr.get('apps', float('nan')):.3f} |")
+            dense_cells = " | ".join(f"{dr[k]:.3f}" if k in dr else "-" for k in ("news", "apps"))
+            lines.append(f"| {offset + r['step']} | {r['news']:.3f} | {r['apps']:.3f} | {dense_cells} |")
         offset += m["steps"]
     lines.append("")
     return lines
