@@ -22,7 +22,7 @@ def intro(moe: dict[str, Any], apps: list[str]) -> list[str]:
         f"A small Mixture-of-Experts causal LM ({s['layers']} layers, {s['experts']} experts, top-{s['top_k']}, "
         f"{moe['params']['total'] / 1e6:.1f} M parameters, {moe['params']['active_per_token'] / 1e6:.1f} M active "
         "per token) trained from scratch on CPU on real English text, in "
-        f"{_n_stages(moe)} stage(s). It is the model every moeopt "
+        f"{len(stages(moe))} stage(s). It is the model every moeopt "
         "compression pass is judged against: perplexity and per-app accuracy before and after a pass. "
         f"It is a genuine Hugging Face `MixtralForCausalLM` checkpoint, so `moeopt.load` and plain "
         f"transformers both read it. Besides news text it was trained on five labelled 'apps' "
@@ -34,11 +34,12 @@ def intro(moe: dict[str, Any], apps: list[str]) -> list[str]:
     ]
 
 
-def _n_stages(run: dict[str, Any]) -> int:
-    n = 1
-    while "previous_stage" in run:
-        run, n = run["previous_stage"], n + 1
-    return n
+def stages(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training stages of a run, first first (a continued run carries ``previous_stage``)."""
+    out = [run]
+    while "previous_stage" in out[0]:
+        out.insert(0, out[0]["previous_stage"])
+    return out
 
 
 def _stop(run: dict[str, Any]) -> str:
@@ -73,8 +74,9 @@ def _train_cmd(arch: str, out: str, run: dict[str, Any], init: str | None) -> st
         cmd += f" --label-loss {run['label_loss']}"
     if run.get("aux", "global") != "global":
         cmd += f" --aux {run['aux']} --aux-coef {run['aux_coef']}"
-    if eval_every(run) != EVAL_EVERY:  # else the re-run's validation curve misses the card's points
-        cmd += f" --eval-every {eval_every(run)}"
+    every = eval_every(run)
+    if every != EVAL_EVERY:  # else the re-run's validation curve misses the card's points
+        cmd += f" --eval-every {every}"
     if init is not None:
         cmd += f" --init-from {init}"
     return cmd + _stop(run)
@@ -82,11 +84,7 @@ def _train_cmd(arch: str, out: str, run: dict[str, Any], init: str | None) -> st
 
 def reproduce(moe: dict[str, Any], dense: dict[str, Any]) -> list[str]:
     """Commands that rebuild the checkpoint (every stage), the baseline and this card."""
-    ms, ds = [moe], [dense]
-    while "previous_stage" in ms[0]:
-        ms.insert(0, ms[0]["previous_stage"])
-    while "previous_stage" in ds[0]:
-        ds.insert(0, ds[0]["previous_stage"])
+    ms, ds = stages(moe), stages(dense)
     n = len(ms)
     cmds = []
     for i, (m, d) in enumerate(zip(ms, ds, strict=True)):

@@ -25,7 +25,7 @@ import torch
 from eval_reference import load_model
 from tokenizers import Tokenizer
 
-from moeopt.data.apps import APPS, app_split, default_data_root
+from moeopt.data.apps import ALL_APPS, app_split, default_data_root
 from moeopt.eval.classify import label_scores
 
 
@@ -43,7 +43,7 @@ def best_threshold_accuracy(margin: np.ndarray, gold1: np.ndarray) -> float:
 
 def ceiling(model_dir: Path, app_name: str, data_root: Path) -> dict[str, Any]:
     """Accuracy at the likelihood argmax and at the oracle threshold, on the app's valid and test rows."""
-    app = APPS[app_name]
+    app = ALL_APPS[app_name]
     model = load_model(model_dir)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     out: dict[str, Any] = {}
@@ -65,13 +65,18 @@ def ceiling(model_dir: Path, app_name: str, data_root: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("models", type=Path, nargs="+", help="checkpoint folders")
-    p.add_argument("--app", default="movie-sentiment")
+    p.add_argument("--app", default="movie-sentiment", choices=sorted(ALL_APPS))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-root", type=Path, default=default_data_root())
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    if len(APPS[args.app].labels) != 2:
-        p.error(f"{args.app} has {len(APPS[args.app].labels)} labels; the threshold ceiling needs two")
+    if len(ALL_APPS[args.app].labels) != 2:
+        p.error(f"{args.app} has {len(ALL_APPS[args.app].labels)} labels; the threshold ceiling needs two")
+    for m in args.models:
+        if not (m / "config.json").is_file() or not (m / "tokenizer.json").is_file():
+            p.error(f"{m}: not a checkpoint folder (needs config.json and tokenizer.json)")
+    if not (args.data_root / "apps" / args.app / "test.jsonl").is_file():
+        p.error(f"no prepared data for {args.app} under {args.data_root}: run `moeopt data prepare`")
     torch.set_num_threads(args.threads)
     res = {"app": args.app, "what": __doc__.split("\n\n", 1)[0].replace("\n", " "), "models": {}}
     for m in args.models:

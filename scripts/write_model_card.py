@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from card_text import FRONT_MATTER, intro, reproduce, usage
+from card_text import FRONT_MATTER, intro, reproduce, stages, usage
 
 from moeopt.data.apps import APPS, default_data_root
 
@@ -62,14 +62,6 @@ def arch_section(moe: dict[str, Any], dense: dict[str, Any]) -> list[str]:
         f"{_m(pd['active_non_embedding'])} |",
         "",
     ]
-
-
-def stages(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The training stages of a run, first first (a continued run carries ``previous_stage``)."""
-    out = [run]
-    while "previous_stage" in out[0]:
-        out.insert(0, out[0]["previous_stage"])
-    return out
 
 
 def _stage_recipe(st: dict[str, Any]) -> str:

@@ -7,17 +7,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from card_text import eval_every, reproduce  # scripts/ is a folder of scripts, not a package
+from card_text import eval_every, reproduce, stages  # scripts/ is a folder of scripts, not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stages() -> list[dict]:
-    run = json.loads((ROOT / "moeopt/assets/reference-moe/training.json").read_text())
-    out = [run]
-    while "previous_stage" in out[0]:
-        out.insert(0, out[0]["previous_stage"])
-    return out
+    return stages(json.loads((ROOT / "moeopt/assets/reference-moe/training.json").read_text()))
 
 
 def test_eval_period_is_read_from_the_record_or_its_curve() -> None:
