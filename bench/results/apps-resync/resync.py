@@ -23,6 +23,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import moeopt
+from moeopt.data.apps import default_data_root
+from moeopt.demo import REFERENCE
 from moeopt.eval import evaluate
 from moeopt.eval.model_io import as_tokenizer, separator_ids
 from moeopt.passes.calib import load_tokenizer
@@ -32,8 +34,7 @@ from moeopt.tune import extract, plug
 from moeopt.tune.data import build_examples, read_rows
 from moeopt.tune.lora import TuneSettings, finetune, target_modules
 
-DATA = Path.home() / ".cache/moeopt/data"
-REF = Path(moeopt.__file__).parent / "assets" / "reference-moe"
+DATA = default_data_root()  # $MOEOPT_DATA or ~/.cache/moeopt/data, as bench/apps.py reads it
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
 
 
 def run(seed: int, every: int, out: Path, steps: int, app: str, work: Path) -> None:
-    base = moeopt.load(moeopt.load(REF).save(work / "f32", dtype=torch.float32))  # as bench/apps.py tunes it
+    base = moeopt.load(moeopt.load(REFERENCE).save(work / "f32", dtype=torch.float32))  # as bench/apps.py tunes it
     tok = load_tokenizer(base)
     rows, _ = read_rows(f"app:{app}", data_root=DATA)
     examples = build_examples(rows, tok, loss="label", max_len=256,
