@@ -29,7 +29,7 @@ import torch
 from common import reference_parser  # bench/common.py (the script's folder is on sys.path)
 
 import moeopt
-from moeopt.data.apps import ALL_APPS, APPS, get_app
+from moeopt.data.apps import ALL_APPS, APP_SPLITS, APPS, get_app
 from moeopt.eval import evaluate
 from moeopt.passes.calib import load_tokenizer
 from moeopt.tune import extract, plug, read_meta
@@ -46,7 +46,7 @@ LITEMOE_GAIN = 12.7  # LiteMoE (SenSys 2024): accuracy points over the foundatio
 
 def tune(model_dir: Path, app: str, out: Path, args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
     """Run `moeopt finetune` in a fresh process; returns its adapter metadata plus the process wall time."""
-    cmd = [sys.executable, "-m", "moeopt.cli", "finetune", str(model_dir), "--app", f"app:{app}", "-o", str(out),
+    cmd = [sys.executable, "-m", "moeopt.cli", "finetune", str(model_dir), "--app", app_data(app, args), "-o", str(out),
            "--data", str(args.data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seed", str(seed),
            "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(2 * args.rank), "--targets", args.targets,
@@ -68,6 +68,11 @@ def tune(model_dir: Path, app: str, out: Path, args: argparse.Namespace, seed: i
             "expert_params": meta["tuned_on"]["expert_params"], "log": proc.stdout.strip().splitlines()}
 
 
+def app_data(app: str, args: argparse.Namespace) -> str:
+    """The app's rows that the proxy is extracted from and both adapters are tuned on."""
+    return f"app:{app}" if args.app_split == "train" else f"app:{app}:{args.app_split}"
+
+
 def accuracy(model: moeopt.MoEModel, tok: Any, app: str, args: argparse.Namespace) -> dict[str, float]:
     res = evaluate(model.hf, tok, data_root=args.data, ppl=[], tasks=[app], app_examples=args.app_examples or None,
                    progress=False)["apps"][app]
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # The foundation as a float32 moeopt checkpoint: both tunings then load through the same reader.
     foundation_dir = base.save(work / "foundation", dtype=torch.float32)
     settings = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "rank", "targets", "loss", "keep",
-                                              "calib_tokens", "app_examples", "threads", "refit", "seeds")}
+                                              "calib_tokens", "app_examples", "threads", "refit", "seeds", "app_split")}
     results: dict[str, Any] = {"model": str(args.model), "data": str(args.data), "apps": apps, "settings": settings,
                                "rows": {}, "litemoe_reference_gain": LITEMOE_GAIN}
     for app in apps:
@@ -90,8 +95,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row: dict[str, Any] = {"acc": {}}
         row["acc"]["foundation"] = accuracy(base, tok, app, args)
         proxy = copy.deepcopy(base)
-        report = extract(proxy, f"app:{app}", keep=args.keep, calib_tokens=args.calib_tokens, data_root=args.data,
-                         refit=args.refit)
+        report = extract(proxy, app_data(app, args), keep=args.keep, calib_tokens=args.calib_tokens,
+                         data_root=args.data, refit=args.refit)
         proxy_dir = proxy.save(work / f"proxy-{app}", dtype=torch.float32)
         row["pipeline"] = report.pipeline
         row["expert_share"] = proxy.stats().expert / base.stats().expert
@@ -167,7 +172,7 @@ def table(results: dict[str, Any]) -> str:
     lines += ["", f"Gain and gap in accuracy points; LiteMoE reports +{LITEMOE_GAIN} over its foundation. "
               f"Proxies: keep {st['keep']}, {'with' if st.get('refit') else 'without'} refit. Tuned rows (proxy + "
               f"adapter, LiteMoE, upper bound): mean over LoRA seeds {st.get('seeds', [0])}, {st['steps']} steps "
-              "each; each seed's accuracy is in results.json."]
+              f"each, on the app's {st.get('app_split', 'train')} rows; each seed's accuracy is in results.json."]
     for name, g in s.get("by_group", {}).items():
         lines.append(f"- {name.replace('_', ' ')} ({', '.join(g['apps'])}): mean gain {g['mean_gain_points']:+.1f}; "
                      f"beats the foundation on every one: {'yes' if g['beats_foundation_on_every_app'] else 'no'}; "
@@ -230,7 +235,10 @@ def read_runs(dirs: list[Path]) -> list[dict[str, Any]]:
     missing = [d for d in dirs if not (d / "results.json").is_file()]
     if missing:
         raise ValueError(f"no results.json in {missing[0]}")
-    return [json.loads((d / "results.json").read_text()) for d in dirs]
+    runs = [json.loads((d / "results.json").read_text()) for d in dirs]
+    for r in runs:  # runs from before --app-split tuned on the train split
+        r["settings"].setdefault("app_split", "train")
+    return runs
 
 
 def merge_runs(dirs: list[Path]) -> dict[str, Any]:
@@ -307,6 +315,9 @@ def main() -> None:
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                    help="refit the proxy's kept experts to the foundation's layer outputs (moeopt extract's default)")
     p.add_argument("--seeds", default="0", help="LoRA seeds, comma-separated; tuned accuracies are their mean")
+    p.add_argument("--app-split", default="train", choices=APP_SPLITS,
+                   help="the app's rows to extract the proxy from and tune on; 'extra': rows the reference model "
+                        "never trained on (foundation apps with more rows than their train cap)")
     combine = p.add_mutually_exclusive_group()
     combine.add_argument("--merge", default="", help="comma-separated result folders to merge into --out (no run)")
     combine.add_argument("--pool-seeds", default="",

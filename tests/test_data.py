@@ -28,12 +28,14 @@ from moeopt.data import (
     read_jsonl,
     write_jsonl,
 )
+from moeopt.data import prepare as prepare_module
 from moeopt.data.fetch import read_member
-from moeopt.data.prepare import make_fixtures, prepare, verify_manifest
+from moeopt.data.prepare import AppSpec, make_fixtures, prepare, verify_manifest
 from moeopt.data.sources import HEALTH_ACCOUNTS, INTENTS, OPINIONS, OUTLETS, SOURCES
 from moeopt.data.splits import dedupe, group_split
 from moeopt.data.text import detokenise, filter_wiki, normalise
 from moeopt.errors import BadInputError
+from moeopt.tune.data import read_rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 SPLITS = ("train", "valid", "test")
@@ -270,6 +272,31 @@ def test_prepare_offline_is_deterministic(fake_cache: Path, tmp_path: Path) -> N
     assert summary["lm"]["wiki"]["test"] == 5
     prepare(tmp_path / "c", fake_cache, seed=1, progress=False)
     assert _tree(tmp_path / "c") != _tree(root)
+
+
+def test_extra_split_holds_the_train_rows_beyond_the_cap(fake_cache: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`extra` is what the train cap leaves out (so never reference training data); train is unchanged by it."""
+    prepare(tmp_path / "full", fake_cache, sources=["movie-sentiment", "intent"], progress=False)
+    monkeypatch.setitem(prepare_module.APP_SPECS, "movie-sentiment", AppSpec("movie", caps=(100, None, None)))
+    summary = prepare(tmp_path / "capped", fake_cache, sources=["movie-sentiment", "intent"], progress=False)
+    full = {s: app_split(tmp_path / "full", "movie-sentiment", s) for s in SPLITS}
+    capped = {s: app_split(tmp_path / "capped", "movie-sentiment", s) for s in (*SPLITS, "extra")}
+    assert capped["train"] == full["train"][:100]
+    assert capped["extra"] == full["train"][100:200]
+    assert summary["apps"]["movie-sentiment"]["extra"] == len(capped["extra"])
+    texts = {s: {r["text"] for r in rows} for s, rows in capped.items()}
+    assert texts["extra"] and all(not texts["extra"] & texts[s] for s in SPLITS)
+    assert capped["valid"] == full["valid"] and capped["test"] == full["test"]
+    assert not (tmp_path / "full" / "apps" / "movie-sentiment" / "extra.jsonl").exists()  # nothing left over
+    assert "apps/movie-sentiment/extra.jsonl" in json.loads((tmp_path / "capped" / "manifest.json").read_text())
+    assert "extra" not in summary["apps"]["intent"]  # uncapped: every row is in train
+    rows, name = read_rows("app:movie-sentiment:extra", data_root=tmp_path / "capped")
+    assert name == "movie-sentiment:extra" and [r["text"] for r in rows] == [r["text"] for r in capped["extra"]]
+    with pytest.raises(BadInputError, match="no prepared data"):
+        read_rows("app:intent:extra", data_root=tmp_path / "capped")
+    with pytest.raises(BadInputError, match="train, valid, test, extra"):
+        read_rows("app:intent:dev", data_root=tmp_path / "capped")
 
 
 def test_prepare_subset_and_fixtures(fake_cache: Path, tmp_path: Path) -> None:

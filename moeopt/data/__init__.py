@@ -16,7 +16,9 @@ class DataError(BadInputError):
 
 from moeopt.data.apps import (  # noqa: E402  (DataError must exist before submodules import it)
     ALL_APPS,
+    APP_SPLITS,
     APPS,
+    EXTRA_SPLIT,
     HELD_OUT_APPS,
     App,
     app_split,
@@ -30,6 +32,8 @@ from moeopt.data.apps import (  # noqa: E402  (DataError must exist before submo
 __all__ = [
     "ALL_APPS",
     "APPS",
+    "APP_SPLITS",
+    "EXTRA_SPLIT",
     "HELD_OUT_APPS",
     "App",
     "DataError",

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "valid", "test")
+EXTRA_SPLIT = "extra"
+"""Rows of an app's train partition beyond its train cap (up to as many again): never in the reference
+model's training, so an adapter for a foundation app can be tuned on data the foundation has not seen.
+Only apps whose source has such rows get ``extra.jsonl``."""
+APP_SPLITS = (*SPLITS, EXTRA_SPLIT)
 LM_CORPORA = ("news", "wiki")
 
 
@@ -147,16 +152,16 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]])
         raise
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+def _check_split(split: str, known: tuple[str, ...] = SPLITS) -> None:
+    if split not in known:
+        raise ValueError(f"split must be one of {known}, got {split!r}")
 
 
 def app_split(root: str | os.PathLike[str], app: str, split: str) -> list[dict[str, Any]]:
     """Rows ``{"text", "label"}`` of one app split under ``root/apps/<app>/<split>.jsonl``."""
     if app not in ALL_APPS:  # a ValueError like _check_split's: callers name the app in their own errors
         raise ValueError(f"unknown app {app!r}; known: {', '.join(ALL_APPS)}")
-    _check_split(split)
+    _check_split(split, APP_SPLITS)
     return read_jsonl(Path(root) / "apps" / app / f"{split}.jsonl")
 
 

