@@ -31,7 +31,7 @@ from common import reference_parser  # bench/common.py (the script's folder is o
 import moeopt
 from moeopt.data.apps import ALL_APPS, APP_SPLITS, APPS, get_app
 from moeopt.eval import evaluate
-from moeopt.passes.calib import load_tokenizer
+from moeopt.passes.calib import app_rows, load_tokenizer
 from moeopt.tune import extract, plug, read_meta
 
 CONFIGS = {  # key -> label in the table and the plot
@@ -354,6 +354,11 @@ def main() -> None:
         except ValueError as e:
             p.error(f"--merge: {e}")
     else:
+        for name in ALL_APPS if args.apps == "all" else args.apps.split(","):
+            try:  # every app's --app-split is in the data root, before any work
+                app_rows(name, args.app_split, args.data)
+            except moeopt.BadInputError as e:
+                p.error(str(e))
         with tempfile.TemporaryDirectory(prefix="moeopt-bench-apps-") as tmp:
             results = run(args, Path(tmp))
         results["seconds"] = round(time.perf_counter() - t0, 1)

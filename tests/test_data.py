@@ -293,8 +293,10 @@ def test_extra_split_holds_the_train_rows_beyond_the_cap(fake_cache: Path, tmp_p
     assert "extra" not in summary["apps"]["intent"]  # uncapped: every row is in train
     rows, name = read_rows("app:movie-sentiment:extra", data_root=tmp_path / "capped")
     assert name == "movie-sentiment:extra" and [r["text"] for r in rows] == [r["text"] for r in capped["extra"]]
-    with pytest.raises(BadInputError, match="no prepared data"):
+    with pytest.raises(BadInputError, match=r"app 'intent' has no extra split under .*: its train rows all fit"):
         read_rows("app:intent:extra", data_root=tmp_path / "capped")
+    with pytest.raises(BadInputError, match=r"no prepared data at .*tweet-sentiment/extra\.jsonl"):
+        read_rows("app:tweet-sentiment:extra", data_root=tmp_path / "capped")  # an app not prepared there
     with pytest.raises(BadInputError, match="train, valid, test, extra"):
         read_rows("app:intent:dev", data_root=tmp_path / "capped")
 

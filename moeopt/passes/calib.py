@@ -121,7 +121,7 @@ def app_rows(app: str, split: str = "train", data_root: Path | None = None) -> t
 
     The name is the app's for its train split, ``app:split`` otherwise.
     """
-    from moeopt.data.apps import APP_SPLITS, app_split, default_data_root, get_app
+    from moeopt.data.apps import APP_SPLITS, EXTRA_SPLIT, app_split, default_data_root, get_app
 
     get_app(app)
     if split not in APP_SPLITS:
@@ -129,7 +129,10 @@ def app_rows(app: str, split: str = "train", data_root: Path | None = None) -> t
     root = data_root or default_data_root()
     path = root / "apps" / app / f"{split}.jsonl"
     if not path.exists():
-        raise BadInputError(f"no prepared data at {path}: run `moeopt data prepare` first")
+        if split == EXTRA_SPLIT and path.with_name("train.jsonl").exists():
+            raise BadInputError(f"app '{app}' has no {EXTRA_SPLIT} split under {root}: its train rows all fit its "
+                                "train cap, or the data predates extra splits (run `moeopt data prepare` again)")
+        raise BadInputError(f"no prepared data at {path}: run `moeopt data prepare` first (or pass --data)")
     rows = [{"text": r["text"], "label": r["label"]} for r in app_split(root, app, split)]
     return (app if split == "train" else f"{app}:{split}"), path, rows
 

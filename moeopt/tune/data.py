@@ -45,19 +45,13 @@ def read_rows(data: str, *, data_root: Path | None = None, task: str | None = No
     File rows are `{"text", "label"[, "app"]}` (the app comes from the row or from `task`), `{"text"}`
     or `{"ids": [...]}` (the last two: loss on all tokens only).
     """
-    from moeopt.data.apps import APP_SPLITS, app_split, default_data_root, get_app, read_jsonl
+    from moeopt.data.apps import get_app, read_jsonl
+    from moeopt.passes.calib import app_rows
 
     if data.startswith("app:"):
         name, _, split = data[4:].partition(":")
-        split = split or "train"
-        get_app(name)
-        if split not in APP_SPLITS:
-            raise BadInputError(f"unknown split '{split}' of app '{name}' ({', '.join(APP_SPLITS)})")
-        root = data_root or default_data_root()
-        if not (root / "apps" / name / f"{split}.jsonl").exists():
-            raise BadInputError(f"no prepared data at {root / 'apps' / name}: run `moeopt data prepare` (or --data)")
-        rows = [{**r, "app": name} for r in app_split(root, name, split)]
-        label = name if split == "train" else f"{name}:{split}"
+        label, _, split_rows = app_rows(name, split or "train", data_root)
+        rows = [{**r, "app": name} for r in split_rows]
     else:
         path = Path(data)
         if not path.is_file():
