@@ -137,9 +137,9 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
                            prior=slot_importance(manifest["layers"]), packer=packer)
 
     t0 = time.perf_counter()
-    sess = OffloadSession(art, source=source, threads=args.threads, verify=False)
+    sess = OffloadSession(art, source=source, threads=args.threads, verify=False, token_hints=bool(args.token_hints))
     open_s = time.perf_counter() - t0
-    gen = sess.generate(prompt, max_new_tokens=args.new, keep_logits=True, stop_tokens=[])
+    gen = sess.generate(prompt, max_new_tokens=args.new, keep_logits=True, stop_tokens=[], sampler=sampler(args))
     out: dict[str, Any] = {
         "method": method, "budget_fraction": frac, "budget_bytes": budget,
         "frames": frames_for_budget(index, budget) if method != "resident" else None,
@@ -157,7 +157,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         save_trace(sess.source.trace, work / "trace-eval.json")
         rec = OffloadSession(art, threads=args.threads, verify=False, source=lambda i, p: Recorder(
             AllResident(i, p, packed=packed, threads=args.expert_threads)))
-        rec.generate(calib, max_new_tokens=args.new, stop_tokens=[])
+        rec.generate(calib, max_new_tokens=args.new, stop_tokens=[], sampler=sampler(args))
         save_trace(rec.source.trace, work / "trace-calib.json")
     else:
         ref = np.load(work / "resident.npz")
@@ -184,7 +184,8 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--predictor-width", str(args.predictor_width), "--prefetch-top", str(args.prefetch_top),
            "--prefetch-policy", args.prefetch_policy, "--io-threads", str(args.io_threads),
            "--oracle-depth", str(args.oracle_depth), "--oracle-causal", str(args.oracle_causal),
-           "--far", str(args.far),
+           "--far", str(args.far), "--token-hints", str(args.token_hints),
+           "--temperature", str(args.temperature), "--top-p", str(args.top_p),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -271,6 +272,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _fraction(low: float, high: float) -> Any:
+    """An argparse type: a float in (low, high], or exactly 0 when low is 0 (a one-line usage error otherwise)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low < value <= high or value == low == 0.0):
+            raise argparse.ArgumentTypeError(f"must be in ({low:g}, {high:g}], got {value:g}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def sampler(args: argparse.Namespace) -> Any:
+    """Greedy at temperature 0, else seeded sampling: every run of a bench decodes the same tokens."""
+    from moeopt.runtime.sampling import Sampler
+
+    if args.temperature == 0:
+        return Sampler()
+    return Sampler(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=0)
+
+
+def decoding(args: argparse.Namespace) -> str:
+    """How the bench decodes, for its settings line."""
+    if args.temperature == 0:
+        return "greedy"
+    return f"sampled (temperature {args.temperature:g}, top-p {args.top_p:g}, seed 0)"
+
+
 def _at_least(low: int) -> Any:
     """An argparse type: an int of at least `low` (anything else is a one-line usage error)."""
     def parse(text: str) -> int:
@@ -294,6 +322,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="intra-op threads of each packed expert session")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
+    ap.add_argument("--temperature", type=_fraction(0.0, float("inf")), default=0.0,
+                    help="0: greedy decoding; above 0: sampling at this temperature (seed 0, the same tokens in "
+                         "every run): the reference model's greedy text soon loops over a few dozen tokens, whose "
+                         "routing flatters any cache")
+    ap.add_argument("--top-p", type=_fraction(0.0, 1.0), default=1.0, help="nucleus cut when sampling, in (0, 1]")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=3, help="rounds of every method; the median run is reported")
@@ -304,7 +337,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--predictor-width", type=int, default=0,
                     help="the predictor method prefetches this many of each token's hinted experts (0: all "
                          "the artifact names)")
-    ap.add_argument("--prefetch-policy", default="lru", choices=("lru", "lfu", "fifo", "edgemoe"),
+    ap.add_argument("--prefetch-policy", default="lfu", choices=("lru", "lfu", "fifo", "edgemoe"),
                     help="cache policy under the predictor and oracle methods")
     ap.add_argument("--oracle-depth", type=_at_least(0), default=0,
                     help="layers ahead the oracle hints (0: every layer, a whole step ahead: the upper bound)")
@@ -312,6 +345,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="1: the oracle hints the next step only after the step's last layer (what a predictor "
                          "that cannot see the next token could know at most)")
     ap.add_argument("--io-threads", type=_at_least(1), default=1, help="I/O threads of each expert cache")
+    ap.add_argument("--token-hints", type=int, choices=(0, 1), default=1,
+                    help="1: hint layer 0's experts of the token each step feeds, from the artifact's token table, "
+                         "before the step's first segment (what sampling changes); 0: only the graph's hints")
     ap.add_argument("--prefetch-top", type=int, default=0,
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
     ap.add_argument("--far", type=_at_least(0), default=0,
@@ -360,7 +396,7 @@ def main() -> None:
     runs = median_runs(every)
     result = {
         "model": args.model, "artifact": str(art),
-        "settings": f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.threads} threads "
+        "settings": f"prompt {args.prompt}, {args.new} new tokens, {decoding(args)}, {args.threads} threads "
                     f"({args.expert_threads} per expert session), hot {args.hot}, "
                     f"{args.kernel} cold kernel, predictor depth {args.predictor_depth or 'all'}, "
                     f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "

@@ -7,7 +7,8 @@ per round against that round's on-demand and reference-oracle runs: its share of
 ``(tok/s - on-demand) / (oracle - on-demand)``. Writes sweep.json.
 
 A configuration is ``METHOD`` or ``METHOD:key=value,...`` with keys ``predictor-depth``,
-``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``oracle-causal``, ``io-threads``, ``expert-threads``; the
+``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``oracle-causal``, ``io-threads``, ``expert-threads``,
+``token-hints``; the
 on-demand run and the reference oracle (every layer ahead, LRU) are always included.
 
     .venv/bin/python bench/offload_sweep.py --prefetch-top 4 --configs \
@@ -31,7 +32,7 @@ import offload
 from runtime import DEFAULT_CACHE
 
 KEYS = {"predictor-depth": int, "predictor-width": int, "prefetch-policy": str, "oracle-depth": int,
-        "oracle-causal": int, "io-threads": int, "expert-threads": int}
+        "oracle-causal": int, "io-threads": int, "expert-threads": int, "token-hints": int}
 BASELINES = ("on-demand", "oracle")
 
 
@@ -69,6 +70,17 @@ def shares(tok_s: list[float], on_demand: list[float], oracle: list[float]) -> l
     return [round((p - d) / (o - d), 3) if o > d else None for p, d, o in zip(tok_s, on_demand, oracle, strict=True)]
 
 
+def by_layer(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over rounds of each MoE layer's misses and stall (ms), from the cache's per-layer counters."""
+    layers = [r["counters"]["layers"] for r in runs if "layers" in r.get("counters", {})]
+    if not layers:
+        return {}
+    med = statistics.median
+    return {"median_by_layer": {i: {"misses": med(la[i]["misses"] for la in layers),
+                                    "stall_ms": round(1000 * med(la[i]["stall_seconds"] for la in layers), 1)}
+                                for i in layers[0]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", required=True, help="';'-separated configurations (see above)")
@@ -78,12 +90,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--far", type=int, default=0, help="the artifact's predictor far-head width (0: none)")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
+    ap.add_argument("--temperature", default="0", help="0: greedy; else seeded sampling (offload.py's --temperature)")
+    ap.add_argument("--top-p", default="1.0", help="nucleus cut when sampling")
+    ap.add_argument("--prefetch-policy", default="lfu",
+                    help="cache policy of the oracle baseline and of every configuration that names none")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, required=True)
     cli = ap.parse_args()
     base = offload.make_parser().parse_args([  # offload.py's defaults for the rest
         "--cache", str(cli.cache), "--out", str(cli.out), "--threads", str(cli.threads), "--new", str(cli.new),
-        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far)])
+        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--temperature", cli.temperature,
+        "--top-p", cli.top_p, "--prefetch-policy", cli.prefetch_policy])
     base.out = base.out / base.model  # as offload.py's main does
     configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
     for text in filter(None, (c.strip() for c in cli.configs.split(";"))):
@@ -106,15 +123,17 @@ def main() -> None:
                 print(rnd, frac, name, run.get("decode_tok_s", run.get("error")), flush=True)
     summary: dict[str, Any] = {}
     for frac in budgets:
-        tok = {name: [r.get("decode_tok_s", float("nan")) for r in runs
-                      if r["config"] == name and r["budget_fraction"] == frac] for name in configs}
-        summary[str(frac)] = {name: {"median_tok_s": round(statistics.median(v), 1), "tok_s": v,
+        mine = {name: [r for r in runs if r["config"] == name and r["budget_fraction"] == frac] for name in configs}
+        tok = {name: [r.get("decode_tok_s", float("nan")) for r in rs] for name, rs in mine.items()}
+        summary[str(frac)] = {name: {"median_tok_s": round(statistics.median(v), 1), "tok_s": v, **by_layer(mine[name]),
                                      **({} if name in BASELINES else
                                         {"paired_share": (s := shares(v, tok["on-demand"], tok["oracle"])),
                                          "median_paired_share": statistics.median(x for x in s if x is not None)
                                          if any(x is not None for x in s) else None})}
                               for name, v in tok.items()}
-    result = {"settings": f"reference model, prompt 32, {cli.new} new tokens, {cli.threads} threads, "
+    result = {"settings": f"reference model, prompt 32, {cli.new} new tokens, {offload.decoding(base)}, "
+                          f"{cli.threads} threads, {base.prefetch_policy} under predictor and oracle unless a "
+                          f"configuration says otherwise, token hints {'on' if base.token_hints else 'off'}, "
                           f"prefetch-top {cli.prefetch_top}, far heads {cli.far or 'none'}, {cli.rounds} rounds",
               "configs": list(configs), "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - t0, 1)}

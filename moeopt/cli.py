@@ -235,7 +235,7 @@ def plan_cmd(
     latency: Annotated[str, typer.Option(help="target time per token (e.g. 50ms); a miss is a warning")] = "",
     profile: Annotated[str, typer.Option(help="target profile JSON (moeopt profile), or 'measure'")] = "measure",
     calib: Annotated[str, typer.Option(help="app:NAME or file.jsonl (';'-separated) for routing statistics")] = "",
-    policy: Annotated[str, typer.Option(help="cache policy: lru, lfu, edgemoe, swapmoe")] = "edgemoe",
+    policy: Annotated[str, typer.Option(help="cache policy: lru, lfu, edgemoe, swapmoe")] = "lfu",
     bits: Annotated[str, typer.Option(help="bitwidth assumed for float experts: auto (float32), 2, 3, 4, 8")] = "auto",
     data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="save the checkpoint with the plan here")] = None,

@@ -166,7 +166,7 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     assert pre["ahead"] == {"2": "prefetch.ahead2"} and pre["next"] == {"0": "prefetch.next0"}
     assert "prefetch.ahead2" in segments[1]["outputs"] and "prefetch.layer2" in segments[0]["outputs"]
     assert "prefetch.next0" in segments[-1]["outputs"]
-    sess = OffloadSession(out, source=Hints)
+    sess = OffloadSession(out, source=Hints, token_hints=False)  # the graph's hints only
     ids, mask = left_padded_batch([5])
     want = sess.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True)
     hints = sess.source.hints  # type: ignore[attr-defined]
@@ -205,6 +205,64 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() == 0.0
     assert cached.source.counters.prefetch_issued > 0  # type: ignore[attr-defined]
     cached.close()
+
+
+def test_token_table_hints_layer_0_of_the_token_fed(tmp_path: Path) -> None:
+    """The artifact carries the next-token table as a file, and before each decode step's first segment
+    the driver hints layer 0's experts of the token it feeds. Under sampling that token is often not the
+    argmax the last segment's hint looked up; a cache following the hints still samples exactly what every
+    expert resident does, and a corrupt table is a one-line error."""
+    import transformers
+
+    import moeopt
+    from moeopt.runtime.expert_cache import cache_source
+    from moeopt.runtime.prefetch import GraphHints
+    from moeopt.runtime.sampling import Sampler
+    from moeopt.testing import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
+    d, e = cfg.hidden_size, cfg.num_local_experts
+    model.predictor = RoutingPredictor(d, [e, e], 8, "hidden").eval()
+    model.predictor.set_next_table(torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:3]
+                                                for t in range(cfg.vocab_size)]))
+    out = tmp_path / "art"
+    lower(model, out, pipeline="test", experts="offload", hot=1)
+    m = manifest(out)
+    assert m["offload"]["prefetch"]["token"] == {"0": "prefetch-token0.npy"}
+    table = np.load(out / "prefetch-token0.npy")
+    assert table.dtype == np.int16  # the graph's width: the router's top_k columns of the predictor's table
+    assert np.array_equal(table, model.predictor.next_table[:, :2].numpy())
+    hot0 = set(OffloadIndex.from_manifest(m).hot[0])
+    ids, mask = left_padded_batch([5])
+    sampler = Sampler(do_sample=True, temperature=2.0, seed=3)
+    sess = OffloadSession(out, source=Hints)
+    want = sess.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True, sampler=sampler)
+    hints = sess.source.hints  # type: ignore[attr-defined]
+    # prefill: seg0's layer 1 and 2, then the next step's layer 0 after the LM head; each decode step first
+    # hints layer 0 from the token it feeds
+    assert [j for j, _ in hints] == [1, 2, 0] + [0, 1, 2, 0] * 5
+    corrected = 0
+    for step in range(5):
+        argmax_hint, token_hint = hints[2 + 4 * step], hints[3 + 4 * step]
+        token = int(want.sequences[0, ids.shape[1] + step])
+        assert token_hint == (0, sorted({int(x) for x in table[token]} - hot0))
+        corrected += token_hint != argmax_hint
+    assert corrected > 0  # sampling fed a token other than the argmax at least once
+    index = OffloadIndex.from_manifest(m)
+    cached = OffloadSession(out, source=cache_source(index.min_budget() * 2, prefetcher=GraphHints()))
+    got = cached.generate(ids, 6, attention_mask=mask, stop_tokens=(), keep_logits=True, sampler=sampler)
+    assert np.array_equal(got.sequences, want.sequences)
+    assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() == 0.0
+    cached.close()
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "prefetch-token0.npy").write_bytes(b"not a table")
+    with pytest.raises(BadInputError, match=r"prefetch-token0\.npy: unreadable token table") as err:
+        OffloadSession(broken, verify=False)
+    assert "\n" not in str(err.value)
 
 
 def test_quantized_offload_with_two_formats_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -303,7 +361,7 @@ def test_far_hints_come_two_layers_ahead(tmp_path: Path) -> None:
     assert pre["next_far"] == {"0": "prefetch.far0", "1": "prefetch.far1"}
     for k, name in ((1, "prefetch.far3"), (2, "prefetch.far0"), (3, "prefetch.far1")):
         assert name in segments[k]["outputs"]
-    sess = OffloadSession(out, source=Hints)
+    sess = OffloadSession(out, source=Hints, token_hints=False)  # the graph's hints only
     ids, mask = left_padded_batch([5])
     vals: dict[str, Any] = {}
     orig = sess._segment

@@ -49,6 +49,12 @@ def test_cache_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory, p
     c = made[0].counters
     assert c.acquired > 0 and c.misses > 0  # a small cache really loads (on a cold start at least)
     assert c.bytes_read >= c.misses * min(f.expert_bytes for f in index.formats.values())
+    # the per-layer counters split the totals: every MoE layer acquired, and the sums are the totals
+    assert sorted(c.layers) == list(range(len(index.top_k)))
+    assert sum(la.acquired for la in c.layers.values()) == c.acquired
+    assert sum(la.misses for la in c.layers.values()) == c.misses
+    assert sum(la.hinted_acquired for la in c.layers.values()) == c.hinted_acquired
+    assert sum(la.stall_seconds for la in c.layers.values()) == pytest.approx(c.stall_seconds)
     if prefetch == "graph":
         assert c.prefetch_issued > 0  # the hints of seg0's predictor outputs reached the cache
     sess.close()
@@ -117,6 +123,8 @@ def test_run_cli_budget_errors_and_counters(tmp_path_factory: pytest.TempPathFac
                              str(index.min_budget()), "--policy", "lru", capsys=capsys)
     assert code == 0, err
     assert "hit rate" in out and "misses" in out
+    by_layer = next(line for line in out.splitlines() if line.startswith("[by layer: "))
+    assert all(f"{i}: " in by_layer for i in range(len(index.top_k)))
     code, out, err = run_cli("run", str(offload), "--ids", "5,17,3", "--budget", str(index.min_budget() - 1),
                              capsys=capsys)
     assert code == 2

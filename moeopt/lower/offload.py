@@ -28,6 +28,7 @@ from moeopt.lower.prefetch import (
     add_next_output,
     add_prefetch_outputs,
     prefetch_meta,
+    write_token_table,
 )
 from moeopt.lower.segments import partition
 
@@ -87,6 +88,8 @@ def export_offload(
         raise UnsupportedModelError(
             f"offload export: MoE layers {seen} were lowered, expected 0..{len(model.layers) - 1}")
     hints = _add_prefetch(model, ir_model.graph, prefetch, prefetch_top)
+    if hints is not None and hints["next"] and model.predictor is not None:
+        hints["token"] = write_token_table(model.predictor, folder, top=hints["top"])
     segs = partition(ir_model, len(model.layers), folder)
     del ir_model
     for name in (FULL, FULL + ".data"):

@@ -16,6 +16,7 @@ segment that ends at layer j-1's router, so the runtime can correct layer j's pr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -333,6 +334,25 @@ def add_next_output(graph: ir.Graph, logits: ir.Value, predictor: RoutingPredict
     return name
 
 
+TOKEN_TABLE = "prefetch-token0.npy"
+
+
+def write_token_table(predictor: RoutingPredictor, folder: Path, *, top: int) -> dict[str, str]:
+    """The next-token table as a file of the artifact: row t = the first MoE layer's experts of token t, best
+    first, its first `top` columns (int16). Returns the manifest's ``"token"`` entry, ``{"0": file name}``.
+
+    The graph's ``next0`` output looks the table up for the argmax of the last logits, which is the token
+    fed next only under greedy decoding. With the file, a runtime looks up the token it actually feeds,
+    once it is chosen and before the first segment runs (`moeopt.runtime.offload`)."""
+    table = predictor.next_table
+    if table is None:
+        raise BadInputError("prefetch: the routing predictor has no next-token table")
+    if top < 1:
+        raise BadInputError(f"prefetch: top must be at least 1, got {top}")
+    np.save(folder / TOKEN_TABLE, table[:, :top].cpu().numpy().astype(np.int16))
+    return {"0": TOKEN_TABLE}
+
+
 def lookahead_hints_numpy(
     x: np.ndarray, predictor: RoutingPredictor, layer: int, top: int, keep_masks: Sequence[Any] | None = None
 ) -> np.ndarray:
@@ -364,7 +384,8 @@ def prefetch_meta(
     experts layer j keeps), also of the look-ahead output of layer j. "next" is the next-token table's
     output: layer 0's experts of the NEXT step, from the last position. "far": {"j": name} are the far
     heads of the same step, "next_far": {"j": name} those that name the NEXT step's layer j from this
-    step's last position (their source layer runs after j).
+    step's last position (their source layer runs after j). The lowering adds "token": {"0": file}, the
+    same table as a (vocab, k) int16 .npy file (`write_token_table`), when the graph has "next".
     """
     ks = prefetch_top(predictor, top, keep_masks)
     return {

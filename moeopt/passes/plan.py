@@ -63,6 +63,8 @@ from moeopt.targets import block_for, check_profile, expert_bytes, load_profile,
 from moeopt.units import format_bytes, parse_seconds
 
 POLICIES = ("lru", "lfu", "edgemoe", "swapmoe")
+DEFAULT_POLICY = "lfu"  # the planner's latency model is ideal LFU; under the graph predictor's prefetches LFU also
+# decoded fastest of LRU, LFU and EdgeMoE's eviction on the reference model (bench/results/offload-sweep/policy)
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ class Plan(Pass):
         Option("budget", "size", None, "bytes for experts in memory: hot experts + expert cache (e.g. 64MB)"),
         Option("latency", "str", "", "target time per token (e.g. 50ms); missing it is a warning, not an error"),
         Option("profile", "str", "measure", "target profile JSON (moeopt profile), or 'measure' on this machine"),
-        Option("policy", "choice", "edgemoe", "cache replacement policy the runtime uses", choices=POLICIES),
+        Option("policy", "choice", DEFAULT_POLICY, "cache replacement policy the runtime uses", choices=POLICIES),
         Option("bits", "choice", "auto", "expert bitwidth to assume for float experts (auto: float32)",
                choices=("auto", "2", "3", "4", "8")),
         Option("threads", "int", 1, "intra-op threads when measuring the profile", min=1),

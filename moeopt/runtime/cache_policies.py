@@ -31,6 +31,9 @@ from moeopt.runtime.offload_format import OffloadIndex
 Key = tuple[int, int]  # (MoE layer, slot)
 
 POLICIES = ("lru", "fifo", "lfu", "edgemoe", "committee", "on-demand", "none")
+DEFAULT_POLICY = "lfu"  # `moeopt run` without a plan: under the graph predictor's prefetches LFU evicts the
+# mispredicted experts (read, never used) first; it decoded fastest of LRU, LFU and EdgeMoE's eviction on
+# greedy text and no slower than LRU on sampled text (bench/results/offload-sweep/policy, sampled)
 
 
 class SlotMap:

@@ -57,7 +57,7 @@ def run_cmd(
     budget: Annotated[str, typer.Option(help="offload artifacts: expert cache budget, e.g. 64MB "
                                         "(default: the plan's cache, else every expert in memory)")] = "",
     policy: Annotated[str, typer.Option(help="offload: cache policy lru|lfu|fifo|edgemoe|committee|on-demand "
-                                        "(default: the plan's, else lru)")] = "",
+                                        "(default: the plan's, else lfu)")] = "",
     prefetch: Annotated[str, typer.Option(help="offload: auto (the graph's predictor hints when it has them), "
                                           "graph, stats (EdgeMoE table learned online) or none")] = "auto",
 ) -> None:
@@ -118,6 +118,9 @@ def _generate(sess: Any, artifact: Path, prompt: str, ids: str, max_new_tokens: 
         print(f"[experts: {c['acquired']} used, hit rate {rate:.2f}, {c['misses']} misses, "
               f"{c['bytes_read'] / 2**20:.1f} MiB read, stall {c['stall_seconds'] * 1000:.0f} ms, "
               f"prefetch recall {c['recall']:.2f}]")
+        if c["layers"]:
+            print("[by layer: " + ", ".join(f"{i}: {la['misses']} misses, {la['stall_seconds'] * 1000:.0f} ms"
+                                            for i, la in c["layers"].items()) + "]")
 
 
 def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> Any:
@@ -127,7 +130,7 @@ def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> A
         BadInputError: offload options on a resident artifact, an unknown policy or prefetcher, or a
             budget below the minimum (the message names it).
     """
-    from moeopt.runtime.cache_policies import POLICIES
+    from moeopt.runtime.cache_policies import DEFAULT_POLICY, POLICIES
     from moeopt.runtime.manifest import read_manifest
     from moeopt.units import parse_bytes
 
@@ -139,7 +142,7 @@ def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> A
                                 "(lower{experts=offload})")
         return None
     plan = manifest.get("plan") or {}
-    policy = policy or str(plan.get("policy", "lru"))
+    policy = policy or str(plan.get("policy", DEFAULT_POLICY))
     if policy == "swapmoe":
         policy = "committee"
     if policy not in POLICIES:

@@ -147,16 +147,23 @@ class ExpertCache:
             self._raise_if_failed()
             self._check(keys)
             self._enter_layer(layer)
-            c = self.counters
+            c, per = self.counters, self.counters.layer(layer)
+            hinted = sum(k in self._hinted for k in keys)
             c.acquired += len(keys)
-            c.hinted_acquired += sum(k in self._hinted for k in keys)
+            c.hinted_acquired += hinted
+            per.acquired += len(keys)
+            per.hinted_acquired += hinted
             self._hinted.difference_update(keys)
             self._step.protected.update(keys)
+            misses = c.misses
             mine, reads = self._pin(keys, count=True)
+            per.misses += c.misses - misses
             self._pinned.extend(mine)
         read = self._run_reads(reads)
         if self._await(mine) or read:
-            self.counters.stall_seconds += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.counters.stall_seconds += waited
+            per.stall_seconds += waited
         return {key[1]: idx for key, (_, idx) in zip(keys, mine, strict=True)}
 
     def release(self) -> None:

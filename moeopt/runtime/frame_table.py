@@ -7,7 +7,7 @@ bumps the frame's generation, so a queued read of an expert that lost its frame 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,19 @@ Job = tuple[str, int, int, Key]  # a read: format, frame, generation, expert
 
 
 @dataclass
+class LayerCounters:
+    """One MoE layer's share of `CacheCounters`: where the misses and the waiting come from."""
+
+    acquired: int = 0
+    hinted_acquired: int = 0
+    misses: int = 0
+    stall_seconds: float = 0.0
+
+
+@dataclass
 class CacheCounters:
-    """What the cache did: hits, misses, bytes read, time acquire waited, prefetch usefulness."""
+    """What the cache did: hits, misses, bytes read, time acquire waited, prefetch usefulness; ``layers``
+    splits acquisitions, misses and stall by MoE layer."""
 
     hits: int = 0  # acquired experts already resident or being prefetched
     misses: int = 0  # acquired experts that acquire had to read itself
@@ -37,6 +48,11 @@ class CacheCounters:
     evictions: int = 0
     acquired: int = 0
     hinted_acquired: int = 0  # acquired experts that had been hinted beforehand
+    layers: dict[int, LayerCounters] = field(default_factory=dict)
+
+    def layer(self, index: int) -> LayerCounters:
+        """The counters of MoE layer `index` (made on first use)."""
+        return self.layers.setdefault(index, LayerCounters())
 
     @property
     def recall(self) -> float:
@@ -44,7 +60,10 @@ class CacheCounters:
         return self.hinted_acquired / self.acquired if self.acquired else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "recall": self.recall}
+        """JSON-ready: the totals, ``recall``, and ``layers`` as {"i": {...}} in layer order."""
+        out = {**asdict(self), "recall": self.recall}
+        out["layers"] = {str(i): asdict(self.layers[i]) for i in sorted(self.layers)}
+        return out
 
 
 @dataclass

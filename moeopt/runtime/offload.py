@@ -118,12 +118,17 @@ class OffloadSession(Session):
         verify: check every file's sha256 against the manifest first.
         threads: override the profile's intra-op thread count.
         max_chunk: at most this many cold experts per cold-graph run (tests; default: the source's frames).
+        token_hints: when the artifact has a token table (the manifest's ``prefetch.token``), hint the first
+            MoE layer's experts of the token each decode step feeds, before its first segment runs. The
+            last segment's ``next0`` hint of the step before names those of the argmax token, which is the
+            token fed only under greedy decoding; with sampling this hint corrects it.
     """
 
     drives_segments = True
 
     def __init__(self, artifact: str | Path, *, source: ExpertSource | SourceFactory | None = None,
-                 verify: bool = True, threads: int | None = None, max_chunk: int | None = None) -> None:
+                 verify: bool = True, threads: int | None = None, max_chunk: int | None = None,
+                 token_hints: bool = True) -> None:
         super().__init__(artifact, verify=verify, threads=threads)
         if self.manifest.get("offload") is None:
             raise BadInputError(f"{self.path}: not an offload artifact; open it with Session")
@@ -147,6 +152,7 @@ class OffloadSession(Session):
         self.segments = [(self._open(s["file"], target, threads), list(s["inputs"]), list(s["outputs"]))
                          for s in sec["segments"]]
         self._hint_at = self._hint_plan()
+        self._token_table = self._read_token_table() if token_hints else None
         self.cold_sessions = {} if self.packed else {
             n: self._open_cold(n, sec["formats"][n], target, threads) for n in self.index.formats}
         self._cold = [self.index.cold(i) for i in range(len(self.layer_names))]
@@ -190,6 +196,9 @@ class OffloadSession(Session):
         for i, names in enumerate(self.layer_names):
             mask = self.source.keep_mask(i)
             vals[names["keep_mask"]] = self.default_masks[i] if mask is None else np.asarray(mask, dtype=bool)
+        ids = vals.get("input_ids")
+        if self._token_table is not None and ids is not None and ids.shape[-1] == 1:  # a decode step
+            self._hint_experts(0, self._token_table[ids[:, -1]])
         self._segment(0, vals)
         self._hints(0, vals)
         for i, names in enumerate(self.layer_names):
@@ -231,12 +240,32 @@ class OffloadSession(Session):
         """Predicted experts that segment `k` computed -> cold slots -> source.hint (a later hint of a
         layer supersedes an earlier one)."""
         for layer, name, last in self._hint_at[k]:
-            ids = vals[name][:, -1] if last else vals[name]  # (..., m) best first
-            if self.source.hint_width is not None:
-                ids = ids[..., : self.source.hint_width]
-            slots = self.slot_of[layer][np.unique(ids)]
-            cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
-            self.source.hint(layer, cold)  # also when empty: it withdraws an earlier hint of the layer
+            self._hint_experts(layer, vals[name][:, -1] if last else vals[name])
+
+    def _hint_experts(self, layer: int, ids: np.ndarray) -> None:
+        """(..., m) expert ids, best first -> the cold slots among the first hint_width -> source.hint."""
+        if self.source.hint_width is not None:
+            ids = ids[..., : self.source.hint_width]
+        slots = self.slot_of[layer][np.unique(ids)]
+        cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
+        self.source.hint(layer, cold)  # also when empty: it withdraws an earlier hint of the layer
+
+    def _read_token_table(self) -> np.ndarray | None:
+        """The manifest's token table, (vocab, m) expert ids of the first MoE layer; None if it has none."""
+        name = ((self.prefetch or {}).get("token") or {}).get("0")
+        if name is None:
+            return None
+        path = self.path / name
+        try:
+            table = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{path}: unreadable token table ({e})") from None
+        vocab = int(self.manifest["vocab_size"])
+        if table.ndim != 2 or table.shape[0] != vocab or table.shape[1] < 1:
+            raise BadInputError(f"{path}: a token table of shape {table.shape}, expected ({vocab}, k)")
+        if table.min() < 0 or table.max() >= len(self.slot_of[0]):
+            raise BadInputError(f"{path}: expert ids outside 0..{len(self.slot_of[0]) - 1}")
+        return table.astype(np.int64)
 
     def _cold_experts(self, layer: int, x: np.ndarray, sw: np.ndarray) -> np.ndarray:
         """(N, H) tokens, (N, S) slot weights -> (N, H): the chosen cold experts of `layer`, weighted, summed."""
