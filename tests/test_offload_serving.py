@@ -123,7 +123,7 @@ def test_run_cli_budget_errors_and_counters(tmp_path_factory: pytest.TempPathFac
                              str(index.min_budget()), "--policy", "lru", capsys=capsys)
     assert code == 0, err
     assert "hit rate" in out and "misses" in out
-    by_layer = next(line for line in out.splitlines() if line.startswith("[by layer: "))
+    by_layer = next(line for line in out.splitlines() if line.startswith("[misses / stall by layer: "))
     assert all(f"{i}: " in by_layer for i in range(len(index.top_k)))
     code, out, err = run_cli("run", str(offload), "--ids", "5,17,3", "--budget", str(index.min_budget() - 1),
                              capsys=capsys)

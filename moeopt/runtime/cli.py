@@ -119,8 +119,8 @@ def _generate(sess: Any, artifact: Path, prompt: str, ids: str, max_new_tokens: 
               f"{c['bytes_read'] / 2**20:.1f} MiB read, stall {c['stall_seconds'] * 1000:.0f} ms, "
               f"prefetch recall {c['recall']:.2f}]")
         if c["layers"]:
-            print("[by layer: " + ", ".join(f"{i}: {la['misses']} misses, {la['stall_seconds'] * 1000:.0f} ms"
-                                            for i, la in c["layers"].items()) + "]")
+            print("[misses / stall by layer: " + "; ".join(
+                f"{i}: {la['misses']} / {la['stall_seconds'] * 1000:.0f} ms" for i, la in c["layers"].items()) + "]")
 
 
 def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> Any:
