@@ -198,7 +198,9 @@ class OffloadSession(Session):
             vals[names["keep_mask"]] = self.default_masks[i] if mask is None else np.asarray(mask, dtype=bool)
         ids = vals.get("input_ids")
         if self._token_table is not None and ids is not None and ids.shape[-1] == 1:  # a decode step
-            self._hint_experts(0, self._token_table[ids[:, -1]])
+            fed = ids[:, -1]
+            fed = fed[(fed >= 0) & (fed < len(self._token_table))]  # a bad id is the segment's error to report
+            self._hint_experts(0, self._token_table[fed])
         self._segment(0, vals)
         self._hints(0, vals)
         for i, names in enumerate(self.layer_names):
