@@ -272,15 +272,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _fraction(low: float, high: float) -> Any:
-    """An argparse type: a float in (low, high], or exactly 0 when low is 0 (a one-line usage error otherwise)."""
+def _in_range(low: float, high: float, *, zero: bool = False) -> Any:
+    """An argparse type: a float in (low, high], or 0 with `zero` (anything else is a one-line usage error)."""
     def parse(text: str) -> float:
         value = float(text)
-        if not (low < value <= high or value == low == 0.0):
-            raise argparse.ArgumentTypeError(f"must be in ({low:g}, {high:g}], got {value:g}")
+        if not (low < value <= high or (zero and value == 0.0)):
+            raise argparse.ArgumentTypeError(f"must be {'0 or ' if zero else ''}in ({low:g}, {high:g}], got {value:g}")
         return value
     parse.__name__ = "float"
     return parse
+
+
+TEMPERATURE = _in_range(0.0, float("inf"), zero=True)  # 0: greedy
+TOP_P = _in_range(0.0, 1.0)
+PREFETCH_POLICIES = ("lru", "lfu", "fifo", "edgemoe")  # cache policies under the predictor and oracle methods
 
 
 def sampler(args: argparse.Namespace) -> Any:
@@ -322,11 +327,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="intra-op threads of each packed expert session")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
-    ap.add_argument("--temperature", type=_fraction(0.0, float("inf")), default=0.0,
+    ap.add_argument("--temperature", type=TEMPERATURE, default=0.0,
                     help="0: greedy decoding; above 0: sampling at this temperature (seed 0, the same tokens in "
                          "every run): the reference model's greedy text soon loops over a few dozen tokens, whose "
                          "routing flatters any cache")
-    ap.add_argument("--top-p", type=_fraction(0.0, 1.0), default=1.0, help="nucleus cut when sampling, in (0, 1]")
+    ap.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus cut when sampling, in (0, 1]")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of offloaded expert bytes")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=3, help="rounds of every method; the median run is reported")
@@ -337,7 +342,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--predictor-width", type=int, default=0,
                     help="the predictor method prefetches this many of each token's hinted experts (0: all "
                          "the artifact names)")
-    ap.add_argument("--prefetch-policy", default="lfu", choices=("lru", "lfu", "fifo", "edgemoe"),
+    ap.add_argument("--prefetch-policy", default="lfu", choices=PREFETCH_POLICIES,
                     help="cache policy under the predictor and oracle methods")
     ap.add_argument("--oracle-depth", type=_at_least(0), default=0,
                     help="layers ahead the oracle hints (0: every layer, a whole step ahead: the upper bound)")

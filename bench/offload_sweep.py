@@ -9,7 +9,8 @@ per round against that round's on-demand and reference-oracle runs: its share of
 A configuration is ``METHOD`` or ``METHOD:key=value,...`` with keys ``predictor-depth``,
 ``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``oracle-causal``, ``io-threads``, ``expert-threads``,
 ``token-hints``; the
-on-demand run and the reference oracle (every layer ahead, LRU) are always included.
+on-demand run and the reference oracle (every layer ahead, under ``--prefetch-policy``, LFU by default) are
+always included.
 
     .venv/bin/python bench/offload_sweep.py --prefetch-top 4 --configs \
         "oracle:oracle-depth=1;oracle:oracle-depth=2;predictor:predictor-width=2" \
@@ -90,17 +91,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--far", type=int, default=0, help="the artifact's predictor far-head width (0: none)")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
-    ap.add_argument("--temperature", default="0", help="0: greedy; else seeded sampling (offload.py's --temperature)")
-    ap.add_argument("--top-p", default="1.0", help="nucleus cut when sampling")
-    ap.add_argument("--prefetch-policy", default="lfu",
+    ap.add_argument("--temperature", type=offload.TEMPERATURE, default=0.0,
+                    help="0: greedy; else seeded sampling (offload.py's --temperature)")
+    ap.add_argument("--top-p", type=offload.TOP_P, default=1.0, help="nucleus cut when sampling, in (0, 1]")
+    ap.add_argument("--prefetch-policy", default="lfu", choices=offload.PREFETCH_POLICIES,
                     help="cache policy of the oracle baseline and of every configuration that names none")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, required=True)
     cli = ap.parse_args()
     base = offload.make_parser().parse_args([  # offload.py's defaults for the rest
         "--cache", str(cli.cache), "--out", str(cli.out), "--threads", str(cli.threads), "--new", str(cli.new),
-        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--temperature", cli.temperature,
-        "--top-p", cli.top_p, "--prefetch-policy", cli.prefetch_policy])
+        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--temperature", str(cli.temperature),
+        "--top-p", str(cli.top_p), "--prefetch-policy", cli.prefetch_policy])
     base.out = base.out / base.model  # as offload.py's main does
     configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
     for text in filter(None, (c.strip() for c in cli.configs.split(";"))):

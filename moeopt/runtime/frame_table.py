@@ -51,8 +51,12 @@ class CacheCounters:
     layers: dict[int, LayerCounters] = field(default_factory=dict)
 
     def layer(self, index: int) -> LayerCounters:
-        """The counters of MoE layer `index` (made on first use)."""
-        return self.layers.setdefault(index, LayerCounters())
+        """The counters of MoE layer `index` (made on first use; every acquire asks, so no default is built
+        when the layer has its counters already)."""
+        found = self.layers.get(index)
+        if found is None:
+            found = self.layers[index] = LayerCounters()
+        return found
 
     @property
     def recall(self) -> float:
