@@ -48,7 +48,8 @@ APPS = "app:movie-sentiment;app:tweet-sentiment;app:fact-verification;app:intent
 def artifact_path(args: argparse.Namespace) -> Path:
     top = f"-top{args.prefetch_top}" if args.prefetch_top else ""  # 0: lowering's default (the router's top_k)
     far = f"-far{args.far}" if args.far else ""
-    return args.cache / args.model / f"offload-4bit-hot{args.hot}{top}{far}"
+    early = f"-early{args.early}" if args.early else ""
+    return args.cache / args.model / f"offload-4bit-hot{args.hot}{top}{far}{early}"
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -67,7 +68,7 @@ def build(args: argparse.Namespace) -> Path:
     # importance first: the slots' routing frequencies go into the manifest (the committee's starting set)
     passes = (f"importance{{calib={APPS},max-tokens={tokens},progress=false}},"
               f"quantize{{method=uniform,bits=4,group=64}},predictor{{calib={APPS},max-tokens={tokens}"
-              + (f",far={args.far}}}" if args.far else "}"))
+              + (f",far={args.far}" if args.far else "") + f",early={args.early}}}")
     t0 = time.perf_counter()
     PassManager(passes).run(model)
     t1 = time.perf_counter()
@@ -137,7 +138,8 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
                            prior=slot_importance(manifest["layers"]), packer=packer)
 
     t0 = time.perf_counter()
-    sess = OffloadSession(art, source=source, threads=args.threads, verify=False, token_hints=bool(args.token_hints))
+    sess = OffloadSession(art, source=source, threads=args.threads, verify=False, token_hints=bool(args.token_hints),
+                          early_hints=bool(args.early_hints))
     open_s = time.perf_counter() - t0
     gen = sess.generate(prompt, max_new_tokens=args.new, keep_logits=True, stop_tokens=[], sampler=sampler(args))
     out: dict[str, Any] = {
@@ -185,6 +187,7 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--prefetch-policy", args.prefetch_policy, "--io-threads", str(args.io_threads),
            "--oracle-depth", str(args.oracle_depth), "--oracle-causal", str(args.oracle_causal),
            "--far", str(args.far), "--token-hints", str(args.token_hints),
+           "--early", str(args.early), "--early-hints", str(args.early_hints),
            "--temperature", str(args.temperature), "--top-p", str(args.top_p),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -357,6 +360,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="experts each hint output of the artifact names (0: lowering's default, the router's top_k)")
     ap.add_argument("--far", type=_at_least(0), default=0,
                     help="train the predictor's far heads this wide (a separate artifact; 0: none, the pass's default)")
+    ap.add_argument("--early", type=_at_least(0), default=64,
+                    help="train the predictor's early head this wide (the next step's layer 0 from the last MoE "
+                         "layer's input; 0: none, a separate artifact)")
+    ap.add_argument("--early-hints", type=int, choices=(0, 1), default=1,
+                    help="1: act on the artifact's early-head hints; 0: ignore them (the same artifact)")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
@@ -407,7 +415,9 @@ def main() -> None:
                     f"width {args.predictor_width or 'all'} of {args.prefetch_top or 'top_k'}, "
                     f"{args.prefetch_policy} under predictor and oracle, oracle depth {args.oracle_depth or 'all'}"
                     f"{' (causal)' if args.oracle_causal else ''}, "
-                    f"{args.io_threads} I/O thread(s), far heads {args.far or 'none'}, median of {args.repeat}",
+                    f"{args.io_threads} I/O thread(s), far heads {args.far or 'none'}, early head "
+                    f"{args.early or 'none'}{'' if args.early_hints else ' (hints ignored)'}, "
+                    f"token hints {'on' if args.token_hints else 'off'}, median of {args.repeat}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
         "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs, every),

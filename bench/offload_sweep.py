@@ -8,7 +8,7 @@ per round against that round's on-demand and reference-oracle runs: its share of
 
 A configuration is ``METHOD`` or ``METHOD:key=value,...`` with keys ``predictor-depth``,
 ``predictor-width``, ``prefetch-policy``, ``oracle-depth``, ``oracle-causal``, ``io-threads``, ``expert-threads``,
-``token-hints``; the
+``token-hints``, ``early-hints``; the
 on-demand run and the reference oracle (every layer ahead, under ``--prefetch-policy``, LFU by default) are
 always included.
 
@@ -33,7 +33,8 @@ import offload
 from runtime import DEFAULT_CACHE
 
 KEYS = {"predictor-depth": int, "predictor-width": int, "prefetch-policy": str, "oracle-depth": int,
-        "oracle-causal": int, "io-threads": int, "expert-threads": int, "token-hints": int}
+        "oracle-causal": int, "io-threads": int, "expert-threads": int, "token-hints": int,
+        "early-hints": int}
 BASELINES = ("on-demand", "oracle")
 
 
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--prefetch-top", type=int, default=4, help="experts each hint output names (the artifact)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--far", type=int, default=0, help="the artifact's predictor far-head width (0: none)")
+    ap.add_argument("--early", type=int, default=64, help="the artifact's predictor early-head width (0: none)")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
     ap.add_argument("--temperature", type=offload.TEMPERATURE, default=0.0,
                     help="0: greedy; else seeded sampling (offload.py's --temperature)")
@@ -101,7 +103,8 @@ def main() -> None:
     cli = ap.parse_args()
     base = offload.make_parser().parse_args([  # offload.py's defaults for the rest
         "--cache", str(cli.cache), "--out", str(cli.out), "--threads", str(cli.threads), "--new", str(cli.new),
-        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--temperature", str(cli.temperature),
+        "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--early", str(cli.early),
+        "--temperature", str(cli.temperature),
         "--top-p", str(cli.top_p), "--prefetch-policy", cli.prefetch_policy])
     base.out = base.out / base.model  # as offload.py's main does
     configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
@@ -136,7 +139,8 @@ def main() -> None:
     result = {"settings": f"reference model, prompt 32, {cli.new} new tokens, {offload.decoding(base)}, "
                           f"{cli.threads} threads, {base.prefetch_policy} under predictor and oracle unless a "
                           f"configuration says otherwise, token hints {'on' if base.token_hints else 'off'}, "
-                          f"prefetch-top {cli.prefetch_top}, far heads {cli.far or 'none'}, {cli.rounds} rounds",
+                          f"prefetch-top {cli.prefetch_top}, far heads {cli.far or 'none'}, "
+                          f"early head {cli.early or 'none'}, {cli.rounds} rounds",
               "configs": list(configs), "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - t0, 1)}
     cli.out.mkdir(parents=True, exist_ok=True)

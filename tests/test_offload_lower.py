@@ -265,6 +265,67 @@ def test_token_table_hints_layer_0_of_the_token_fed(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_early_head_hints_the_next_steps_layer_0_from_the_last_router(tmp_path: Path) -> None:
+    """With an early head the artifact names the next step's layer-0 experts from the segment that ends at
+    the last MoE layer's router, before the LM head's table does: each step hints 1, 2 (seg0), 2 (seg1's
+    look-ahead), 0 (seg2: the early head on the last position of layer 2's input) and 0 (the table). The
+    hint is the head's own top-2 minus the hot slot, a cache that follows it decodes exactly like every
+    expert resident, and ``early_hints=False`` drops only that hint."""
+    import transformers
+
+    import moeopt
+    from moeopt.runtime.expert_cache import cache_source
+    from moeopt.runtime.prefetch import GraphHints
+    from moeopt.testing import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.num_hidden_layers = 3
+    torch.manual_seed(2)
+    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
+    d, e = cfg.hidden_size, cfg.num_local_experts
+    model.predictor = RoutingPredictor(d, [e, e], 8, "hidden", ahead_hidden=6, first_experts=e,
+                                       early_hidden=5).eval()
+    model.predictor.set_next_table(torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:2]
+                                                for t in range(cfg.vocab_size)]))
+    out = tmp_path / "art"
+    lower(model, out, pipeline="test", experts="offload", hot=1)
+    m = manifest(out)
+    pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
+    assert pre["early"] == {"0": "prefetch.early0"}
+    assert "prefetch.early0" in segments[2]["outputs"]  # the segment that ends at layer 2's router
+    sess = OffloadSession(out, source=Hints, token_hints=False)
+    vals: dict[str, Any] = {}
+    early: list[np.ndarray] = []
+    orig = sess._segment
+
+    def keep(k: int, v: dict[str, Any]) -> None:
+        orig(k, v)
+        vals.update(v)
+        if k == 2:
+            early.append(v["moe2.x"][-1:].copy())
+
+    sess._segment = keep  # type: ignore[method-assign]
+    ids, mask = left_padded_batch([5])
+    want = sess.generate(ids, 4, attention_mask=mask, stop_tokens=(), keep_logits=True)
+    hints = sess.source.hints  # type: ignore[attr-defined]
+    assert [j for j, _ in hints] == [1, 2, 2, 0, 0] * 4
+    hot0 = set(OffloadIndex.from_manifest(m).hot[0])
+    for step, x in enumerate(early):
+        with torch.no_grad():
+            top = model.predictor.early_logits(torch.from_numpy(x)).topk(2, dim=-1).indices
+        assert hints[3 + 5 * step] == (0, sorted({int(s) for s in top.reshape(-1)} - hot0))
+    plain = OffloadSession(out, source=Hints, token_hints=False, early_hints=False)
+    plain.generate(ids, 4, attention_mask=mask, stop_tokens=())
+    assert [j for j, _ in plain.source.hints] == [1, 2, 2, 0] * 4  # type: ignore[attr-defined]
+    index = OffloadIndex.from_manifest(m)
+    cached = OffloadSession(out, source=cache_source(index.min_budget() * 2, prefetcher=GraphHints()))
+    got = cached.generate(ids, 4, attention_mask=mask, stop_tokens=(), keep_logits=True)
+    assert np.array_equal(got.sequences, want.sequences)
+    assert np.abs(np.stack(got.step_logits) - np.stack(want.step_logits)).max() == 0.0
+    assert cached.source.counters.prefetch_issued > 0  # type: ignore[attr-defined]
+    cached.close()
+
+
 def test_quantized_offload_with_two_formats_decodes_like_resident(tmp_path_factory: pytest.TempPathFactory) -> None:
     resident = _built("q48-resident", True, tmp_path_factory)
     offload = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
@@ -363,22 +424,25 @@ def test_far_hints_come_two_layers_ahead(tmp_path: Path) -> None:
         assert name in segments[k]["outputs"]
     sess = OffloadSession(out, source=Hints, token_hints=False)  # the graph's hints only
     ids, mask = left_padded_batch([5])
-    vals: dict[str, Any] = {}
+    last2: list[np.ndarray] = []
     orig = sess._segment
 
     def keep(k: int, v: dict[str, Any]) -> None:
         orig(k, v)
-        vals.update(v)
+        if k == 2:
+            last2.append(v["moe2.x"][-1:].copy())
 
     sess._segment = keep  # type: ignore[method-assign]
     want = sess.generate(ids, 4, attention_mask=mask, stop_tokens=(), keep_logits=True)
     hints = sess.source.hints  # type: ignore[attr-defined]
     assert [j for j, _ in hints] == [1, 2, 3, 2, 3, 3, 0, 1, 0] * 4
-    # the last step's far hint of layer 0: the head's top-2 on the last position of layer 2's input
-    with torch.no_grad():
-        top = model.predictor.far_logits(0, torch.from_numpy(vals["moe2.x"][-1:])).topk(2, dim=-1).indices
+    # each step's far hint of layer 0 (the prompt's too): the head's top-2 on the last position of
+    # layer 2's input
     hot0 = set(OffloadIndex.from_manifest(m).hot[0])
-    assert hints[-3] == (0, sorted({int(s) for s in top.reshape(-1)} - hot0))
+    for step, x in enumerate(last2):
+        with torch.no_grad():
+            top = model.predictor.far_logits(0, torch.from_numpy(x)).topk(2, dim=-1).indices
+        assert hints[6 + 9 * step] == (0, sorted({int(s) for s in top.reshape(-1)} - hot0))
     index = OffloadIndex.from_manifest(m)
     for depth in (1, 2):
         cached = OffloadSession(out, source=cache_source(index.min_budget() * 2, prefetcher=GraphHints(depth=depth)))

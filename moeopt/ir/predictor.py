@@ -30,6 +30,13 @@ layer ahead gets only about half of the full oracle's gain on 2 cores, two layer
 it. On the reference model the next step's heads name only about half of the true experts (recall@2
 0.57 for layer 0, 0.52 for layer 1), and each wrong read costs a session build on the cores the decode
 uses, so the predictor pass trains them only when asked (``far=N``; bench/results/offload-sweep/far).
+
+The early head (``hidden`` only, with a next-token table): a small MLP from the last MoE layer's input
+to the first layer's experts of the NEXT step, trained to say what the next-token table will name for
+the token the LM head picks (argmax). It gives the next step's first layer a read started while the
+last layer's experts and the LM head compute, about one expert load earlier than the table's own
+answer, which exists only after the LM head. On the reference model's greedy text it names 0.81 of the
+next step's true top-2 first-layer experts at 2, 0.91 at 3 (the table for the argmax token: 0.93).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ class RoutingPredictor(nn.Module):
 
     def __init__(self, in_features: int, out_experts: list[int], hidden: int,
                  source: PredictorInput = "logits", ahead_hidden: int = 0, far_hidden: int = 0,
-                 first_experts: int = 0) -> None:
+                 first_experts: int = 0, early_hidden: int = 0) -> None:
         super().__init__()
         if source not in INPUTS:
             raise BadInputError(f"routing predictor input must be one of {', '.join(INPUTS)}, got {source!r}")
@@ -77,6 +84,11 @@ class RoutingPredictor(nn.Module):
         self.far_hidden, self.first_experts = int(far_hidden), int(first_experts)
         experts = [self.first_experts, *self.out_experts]
         self.far = nn.ModuleList([_mlp(in_features, far_hidden, experts[j]) for j in self.far_layers])
+        if early_hidden and (source != "hidden" or first_experts < 1):
+            raise BadInputError("the early head reads the last MoE layer's hidden state and needs the first "
+                                "layer's expert count: input=hidden, first_experts >= 1")
+        self.early_hidden = int(early_hidden)
+        self.early = _mlp(in_features, early_hidden, first_experts) if early_hidden else None
         self.next_table: torch.Tensor | None
         self.register_buffer("next_table", None)
 
@@ -119,6 +131,17 @@ class RoutingPredictor(nn.Module):
         seq = self.far[self.far_layers.index(layer)]
         return seq[0], seq[2]  # type: ignore[index,return-value]
 
+    def early_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The next step's (N, E_0) first-layer logits from the last MoE layer's (N, D) input (early head)."""
+        fc1, fc2 = self.early_head()
+        return fc2(torch.relu(fc1(x.float())))  # type: ignore[no-any-return]
+
+    def early_head(self) -> tuple[nn.Linear, nn.Linear]:
+        """The two linear layers of the early head (a ReLU between them)."""
+        if self.early is None:
+            raise BadInputError("the routing predictor has no early head (predictor{early=N} trains one)")
+        return self.early[0], self.early[2]  # type: ignore[return-value]
+
     def features(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The predictor's input among the first MoE layer's (N, D) input and (N, E_0) router logits."""
         return hidden if self.source == "hidden" else logits
@@ -146,7 +169,7 @@ class RoutingPredictor(nn.Module):
         table = None if self.next_table is None else list(self.next_table.shape)
         return {"in_features": self.in_features, "out_experts": self.out_experts, "hidden": self.hidden,
                 "source": self.source, "ahead_hidden": self.ahead_hidden, "far_hidden": self.far_hidden,
-                "first_experts": self.first_experts, "next_table": table}
+                "first_experts": self.first_experts, "early_hidden": self.early_hidden, "next_table": table}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> RoutingPredictor:
@@ -155,7 +178,7 @@ class RoutingPredictor(nn.Module):
         source = cast(PredictorInput, meta.get("source", "logits"))
         pred = cls(int(width), [int(e) for e in meta["out_experts"]], int(meta["hidden"]), source,  # type: ignore[arg-type]
                    int(meta.get("ahead_hidden", 0)), int(meta.get("far_hidden", 0)),
-                   int(meta.get("first_experts", 0)))
+                   int(meta.get("first_experts", 0)), int(meta.get("early_hidden", 0)))
         if meta.get("next_table"):
             pred.set_next_table(torch.zeros([int(n) for n in meta["next_table"]], dtype=torch.int64))
         return pred

@@ -23,6 +23,7 @@ from moeopt.lower.export import ExportedDecoder, export_decoder
 from moeopt.lower.offload_graph import check_offloadable, expose_markers, offload_layers, value_names
 from moeopt.lower.onnx_quant import QuantSettings
 from moeopt.lower.prefetch import (
+    add_early_output,
     add_far_outputs,
     add_lookahead_outputs,
     add_next_output,
@@ -131,4 +132,8 @@ def _add_prefetch(model: MoEModel, graph: ir.Graph, prefetch: bool | None, top: 
     following = None
     if predictor.next_table is not None:
         following = add_next_output(graph, values["logits"], predictor, top=m)
-    return prefetch_meta(outputs, predictor, m, masks, ahead, following, far)
+    early = None
+    if predictor.early is not None:
+        early = add_early_output(graph, values[value_names(len(model.layers) - 1)["x"]], predictor, top=m,
+                                 keep_masks=masks)
+    return prefetch_meta(outputs, predictor, m, masks, ahead, following, far, early)

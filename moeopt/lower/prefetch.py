@@ -300,6 +300,22 @@ def add_far_outputs(
             for j in predictor.far_layers}
 
 
+def early_top(predictor: RoutingPredictor, top: int, keep_masks: Sequence[Any] | None = None) -> int:
+    """How many experts the early head's output names: `top` clamped to the experts the first layer keeps."""
+    first = predictor.first_experts
+    if keep_masks is not None and keep_masks[0] is not None:
+        first = int(np.asarray(keep_masks[0]).astype(bool).sum())
+    return min(top, first)
+
+
+def add_early_output(graph: ir.Graph, x: ir.Value, predictor: RoutingPredictor, *, top: int,
+                     keep_masks: Sequence[Any] | None = None, prefix: str = "prefetch") -> str:
+    """Append the early head after `x` (the last MoE layer's input) and its int64 (..., k) output
+    ``{prefix}.early0``: the NEXT step's first-layer expert ids, best first (`RoutingPredictor.early`)."""
+    return _add_head(graph, x, f"{prefix}.early0", *predictor.early_head(), _first_mask(keep_masks),
+                     early_top(predictor, top, keep_masks), "early head", _names_in(graph), predictor.in_features)
+
+
 def add_next_output(graph: ir.Graph, logits: ir.Value, predictor: RoutingPredictor, *,
                     top: int | None = None, prefix: str = "prefetch") -> str:
     """Append the next-token table after the LM head: ``{prefix}.next0`` (..., m) int64 = the first MoE
@@ -376,6 +392,7 @@ def prefetch_meta(
     ahead: dict[int, str] | None = None,
     following: str | None = None,
     far: dict[int, str] | None = None,
+    early: str | None = None,
 ) -> dict[str, Any]:
     """What the manifest's "prefetch" section says about the hint outputs (JSON-ready: string keys).
 
@@ -384,7 +401,9 @@ def prefetch_meta(
     experts layer j keeps), also of the look-ahead output of layer j. "next" is the next-token table's
     output: layer 0's experts of the NEXT step, from the last position. "far": {"j": name} are the far
     heads of the same step, "next_far": {"j": name} those that name the NEXT step's layer j from this
-    step's last position (their source layer runs after j). The lowering adds "token": {"0": file}, the
+    step's last position (their source layer runs after j). "early": {"0": name} is the early head's
+    output: layer 0's experts of the NEXT step from the last MoE layer's input, last position (before
+    "next" exists). The lowering adds "token": {"0": file}, the
     same table as a (vocab, k) int16 .npy file (`write_token_table`), when the graph has "next".
     """
     ks = prefetch_top(predictor, top, keep_masks)
@@ -396,6 +415,7 @@ def prefetch_meta(
         "next": {"0": following} if following else {},
         "far": {str(j): n for j, n in sorted((far or {}).items()) if predictor.far_source(j) < j},
         "next_far": {str(j): n for j, n in sorted((far or {}).items()) if predictor.far_source(j) >= j},
+        "early": {"0": early} if early else {},
         "params": int(sum(p.numel() for p in predictor.parameters())),
     }
 

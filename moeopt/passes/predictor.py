@@ -29,12 +29,13 @@ from moeopt.passes.registry import register
 
 
 def router_logits(
-    model: MoEModel, sets: list[CalibSet], inputs: int = 1
+    model: MoEModel, sets: list[CalibSet], inputs: int = 1, chosen: list[torch.Tensor] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per MoE layer, the (N, E) router logits of every calibration token; and the (N, D) inputs of the
-    first `inputs` MoE layers."""
+    first `inputs` MoE layers. With `chosen` (a list to fill), also each token's argmax next token, (N,)."""
     out: list[list[torch.Tensor]] = [[] for _ in model.layers]
     hidden: list[list[torch.Tensor]] = [[] for _ in range(inputs)]
+    picks: list[torch.Tensor] = []
 
     def observe(layer: MoELayer, trace: RoutingTrace) -> None:
         out[layer.index].append(trace.logits.detach().float())
@@ -47,10 +48,14 @@ def router_logits(
         with torch.no_grad():
             for cs in sets:
                 for batch in cs.batches:
-                    model.hf(input_ids=batch, use_cache=False)
+                    result = model.hf(input_ids=batch, use_cache=False)
+                    if chosen is not None:
+                        picks.append(result.logits.argmax(-1).reshape(-1))
     finally:
         for layer in model.layers:
             layer.observers.remove(observe)
+    if chosen is not None:
+        chosen.append(torch.cat(picks))
     return [torch.cat(chunks) for chunks in out], [torch.cat(chunks) for chunks in hidden]
 
 
@@ -134,16 +139,18 @@ def train_predictor(
     inputs: torch.Tensor, logits: list[torch.Tensor], hidden: int, steps: int, lr: float, seed: int,
     source: PredictorInput = "hidden", layer_inputs: list[torch.Tensor] | None = None, ahead_hidden: int = 0,
     far_hidden: int = 0, following: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+    early_hidden: int = 0,
 ) -> RoutingPredictor:
     """Fit the MLP from (N, F) `inputs` by KL divergence to each later layer's router distribution
     (`logits[1:]`), with `ahead_hidden` a look-ahead head per layer j >= 2 from `layer_inputs[j - 1]`, and
     with `far_hidden` the far heads (`RoutingPredictor.far_source`; `following` is `next_positions` of the
     tokens); on the tokens `rows` only (default all; a far pair needs both of its tokens there). Full
-    batch, Adam, seeded."""
+    batch, Adam, seeded. An early head of width `early_hidden` is made but not trained: its targets come
+    from the next-token table (`train_early_head`)."""
     torch.manual_seed(seed)
     rows = torch.arange(len(inputs)) if rows is None else rows
     pred = RoutingPredictor(inputs.shape[1], [x.shape[1] for x in logits[1:]], hidden, source, ahead_hidden,
-                            far_hidden, logits[0].shape[1])
+                            far_hidden, logits[0].shape[1], early_hidden)
     targets = [torch.softmax(x, dim=-1) for x in logits]
     x0 = inputs[rows]
     _fit(nn.ModuleList([pred.fc1, pred.fc2]), lambda: pred(x0), [t[rows] for t in targets[1:]], steps, lr)
@@ -161,6 +168,22 @@ def train_predictor(
             x = layer_inputs[pred.far_source(j)][src]
             _fit(pred.far[i], lambda j=j, x=x: [pred.far_logits(j, x)], [targets[j][dst]], steps, lr)  # type: ignore[misc]
     return pred.eval()
+
+
+def early_targets(table: torch.Tensor, chosen: torch.Tensor, k: int, experts: int) -> torch.Tensor:
+    """(N, E_0): what the early head learns for each token: the next-token table's first `k` experts of the
+    token the LM head picks there (argmax), weight 1/k each."""
+    named = table[chosen, :k]  # (N, k)
+    return torch.zeros(len(chosen), experts).scatter_(1, named, 1.0 / named.shape[1])
+
+
+def train_early_head(pred: RoutingPredictor, x: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
+                     seed: int) -> None:
+    """Fit the early head from the last MoE layer's (N, D) inputs `x` to `early_targets` (KL, full batch)."""
+    torch.manual_seed(seed)
+    assert pred.early is not None
+    _fit(pred.early, lambda: [pred.early_logits(x)], [targets], steps, lr)
+    pred.eval()
 
 
 @register
@@ -184,6 +207,9 @@ class Predictor(Pass):
                "next step's first two layers from this step's last two; input=hidden, 3+ MoE layers); 0: none "
                "(off by default: on 2 cores their reads cost more than they hid, bench/results/offload-sweep/far)",
                min=0),
+        Option("early", "int", 64, "hidden width of the early head (the last MoE layer's input -> the first "
+               "layer's experts of the next step, as the next-token table will name them for the argmax "
+               "token: a read starts one expert load earlier; input=hidden with next-table); 0: none", min=0),
         Option("steps", "int", 400, "training steps (full batch, Adam)", min=1),
         Option("lr", "float", 3e-3, "learning rate", min=0.0),
         Option("holdout", "float", 0.2, "share of tokens held out to measure recall", min=0.0, max=0.9),
@@ -203,8 +229,10 @@ class Predictor(Pass):
         deep = source == "hidden" and len(model.layers) > 2
         ahead = self.opts["lookahead"] if deep else 0
         far = self.opts["far"] if deep else 0
-        logits, hidden = router_logits(model, sets, inputs=len(model.layers) if far else
-                                       len(model.layers) - 1 if ahead else 1)
+        early = self.opts["early"] if source == "hidden" and self.opts["next-table"] else 0
+        chosen: list[torch.Tensor] = []
+        logits, hidden = router_logits(model, sets, inputs=len(model.layers) if far or early else
+                                       len(model.layers) - 1 if ahead else 1, chosen=chosen if early else None)
         following = next_positions([batch for cs in sets for batch in cs.batches])
         inputs = hidden[0] if source == "hidden" else logits[0]
         n = logits[0].shape[0]
@@ -212,7 +240,7 @@ class Predictor(Pass):
         n_test = int(n * self.opts["holdout"])
         test, train = perm[:n_test], perm[n_test:]
         pred = train_predictor(inputs, logits, self.opts["hidden"], self.opts["steps"], self.opts["lr"], ctx.seed,
-                               source, hidden, ahead, far, following, train)
+                               source, hidden, ahead, far, following, train, early)
         if self.opts["next-table"]:
             ids = torch.cat([batch.reshape(-1) for cs in sets for batch in cs.batches])  # observation order
             first = model.layers[0]
@@ -221,6 +249,11 @@ class Predictor(Pass):
             k = first.router.top_k
             pred.set_next_table(next_token_table(ids[train], logits[0][train], keep, k, vocab,
                                                  self.opts["next-width"] or 2 * k))
+            if early:
+                assert pred.next_table is not None
+                targets = early_targets(pred.next_table, chosen[0], k, logits[0].shape[1])
+                train_early_head(pred, hidden[-1][train], targets[train], self.opts["steps"], self.opts["lr"],
+                                 ctx.seed)
         model.predictor = pred
         stats: dict[str, float] = {}
         eval_idx = test if n_test > 0 else train
@@ -237,6 +270,13 @@ class Predictor(Pass):
             with torch.no_grad():
                 o = pred.far_logits(j, hidden[pred.far_source(j)][src])
             stats.update(_recalls(f"far-recall{{}}-layer{j}", o, logits[j][dst], model.layers[j].router.top_k))
+        if pred.early is not None:
+            k0 = model.layers[0].router.top_k
+            with torch.no_grad():
+                o = pred.early_logits(hidden[-1][eval_idx])
+            want = pred.next_table[chosen[0][eval_idx], :k0]  # type: ignore[index]
+            for m in _widths(k0):  # of the experts the table will name after the LM head (greedy decoding)
+                stats[f"early-recall{_at(m, k0)}-layer0"] = round(index_recall(o.topk(m, dim=-1).indices, want), 4)
         if pred.next_table is not None:
             first = model.layers[0]
             true_top = logits[0][eval_idx].topk(first.router.top_k, dim=-1).indices

@@ -9,8 +9,9 @@ weights moved to the acquired frames, adds the chunk outputs (fixed order), rele
 ``moe{i}.cold`` and runs segment i + 1. Pool arrays go to ORT as OrtValues that wrap their memory, so a
 load into a frame is seen by the next run without a copy. After each segment, the prefetch hints it
 computed (the manifest's ``prefetch`` outputs: seg0's predictions of every later layer, look-ahead
-refinements one layer ahead, far heads two layers ahead - into the next step for its first two layers -
-and the next step's layer 0 from the last segment) go to ``source.hint``.
+refinements one layer ahead, far heads two layers ahead - into the next step for its first two layers -,
+the early head's guess of the next step's layer 0 from the segment that ends at the last router, and
+the next step's layer 0 from the last segment) go to ``source.hint``.
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ class OffloadSession(Session):
             MoE layer's experts of the token each decode step feeds, before its first segment runs. The
             last segment's ``next0`` hint of the step before names those of the argmax token, which is the
             token fed only under greedy decoding; with sampling this hint corrects it.
+        early_hints: act on the early head's output (the manifest's ``prefetch.early``) when the artifact
+            has one (False: to compare serving with and without it on one artifact).
     """
 
     drives_segments = True
 
     def __init__(self, artifact: str | Path, *, source: ExpertSource | SourceFactory | None = None,
                  verify: bool = True, threads: int | None = None, max_chunk: int | None = None,
-                 token_hints: bool = True) -> None:
+                 token_hints: bool = True, early_hints: bool = True) -> None:
         super().__init__(artifact, verify=verify, threads=threads)
         if self.manifest.get("offload") is None:
             raise BadInputError(f"{self.path}: not an offload artifact; open it with Session")
@@ -151,7 +154,7 @@ class OffloadSession(Session):
             target = {**target, "config": {**target.get("config", {}), "session.intra_op.allow_spinning": "0"}}
         self.segments = [(self._open(s["file"], target, threads), list(s["inputs"]), list(s["outputs"]))
                          for s in sec["segments"]]
-        self._hint_at = self._hint_plan()
+        self._hint_at = self._hint_plan(early_hints)
         self._token_table = self._read_token_table() if token_hints else None
         self.cold_sessions = {} if self.packed else {
             n: self._open_cold(n, sec["formats"][n], target, threads) for n in self.index.formats}
@@ -159,6 +162,7 @@ class OffloadSession(Session):
         self._hot = [set(h) for h in self.index.hot]
         self._pool_values: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
         self.timing = OffloadTiming()
+        self._batch = 1  # sequences in the running step (`_last`)
 
     def _open(self, name: str | None, target: dict[str, Any], threads: int | None) -> Any:
         return None if name is None else super()._open(name, target, threads)
@@ -196,6 +200,7 @@ class OffloadSession(Session):
         for i, names in enumerate(self.layer_names):
             mask = self.source.keep_mask(i)
             vals[names["keep_mask"]] = self.default_masks[i] if mask is None else np.asarray(mask, dtype=bool)
+        self._batch = next(iter(feeds.values())).shape[0]  # feeds are (B, T): ids, mask, positions
         ids = vals.get("input_ids")
         if self._token_table is not None and ids is not None and ids.shape[-1] == 1:  # a decode step
             fed = ids[:, -1]
@@ -217,12 +222,13 @@ class OffloadSession(Session):
         vals.update(zip(outputs, sess.run(outputs, {name: vals[name] for name in inputs}), strict=True))
         self.timing.segments_s += time.perf_counter() - t0
 
-    def _hint_plan(self) -> list[list[tuple[int, str, bool]]]:
+    def _hint_plan(self, early: bool = True) -> list[list[tuple[int, str, bool]]]:
         """Per segment, the (layer, output name, last position only) prefetch hints it computes, in the
         order to give them: the predictor's outputs (all in seg0), the look-ahead ones (layer j's from
         segment j-1), the far heads (layer j's from segment j-2, the next step's first two layers from
-        the last two segments with a router, last position), and the next step's layer 0 from the last
-        segment (its last position's token)."""
+        the last two segments with a router, last position), the early head (the next step's layer 0
+        from the segment that ends at the last router, last position) and the next step's layer 0 from
+        the last segment (its last position's token), which supersedes the early head's."""
         plan: list[list[tuple[int, str, bool]]] = [[] for _ in self.segments]
         if not self.prefetch:
             return plan
@@ -230,7 +236,8 @@ class OffloadSession(Session):
                                              *(self.prefetch.get("ahead") or {}).items(),
                                              *(self.prefetch.get("far") or {}).items()]]
         named += [(j, n, True) for j, n in [*(self.prefetch.get("next") or {}).items(),
-                                            *(self.prefetch.get("next_far") or {}).items()]]
+                                            *(self.prefetch.get("next_far") or {}).items(),
+                                            *((self.prefetch.get("early") or {}) if early else {}).items()]]
         for j, name, last in named:
             k = next((k for k, (_, _, outs) in enumerate(self.segments) if name in outs), None)
             if k is None:
@@ -242,7 +249,14 @@ class OffloadSession(Session):
         """Predicted experts that segment `k` computed -> cold slots -> source.hint (a later hint of a
         layer supersedes an earlier one)."""
         for layer, name, last in self._hint_at[k]:
-            self._hint_experts(layer, vals[name][:, -1] if last else vals[name])
+            self._hint_experts(layer, self._last(vals[name]) if last else vals[name])
+
+    def _last(self, ids: np.ndarray) -> np.ndarray:
+        """The last position's rows of a hint output: (B, T, m) -> (B, m); an output computed on the
+        flattened (B*T, H) token rows of a layer's input (far and early heads), (B*T, m) -> (B, m)."""
+        if ids.ndim >= 3:
+            return ids[:, -1]
+        return ids.reshape(self._batch, -1, ids.shape[-1])[:, -1]
 
     def _hint_experts(self, layer: int, ids: np.ndarray) -> None:
         """(..., m) expert ids, best first -> the cold slots among the first hint_width -> source.hint."""
