@@ -19,6 +19,12 @@ Every configuration runs in its own process with the expert file dropped from th
 (``posix_fadvise(DONTNEED)``, no root needed), so reads hit storage and each peak RSS (VmHWM) is that
 run's own. Writes offload.json and offload.png.
 
+This machine's storage is fast (a 140 KB record in ~0.1-0.3 ms from its virtio disk), so loads here
+are bound by the CPU that builds each expert's session. ``--storage-mbps`` (with
+``--storage-latency-ms``) models an edge board's slower storage instead (`SlowStorage`: every cold
+read takes at least latency + bytes / bandwidth, one read at a time); results then say so in
+``settings`` and ``storage``, and are a model of that device's reads, not a measurement of it.
+
     .venv/bin/python bench/offload.py                          # reference model (real text prompt)
     .venv/bin/python bench/offload.py --model 1b --hot 0       # ~1B random Mixtral (builds once, ~10 min)
 """
@@ -100,7 +106,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
     """One generation with `method` at `frac` of the offloaded expert bytes; returns its figures."""
     from moeopt.runtime import OffloadSession, read_manifest
     from moeopt.runtime.expert_cache import ExpertCache, slot_importance
-    from moeopt.runtime.expert_store import ExpertStore
+    from moeopt.runtime.expert_store import ExpertStore, SlowStorage
     from moeopt.runtime.offload import AllResident
     from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
     from moeopt.runtime.packed_frames import FramePacker
@@ -119,6 +125,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
         store.drop_page_cache()
 
     packed = args.kernel == "packed"
+    storage = SlowStorage(args.storage_mbps * 1e6, args.storage_latency_ms / 1e3) if args.storage_mbps else None
 
     def source(index: OffloadIndex, path: Path) -> Any:
         if method == "resident":
@@ -135,7 +142,7 @@ def run_child(args: argparse.Namespace, method: str, frac: float) -> dict[str, A
                                 causal=bool(args.oracle_causal))
         packer = FramePacker(index, path, manifest.get("target"), args.expert_threads) if packed else None
         return ExpertCache(path, index, budget, policy, prefetcher, io_threads=args.io_threads, slot_of=slot_of,
-                           prior=slot_importance(manifest["layers"]), packer=packer)
+                           prior=slot_importance(manifest["layers"]), packer=packer, storage=storage)
 
     t0 = time.perf_counter()
     sess = OffloadSession(art, source=source, threads=args.threads, verify=False, token_hints=bool(args.token_hints),
@@ -189,6 +196,7 @@ def _spawn(args: argparse.Namespace, method: str, frac: float, rnd: int = 0) -> 
            "--far", str(args.far), "--token-hints", str(args.token_hints),
            "--early", str(args.early), "--early-hints", str(args.early_hints),
            "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+           "--storage-mbps", str(args.storage_mbps), "--storage-latency-ms", str(args.storage_latency_ms),
            "--child", method, str(frac)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -286,7 +294,8 @@ def _in_range(low: float, high: float, *, zero: bool = False) -> Any:
     return parse
 
 
-TEMPERATURE = _in_range(0.0, float("inf"), zero=True)  # 0: greedy
+NON_NEGATIVE = _in_range(0.0, float("inf"), zero=True)
+TEMPERATURE = NON_NEGATIVE  # 0: greedy
 TOP_P = _in_range(0.0, 1.0)
 PREFETCH_POLICIES = ("lru", "lfu", "fifo", "edgemoe")  # cache policies under the predictor and oracle methods
 
@@ -316,6 +325,12 @@ def _at_least(low: int) -> Any:
         return value
     parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
     return parse
+
+
+def storage_text(args: argparse.Namespace) -> str:
+    if not args.storage_mbps:
+        return "this machine's own"
+    return f"emulated at {args.storage_mbps:g} MB/s + {args.storage_latency_ms:g} ms per read"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -365,6 +380,10 @@ def make_parser() -> argparse.ArgumentParser:
                          "layer's input; 0: none, a separate artifact)")
     ap.add_argument("--early-hints", type=int, choices=(0, 1), default=1,
                     help="1: act on the artifact's early-head hints; 0: ignore them (the same artifact)")
+    ap.add_argument("--storage-mbps", type=NON_NEGATIVE, default=0.0,
+                    help="emulate storage of this many MB/s for cold reads (0: this machine's own)")
+    ap.add_argument("--storage-latency-ms", type=NON_NEGATIVE, default=0.0,
+                    help="with --storage-mbps: per-read latency of the emulated storage")
     ap.add_argument("--replot", action="store_true", help="redraw offload.png from offload.json and stop")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the artifact and stop")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
@@ -417,7 +436,10 @@ def main() -> None:
                     f"{' (causal)' if args.oracle_causal else ''}, "
                     f"{args.io_threads} I/O thread(s), far heads {args.far or 'none'}, early head "
                     f"{args.early or 'none'}{'' if args.early_hints else ' (hints ignored)'}, "
-                    f"token hints {'on' if args.token_hints else 'off'}, median of {args.repeat}",
+                    f"token hints {'on' if args.token_hints else 'off'}, storage "
+                    f"{storage_text(args)}, median of {args.repeat}",
+        "storage": {"emulated": bool(args.storage_mbps), "mb_per_s": args.storage_mbps or None,
+                    "latency_ms": args.storage_latency_ms if args.storage_mbps else None},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "offloaded_expert_bytes": index.cold_bytes(), "min_budget_bytes": index.min_budget(),
         "resident_bytes": resident_bytes(manifest), "runs": runs, "acceptance": summarise(runs, every),

@@ -98,6 +98,10 @@ def main() -> None:
     ap.add_argument("--top-p", type=offload.TOP_P, default=1.0, help="nucleus cut when sampling, in (0, 1]")
     ap.add_argument("--prefetch-policy", default="lfu", choices=offload.PREFETCH_POLICIES,
                     help="cache policy of the oracle baseline and of every configuration that names none")
+    ap.add_argument("--storage-mbps", type=offload.NON_NEGATIVE, default=0.0,
+                    help="emulated storage MB/s of every run (offload.py's --storage-mbps; 0: this machine's)")
+    ap.add_argument("--storage-latency-ms", type=offload.NON_NEGATIVE, default=0.0,
+                    help="per-read latency of the emulated storage")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, required=True)
     cli = ap.parse_args()
@@ -105,7 +109,8 @@ def main() -> None:
         "--cache", str(cli.cache), "--out", str(cli.out), "--threads", str(cli.threads), "--new", str(cli.new),
         "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--early", str(cli.early),
         "--temperature", str(cli.temperature),
-        "--top-p", str(cli.top_p), "--prefetch-policy", cli.prefetch_policy])
+        "--top-p", str(cli.top_p), "--prefetch-policy", cli.prefetch_policy,
+        "--storage-mbps", str(cli.storage_mbps), "--storage-latency-ms", str(cli.storage_latency_ms)])
     base.out = base.out / base.model  # as offload.py's main does
     configs = {"on-demand": ("on-demand", base), "oracle": ("oracle", base)}
     for text in filter(None, (c.strip() for c in cli.configs.split(";"))):
@@ -140,7 +145,8 @@ def main() -> None:
                           f"{cli.threads} threads, {base.prefetch_policy} under predictor and oracle unless a "
                           f"configuration says otherwise, token hints {'on' if base.token_hints else 'off'}, "
                           f"prefetch-top {cli.prefetch_top}, far heads {cli.far or 'none'}, "
-                          f"early head {cli.early or 'none'}, {cli.rounds} rounds",
+                          f"early head {cli.early or 'none'}, storage {offload.storage_text(base)}, "
+                          f"{cli.rounds} rounds",
               "configs": list(configs), "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - t0, 1)}
     cli.out.mkdir(parents=True, exist_ok=True)

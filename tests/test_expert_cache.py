@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from moeopt.errors import BadInputError
 from moeopt.runtime.cache_policies import SlotMap
 from moeopt.runtime.expert_cache import ExpertCache, ExpertStore, cache_source
+from moeopt.runtime.expert_store import SlowStorage
 from moeopt.runtime.offload_format import EXPERTS_FILE, ExpertSource, OffloadIndex, PoolFormat
 from moeopt.runtime.prefetch import GraphHints, Oracle, Recorder, StatsTable, Trace, load_trace, save_trace
 
@@ -104,6 +107,37 @@ def test_read_into_reads_each_record_exactly(mixed: tuple[Path, OffloadIndex, di
         store.drop_page_cache()
         with pytest.raises(BadInputError, match="not a cold expert"):
             store.read_into(0, 0, views)
+
+
+def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
+        mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]]) -> None:
+    """Two threads read every record through a 20 ms + bytes / 50 kB/s device: the same bytes arrive,
+    and the reads take at least the device's serial time (they queue, not overlap)."""
+    folder, index, content = mixed
+    device = SlowStorage(bandwidth=50e3, latency=0.02)
+    keys = list(content)
+    want = sum(0.02 + index.format_of(*k).expert_bytes / 50e3 for k in keys)
+
+    def read(part: list[tuple[int, int]], store: ExpertStore) -> None:
+        for layer, slot in part:
+            fmt = index.format_of(layer, slot)
+            views = [np.empty(p.shape, p.dtype) for p in fmt.parts]
+            store.read_into(layer, slot, views)
+            for view, ref in zip(views, content[(layer, slot)], strict=True):
+                np.testing.assert_array_equal(view, ref)
+
+    with ExpertStore(folder, index, device) as store:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=read, args=(keys[i::2], store)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        took = time.perf_counter() - t0
+    assert want <= took < want + 0.5, (want, took)
+    for bad in ((0.0, 0.0), (1e6, -1.0)):
+        with pytest.raises(BadInputError, match="storage model"):
+            SlowStorage(*bad)
 
 
 def test_cache_loads_the_right_bytes_into_frames(mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]]

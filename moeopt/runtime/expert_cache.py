@@ -34,7 +34,7 @@ import numpy as np
 
 from moeopt.errors import BadInputError
 from moeopt.runtime.cache_policies import CommitteePolicy, Key, SlotMap, layers_until, make_policy
-from moeopt.runtime.expert_store import ExpertStore
+from moeopt.runtime.expert_store import ExpertStore, SlowStorage
 from moeopt.runtime.frame_table import LOADING, QUEUED, READY, CacheCounters, FrameTable, Job, Spot
 from moeopt.runtime.manifest import read_manifest
 from moeopt.runtime.offload_format import OffloadIndex, frames_for_budget
@@ -67,13 +67,14 @@ class ExpertCache:
         decay: importance decay per step (``committee`` only).
         packer: build a prepacked session for every loaded expert (`packed_frames`), on the thread
             that read it; None keeps raw pools for the cold graphs.
+        storage: a slower device to emulate (`SlowStorage`, benchmarks); None reads at this machine's speed.
     """
 
     def __init__(self, folder: str | Path, index: OffloadIndex, budget_bytes: int, policy: str = "lru",
                  prefetcher: Prefetcher | None = None, io_threads: int = 1, *,
                  slot_of: Sequence[Sequence[int]] | None = None, refresh_every: int = 8,
                  decay: float = 0.9, prior: Sequence[Sequence[float]] | None = None,
-                 packer: FramePacker | None = None) -> None:
+                 packer: FramePacker | None = None, storage: SlowStorage | None = None) -> None:
         if policy in ("on-demand", "none") and prefetcher is not None:
             raise BadInputError("the on-demand cache does no prefetching; pass no prefetcher or another policy")
         self.index = index
@@ -85,7 +86,7 @@ class ExpertCache:
         self._t = FrameTable(index, frames, self.policy, self.counters, packer)
         self.packer = packer
         self.packed: bool = packer is not None
-        self.store = ExpertStore(folder, index)  # last of what can fail before the threads start
+        self.store = ExpertStore(folder, index, storage)  # last of what can fail before the threads start
         self._cold = [index.cold(i) for i in range(len(index.top_k))]
         self._pinned: list[Spot] = []
         self._hinted: set[Key] = set()

@@ -3,11 +3,18 @@
 Each read is a single ``os.preadv`` of a record's parts into the frame views of the pool arrays: no
 intermediate buffer, no unpacking, and the GIL is released while the kernel copies, so loads on an I/O
 thread overlap ONNX Runtime compute on the main thread.
+
+`SlowStorage` makes the store behave like a slower device than the one it sits on (an edge board's SD
+card or eMMC): every read takes at least ``latency + bytes / bandwidth`` and reads are served one at a
+time in the order they were asked for, as by a single-queue device. It is a model for benchmarks, not
+a measurement: the real read still happens, and the store sleeps (GIL released) for the rest.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,11 +24,43 @@ from moeopt.errors import BadInputError
 from moeopt.runtime.offload_format import OffloadIndex
 
 
-class ExpertStore:
-    """Open ``index.file`` in an artifact folder, check it against the index, and read records by offset."""
+class SlowStorage:
+    """A single-queue storage device of `bandwidth` bytes/s and `latency` seconds per read.
 
-    def __init__(self, folder: str | Path, index: OffloadIndex) -> None:
+    ``finish(start, nbytes)`` books the device for one read asked for at `start` (a ``perf_counter``
+    time) and returns when that read completes: after the read booked before it, plus its own latency
+    and transfer time. Thread-safe.
+    """
+
+    def __init__(self, bandwidth: float, latency: float = 0.0) -> None:
+        if not bandwidth > 0 or not latency >= 0:
+            raise BadInputError(f"storage model: bandwidth must be > 0 bytes/s and latency >= 0 s, got "
+                                f"{bandwidth} and {latency}")
+        self.bandwidth, self.latency = float(bandwidth), float(latency)
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def finish(self, start: float, nbytes: int) -> float:
+        with self._lock:
+            self._free_at = max(start, self._free_at) + self.latency + nbytes / self.bandwidth
+            return self._free_at
+
+    def wait(self, start: float, nbytes: int) -> None:
+        """Sleep until the read of `nbytes` asked for at `start` would have completed on this device."""
+        rest = self.finish(start, nbytes) - time.perf_counter()
+        if rest > 0:
+            time.sleep(rest)
+
+
+class ExpertStore:
+    """Open ``index.file`` in an artifact folder, check it against the index, and read records by offset.
+
+    With `storage`, every read also waits as long as that device model says it would take.
+    """
+
+    def __init__(self, folder: str | Path, index: OffloadIndex, storage: SlowStorage | None = None) -> None:
         self.index = index
+        self.storage = storage
         self.path = Path(folder) / index.file
         if not self.path.is_file():
             raise BadInputError(f"expert file {self.path} is missing (the offload index expects "
@@ -54,7 +93,10 @@ class ExpertStore:
         if self._fd is None:
             raise BadInputError(f"expert file {self.path} is closed")
         bufs = [memoryview(v.reshape(-1).view(np.uint8)) for v in frame_views]  # type: ignore[arg-type]
+        start = time.perf_counter()
         n = os.preadv(self._fd, bufs, rec.offset)
+        if self.storage is not None:
+            self.storage.wait(start, n)
         if n != fmt.expert_bytes:
             raise BadInputError(f"expert file {self.path} is truncated: layer {layer} slot {slot} needs bytes "
                                 f"{rec.offset}..{rec.offset + fmt.expert_bytes} but only {n} could be read")
