@@ -37,6 +37,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a2.set(xlabel="expert budget (%)", ylabel="peak RSS (MB)", title="peak memory")
     a3.set(xlabel="expert budget (%)", ylabel="hit rate", title="cache hit rate")
     a1.legend(fontsize=8)
-    fig.suptitle(f"offload artifact, {result['model']}: {result['settings']}", fontsize=9)
+    title = f"offload artifact, {result['model']}: {result['settings']}"
+    fig.suptitle(textwrap.fill(title, 190), fontsize=9)  # the settings line is longer than the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
