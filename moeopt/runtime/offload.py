@@ -259,11 +259,16 @@ class OffloadSession(Session):
         return ids.reshape(self._batch, -1, ids.shape[-1])[:, -1]
 
     def _hint_experts(self, layer: int, ids: np.ndarray) -> None:
-        """(..., m) expert ids, best first -> the cold slots among the first hint_width -> source.hint."""
+        """(..., m) expert ids, best first -> the cold slots among the first hint_width -> source.hint,
+        best first: every token's first choice, then every token's second, ... (the cache reads a
+        layer's hints in the order given, so on slow storage the likelier expert is not kept waiting
+        behind a second guess)."""
         if self.source.hint_width is not None:
             ids = ids[..., : self.source.hint_width]
-        slots = self.slot_of[layer][np.unique(ids)]
-        cold = sorted({int(s) for s in slots if s >= 0 and int(s) not in self._hot[layer]})
+        by_rank = ids.reshape(-1, ids.shape[-1]).T.reshape(-1)
+        slots = self.slot_of[layer][by_rank]
+        hot = self._hot[layer]
+        cold = list(dict.fromkeys(int(s) for s in slots if s >= 0 and int(s) not in hot))
         self.source.hint(layer, cold)  # also when empty: it withdraws an earlier hint of the layer
 
     def _read_token_table(self) -> np.ndarray | None:
