@@ -53,6 +53,32 @@ def best_first(top: Any, hot: set[int]) -> list[int]:
     return out
 
 
+def predictor_artifact(out: Path, layers: int, seed: int, table_width: int = 2, prefetch_top: int | None = None,
+                       first: bool = False, **heads: Any) -> tuple[MoEModel, torch.Tensor, dict[str, Any]]:
+    """A tiny Mixtral of `layers` MoE layers with a routing predictor (`heads`: `RoutingPredictor`'s head
+    arguments; `first`: also a head for the first layer's experts) and a random token table of
+    `table_width` experts per token, lowered to `out` in offload mode with one hot expert per layer:
+    (model, table, manifest)."""
+    import transformers
+
+    import moeopt
+    from moeopt.testing import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
+    d, e = cfg.hidden_size, cfg.num_local_experts
+    if first:
+        heads["first_experts"] = e
+    model.predictor = RoutingPredictor(d, [e] * (layers - 1), 8, "hidden", **heads).eval()
+    table = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:table_width]
+                         for t in range(cfg.vocab_size)])  # (V, width): token -> layer-0 experts
+    model.predictor.set_next_table(table)
+    lower(model, out, pipeline="test", experts="offload", hot=1, prefetch_top=prefetch_top)
+    return model, table, manifest(out)
+
+
 def _root(factory: pytest.TempPathFactory) -> Path:
     base = factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "moeopt-artifacts"
@@ -154,26 +180,13 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     """A 3-layer Mixtral whose predictor has a look-ahead head for layer 2 (read from layer 1's input):
     seg0 hints layers 1 and 2, seg1 hints layer 2 again with the head's answer, and an expert cache that
     follows the hints decodes exactly like every expert resident."""
-    import transformers
 
-    import moeopt
     from moeopt.lower.prefetch import lookahead_hints_numpy
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
-    from moeopt.testing import tiny_config
 
-    cfg = tiny_config("mixtral")
-    cfg.num_hidden_layers = 3
-    torch.manual_seed(0)
-    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
-    d, e = cfg.hidden_size, cfg.num_local_experts
-    model.predictor = RoutingPredictor(d, [e, e], 8, "hidden", ahead_hidden=6).eval()
-    table = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:2]
-                         for t in range(cfg.vocab_size)])  # (V, 2): token -> two layer-0 experts
-    model.predictor.set_next_table(table)
     out = tmp_path / "art"
-    lower(model, out, pipeline="test", experts="offload", hot=1, prefetch_top=3)
-    m = manifest(out)
+    model, table, m = predictor_artifact(out, 3, 0, prefetch_top=3, ahead_hidden=6)
     pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
     assert pre["outputs"] == {"1": "prefetch.layer1", "2": "prefetch.layer2"}
     assert pre["ahead"] == {"2": "prefetch.ahead2"} and pre["next"] == {"0": "prefetch.next0"}
@@ -225,24 +238,13 @@ def test_token_table_hints_layer_0_of_the_token_fed(tmp_path: Path) -> None:
     the driver hints layer 0's experts of the token it feeds. Under sampling that token is often not the
     argmax the last segment's hint looked up; a cache following the hints still samples exactly what every
     expert resident does, and a corrupt table is a one-line error."""
-    import transformers
 
-    import moeopt
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
     from moeopt.runtime.sampling import Sampler
-    from moeopt.testing import tiny_config
 
-    cfg = tiny_config("mixtral")
-    cfg.num_hidden_layers = 3
-    torch.manual_seed(0)
-    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
-    d, e = cfg.hidden_size, cfg.num_local_experts
-    model.predictor = RoutingPredictor(d, [e, e], 8, "hidden").eval()
-    model.predictor.set_next_table(torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:3]
-                                                for t in range(cfg.vocab_size)]))
     out = tmp_path / "art"
-    lower(model, out, pipeline="test", experts="offload", hot=1)
+    model, _, m = predictor_artifact(out, 3, 0, table_width=3)
     m = manifest(out)
     assert m["offload"]["prefetch"]["token"] == {"0": "prefetch-token0.npy"}
     table = np.load(out / "prefetch-token0.npy")
@@ -284,25 +286,12 @@ def test_early_head_hints_the_next_steps_layer_0_from_the_last_router(tmp_path: 
     look-ahead), 0 (seg2: the early head on the last position of layer 2's input) and 0 (the table). The
     hint is the head's own top-2 minus the hot slot, a cache that follows it decodes exactly like every
     expert resident, and ``early_hints=False`` drops only that hint."""
-    import transformers
 
-    import moeopt
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
-    from moeopt.testing import tiny_config
 
-    cfg = tiny_config("mixtral")
-    cfg.num_hidden_layers = 3
-    torch.manual_seed(2)
-    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
-    d, e = cfg.hidden_size, cfg.num_local_experts
-    model.predictor = RoutingPredictor(d, [e, e], 8, "hidden", ahead_hidden=6, first_experts=e,
-                                       early_hidden=5).eval()
-    model.predictor.set_next_table(torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:2]
-                                                for t in range(cfg.vocab_size)]))
     out = tmp_path / "art"
-    lower(model, out, pipeline="test", experts="offload", hot=1)
-    m = manifest(out)
+    model, _, m = predictor_artifact(out, 3, 2, ahead_hidden=6, early_hidden=5, first=True)
     pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
     assert pre["early"] == {"0": "prefetch.early0"}
     assert "prefetch.early0" in segments[2]["outputs"]  # the segment that ends at layer 2's router
@@ -411,25 +400,12 @@ def test_far_hints_come_two_layers_ahead(tmp_path: Path) -> None:
     next step's layers 0 and 1 out of seg2 and seg3 (from the last position), so each step hints
     1,2,3 (seg0) 2,3 (seg1) 3,0 (seg2) 1 (seg3) 0 (the LM head's table); a cache that takes hints two
     layers ahead decodes exactly like every expert resident."""
-    import transformers
 
-    import moeopt
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
-    from moeopt.testing import tiny_config
 
-    cfg = tiny_config("mixtral")
-    cfg.num_hidden_layers = 4
-    torch.manual_seed(1)
-    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
-    d, e = cfg.hidden_size, cfg.num_local_experts
-    model.predictor = RoutingPredictor(d, [e, e, e], 8, "hidden", ahead_hidden=6, far_hidden=5,
-                                       first_experts=e).eval()
-    model.predictor.set_next_table(torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(t))[:2]
-                                                for t in range(cfg.vocab_size)]))
     out = tmp_path / "art"
-    lower(model, out, pipeline="test", experts="offload", hot=1)
-    m = manifest(out)
+    model, _, m = predictor_artifact(out, 4, 1, ahead_hidden=6, far_hidden=5, first=True)
     pre, segments = m["offload"]["prefetch"], m["offload"]["segments"]
     assert pre["far"] == {"3": "prefetch.far3"}
     assert pre["next_far"] == {"0": "prefetch.far0", "1": "prefetch.far1"}
