@@ -395,6 +395,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main() -> None:
     ap = make_parser()
     args = ap.parse_args()
+    if args.storage_latency_ms and not args.storage_mbps:
+        ap.error("--storage-latency-ms models a slower device and needs --storage-mbps")
     args.out = args.out / args.model
     if args.child:
         print(json.dumps(run_child(args, args.child[0], float(args.child[1]))))
