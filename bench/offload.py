@@ -329,6 +329,12 @@ def _at_least(low: int) -> Any:
     return parse
 
 
+def check_storage(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error for a latency without a bandwidth (it would be ignored)."""
+    if args.storage_latency_ms and not args.storage_mbps:
+        ap.error("--storage-latency-ms models a slower device and needs --storage-mbps")
+
+
 def storage_text(args: argparse.Namespace) -> str:
     if not args.storage_mbps:
         return "this machine's own"
@@ -395,8 +401,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main() -> None:
     ap = make_parser()
     args = ap.parse_args()
-    if args.storage_latency_ms and not args.storage_mbps:
-        ap.error("--storage-latency-ms models a slower device and needs --storage-mbps")
+    check_storage(ap, args)
     args.out = args.out / args.model
     if args.child:
         print(json.dumps(run_child(args, args.child[0], float(args.child[1]))))

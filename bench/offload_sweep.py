@@ -105,8 +105,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, required=True)
     cli = ap.parse_args()
-    if cli.storage_latency_ms and not cli.storage_mbps:
-        ap.error("--storage-latency-ms models a slower device and needs --storage-mbps")
+    offload.check_storage(ap, cli)
     base = offload.make_parser().parse_args([  # offload.py's defaults for the rest
         "--cache", str(cli.cache), "--out", str(cli.out), "--threads", str(cli.threads), "--new", str(cli.new),
         "--prefetch-top", str(cli.prefetch_top), "--far", str(cli.far), "--early", str(cli.early),

@@ -180,7 +180,6 @@ def test_lookahead_hints_come_one_segment_ahead(tmp_path: Path) -> None:
     """A 3-layer Mixtral whose predictor has a look-ahead head for layer 2 (read from layer 1's input):
     seg0 hints layers 1 and 2, seg1 hints layer 2 again with the head's answer, and an expert cache that
     follows the hints decodes exactly like every expert resident."""
-
     from moeopt.lower.prefetch import lookahead_hints_numpy
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
@@ -238,14 +237,12 @@ def test_token_table_hints_layer_0_of_the_token_fed(tmp_path: Path) -> None:
     the driver hints layer 0's experts of the token it feeds. Under sampling that token is often not the
     argmax the last segment's hint looked up; a cache following the hints still samples exactly what every
     expert resident does, and a corrupt table is a one-line error."""
-
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
     from moeopt.runtime.sampling import Sampler
 
     out = tmp_path / "art"
     model, _, m = predictor_artifact(out, 3, 0, table_width=3)
-    m = manifest(out)
     assert m["offload"]["prefetch"]["token"] == {"0": "prefetch-token0.npy"}
     table = np.load(out / "prefetch-token0.npy")
     assert table.dtype == np.int16  # the graph's width: the router's top_k columns of the predictor's table
@@ -286,7 +283,6 @@ def test_early_head_hints_the_next_steps_layer_0_from_the_last_router(tmp_path: 
     look-ahead), 0 (seg2: the early head on the last position of layer 2's input) and 0 (the table). The
     hint is the head's own top-2 minus the hot slot, a cache that follows it decodes exactly like every
     expert resident, and ``early_hints=False`` drops only that hint."""
-
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
 
@@ -400,7 +396,6 @@ def test_far_hints_come_two_layers_ahead(tmp_path: Path) -> None:
     next step's layers 0 and 1 out of seg2 and seg3 (from the last position), so each step hints
     1,2,3 (seg0) 2,3 (seg1) 3,0 (seg2) 1 (seg3) 0 (the LM head's table); a cache that takes hints two
     layers ahead decodes exactly like every expert resident."""
-
     from moeopt.runtime.expert_cache import cache_source
     from moeopt.runtime.prefetch import GraphHints
 

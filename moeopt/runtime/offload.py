@@ -260,9 +260,9 @@ class OffloadSession(Session):
 
     def _hint_experts(self, layer: int, ids: np.ndarray) -> None:
         """(..., m) expert ids, best first -> the cold slots among the first hint_width -> source.hint,
-        best first: every token's first choice, then every token's second, ... (the cache reads a
-        layer's hints in the order given, so on slow storage the likelier expert is not kept waiting
-        behind a second guess)."""
+        in rank order: every token's first choice, then every token's second, ... (the cache reads a
+        layer's hints in the order given, so the likelier expert is not kept waiting behind a second
+        guess)."""
         if self.source.hint_width is not None:
             ids = ids[..., : self.source.hint_width]
         by_rank = ids.reshape(-1, ids.shape[-1]).T.reshape(-1)
