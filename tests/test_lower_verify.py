@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 import moeopt.lower.artifact as artifact_mod
@@ -109,3 +110,17 @@ def test_a_graph_without_kv_cache_is_verified_by_full_recompute(tmp_path: Path) 
     m = manifest(out)
     assert m["graph"]["kv_cache"] is None
     assert m["verified"] is True and 0 <= m["parity_measured"] <= m["parity_tolerance"]
+
+
+def test_encoder_decoder_artifacts_are_measured_against_pytorch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Switch has no parity.npz (its prompt feeds the encoder): the check runs a PyTorch forward instead."""
+    from moeopt.lower.parity import measure_parity
+
+    art = artifact("switch_transformers", tmp_path_factory)
+    m = manifest(art)
+    assert m["encoder"] and m["verified"] is True and 0 <= m["parity_measured"] <= PARITY_TOL_EXACT
+    for layer in (0, -1):  # an encoder MoE layer, a decoder one: a model the graph does not match
+        model = source_model("switch_transformers", art)
+        with torch.no_grad():
+            model.layers[layer].router_weight[0] += 1.0
+        assert measure_parity(art, model) > 10 * PARITY_TOL_EXACT, layer
