@@ -333,7 +333,9 @@ def finetune(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(ckpt, ignore_errors=True)
+    (ckpt / STATE_FILE).unlink(missing_ok=True)  # only what moeopt wrote there: a user's folder of that name stays
+    with contextlib.suppress(OSError):
+        ckpt.rmdir()
     return result
 
 
