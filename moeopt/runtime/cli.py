@@ -10,7 +10,7 @@ import numpy as np
 import typer
 
 from moeopt.errors import BadInputError
-from moeopt.outdir import OVERWRITE_HELP
+from moeopt.outdir import OVERWRITE_HELP, check_out_dir
 
 
 def lower_cmd(
@@ -31,7 +31,6 @@ def lower_cmd(
 ) -> None:
     """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer), verified."""
     import moeopt
-    from moeopt.outdir import check_out_dir
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.lower import Lower
 
