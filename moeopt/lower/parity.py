@@ -18,6 +18,8 @@ import torch
 from moeopt.ir.model import MoEModel
 from moeopt.lower.decoder import no_router_outputs
 from moeopt.runtime.manifest import PARITY_FILE
+from moeopt.runtime.session import Session
+from moeopt.runtime.steppers import DecoderOnlyStepper, EncoderDecoderStepper
 
 PROMPT_LEN = 8  # the probe: short, so that checking every lowering costs well under a second on tiny models
 STEPS = 8
@@ -71,16 +73,13 @@ def measure_parity(folder: Path, model: MoEModel) -> float:
             close()
 
 
-def _forced_logits(sess: object, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+def _forced_logits(sess: Session, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """(1, P) prompt, (1, S) tokens fed one by one -> (1, S, V) logits of each next-token prediction."""
-    from moeopt.runtime.session import Session
-    from moeopt.runtime.steppers import DecoderOnlyStepper
-
-    assert isinstance(sess, Session)
     p, s = prompt.shape[1], tokens.shape[1]
     if sess.cache is None:  # no cache: one forward over prompt + all but the last token
         seq = np.concatenate([prompt, tokens[:, :-1]], axis=1)  # (1, P + S - 1)
         return sess.logits(seq)[:, p - 1:]
+    # the step function Session.generate drives, fed our tokens (generate would choose its own)
     stepper = DecoderOnlyStepper(sess._run, prompt, np.ones_like(prompt))
     logits, past = stepper.prefill(sess.empty_past(1))
     out = [logits[:, -1]]
@@ -90,12 +89,9 @@ def _forced_logits(sess: object, prompt: np.ndarray, tokens: np.ndarray) -> np.n
     return np.stack(out, axis=1)
 
 
-def _seq2seq_diff(sess: object, model: MoEModel, src_len: int = PROMPT_LEN, steps: int = STEPS) -> float:
+def _seq2seq_diff(sess: Session, model: MoEModel, src_len: int = PROMPT_LEN, steps: int = STEPS) -> float:
     """Encoder once on a probe source, the decoder stepped through a probe sequence with its cache."""
-    from moeopt.runtime.session import Session
-    from moeopt.runtime.steppers import EncoderDecoderStepper
-
-    assert isinstance(sess, Session) and sess.encoder is not None and sess.encoder_meta is not None
+    assert sess.encoder is not None and sess.encoder_meta is not None
     vocab = int(model.config.vocab_size)
     src = _probe(vocab, src_len)
     mask = np.ones_like(src)
