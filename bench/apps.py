@@ -50,7 +50,8 @@ def tune(model_dir: Path, app: str, out: Path, args: argparse.Namespace, seed: i
            "--data", str(args.data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seed", str(seed),
            "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(2 * args.rank), "--targets", args.targets,
-           "--loss", args.loss, "--threads", str(args.threads), "--save-every", "0", "--no-progress"]
+           "--loss", args.loss, "--threads", str(args.threads), "--save-every", "0", "--no-progress",
+           "--overwrite"]  # bench/tune_memory.py tunes into the same cached folders on every run
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -116,7 +116,7 @@ def build_artifact(model_name: str, label: str, cache: Path) -> Path:
         if (dest / "manifest.json").exists() and (dest.parent / f"{other}.info.json").exists():
             continue
         t1 = time.perf_counter()
-        lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes)
+        lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes, overwrite=True)  # info.json lost
         info = {"passes": passes, "accuracy_level": CONFIGS[other][1], "quantize_s": quantize_s,
                 "lower_s": round(time.perf_counter() - t1, 1), **active_bytes(model)}
         (dest.parent / f"{other}.info.json").write_text(json.dumps(info, indent=1))

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from moeopt.errors import BadInputError, MoeOptError
+from moeopt.outdir import OVERWRITE_HELP, check_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="moeopt: a compiler for Mixture-of-Experts LMs.")
 data_app = typer.Typer(no_args_is_help=True, help="Real data for the reference model and the apps.")
@@ -20,6 +21,7 @@ app.add_typer(data_app, name="data")
 report_app = typer.Typer(no_args_is_help=True, help="Analysis reports (JSON + PNG).")
 app.add_typer(report_app, name="report")
 _STATE = {"debug": False}
+Overwrite = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
 
 
 @app.callback()
@@ -82,6 +84,7 @@ def convert(
     reproduce: Annotated[Path | None, typer.Option("--reproduce", help="replay a reproducer file")] = None,
     reproducer_dir: Annotated[Path | None, typer.Option(help="where a failing run writes its reproducer")] = None,
     data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Run a pipeline on a model and save the result."""
     import torch
@@ -101,6 +104,8 @@ def convert(
         raise BadInputError(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
     if out is None and reproduce is None:
         raise BadInputError("convert needs -o OUT (the output checkpoint folder)")
+    if out is not None:  # before the minutes of loading and passes
+        check_out_dir(out, overwrite=overwrite)
     names = [n.strip() for n in print_ir_after.split(",") if n.strip()]
     pm = PassManager(  # parse the pipeline before loading: a typo costs nothing
         passes_text, verify_each=verify_each, print_ir_after=names, timing=timing,
@@ -114,7 +119,7 @@ def convert(
     if stats:
         print(report.stats_table())
     if out is not None:
-        report.model.save(out, dtype=dtypes[dtype])
+        report.model.save(out, dtype=dtypes[dtype], overwrite=overwrite)
         print(f"wrote {out} ({report.pipeline})")
 
 
@@ -239,6 +244,7 @@ def plan_cmd(
     bits: Annotated[str, typer.Option(help="bitwidth assumed for float experts: auto (float32), 2, 3, 4, 8")] = "auto",
     data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="save the checkpoint with the plan here")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Plan offload mode under a memory budget: hot experts per layer, cache size, expected latency."""
     import moeopt
@@ -250,6 +256,8 @@ def plan_cmd(
     budget_bytes = parse_bytes(budget)  # bad text costs nothing: checked before loading
     if latency:
         parse_seconds(latency)
+    if out is not None:
+        check_out_dir(out, overwrite=overwrite)
     plan_pass = Plan(budget=budget_bytes, latency=latency, profile=profile, policy=policy, bits=bits)
     specs = tuple(s for s in calib.split(";") if s)
     m = moeopt.load(model)
@@ -262,7 +270,7 @@ def plan_cmd(
     assert plan is not None
     print(format_plan(plan))
     if out is not None:
-        report.model.save(out)
+        report.model.save(out, overwrite=overwrite)
         print(f"wrote {out} ({report.pipeline})")
 
 

@@ -54,7 +54,7 @@ def _check_roundtrip(model: Any, out: Path, ids: torch.Tensor) -> dict[str, obje
     import moeopt
 
     # float32 on disk: merged experts are not representable in the source's float16, and this check is exact.
-    saved = model.save(out, dtype=torch.float32)
+    saved = model.save(out, dtype=torch.float32, overwrite=True)  # the demo's own folder from an earlier run
     again = moeopt.load(saved)
     nodes = len(moeopt.moe_nodes(moeopt.trace(again, ids[:1])))
     return {
@@ -134,7 +134,7 @@ def _held_out_app(base: Any, tok: Any, out: Path, ev: dict[str, Any], app: str =
     examples = build_examples(rows, tok, vocab_size=int(base.config.vocab_size))
     reset_peak_rss()
     tuned = finetune(proxy, examples, TuneSettings(steps=steps, save_every=0), out / f"{app}-adapter",
-                     progress=False, meta={"app": f"app:{app}"})
+                     progress=False, meta={"app": f"app:{app}"}, overwrite=True)
     del proxy, tuned
     plugged = plug(copy.deepcopy(base), out / f"{app}-adapter")
     before = evaluate(base.hf, tok, tasks=[app], **ev)["apps"][app]

@@ -36,7 +36,8 @@ class InfeasibleBudgetError(MoeOptError):
 
 
 class VerificationError(MoeOptError):
-    """An IR invariant is broken; the message names the layer, the expert and the invariant."""
+    """An invariant is broken: the IR's (the message names the layer, the expert and the invariant), or a
+    lowered artifact's parity with its model (the message names the measured difference and the tolerance)."""
 
     kind = "verifier"
 

@@ -114,5 +114,5 @@ def test_models_trained_with_router_logits_still_run(tmp_path: Path) -> None:
     kw = model_inputs("mixtral")
     for model in (moeopt.load(hf), moeopt.load(tmp_path / "aux")):
         assert model.logits(kw["input_ids"]).shape == (2, 11, 97)
-        model.save(tmp_path / "ck")
+        model.save(tmp_path / "ck", overwrite=True)
         assert moeopt.load(tmp_path / "ck").logits(kw["input_ids"]).shape == (2, 11, 97)

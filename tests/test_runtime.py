@@ -84,10 +84,11 @@ def test_failed_lowering_leaves_no_folder_and_keeps_the_old_one(
         lower(tiny("mixtral"), out)
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
-    (out / "manifest.json").write_text("old")
+    old = json.dumps({"format": "moeopt-artifact", "version": 1})  # an artifact moeopt wrote earlier
+    (out / "manifest.json").write_text(old)
     with pytest.raises(RuntimeError):
-        lower(tiny("mixtral"), out)
-    assert [p.name for p in tmp_path.iterdir()] == ["art"] and (out / "manifest.json").read_text() == "old"
+        lower(tiny("mixtral"), out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"] and (out / "manifest.json").read_text() == old
 
 
 def test_unlowerable_models_are_refused_cleanly(tmp_path: Path) -> None:
@@ -160,7 +161,7 @@ def test_standalone_script_imports_only_numpy_and_onnxruntime(
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert mods - set(sys.stdlib_module_names) == {"numpy", "onnxruntime"}
     art = artifact("mixtral", tmp_path_factory)
-    assert json.loads((art / "manifest.json").read_text())["parity_tolerance"] == 1e-3  # float: exact kernels
+    assert json.loads((art / "manifest.json").read_text())["parity_tolerance"] == 1e-4  # float: exact kernels
     # -I: isolated, so the repository (moeopt) is not importable from the working directory
     res = subprocess.run([sys.executable, "-I", str(SCRIPT), str(art), "--parity"], capture_output=True, text=True)
     assert res.returncode == 0 and "tokens identical" in res.stdout, res.stderr

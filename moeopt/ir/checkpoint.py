@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from moeopt.ir.layer import DenseExpert, MoELayer
 from moeopt.ir.model import MoEModel
 from moeopt.ir.spec import ExpertSpec, RouterSpec, SharedSpec
 from moeopt.ir.table import ExpertTable, QuantizedMatrix, SlotInfo
+from moeopt.outdir import atomic_dir, commit_dir
 
 FORMAT = "moeopt-checkpoint"
 VERSION = 1
@@ -33,29 +33,16 @@ TOKENIZER_FILES = (
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary sibling folder; `commit_dir` renames it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
+def save_checkpoint(
+    model: MoEModel, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Write `model` to the folder `path` (built in a temporary folder, renamed into place).
 
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`, replacing an existing folder only once the new one is complete."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
-def save_checkpoint(model: MoEModel, path: Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write `model` to the folder `path` (built in a temporary folder, renamed into place)."""
+    An existing non-empty `path` is refused unless `overwrite`, and then only if moeopt wrote it
+    (see `moeopt.outdir`).
+    """
     save_dtype = dtype or _DTYPES.get(model.storage_dtype, torch.float32)
-    tmp = atomic_dir(path)
+    tmp = atomic_dir(path, overwrite=overwrite)
     try:
         model.config.save_pretrained(tmp)
         tensors: dict[str, torch.Tensor] = {}
@@ -91,7 +78,7 @@ def save_checkpoint(model: MoEModel, path: Path, *, dtype: torch.dtype | None = 
             for name in TOKENIZER_FILES:
                 if (model.source_dir / name).exists():
                     shutil.copy2(model.source_dir / name, tmp / name)
-        commit_dir(tmp, path)
+        commit_dir(tmp, path, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

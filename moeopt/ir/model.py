@@ -96,11 +96,14 @@ class MoEModel:
             expert_bytes=expert_bytes, non_expert_bytes=(non_expert + shared + router) * fb,
         )
 
-    def save(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-        """Write a moeopt checkpoint folder atomically (see `moeopt.ir.checkpoint`)."""
+    def save(self, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write a moeopt checkpoint folder atomically (see `moeopt.ir.checkpoint`).
+
+        An existing non-empty folder is refused unless `overwrite`, and then only one moeopt wrote.
+        """
         from moeopt.ir.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, Path(path), dtype=dtype)
+        return save_checkpoint(self, Path(path), dtype=dtype, overwrite=overwrite)
 
     def summary(self) -> str:
         """A short multi-line description: architecture, layers, experts, parameters."""

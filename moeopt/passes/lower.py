@@ -17,7 +17,11 @@ class Lower(Pass):
     summary = "write an ONNX Runtime artifact (decoder with KV cache, MoE layers as com.microsoft.MoE, manifest)"
     exact = True
     options = (
-        Option("out", "path", None, "artifact folder to write (required; replaced atomically)"),
+        Option("out", "path", None, "artifact folder to write (required; an existing non-empty one needs "
+               "overwrite=true)"),
+        Option("overwrite", "bool", False, "replace an existing output folder that moeopt wrote (never another)"),
+        Option("verify", "bool", True, "run the written artifact in onnxruntime against PyTorch before it is "
+               "renamed into place; refuse it beyond its parity tolerance"),
         Option("target", "choice", "x86_64", "target profile recorded in the manifest", choices=("x86_64", "arm64")),
         Option("threads", "int", 0, "intra-op threads in the profile (0: all cores)", min=0),
         Option("opt-level", "choice", "none", "store the graph ORT-optimised offline (extended is portable)",
@@ -58,7 +62,8 @@ class Lower(Pass):
             ort_optimize=self.opts["opt-level"] == "extended", kv_cache=self.opts["kv-cache"], pipeline=history,
             accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self.hot_slots(),
             prefetch={"auto": None, "true": True, "false": False}[self.opts["prefetch"]],
-            prefetch_top=self.opts["prefetch-top"] or None,
+            prefetch_top=self.opts["prefetch-top"] or None, overwrite=self.opts["overwrite"],
+            verify=self.opts["verify"],
         )
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)
@@ -67,4 +72,5 @@ class Lower(Pass):
             "moe-nodes": sum(g["moe_nodes"] for g in graphs),
             "plain-op-layers": sum(g["dense_moe_layers"] for g in graphs),
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+            **({"parity-measured": manifest["parity_measured"]} if manifest.get("verified") else {}),
         })

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from moeopt.errors import BadInputError
+from moeopt.outdir import OVERWRITE_HELP, check_out_dir
 
 
 def lower_cmd(
@@ -23,15 +24,20 @@ def lower_cmd(
     hot: Annotated[str, typer.Option(help="offload: hot experts per layer kept in the graph (N or all)")] = "2",
     prefetch_top: Annotated[int, typer.Option(help="offload: experts each prefetch hint names "
                                               "(0: the router's top_k)")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run the written artifact in onnxruntime "
+                                         "against the model in PyTorch before it is renamed into place, and "
+                                         "refuse it beyond its parity tolerance")] = True,
 ) -> None:
-    """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer)."""
+    """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer), verified."""
     import moeopt
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.lower import Lower
 
     lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level, experts=experts, hot=hot,
-                  prefetch_top=prefetch_top)
+                  prefetch_top=prefetch_top, overwrite=overwrite, verify=verify)
     lower.hot_slots()  # options checked before loading
+    check_out_dir(out, overwrite=overwrite)
     pm = PassManager(passes_text) if passes_text else None
     if pm is not None and any(p.name == "lower" for p in pm.passes):
         raise BadInputError("--passes must not contain lower: this command lowers; give its options here "
@@ -39,8 +45,10 @@ def lower_cmd(
     m = moeopt.load(model)
     if pm is not None:
         m = pm.run(m, source=model).model
-    lower.run(m, PassContext())
-    print(f"wrote {out}")
+    result = lower.run(m, PassContext())
+    measured = result.stats.get("parity-measured")
+    print(f"wrote {out}" + (f" (verified: max |logit diff| {measured:.3g})" if measured is not None
+                            else " (not verified: --no-verify)"))
 
 
 def run_cmd(

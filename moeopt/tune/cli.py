@@ -9,10 +9,12 @@ from typing import Annotated
 import typer
 
 from moeopt.errors import BadInputError
+from moeopt.outdir import OVERWRITE_HELP, check_out_dir
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 AppData = Annotated[str, typer.Option("--app", help="app data: a JSONL file or app:NAME[:SPLIT] (prepared data)")]
 DataRoot = Annotated[Path | None, typer.Option(help="data root for app:NAME (default: prepared data)")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
 
 
 def _dtype(name: str, default: str | None) -> object:
@@ -37,6 +39,7 @@ def extract_cmd(
                                            "or freq (LiteMoE's routing frequency)")] = "loss",
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="fit the kept experts to the foundation's layer "
                                         "outputs on the app's data after the merge")] = True,
+    overwrite: Overwrite = False,
 ) -> None:
     """Extract an app's LiteMoE proxy: importance on its data, prune + ILP match + aligned merge, refit."""
     import moeopt
@@ -44,6 +47,7 @@ def extract_cmd(
 
     check_keep(keep)
     check_rank(rank)
+    check_out_dir(out, overwrite=overwrite)
     spec = calib_spec(app)
     save_dtype = _dtype(dtype, None)
     m = moeopt.load(model)
@@ -51,7 +55,7 @@ def extract_cmd(
     report = extract(m, spec, keep=keep, cold=None if cold < 0 else cold, calib_tokens=calib_tokens, data_root=data,
                      rank=rank, refit=refit)
     after = m.stats()
-    m.save(out, dtype=save_dtype)  # type: ignore[arg-type]
+    m.save(out, dtype=save_dtype, overwrite=overwrite)  # type: ignore[arg-type]
     print(f"proxy: routed-expert params {after.expert:,} of {before.expert:,} ({after.expert / before.expert:.1%}), "
           f"total {after.total:,} of {before.total:,}")
     print(f"wrote {out} ({report.pipeline})")
@@ -79,6 +83,7 @@ def finetune_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT.ckpt")] = False,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+    overwrite: Overwrite = False,
 ) -> None:
     """Tune LoRA adapters on a proxy with the app's labelled examples; reports peak memory."""
     import torch
@@ -92,6 +97,7 @@ def finetune_cmd(
                             save_every=save_every)
     if max_examples < 0:
         raise BadInputError(f"--max-examples must be >= 0, got {max_examples}")
+    check_out_dir(out, overwrite=overwrite)
     rows, name = read_rows(app, data_root=data, task=task)
     rows = rows[:max_examples] if max_examples else rows
     if threads:
@@ -118,7 +124,7 @@ def finetune_cmd(
         "load_peak_rss_mib": round(load_peak, 1),
     }
     res = finetune(m, examples, settings, out, pad_id=pad, resume=resume, progress=progress, meta=meta,
-                   rss_before_mib=rss0)
+                   rss_before_mib=rss0, overwrite=overwrite)
     train = read_meta(out)["train"]
     peak = max(load_peak, res.peak_rss_mib)
     print(f"tuned {len(res.targets)} modules for {res.steps} steps on {len(examples)} examples of {name}: "
@@ -148,6 +154,9 @@ def plug_cmd(
     dtype: Annotated[str, typer.Option(help="storage dtype: auto (as the foundation), float32, ...")] = "auto",
     artifact: Annotated[Path | None, typer.Option(help="also lower the plugged model to this artifact")] = None,
     target: Annotated[str, typer.Option(help="target profile of --artifact: x86_64 or arm64")] = "x86_64",
+    overwrite: Overwrite = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="--artifact: run it in onnxruntime "
+                                         "against PyTorch before it is renamed into place")] = True,
 ) -> None:
     """Merge an app's adapter into its foundation and save the model (and, with --artifact, lower it)."""
     import moeopt
@@ -157,10 +166,13 @@ def plug_cmd(
     from moeopt.tune.plug import plug
 
     read_meta(adapter)  # a bad adapter folder or target costs nothing
-    lower = None if artifact is None else Lower(out=artifact, target=target)
+    lower = None if artifact is None else Lower(out=artifact, target=target, overwrite=overwrite, verify=verify)
     save_dtype = _dtype(dtype, None)
+    check_out_dir(out, overwrite=overwrite)
+    if artifact is not None:
+        check_out_dir(artifact, overwrite=overwrite)
     m = plug(moeopt.load(model), adapter)
-    m.save(out, dtype=save_dtype)  # type: ignore[arg-type]
+    m.save(out, dtype=save_dtype, overwrite=overwrite)  # type: ignore[arg-type]
     print(f"wrote {out} ({m.history[-1]})")
     if lower is not None:
         lower.run(m, PassContext())

@@ -225,6 +225,7 @@ def finetune(
     rss_before_mib: float | None = None,
     checkpoint_dir: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    overwrite: bool = False,
 ) -> TuneResult:
     """Tune LoRA adapters on `model` (usually a proxy) and save them to `out` with moeopt metadata.
 
@@ -232,11 +233,14 @@ def finetune(
     checkpoints go to `checkpoint_dir` (default `OUT.ckpt` beside `out`), and an interrupted run (Ctrl-C,
     an error, or `on_step(step, loss)` raising) saves its finished steps there; they are removed once the
     adapter is saved. `resume=True` continues from the last one, bit for bit as if never stopped.
+    An existing non-empty `out` is refused before any step unless `overwrite` (and then only an adapter
+    folder moeopt wrote; see `moeopt.outdir`).
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from moeopt.ir.checkpoint import atomic_dir, commit_dir
+    from moeopt.outdir import atomic_dir, check_out_dir, commit_dir
 
+    check_out_dir(out, overwrite=overwrite)
     rss0 = rss_mib() if rss_before_mib is None else rss_before_mib
     if not examples:
         raise BadInputError("no training examples")
@@ -309,7 +313,7 @@ def finetune(
     peft_model.eval()
     peak = peak_rss_mib()
     result = TuneResult(peft_model, settings.steps, losses, seconds, peak, rss0, names)
-    tmp = atomic_dir(out)
+    tmp = atomic_dir(out, overwrite=overwrite)
     try:
         peft_model.save_pretrained(str(tmp))
         write_meta(tmp, {
@@ -325,11 +329,13 @@ def finetune(
                 "trainable_params": sum(p.numel() for p in params),
             },
         })
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(ckpt, ignore_errors=True)
+    (ckpt / STATE_FILE).unlink(missing_ok=True)  # only what moeopt wrote there: a user's folder of that name stays
+    with contextlib.suppress(OSError):
+        ckpt.rmdir()
     return result
 
 

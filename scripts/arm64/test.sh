@@ -48,9 +48,9 @@ t_start=$SECONDS
 # on qemu's max CPU, whose dot-product kernels run; 1.1e-05 on cortex-a72, which has no int8 dot
 # product, so ORT apparently keeps float activations there).
 declare -A PIPELINE=(
-  [float]='lower{out="@OUT@",target=arm64}'
-  [q4]='quantize{method=uniform,bits=4},lower{out="@OUT@",target=arm64}'
-  [q4-int8]='quantize{method=uniform,bits=4},lower{out="@OUT@",target=arm64,accuracy-level=4}'
+  [float]='lower{out="@OUT@",target=arm64,overwrite=true}'
+  [q4]='quantize{method=uniform,bits=4},lower{out="@OUT@",target=arm64,overwrite=true}'
+  [q4-int8]='quantize{method=uniform,bits=4},lower{out="@OUT@",target=arm64,accuracy-level=4,overwrite=true}'
 )
 declare -A TOL=([float]=1e-3 [q4]=1e-3 [q4-int8]=0.25)
 
