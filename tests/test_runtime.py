@@ -161,7 +161,7 @@ def test_standalone_script_imports_only_numpy_and_onnxruntime(
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert mods - set(sys.stdlib_module_names) == {"numpy", "onnxruntime"}
     art = artifact("mixtral", tmp_path_factory)
-    assert json.loads((art / "manifest.json").read_text())["parity_tolerance"] == 1e-4  # float: exact kernels
+    assert json.loads((art / "manifest.json").read_text())["parity_tolerance"] == 1e-3  # float: exact kernels
     # -I: isolated, so the repository (moeopt) is not importable from the working directory
     res = subprocess.run([sys.executable, "-I", str(SCRIPT), str(art), "--parity"], capture_output=True, text=True)
     assert res.returncode == 0 and "tokens identical" in res.stdout, res.stderr

@@ -139,8 +139,11 @@ def lower(
 # Max |logit diff| against parity.npz (PyTorch, dequantized weights) that a runtime may show. Measured on the
 # reference model: float 1.2e-5 and 4-bit with fp32 activations 1.1e-5 (x86-64 and aarch64 under qemu); on
 # the tests' tiny artifacts (float, 2/3/4-bit, offload, encoder-decoder) at most 1.3e-6; int8 activations
-# (accuracy_level 4, and ORT's 8-bit QMoE, which always quantizes activations) 0.063.
-PARITY_TOL_EXACT = 1e-4
+# (accuracy_level 4, and ORT's 8-bit QMoE, which always quantizes activations) 0.063. The exact tolerance is
+# kept at 1e-3, not tighter: fp32 summation order differs between ORT's kernels and PyTorch's, and that error
+# grows with hidden size and depth, so a correct artifact of a large model must not be refused; the tests hold
+# the tiny artifacts to 1e-5. A real fault is far above it (one router weight changed: 8e-3).
+PARITY_TOL_EXACT = 1e-3
 PARITY_TOL_INT8_ACTIVATIONS = 0.25
 
 
