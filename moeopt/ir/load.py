@@ -168,7 +168,7 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
     if is_mxfp4_config(json.loads((path / "config.json").read_text())):
         # gpt-oss as shipped: MXFP4 experts, dequantized to `dtype` (the IR holds float experts; without
         # this, a machine with triton kernels would keep them packed in a form moeopt cannot read).
-        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)  # type: ignore[attr-defined]
     try:
         hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)  # type: ignore[misc]
     except MoeOptError:

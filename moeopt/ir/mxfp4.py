@@ -85,21 +85,22 @@ def write_mxfp4_checkpoint(hf: nn.Module, folder: str | Path) -> nn.Module:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf.config.save_pretrained(folder)
+    config: Any = hf.config
+    config.save_pretrained(folder)
     state: dict[str, torch.Tensor] = {}
     ref = copy.deepcopy(hf)
     ref_params = dict(ref.named_parameters())
     for name, p in hf.state_dict().items():
         stem, _, leaf = name.rpartition(".")
         if stem.endswith(".experts") and leaf in PROJS:
-            packed = quantize_param(f"{stem}.{leaf}", p)
+            packed = quantize_param(name, p)
             state.update(packed)
             with torch.no_grad():
-                ref_params[name].copy_(dequantize_param(*packed.values(), dtype=p.dtype))
+                ref_params[name].copy_(dequantize_param(packed[f"{name}_blocks"], packed[f"{name}_scales"], p.dtype))
         else:
             state[name] = p.detach().contiguous()
     tied = getattr(hf, "_tied_weights_keys", None) or {}
-    if getattr(hf.config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False):
         for key in tied:
             state.pop(key, None)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -36,7 +36,7 @@ def _experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
             "dequantized (moeopt.load does)"
         )
     w_in = gate_up.detach().transpose(1, 2)  # (E, 2I, H), rows g0, u0, g1, u1, ...
-    b_in = ex.gate_up_proj_bias.detach()  # type: ignore[union-attr]
+    b_in: torch.Tensor = getattr(ex, "gate_up_proj_bias").detach()  # noqa: B009 (an nn.Module attribute)
     w_in = torch.cat([w_in[:, 0::2], w_in[:, 1::2]], dim=1)
     b_in = torch.cat([b_in[:, 0::2], b_in[:, 1::2]], dim=1)
     w_out = down.detach().transpose(1, 2)  # (E, H, I)
@@ -44,8 +44,8 @@ def _experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
         hidden=int(w_out.shape[1]), intermediate=int(w_out.shape[2]), act="silu", glu=True, bias=True,
         swiglu_alpha=float(ex.alpha), swiglu_beta=1.0, swiglu_limit=float(ex.limit),  # type: ignore[arg-type]
     )
-    return ExpertParts(spec, w_in.contiguous(), w_out.contiguous(), b_in.contiguous(),
-                       ex.down_proj_bias.detach())  # type: ignore[union-attr]
+    b_out: torch.Tensor = getattr(ex, "down_proj_bias").detach()  # noqa: B009
+    return ExpertParts(spec, w_in.contiguous(), w_out.contiguous(), b_in.contiguous(), b_out.contiguous())
 
 
 ADAPTER = Adapter(
