@@ -117,6 +117,25 @@ def test_clamped_swiglu_layer_lowers_exactly(k: int, tmp_path: Path) -> None:
         assert np.abs(sess.run(None, {"x": xs.numpy()})[0] - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize(("hidden", "kernel"), [(32, "com.microsoft.QMoE"), (24, "com.microsoft.MatMulNBits")])
+def test_quantized_clamped_swiglu_layer_lowers_exactly(hidden: int, kernel: str, tmp_path: Path) -> None:
+    """4-bit, widened 3-bit and a float slot (a MoE node with biases) in one layer; hidden 24 is not whole
+    QMoE blocks, so the quantized slots go through MatMulNBits and the clamped SwiGLU as plain ops."""
+    from moeopt.lower.onnx_quant import plan
+    from moeopt.quant.apply import quantize_slot
+
+    spec = ExpertSpec(hidden, 16, "silu", bias=True, swiglu_alpha=1.702, swiglu_beta=1.0, swiglu_limit=0.5)
+    layer = random_layer(RouterSpec(4, 2, "topk_softmax", has_bias=True), spec, router_bias=True)
+    for slot, bits in enumerate([4, None, 4, 3]):
+        quantize_slot(layer.table, slot, bits, 16, False)
+    assert {g.op for g in plan(layer)} == {kernel, "com.microsoft.MoE"}
+    sess = export_layer(layer, tmp_path / "layer.onnx")
+    xs = torch.randn(3, 7, hidden, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        ref = layer(xs).numpy()
+    assert np.abs(sess.run(None, {"x": xs.numpy()})[0] - ref).max() <= 1e-5
+
+
 def test_artifact_decodes_like_pytorch(tmp_path: Path) -> None:
     """Float artifact: sinks and the sliding window survive the export (prompts of 9 and 6 tokens and 32
     greedy steps with the KV cache, window 4), experts as com.microsoft.MoE."""
