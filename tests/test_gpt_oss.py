@@ -136,6 +136,44 @@ def test_quantized_clamped_swiglu_layer_lowers_exactly(hidden: int, kernel: str,
     assert np.abs(sess.run(None, {"x": xs.numpy()})[0] - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_offload_cold_graph_computes_clamped_swiglu_experts(bits: int | None) -> None:
+    """The offload mode's cold experts (one MoE / QMoE node fed the pool) keep the biases and the clamped
+    SwiGLU: its output is the sw-weighted sum of the layer's experts (a whole offload artifact of the tiny
+    gpt-oss decodes like PyTorch too, ~3e-7; not run here: a minute per export)."""
+    import onnxruntime as ort
+
+    from moeopt.ir.compute import _dense
+    from moeopt.lower.expert_file import _moe_parts, _qmoe_parts, cold_graph
+    from moeopt.lower.onnx_quant import Group, plan
+    from moeopt.quant.apply import quantize_slot
+    from moeopt.runtime.offload_format import Part, PoolFormat
+
+    layer = random_layer(RouterSpec(4, 2, "topk_softmax", has_bias=True), GPT_OSS, router_bias=True)
+    if bits is None:
+        group = Group((0, 1, 2, 3), None, "com.microsoft.MoE")
+        arrays, attrs = _moe_parts(layer, group)
+    else:
+        for slot in range(4):
+            quantize_slot(layer.table, slot, bits, 16, False)
+        group = plan(layer)[0]
+        arrays, attrs = _qmoe_parts(layer, group)
+    assert {"fc1_bias", "fc2_bias"} <= set(arrays) and attrs["swiglu_limit"] == 0.5
+    parts = tuple(Part(n, tuple(a.shape[1:]), str(a.dtype)) for n, a in arrays.items())
+    model = cold_graph(PoolFormat("f", group.op, "f.onnx", parts), attrs, 2)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 16, generator=g) * 3
+    sw = torch.zeros(5, 4)
+    sw[torch.arange(5), torch.tensor([0, 1, 2, 3, 0])] = 0.7
+    sw[torch.arange(5), torch.tensor([2, 3, 0, 1, 1])] = 0.3
+    out = sess.run(None, {"x": x.numpy(), "sw": sw.numpy(), **arrays})[0]
+    t = layer.table
+    ref = sum(sw[:, s:s + 1] * _dense(x, t.w_in[s], t.w_out[s], t.b_in[s], t.b_out[s], "silu", True, t.spec)
+              for s in range(4))
+    assert np.abs(out - ref.numpy()).max() <= 1e-5
+
+
 def test_artifact_decodes_like_pytorch(tmp_path: Path) -> None:
     """Float artifact: sinks and the sliding window survive the export (prompts of 9 and 6 tokens and 32
     greedy steps with the KV cache, window 4), experts as com.microsoft.MoE."""
