@@ -59,9 +59,14 @@ def test_load_maps_gpt_oss_onto_the_ir() -> None:
     layer = model.layers[0]
     spec = layer.table.spec
     assert (spec.swiglu_alpha, spec.swiglu_beta, spec.swiglu_limit) == (1.702, 1.0, 2.0) and spec.bias
-    assert layer.router == RouterSpec(4, 2, "topk_softmax", has_bias=True)
+    assert layer.router == RouterSpec(4, 2, "topk_softmax", has_bias=True, logits_fp32=False)
     assert layer.tuple_output  # GptOssDecoderLayer unpacks `hidden, _ = mlp(hidden)`
     assert (_logits(model.hf, kw["input_ids"]) - _logits(hf, kw["input_ids"])).abs().max() <= 1e-5
+    # bf16 (as shipped): router logits in the model's dtype and biases added after each matmul, as the
+    # source does, or the conversion check (1e-5) fails and the layer is refused
+    bf16 = tiny_model("gpt_oss").to(torch.bfloat16)
+    ids = kw["input_ids"]
+    assert torch.equal(_logits(moeopt.load(bf16, dtype=torch.bfloat16).hf, ids), _logits(bf16, ids))
 
 
 def test_mxfp4_checkpoint_loads_dequantized(tmp_path: Path) -> None:

@@ -43,11 +43,16 @@ def _dense(
 ) -> torch.Tensor:
     """One expert on its tokens: `down(act(gate x) * up x)` or `wo(act(wi x))`; the fused in-projection
     mirrors transformers' `linear(x, gate_up_proj[e]).chunk(2)` so the rounding is the same. `spec`
-    is needed only for clamped-SwiGLU experts (its alpha, beta and limit)."""
+    is needed only for clamped-SwiGLU experts (its alpha, beta and limit; biases added as gpt-oss does)."""
+    if spec is not None and spec.clamped_swiglu:  # gpt-oss adds its biases after each matmul (bf16 rounding)
+        h = F.linear(x, w_in) + b_in if b_in is not None else F.linear(x, w_in)
+        gate, up = h.chunk(2, dim=-1)
+        h = clamped_swiglu(gate, up, spec)
+        return F.linear(h, w_out) + b_out if b_out is not None else F.linear(h, w_out)
     h = F.linear(x, w_in, b_in)
     if glu:
         gate, up = h.chunk(2, dim=-1)
-        h = clamped_swiglu(gate, up, spec) if spec is not None and spec.clamped_swiglu else ACT2FN[act](gate) * up
+        h = ACT2FN[act](gate) * up
     else:
         h = ACT2FN[act](h)
     return F.linear(h, w_out, b_out)

@@ -19,7 +19,7 @@ from moeopt.ir.spec import ExpertSpec, RouterSpec
 def _spec(block: nn.Module, router: RouterParts, config: Any, e: int) -> RouterSpec:
     return RouterSpec(
         num_experts=e, top_k=int(config.num_experts_per_tok), score_fn="topk_softmax", norm="none",
-        has_bias=router.bias is not None,
+        has_bias=router.bias is not None, logits_fp32=False,  # F.linear in the model's dtype, as the source
     )
 
 
