@@ -100,6 +100,24 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             "eos_token_id": 1,
         },
     ),
+    # swiglu_limit 2 (7 as shipped) so tiny random experts reach the clamp; sliding_window 4 so short
+    # prompts cross it. Hidden and intermediate are whole MXFP4 blocks (32) for `write_mxfp4_checkpoint`.
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "head_dim": 8,
+            "sliding_window": 4,
+            "swiglu_limit": 2.0,
+            "rope_parameters": {  # gpt-oss's YaRN, scaled to the tiny context (128 = 32 x 4)
+                "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4,
+            },
+        },
+    ),
     # Not listed by name in moeopt: loaded through structure detection with no per-model code.
     "granitemoe": (
         "GraniteMoeConfig",
@@ -157,7 +175,7 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
 }
-LISTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "switch_transformers")
+LISTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "switch_transformers", "gpt_oss")
 DETECTED = ("granitemoe", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1")
 
 
@@ -185,6 +203,8 @@ def tiny_model(arch: str, seed: int = 0) -> nn.Module:
                 p.normal_(0.0, 0.5)
             elif "e_score_correction_bias" in name or "moe_statics" in name:
                 p.normal_(0.0, 0.1)
+            elif arch == "gpt_oss" and ".experts." in name:  # biases init to 0 and weights too small to clamp
+                p.normal_(0.0, 0.5 if name.endswith("gate_up_proj") else 0.2)
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:
                 b.normal_(0.0, 0.1)

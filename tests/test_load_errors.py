@@ -75,13 +75,21 @@ def test_unsupported_input_type() -> None:
         moeopt.load(3)  # type: ignore[arg-type]
 
 
-def test_gpt_oss_is_refused_naming_the_custom_gate() -> None:
+def test_unknown_custom_gate_is_refused_naming_it() -> None:
+    """gpt-oss's own gate is supported (tests/test_gpt_oss.py); a different `_apply_gate` is refused."""
     import transformers
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    class OtherGateExperts(GptOssExperts):
+        def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+            return gate_up[..., ::2] * gate_up[..., 1::2]
 
     cfg = transformers.GptOssConfig(
         vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
         layer_types=["full_attention"] * 2,
     )
-    with pytest.raises(moeopt.UnsupportedModelError, match=r"GptOssExperts: custom gating function `_apply_gate`"):
-        moeopt.load(transformers.GptOssForCausalLM(cfg))
+    hf = transformers.GptOssForCausalLM(cfg)
+    hf.model.layers[1].mlp.experts.__class__ = OtherGateExperts
+    with pytest.raises(moeopt.UnsupportedModelError, match=r"OtherGateExperts: custom gating function `_apply_gate`"):
+        moeopt.load(hf)

@@ -169,4 +169,5 @@ def _empty_layer(lm: dict[str, Any]) -> MoELayer:
         _meta_tensor(router.num_experts) if lm["has_router_bias"] else None,
         _meta_tensor(router.num_experts) if lm["has_score_bias"] else None, shared,
         index=lm["index"], path=lm["path"], source_class=lm.get("source_class", ""),
+        tuple_output=bool(lm.get("tuple_output", False)),
     )

@@ -26,12 +26,29 @@ class RoutingTrace:
     hidden: torch.Tensor  # (N, H) the layer's input
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    """gpt-oss's gate (see ExpertSpec): min(gate, limit) * sigmoid(alpha * .) * (clamp(up) + beta), in
+    the operation order of transformers' `GptOssExperts._apply_gate`."""
+    lim = spec.swiglu_limit
+    if lim is not None:
+        gate = gate.clamp(min=None, max=lim)
+        up = up.clamp(min=-lim, max=lim)
+    glu = gate * torch.sigmoid(gate * spec.swiglu_alpha)
+    return (up + spec.swiglu_beta) * glu
+
+
 def _dense(
     x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
-    b_out: torch.Tensor | None, act: str, glu: bool,
+    b_out: torch.Tensor | None, act: str, glu: bool, spec: ExpertSpec | None = None,
 ) -> torch.Tensor:
     """One expert on its tokens: `down(act(gate x) * up x)` or `wo(act(wi x))`; the fused in-projection
-    mirrors transformers' `linear(x, gate_up_proj[e]).chunk(2)` so the rounding is the same."""
+    mirrors transformers' `linear(x, gate_up_proj[e]).chunk(2)` so the rounding is the same. `spec`
+    is needed only for clamped-SwiGLU experts (its alpha, beta and limit; biases added as gpt-oss does)."""
+    if spec is not None and spec.clamped_swiglu:  # gpt-oss adds its biases after each matmul (bf16 rounding)
+        h = F.linear(x, w_in) + b_in if b_in is not None else F.linear(x, w_in)
+        gate, up = h.chunk(2, dim=-1)
+        h = clamped_swiglu(gate, up, spec)
+        return F.linear(h, w_out) + b_out if b_out is not None else F.linear(h, w_out)
     h = F.linear(x, w_in, b_in)
     if glu:
         gate, up = h.chunk(2, dim=-1)
@@ -63,7 +80,7 @@ def routed_experts(
         w = torch.where(hit[tok], weights[tok], 0.0).sum(dim=-1)  # (n,)
         y = _dense(
             x[tok], w_in[s], w_out[s], None if b_in is None else b_in[s], None if b_out is None else b_out[s],
-            spec.act, spec.glu,
+            spec.act, spec.glu, spec,
         )
         out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
     return out

@@ -53,6 +53,8 @@ class MoELayer(nn.Module):
 
     Attributes:
         index: position among the model's MoE layers (0-based); path: module path in the host model.
+        tuple_output: forward returns `(out, None)`, for hosts that unpack the block's output as
+            `hidden, _ = mlp(hidden)` (gpt-oss's router scores); `moe(x)` always gives the tensor.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class MoELayer(nn.Module):
         index: int = 0,
         path: str = "",
         source_class: str = "",
+        tuple_output: bool = False,
     ) -> None:
         super().__init__()
         self.router = router
@@ -76,6 +79,7 @@ class MoELayer(nn.Module):
         self.register_buffer("score_bias", score_bias)
         self.shared = nn.ModuleList(shared or [])
         self.index, self.path, self.source_class = index, path, source_class
+        self.tuple_output = tuple_output
         self.observers: list[Observer] = []
 
     @property
@@ -88,7 +92,12 @@ class MoELayer(nn.Module):
     def _shared_tensors(self) -> list[torch.Tensor]:
         return [t for m in self.shared for t in m.flat_tensors()]  # type: ignore[operator]
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+    def forward(self, hidden_states: torch.Tensor) -> Any:  # (B, T, H) -> (B, T, H) [or (it, None)]
+        out = self.moe(hidden_states)
+        return (out, None) if self.tuple_output else out
+
+    def moe(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        """The layer's output tensor, whatever `tuple_output` says."""
         t = self.table
         args = (
             hidden_states, self.router_weight, self.router_bias, self.score_bias, t.keep_mask, t.slot_of,
@@ -102,7 +111,7 @@ class MoELayer(nn.Module):
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {
+        out = {
             "index": self.index,
             "path": self.path,
             "source_class": self.source_class,
@@ -112,6 +121,9 @@ class MoELayer(nn.Module):
             "shared": [s.to_dict() for s in self.shared_specs],
             "table": self.table.meta(),
         }
+        if self.tuple_output:
+            out["tuple_output"] = True
+        return out
 
     def extra_repr(self) -> str:
         r, t = self.router, self.table

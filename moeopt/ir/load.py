@@ -16,6 +16,7 @@ from moeopt.ir.adapters import GENERIC, adapter_for, build_layer
 from moeopt.ir.adapters.base import find_experts
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
+from moeopt.ir.mxfp4 import is_mxfp4_config
 from moeopt.ir.safetensors_check import check_safetensors
 from moeopt.ir.spec import RouterSpec
 
@@ -163,8 +164,13 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # one line per error, no per-tensor bars
+    extra: dict[str, Any] = {}
+    if is_mxfp4_config(json.loads((path / "config.json").read_text())):
+        # gpt-oss as shipped: MXFP4 experts, dequantized to `dtype` (the IR holds float experts; without
+        # this, a machine with triton kernels would keep them packed in a form moeopt cannot read).
+        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)  # type: ignore[attr-defined]
     try:
-        hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)  # type: ignore[misc]
+        hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)  # type: ignore[misc]
     except MoeOptError:
         raise
     except ValueError as e:

@@ -76,6 +76,11 @@ class ExpertSpec:
 
     GLU experts compute `down(act(gate x) * up x)` and store `w_in = [gate; up]` as (2I, H);
     MLP experts compute `wo(act(wi x))` and store `w_in = wi` as (I, H). `w_out` is (H, I).
+
+    SiLU-gated GLU experts may use the clamped SwiGLU of gpt-oss (and of ORT's MoE/QMoE `swiglu`,
+    attributes activation_alpha / activation_beta / swiglu_limit): with g = min(gate, limit) and
+    u = clamp(up, -limit, limit), the product is `g * sigmoid(alpha * g) * (u + beta)`. The defaults
+    (alpha 1, beta 0, no limit) are the plain `silu(gate) * up`.
     """
 
     hidden: int  # H
@@ -83,6 +88,9 @@ class ExpertSpec:
     act: str  # a key of transformers.activations.ACT2FN, so numerics match the source exactly
     glu: bool = True
     bias: bool = False  # experts carry b_in / b_out
+    swiglu_alpha: float = 1.0  # gate * sigmoid(alpha * gate)
+    swiglu_beta: float = 0.0  # (up + beta)
+    swiglu_limit: float | None = None  # gate clamped to <= limit, up to [-limit, limit]; None: no clamp
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.intermediate < 1:
@@ -91,6 +99,15 @@ class ExpertSpec:
 
         if self.act not in ACT2CLS:
             raise ValueError(f"unknown activation {self.act!r}")
+        if self.clamped_swiglu and not (self.glu and self.act in ("silu", "swish")):
+            raise ValueError("swiglu_alpha / swiglu_beta / swiglu_limit apply to SiLU-gated GLU experts only")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
+
+    @property
+    def clamped_swiglu(self) -> bool:
+        """Whether the GLU is not the plain `act(gate) * up` (alpha, beta or limit set, as gpt-oss)."""
+        return self.swiglu_alpha != 1.0 or self.swiglu_beta != 0.0 or self.swiglu_limit is not None
 
     @property
     def in_rows(self) -> int:
@@ -98,7 +115,12 @@ class ExpertSpec:
         return 2 * self.intermediate if self.glu else self.intermediate
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields; the SwiGLU parameters only where set, so plain specs serialise as before."""
+        d = dataclasses.asdict(self)
+        if not self.clamped_swiglu:
+            for k in ("swiglu_alpha", "swiglu_beta", "swiglu_limit"):
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExpertSpec:

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper
 
 from moeopt.lower.offload_graph import cold_groups
-from moeopt.lower.onnx_experts import MOE_MLP_ACTS
+from moeopt.lower.onnx_experts import MOE_MLP_ACTS, swiglu_attrs
 from moeopt.lower.onnx_quant import QMOE_MLP_ACTS, Group, QuantSettings, _ort_table, qmoe_biases
 from moeopt.quant.ort_layout import glu_interleave, qmoe_group
 from moeopt.runtime.offload_format import EXPERTS_FILE, PAGE, Part, PoolFormat
@@ -57,19 +57,26 @@ def _qmoe_parts(layer: Any, g: Group) -> tuple[dict[str, np.ndarray], dict[str, 
         parts["fc2_zero_points"] = packed.fc2_zero_points
     if bias_out is not None:
         parts["fc2_bias"] = _np(bias_out)
-    attrs = {**packed.attributes(spec.glu), "activation_type": "swiglu" if spec.glu else QMOE_MLP_ACTS[spec.act]}
+    attrs = {**packed.attributes(spec.glu), "activation_type": "swiglu" if spec.glu else QMOE_MLP_ACTS[spec.act],
+             **swiglu_attrs(spec)}
     return {k: np.ascontiguousarray(v) for k, v in parts.items()}, attrs
 
 
 def _moe_parts(layer: Any, g: Group) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The float slots as `com.microsoft.MoE` reads them: fc1 (Sg, F, H) gate/up interleaved, fc2 (Sg, H, I)."""
+    """The float slots as `com.microsoft.MoE` reads them: fc1 (Sg, F, H) gate/up interleaved, fc2 (Sg, H, I),
+    and their biases where the experts have them."""
     t, spec = layer.table, layer.table.spec
     idx = list(g.slots)
     w_in = t.w_in[idx].float()
-    fc1 = w_in[:, glu_interleave(spec.intermediate)] if spec.glu else w_in
+    rows = glu_interleave(spec.intermediate) if spec.glu else torch.arange(spec.in_rows)
     act = "swiglu" if spec.glu else MOE_MLP_ACTS[spec.act]
-    return {"fc1": _np(fc1), "fc2": _np(t.w_out[idx].float())}, {"activation_type": act,
-                                                                  "swiglu_fusion": 1 if spec.glu else 0}
+    parts = {"fc1": _np(w_in[:, rows])}
+    if t.b_in is not None:
+        parts["fc1_bias"] = _np(t.b_in[idx].float()[:, rows])
+    parts["fc2"] = _np(t.w_out[idx].float())
+    if t.b_out is not None:
+        parts["fc2_bias"] = _np(t.b_out[idx].float())
+    return parts, {"activation_type": act, "swiglu_fusion": 1 if spec.glu else 0, **swiglu_attrs(spec)}
 
 
 def _format_name(op: str, attrs: dict[str, Any], taken: set[str]) -> str:
@@ -144,16 +151,17 @@ def cold_graph(pool: PoolFormat, attrs: dict[str, Any], k: int) -> onnx.ModelPro
         ins = ["x", "sw", "fc1", "fc1_scales", has("fc1_bias"), "fc2", "fc2_scales", has("fc2_bias"), "", "", "",
                has("fc1_zero_points"), has("fc2_zero_points"), "", "sw"]
         nodes.append(helper.make_node("QMoE", ins, ["y"], domain="com.microsoft", k=k, normalize_routing_weights=0,
-                                      activation_alpha=1.0, activation_beta=0.0, **attrs))
+                                      **{"activation_alpha": 1.0, "activation_beta": 0.0, **attrs}))
     else:  # MoE applies a softmax: feed log(sw) and scale back by sum(sw) (see onnx_experts.weighted_router)
+        moe_ins = ["x", "logits", "fc1", has("fc1_bias"), "fc2"] + (["fc2_bias"] if "fc2_bias" in parts else [])
         nodes += [
             helper.make_node("Constant", [], ["floor"], value_float=1e-30),
             helper.make_node("Max", ["sw", "floor"], ["sw_floor"]),
             helper.make_node("Log", ["sw_floor"], ["logits"]),
             helper.make_node("Constant", [], ["axis"], value_ints=[-1]),
             helper.make_node("ReduceSum", ["sw", "axis"], ["scale"], keepdims=1),
-            helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y_unscaled"], domain="com.microsoft", k=k,
-                             normalize_routing_weights=0, **attrs),
+            helper.make_node("MoE", moe_ins, ["y_unscaled"], domain="com.microsoft", k=k, normalize_routing_weights=0,
+                             **attrs),
             helper.make_node("Mul", ["y_unscaled", "scale"], ["y"]),
         ]
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", hidden])

@@ -53,7 +53,9 @@ def _moe_schema() -> OpSchema:
         fp("fc2_experts_bias", "T", param_option=opt),
     ]
     attrs = [attr("k", at.INT, ""), attr("activation_type", at.STRING, ""),
-             attr("normalize_routing_weights", at.INT, ""), attr("swiglu_fusion", at.INT, "")]
+             attr("normalize_routing_weights", at.INT, ""), attr("swiglu_fusion", at.INT, ""),
+             attr("activation_alpha", at.FLOAT, ""), attr("activation_beta", at.FLOAT, ""),
+             attr("swiglu_limit", at.FLOAT, "")]
     return OpSchema(
         "MoE", "com.microsoft", 1, doc="", inputs=inputs, outputs=[fp("output", "T")],
         type_constraints=[("T", ["tensor(float)"], "")], attributes=attrs,
@@ -65,8 +67,12 @@ _MOE = values.Op(values.Opset(MSFT_DOMAIN, 1), "MoE", _moe_schema())
 
 
 def uses_moe_op(spec: ExpertSpec, top_k: int, num_slots: int) -> bool:
-    """Whether ORT's MoE kernel computes these experts exactly (else plain ops are emitted)."""
-    if spec.bias or min(top_k, num_slots) > MOE_MAX_K:
+    """Whether ORT's MoE kernel computes these experts exactly (else plain ops are emitted).
+
+    Its swiglu takes expert biases and gpt-oss's clamped form (activation_alpha / activation_beta /
+    swiglu_limit), measured exact on ORT 1.32's CPU kernel (tests/test_gpt_oss.py).
+    """
+    if (spec.bias and not spec.glu) or min(top_k, num_slots) > MOE_MAX_K:
         return False
     return spec.act in MOE_GLU_ACTS if spec.glu else spec.act in MOE_MLP_ACTS
 
@@ -86,6 +92,22 @@ def _interleave_gate_up(w_in: Value, spec: ExpertSpec) -> Value:
     return op.Reshape(op.Transpose(w, perm=[0, 2, 1, 3]), const_i(-1, 2 * i, h))
 
 
+def _interleave_bias(b_in: Value, spec: ExpertSpec) -> Value:
+    """(S, 2I) [gate; up] -> (S, 2I) g0, u0, g1, u1 ... as `_interleave_gate_up` orders the rows."""
+    i = spec.intermediate
+    return op.Reshape(op.Transpose(op.Reshape(b_in, const_i(-1, 2, i)), perm=[0, 2, 1]), const_i(-1, 2 * i))
+
+
+def swiglu_attrs(spec: ExpertSpec) -> dict[str, float]:
+    """MoE/QMoE attributes of a clamped SwiGLU (gpt-oss); empty for the plain one (the kernels' default)."""
+    if not spec.clamped_swiglu:
+        return {}
+    out = {"activation_alpha": spec.swiglu_alpha, "activation_beta": spec.swiglu_beta}
+    if spec.swiglu_limit is not None:
+        out["swiglu_limit"] = spec.swiglu_limit
+    return out
+
+
 def weighted_router(sw: Value) -> tuple[Value, Value]:
     """(router logits, scale) that make a softmax-routing MoE/QMoE node apply the weights `sw` (N, S).
 
@@ -99,18 +121,27 @@ def weighted_router(sw: Value) -> tuple[Value, Value]:
     return op.Log(op.Max(sw, floor)), op.ReduceSum(sw, const_i(-1), keepdims=1)
 
 
-def moe_node(x2: Value, sw: Value, w_in: Value, w_out: Value, spec: ExpertSpec, k: int) -> Value:
+def moe_node(
+    x2: Value, sw: Value, w_in: Value, w_out: Value, spec: ExpertSpec, k: int, b_in: Value | None = None,
+    b_out: Value | None = None,
+) -> Value:
     """Weighted experts through one `com.microsoft.MoE` node: (N, H), (N, S) -> (N, H)."""
-    return moe_call(x2, sw, _interleave_gate_up(w_in, spec) if spec.glu else w_in, w_out, spec, k)
+    fc1 = _interleave_gate_up(w_in, spec) if spec.glu else w_in
+    b1 = _interleave_bias(b_in, spec) if spec.glu and b_in is not None else b_in
+    return moe_call(x2, sw, fc1, w_out, spec, k, b1, b_out)
 
 
-def moe_call(x2: Value, sw: Value, fc1: Value, w_out: Value, spec: ExpertSpec, k: int) -> Value:
-    """`moe_node` with fc1 already in the kernel's layout (GLU gate/up rows interleaved)."""
+def moe_call(
+    x2: Value, sw: Value, fc1: Value, w_out: Value, spec: ExpertSpec, k: int, b1: Value | None = None,
+    b2: Value | None = None,
+) -> Value:
+    """`moe_node` with fc1 (and its bias b1) already in the kernel's layout (GLU gate/up rows interleaved)."""
     act = "swiglu" if spec.glu else MOE_MLP_ACTS[spec.act]
     logits, scale = weighted_router(sw)
     y = _MOE(
-        x2, logits, fc1, None, w_out, None,
+        x2, logits, fc1, b1, w_out, b2,
         k=k, activation_type=act, normalize_routing_weights=0, swiglu_fusion=1 if spec.glu else 0,
+        **swiglu_attrs(spec),
     )
     return op.Mul(y, scale)
 
@@ -131,6 +162,18 @@ def activation(x: Value, act: str) -> Value:
     raise UnsupportedModelError(f"activation '{act}' has no ONNX lowering yet")
 
 
+def glu_product(gate: Value, up: Value, spec: ExpertSpec) -> Value:
+    """act(gate) * up, or the clamped SwiGLU (see ExpertSpec), as plain ONNX ops."""
+    if not spec.clamped_swiglu:
+        return op.Mul(activation(gate, spec.act), up)
+    lim = spec.swiglu_limit
+    if lim is not None:
+        gate = op.Min(gate, op.Constant(value_float=lim))
+        up = op.Clip(up, op.Constant(value_float=-lim), op.Constant(value_float=lim))
+    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, op.Constant(value_float=spec.swiglu_alpha))))
+    return op.Mul(op.Add(up, op.Constant(value_float=spec.swiglu_beta)), glu)
+
+
 def dense_experts(
     x2: Value, sw: Value, w_in: Value, w_out: Value, b_in: Value | None, b_out: Value | None, spec: ExpertSpec,
 ) -> Value:
@@ -140,7 +183,7 @@ def dense_experts(
         h = op.Add(h, op.Unsqueeze(b_in, const_i(1)))
     if spec.glu:
         gate, up = op.Split(h, num_outputs=2, axis=-1)
-        h = op.Mul(activation(gate, spec.act), up)
+        h = glu_product(gate, up, spec)
     else:
         h = activation(h, spec.act)
     y = op.MatMul(h, op.Transpose(w_out, perm=[0, 2, 1]))  # (S, N, H)
@@ -196,5 +239,5 @@ def routed_experts(
             )
         return QUANTIZED_LOWERING[-1](x2, sw, layer, top_k)
     if uses_moe_op(spec, top_k, num_slots):
-        return moe_node(x2, sw, w_in, w_out, spec, min(top_k, num_slots))
+        return moe_node(x2, sw, w_in, w_out, spec, min(top_k, num_slots), b_in, b_out)
     return dense_experts(x2, sw, w_in, w_out, b_in, b_out, spec)

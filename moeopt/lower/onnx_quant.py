@@ -41,7 +41,16 @@ from onnxscript import values
 from moeopt.errors import BadInputError, UnsupportedModelError
 from moeopt.ir.spec import ExpertSpec
 from moeopt.lower import onnx_experts
-from moeopt.lower.onnx_experts import MOE_MAX_K, MSFT_DOMAIN, activation, dense_experts, op, uses_moe_op
+from moeopt.lower.onnx_experts import (
+    MOE_MAX_K,
+    MSFT_DOMAIN,
+    activation,
+    dense_experts,
+    glu_product,
+    op,
+    swiglu_attrs,
+    uses_moe_op,
+)
 from moeopt.lower.onnx_routing import Value
 from moeopt.quant.groupwise import k_blocks, pack_bits, unpack_bits
 from moeopt.quant.ort_layout import glu_interleave, qmoe_group
@@ -285,7 +294,7 @@ _QMOE = values.Op(values.Opset(MSFT_DOMAIN, 1), "QMoE", _schema(
     [("k", _AT.INT), ("activation_type", _AT.STRING), ("normalize_routing_weights", _AT.INT),
      ("swiglu_fusion", _AT.INT), ("expert_weight_bits", _AT.INT), ("block_size", _AT.INT),
      ("weights_prepacked", _AT.INT), ("accuracy_level", _AT.INT), ("activation_alpha", _AT.FLOAT),
-     ("activation_beta", _AT.FLOAT)],
+     ("activation_beta", _AT.FLOAT), ("swiglu_limit", _AT.FLOAT)],
     [("T", ["tensor(float)"]), ("T1", ["tensor(uint8)"]), ("T2", ["tensor(float)"])],
 ))
 _NBITS = values.Op(values.Opset(MSFT_DOMAIN, 1), "MatMulNBits", _schema(
@@ -340,7 +349,7 @@ def _qmoe(x2: Value, sw: Value, layer: Any, g: Group, settings: QuantSettings) -
         _const(packed.fc2, f"{name}.fc2"), _const(packed.fc2_scales, f"{name}.fc2_scales"), b2, None, None, None,
         z1, z2, None, w,
         k=min(layer.router.top_k, len(g.slots)), activation_type="swiglu" if spec.glu else QMOE_MLP_ACTS[spec.act],
-        normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0,
+        normalize_routing_weights=0, **{"activation_alpha": 1.0, "activation_beta": 0.0, **swiglu_attrs(spec)},
         accuracy_level=settings.accuracy_level, **attrs,
     )
 
@@ -366,7 +375,7 @@ def _matmul_nbits(x2: Value, sw: Value, layer: Any, g: Group, settings: QuantSet
         h = _nbits_matmul(x2, to_ort(t.quantized[f"{s}_w_in"], g.block_size), b_in, f"{name}.w_in", settings)
         if spec.glu:
             gate, up = op.Split(h, num_outputs=2, axis=-1)
-            h = op.Mul(activation(gate, spec.act), up)
+            h = glu_product(gate, up, spec)
         else:
             h = activation(h, spec.act)
         y = _nbits_matmul(h, to_ort(t.quantized[f"{s}_w_out"], g.block_size), b_out, f"{name}.w_out", settings)
@@ -386,8 +395,13 @@ def _float_group(x2: Value, sw: Value, layer: Any, g: Group) -> Value:
     STATS["float-groups"] += 1
     if g.op == "com.microsoft.MoE":
         fc1 = w_in[:, glu_interleave(spec.intermediate)] if spec.glu else w_in  # in the layout the kernel reads
+        b1 = b2 = None
+        if t.b_in is not None:
+            b_in = t.b_in[idx].float()
+            b1 = _const(b_in[:, glu_interleave(spec.intermediate)] if spec.glu else b_in, f"{name}.fc1_bias")
+            b2 = _const(t.b_out[idx].float(), f"{name}.fc2_bias")
         return onnx_experts.moe_call(x2, w, _const(fc1, f"{name}.fc1"), _const(w_out, f"{name}.fc2"), spec,
-                                     min(layer.router.top_k, len(idx)))
+                                     min(layer.router.top_k, len(idx)), b1, b2)
     b_in = None if t.b_in is None else _const(t.b_in[idx].float(), f"{name}.b_in")
     b_out = None if t.b_out is None else _const(t.b_out[idx].float(), f"{name}.b_out")
     return dense_experts(x2, w, _const(w_in, f"{name}.w_in"), _const(w_out, f"{name}.w_out"), b_in, b_out, spec)

@@ -105,7 +105,7 @@ def similarity(model: MoEModel, ctx: PassContext, layer: int, moderate: tuple[in
         s = int(t.slot_of[e])
         b_in = None if t.b_in is None else t.b_in[s]
         b_out = None if t.b_out is None else t.b_out[s]
-        return _dense(x, t.w_in[s], t.w_out[s], b_in, b_out, t.spec.act, t.spec.glu).double().flatten()
+        return _dense(x, t.w_in[s], t.w_out[s], b_in, b_out, t.spec.act, t.spec.glu, t.spec).double().flatten()
 
     mods = torch.stack([out(e) for e in moderate])
     hots = torch.stack([out(e) for e in hot])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -59,9 +60,10 @@ def record_io(model: MoEModel, batches: list[torch.Tensor], *, progress: bool = 
     ins: list[list[torch.Tensor]] = [[] for _ in model.layers]
     outs: list[list[torch.Tensor]] = [[] for _ in model.layers]
 
-    def hook(layer: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    def hook(layer: torch.nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
         i = int(layer.index)  # type: ignore[arg-type]
         h = args[0]
+        out = out[0] if isinstance(out, tuple) else out  # tuple_output layers (gpt-oss)
         ins[i].append(h.detach().reshape(-1, h.shape[-1]).float().clone())
         outs[i].append(out.detach().reshape(-1, out.shape[-1]).float().clone())
 
@@ -104,7 +106,7 @@ def relative_error(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, chunk: int
     num = den = 0.0
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
-            out = layer(x[None, s:s + chunk])[0]
+            out = layer.moe(x[None, s:s + chunk])[0]
             num += float((out - y[s:s + chunk]).pow(2).sum())
             den += float(y[s:s + chunk].pow(2).sum())
     return num / max(den, 1e-30)
@@ -128,7 +130,7 @@ def fit_layer(layer: MoELayer, x: torch.Tensor, y: torch.Tensor, *, steps: int, 
     try:
         for _ in range(steps):
             idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=gen)
-            loss = (layer(x[idx][None])[0] - y[idx]).pow(2).mean()
+            loss = (layer.moe(x[idx][None])[0] - y[idx]).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -128,12 +128,12 @@ def expert_errors(
     b_out = None if t.b_out is None else t.b_out[slot].float()
     w_in, w_out = t.w_in[slot].float(), t.w_out[slot].float()  # (F, H), (H, I)
     with torch.no_grad():
-        ref = _dense(x, w_in, w_out, b_in, b_out, spec.act, spec.glu)  # (n, H)
+        ref = _dense(x, w_in, w_out, b_in, b_out, spec.act, spec.glu, spec)  # (n, H)
         energy = float((ref.pow(2).mean(-1) * w.pow(2)).sum()) * routed / x.shape[0] / max(tokens, 1)
         energy = energy if inputs.x.shape[0] else 0.0  # random stand-in inputs carry no real output
         for b in bits:
             qi, qo = fake_quantize(w_in, b, group, symmetric), fake_quantize(w_out, b, group, symmetric)
-            y = _dense(x, qi, qo, b_in, b_out, spec.act, spec.glu)  # (n, H)
+            y = _dense(x, qi, qo, b_in, b_out, spec.act, spec.glu, spec)  # (n, H)
             per_row = (y - ref).pow(2).mean(-1) * w.pow(2)  # (n,)
             out[b] = float(per_row.sum()) * routed / x.shape[0] / max(tokens, 1)
     return out, energy

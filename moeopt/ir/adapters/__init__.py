@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from moeopt.ir.adapters import deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe, switch
+from moeopt.ir.adapters import deepseek_v3, gpt_oss, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe, switch
 from moeopt.ir.adapters.base import Adapter, build_layer, looks_like_moe_block
 
 ADAPTERS: tuple[Adapter, ...] = tuple(
-    m.ADAPTER for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, phimoe, switch)
+    m.ADAPTER for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, phimoe, switch, gpt_oss)
 )
 GENERIC = Adapter("generic", (), None, doc="structure detection; router semantics inferred by probing")
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.block_classes}

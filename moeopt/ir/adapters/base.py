@@ -264,6 +264,7 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
 
 
 SpecFn = Callable[[nn.Module, RouterParts, Any, int], RouterSpec]
+ExpertsFn = Callable[[nn.Module, "str | None"], ExpertParts]
 
 
 @dataclass(frozen=True)
@@ -271,12 +272,16 @@ class Adapter:
     """How one family of Hugging Face MoE blocks maps onto the IR.
 
     `router_spec` states the router semantics from the config; None means infer them by probing.
+    `experts` reads the routed experts where `extract_experts` cannot (a custom gate, as gpt-oss's);
+    `tuple_output`: the host unpacks the block's output as a pair (see MoELayer).
     """
 
     name: str
     block_classes: tuple[str, ...]
     router_spec: SpecFn | None = None
     doc: str = ""
+    experts: ExpertsFn | None = None
+    tuple_output: bool = False
 
 
 def build_layer(
@@ -288,7 +293,7 @@ def build_layer(
     ex = find_experts(block)
     if ex is None:
         raise UnsupportedModelError(f"{type(block).__name__}: no `experts` child")
-    experts = extract_experts(ex, preferred)
+    experts = (adapter.experts or extract_experts)(ex, preferred)
     e = int(experts.w_in.shape[0])
     router = find_router(block, e, experts.spec.hidden)
     shared = extract_shared(block, experts.spec.hidden, preferred)
@@ -303,7 +308,7 @@ def build_layer(
         table = ExpertTable(experts.spec, e, experts.w_in, experts.w_out, experts.b_in, experts.b_out)
         return MoELayer(
             spec, table, router.weight, router.bias, router.score_bias if spec.has_score_bias else None,
-            shared, index=index, path=path, source_class=type(block).__name__,
+            shared, index=index, path=path, source_class=type(block).__name__, tuple_output=adapter.tuple_output,
         )
 
     if not check:
@@ -315,7 +320,7 @@ def build_layer(
         tol = 1e-5 * (1.0 + float(ref.abs().max()))
         for spec in cands:  # a bit-exact candidate wins at once; else the closest within tolerance
             layer = make(spec)
-            diff = float((layer(probe) - ref).abs().max())
+            diff = float((layer.moe(probe) - ref).abs().max())
             if diff == 0.0:
                 return layer
             if best is None or diff < best[0]:
