@@ -178,6 +178,7 @@ def eval_cmd(
             get_app(t)
     from moeopt.runtime.lm import is_artifact, load_for_eval
 
+    lm: Any  # an ArtifactLM (scored in numpy: no torch) or a torch module
     if is_artifact(model):  # an artifact folder: measure what ONNX Runtime computes
         from moeopt.runtime.cli import offload_source
 

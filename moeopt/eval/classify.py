@@ -104,7 +104,7 @@ def score_jobs(model: LanguageModel, jobs: Sequence[Job], scores: np.ndarray, pa
     flat = [(b, q) for b, job in enumerate(jobs) for q in job.queries]
     if is_numpy_lm(model):  # an artifact in ONNX Runtime: numpy only, no torch
         ids_np, mask_np = pad_arrays([j.ids for j in jobs], pad_id)  # (B, T), (B, T)
-        logits_np = model.numpy_logits(ids_np, mask_np)  # type: ignore[union-attr]  # (B, T, V)
+        logits_np = model.numpy_logits(ids_np, mask_np)  # (B, T, V)
         rows = logits_np[[b for b, _ in flat], [q[1] for _, q in flat]]  # (Q, V)
         picked = log_softmax_at(rows, np.array([q[2] for _, q in flat])).astype(np.float64)  # (Q,)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -68,7 +68,7 @@ def separator_ids(tok: Tokenizer) -> list[int]:
     return [eos] if eos is not None else encode(tok, "\n")
 
 
-def is_numpy_lm(model: Any) -> bool:
+def is_numpy_lm(model: Any) -> TypeGuard[NumpyLM]:
     """Whether `model` is scored in numpy (`NumpyLM`) rather than called as a torch module."""
     return callable(getattr(model, "numpy_logits", None))
 
