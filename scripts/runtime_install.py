@@ -194,8 +194,27 @@ def main() -> int:
     ap.add_argument("--python", action="append", default=[], help="interpreter(s) to check (default: this one)")
     ap.add_argument("--keep", type=Path, default=None, help="make the venvs under this folder and keep them")
     ap.add_argument("--json-dir", type=Path, default=None, help="where eval writes eval-VERSION.json")
+    ap.add_argument("--build-wheel", type=Path, default=None, metavar="DIR",
+                    help="only build the moeopt wheel into DIR and print its path (scripts/arm64/test.sh)")
     args = ap.parse_args()
+    if args.build_wheel is not None:
+        args.build_wheel.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="moeopt-wheel-") as tmp:
+            try:
+                wheel = build_wheel(Path(tmp))
+            except CheckFailed as e:
+                print(f"runtime-install: FAIL: {e}", file=sys.stderr)
+                return 1
+            for old in args.build_wheel.glob("moeopt-*.whl"):
+                old.unlink()
+            print(shutil.copy2(wheel, args.build_wheel / wheel.name))
+        return 0
     pythons = args.python or [sys.executable]
+    missing = [p for p in pythons if shutil.which(p) is None]
+    if missing:
+        print(f"runtime-install: FAIL: no interpreter {', '.join(missing)} (make test-runtime wants pyenv's "
+              "3.10, 3.11 and 3.12: pyenv install 3.10 3.12)", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="moeopt-runtime-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
