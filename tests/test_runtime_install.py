@@ -99,3 +99,45 @@ def test_a_fresh_runtime_only_venv_runs_the_tiny_artifacts(tmp_path: Path) -> No
     here = json.loads((tmp_path / "here.json").read_text())
     assert got["perplexity"]["news"]["ppl"] == pytest.approx(here["perplexity"]["news"]["ppl"], rel=1e-5)
     assert got["apps"]["intent"]["gold_nll"] == pytest.approx(here["apps"]["intent"]["gold_nll"], rel=1e-5)
+
+
+def test_numpy_scoring_matches_torch_scoring() -> None:
+    """Artifacts are scored in numpy (no torch on a device): on the same model's logits, perplexity and app
+    scores equal what the torch path computes."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from moeopt.data import APPS, app_split, lm_split
+    from moeopt.eval import app_accuracy, label_scores, perplexity
+    from moeopt.eval.model_io import is_numpy_lm
+    from tests.conftest import fixture_tokenizer
+
+    tok = fixture_tokenizer()
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128)
+    model = MixtralForCausalLM(cfg).eval()
+
+    class AsNumpy:
+        config = model.config
+
+        def numpy_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                out = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+            return out.logits.numpy()
+
+    wrapped = AsNumpy()
+    assert is_numpy_lm(wrapped) and not is_numpy_lm(model)
+    texts = [r["text"] for r in lm_split(FIXTURE_DATA, "news", "test")]
+    ref = perplexity(model, tok, texts, context=48, max_tokens=300, progress=False)  # windows of unequal length
+    got = perplexity(wrapped, tok, texts, context=48, max_tokens=300, progress=False)
+    assert got["tokens"] == ref["tokens"] == 300 and got["windows"] > 1
+    assert got["nll"] == pytest.approx(ref["nll"], rel=1e-6)
+    app = APPS["intent"]
+    rows = app_split(FIXTURE_DATA, app.name, "test")[:12]
+    texts = [r["text"] for r in rows]
+    np.testing.assert_allclose(label_scores(wrapped, tok, app, texts, progress=False),
+                               label_scores(model, tok, app, texts, progress=False), rtol=1e-5, atol=1e-5)
+    a, b = app_accuracy(model, tok, app, rows, progress=False), app_accuracy(wrapped, tok, app, rows, progress=False)
+    assert b["accuracy"] == a["accuracy"] and b["gold_nll"] == pytest.approx(a["gold_nll"], rel=1e-6)

@@ -143,9 +143,9 @@ def pad_batch(
 
 
 def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """``log_softmax(logits)[..., targets]`` in float32 without materialising the (..., V) result.
+    """``log_softmax(logits, -1)`` at one id per row: `logits` (..., V), `targets` (...) -> (...).
 
-    `logits` is (..., V) and `targets` (...) holds one id per row; float32 as torch's log_softmax computes it.
+    float32, as torch's log_softmax computes it; only the picked entries are normalised and returned.
     """
     x = logits.astype(np.float32, copy=False)
     top = x.max(axis=-1, keepdims=True)  # (..., 1)
