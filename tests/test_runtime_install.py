@@ -141,3 +141,17 @@ def test_numpy_scoring_matches_torch_scoring() -> None:
                                label_scores(model, tok, app, texts, progress=False), rtol=1e-5, atol=1e-5)
     a, b = app_accuracy(model, tok, app, rows, progress=False), app_accuracy(wrapped, tok, app, rows, progress=False)
     assert b["accuracy"] == a["accuracy"] and b["gold_nll"] == pytest.approx(a["gold_nll"], rel=1e-6)
+
+
+def test_an_older_onnxruntime_is_named_when_a_graph_does_not_load() -> None:
+    """Python 3.10 gets onnxruntime 1.23.2 at most, which rejects the QMoE nodes of quantized artifacts."""
+    import onnxruntime as ort
+
+    from moeopt.runtime.session import _version, older_ort_hint
+
+    assert _version("1.32.0") == (1, 32, 0) and _version("2.13.0+cpu") == (2, 13, 0)
+    assert _version("1.33.0.dev20260101") == (1, 33, 0) and _version("1.23.2") < _version("1.32.0")
+    hint = older_ort_hint({"versions": {"onnxruntime": "99.1.0"}})
+    assert f"checked with onnxruntime 99.1.0, this is the older {ort.__version__}" in hint and "\n" not in hint
+    assert older_ort_hint({"versions": {"onnxruntime": ort.__version__}}) == ""
+    assert older_ort_hint({"versions": {"onnxruntime": "1.0.0"}}) == older_ort_hint({}) == ""
