@@ -9,7 +9,7 @@ tokens in parity.npz. The model is a seeded random Mixtral (2 layers, width 32, 
 routers drawn from N(0, 1) so that routing varies) with the byte-level BPE (400 ids) that
 tests/conftest.py trains on the data fixtures, so `moeopt eval` on tests/fixtures/data tokenizes
 without unknown ids. The exporter's per-node stack traces are dropped from the graphs (the manifest is
-rehashed): about 0.5 MB for both. Needs the compiler (`pip install -e '.[compile,test]'`);
+rehashed): 0.3 MB each, 0.59 MB for both. Needs the compiler (`pip install -e '.[compile,test]'`);
 rerun it when the artifact format changes, then commit both folders.
 """
 
