@@ -1,6 +1,10 @@
 """The `moeopt` command line: inspect, passes, convert, demo, data.
 
 Every deliberate error is one line on stderr and exit code 2; `--debug` shows the traceback.
+
+Importing this module (and `moeopt --help`, `run`, `eval ARTIFACT`) imports neither torch nor
+transformers: commands import what they use when called, so the runtime-only install (no `compile`
+extra) runs artifacts; a compiler command there fails in one line naming the extra (`missing_extra`).
 """
 
 from __future__ import annotations
@@ -167,10 +171,8 @@ def eval_cmd(
     policy: Annotated[str, typer.Option(help="offload artifacts: cache policy (committee masks the router)")] = "",
 ) -> None:
     """Perplexity on held-out text and per-app accuracy / macro-F1 (label words scored by likelihood)."""
-    import moeopt
     from moeopt.data.apps import default_data_root, get_app
     from moeopt.eval import evaluate, format_table
-    from moeopt.passes.calib import load_tokenizer
 
     root = data or default_data_root()
     if not (root / "apps").exists():
@@ -181,13 +183,17 @@ def eval_cmd(
             get_app(t)
     from moeopt.runtime.lm import is_artifact, load_for_eval
 
+    lm: Any  # an ArtifactLM (scored in numpy: no torch) or a torch module
     if is_artifact(model):  # an artifact folder: measure what ONNX Runtime computes
         from moeopt.runtime.cli import offload_source
 
         lm, tok = load_for_eval(model, source=offload_source(Path(model), budget, policy, "auto"))
     elif budget or policy:
         raise BadInputError("--budget/--policy apply to offload artifacts, not checkpoints")
-    else:
+    else:  # a checkpoint: the compiler's PyTorch path (moeopt[compile])
+        import moeopt
+        from moeopt.passes.calib import load_tokenizer
+
         m = moeopt.load(model)
         lm, tok = m.hf, load_tokenizer(m)
     if tok is None:
@@ -349,6 +355,20 @@ def _register_tune_commands() -> None:
 _register_tune_commands()
 
 
+# Top-level modules of the `compile` extra's packages: importing one in a runtime-only install means the
+# command needs the compiler.
+COMPILE_MODULES = frozenset({"torch", "transformers", "accelerate", "safetensors", "scipy", "onnxscript", "onnx_ir",
+                             "pulp", "ot", "peft", "matplotlib"})
+
+
+def missing_extra(e: ImportError) -> str | None:
+    """The one-line error for a compiler command run without the `compile` extra (None: another import error)."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    if name not in COMPILE_MODULES:
+        return None
+    return f"this command needs the compiler: pip install 'moeopt[compile]' (no module '{name}' here)"
+
+
 def main() -> None:
     """Entry point: one-line errors with exit code 2 (tracebacks with --debug)."""
     try:
@@ -357,6 +377,12 @@ def main() -> None:
         if _STATE["debug"]:
             raise
         print(f"moeopt: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ImportError as e:
+        message = missing_extra(e)
+        if message is None or _STATE["debug"]:
+            raise
+        print(f"moeopt: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("moeopt: interrupted", file=sys.stderr)

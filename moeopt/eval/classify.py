@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from moeopt.data.apps import App
@@ -24,12 +23,18 @@ from moeopt.eval.model_io import (
     encode,
     eos_id,
     eval_mode,
+    is_numpy_lm,
+    log_softmax_at,
     logits_of,
     max_positions,
     model_device,
+    pad_arrays,
     pad_batch,
     separator_ids,
 )
+
+if TYPE_CHECKING:
+    from moeopt.eval.model_io import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -94,23 +99,37 @@ def _fit(prompt_ids: list[int], conts: list[list[int]], max_len: int | None) -> 
     return prompt_ids[-room:]
 
 
-def score_jobs(model: torch.nn.Module, jobs: Sequence[Job], scores: np.ndarray, pad_id: int) -> None:
+def score_jobs(model: LanguageModel, jobs: Sequence[Job], scores: np.ndarray, pad_id: int) -> None:
     """Run one batch of jobs and add each queried token's log-probability into ``scores`` (rows, labels)."""
+    flat = [(b, q) for b, job in enumerate(jobs) for q in job.queries]
+    if is_numpy_lm(model):  # an artifact in ONNX Runtime: numpy only, no torch
+        ids_np, mask_np = pad_arrays([j.ids for j in jobs], pad_id)  # (B, T), (B, T)
+        logits_np = model.numpy_logits(ids_np, mask_np)  # (B, T, V)
+        rows = logits_np[[b for b, _ in flat], [q[1] for _, q in flat]]  # (Q, V)
+        picked = log_softmax_at(rows, np.array([q[2] for _, q in flat])).astype(np.float64)  # (Q,)
+    else:
+        picked = _picked_torch(model, jobs, flat, pad_id)
+    for (b, (label, _, _)), lp in zip(flat, picked, strict=True):
+        scores[jobs[b].row, label] += lp
+
+
+def _picked_torch(model: Any, jobs: Sequence[Job], flat: list[tuple[int, tuple[int, int, int]]],
+                  pad_id: int) -> np.ndarray:
+    """The queried tokens' log-probabilities (Q,) from a torch module."""
+    import torch
+
     ids, mask = pad_batch([j.ids for j in jobs], pad_id, model_device(model))  # (B, T), (B, T)
     logits = logits_of(model, ids, mask)  # (B, T, V)
-    flat = [(b, q) for b, job in enumerate(jobs) for q in job.queries]
     b_idx = torch.tensor([b for b, _ in flat], device=logits.device)  # (Q,)
     p_idx = torch.tensor([q[1] for _, q in flat], device=logits.device)  # (Q,)
     t_idx = torch.tensor([q[2] for _, q in flat], device=logits.device)  # (Q,)
     # Normalise only the queried positions: far cheaper than log_softmax over all of (B, T, V).
     logp = torch.log_softmax(logits[b_idx, p_idx], dim=-1)  # (Q, V)
-    picked = logp.gather(-1, t_idx.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()  # (Q,)
-    for (b, (label, _, _)), lp in zip(flat, picked, strict=True):
-        scores[jobs[b].row, label] += lp
+    return logp.gather(-1, t_idx.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()  # type: ignore[no-any-return]  # (Q,)
 
 
 def label_scores(
-    model: torch.nn.Module,
+    model: LanguageModel,
     tokenizer: Any,
     app: App,
     texts: Sequence[str],
@@ -130,7 +149,7 @@ def label_scores(
 
 
 def gold_label_scores(
-    model: torch.nn.Module,
+    model: LanguageModel,
     tokenizer: Any,
     app: App,
     texts: Sequence[str],
@@ -150,7 +169,7 @@ def gold_label_scores(
 
 
 def _scores(
-    model: torch.nn.Module, tokenizer: Any, app: App, texts: Sequence[str], only: Sequence[int] | np.ndarray | None, *,
+    model: LanguageModel, tokenizer: Any, app: App, texts: Sequence[str], only: Sequence[int] | np.ndarray | None, *,
     batch_size: int, prefix_eos: bool, progress: bool,
 ) -> np.ndarray:
     """(N, L) label log-likelihoods; with `only`, just row i's label `only[i]` (the rest stay 0)."""
@@ -181,7 +200,7 @@ def _scores(
 
 
 def app_accuracy(
-    model: torch.nn.Module,
+    model: LanguageModel,
     tokenizer: Any,
     app: App,
     rows: Sequence[Mapping[str, str]],

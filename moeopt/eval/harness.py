@@ -7,17 +7,18 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from moeopt.data.apps import ALL_APPS, APPS, app_split, lm_split
 from moeopt.eval.classify import app_accuracy
 from moeopt.eval.perplexity import perplexity
 
+if TYPE_CHECKING:
+    from moeopt.eval.model_io import LanguageModel
+
 
 def evaluate(
-    model: torch.nn.Module,
+    model: LanguageModel,
     tokenizer: Any,
     *,
     data_root: str | os.PathLike[str],

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from moeopt.eval.model_io import (
@@ -14,12 +14,18 @@ from moeopt.eval.model_io import (
     check_vocab,
     encode_batch,
     eval_mode,
+    is_numpy_lm,
+    log_softmax_at,
     logits_of,
     max_positions,
     model_device,
+    pad_arrays,
     pad_batch,
     separator_ids,
 )
+
+if TYPE_CHECKING:
+    from moeopt.eval.model_io import LanguageModel
 
 Window = tuple[int, int, int]  # (begin, length, n_scored)
 
@@ -66,9 +72,14 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 
 def window_nll(
-    model: torch.nn.Module, stream: Sequence[int], wins: Sequence[Window], pad_id: int
+    model: LanguageModel, stream: Sequence[int], wins: Sequence[Window], pad_id: int
 ) -> tuple[float, int]:
     """Summed NLL (nats) and count of the scored predictions of a batch of windows."""
+    if is_numpy_lm(model):
+        return _window_nll_numpy(model, stream, wins, pad_id)
+    import torch
+
+    assert isinstance(model, torch.nn.Module)
     device = model_device(model)
     inputs = [stream[b : b + n] for b, n, _ in wins]
     ids, mask = pad_batch(inputs, pad_id, device)  # (B, T), (B, T)
@@ -83,8 +94,21 @@ def window_nll(
     return nll, int(keep.sum().item())
 
 
+def _window_nll_numpy(model: Any, stream: Sequence[int], wins: Sequence[Window], pad_id: int) -> tuple[float, int]:
+    """`window_nll` of a `NumpyLM` (an artifact in ONNX Runtime): numpy only, no torch."""
+    ids, mask = pad_arrays([stream[b : b + n] for b, n, _ in wins], pad_id)  # (B, T), (B, T)
+    targets, _ = pad_arrays([stream[b + 1 : b + n + 1] for b, n, _ in wins], pad_id)  # (B, T)
+    tok_logp = log_softmax_at(model.numpy_logits(ids, mask), targets)  # (B, T)
+    pos = np.arange(ids.shape[1])[None, :]  # (1, T)
+    length = np.array([n for _, n, _ in wins])[:, None]  # (B, 1)
+    scored = np.array([k for _, _, k in wins])[:, None]  # (B, 1)
+    keep = (pos < length) & (pos >= length - scored)  # (B, T)
+    nll = -float((tok_logp.astype(np.float64) * keep).sum())
+    return nll, int(keep.sum())
+
+
 def perplexity(
-    model: torch.nn.Module,
+    model: LanguageModel,
     tokenizer: Any,
     texts: Sequence[str],
     *,

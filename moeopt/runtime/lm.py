@@ -1,4 +1,7 @@
-"""An artifact as a causal LM module, so `moeopt.eval` (and `moeopt eval ARTIFACT`) measure what ships."""
+"""An artifact as a causal LM, so `moeopt.eval` (and `moeopt eval ARTIFACT`) measure what ships.
+
+numpy and onnxruntime only: `moeopt eval ARTIFACT` runs on a device install without torch.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 
 from moeopt.errors import BadInputError
 from moeopt.runtime.manifest import MANIFEST
@@ -19,15 +21,15 @@ def is_artifact(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
-class ArtifactLM(torch.nn.Module):
-    """`model(input_ids=, attention_mask=).logits` (B, T, V) computed by ONNX Runtime on the artifact.
+class ArtifactLM:
+    """`numpy_logits(input_ids, attention_mask)` (B, T, V) computed by ONNX Runtime on the artifact (a
+    `moeopt.eval.model_io.NumpyLM`: the harness scores it in numpy).
 
     The harness's right padding is kept as it comes: positions count the real tokens (pads get 1, as in
     `Session.logits`), so real tokens score as when run alone.
     """
 
     def __init__(self, session: Session) -> None:
-        super().__init__()
         if session.encoder is not None:
             raise BadInputError(f"{session.path}: eval reads decoder-only artifacts, this one has an encoder")
         self.session = session
@@ -35,14 +37,15 @@ class ArtifactLM(torch.nn.Module):
         self.config = SimpleNamespace(vocab_size=int(m.get("vocab_size", 0)) or None,
                                       max_position_embeddings=m.get("max_positions"))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-        ids = input_ids.detach().cpu().numpy().astype(np.int64)
-        mask = None if attention_mask is None else attention_mask.detach().cpu().numpy().astype(np.int64)
-        return SimpleNamespace(logits=torch.from_numpy(self.session.logits(ids, mask)))  # (B, T, V)
+    def numpy_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Float32 logits (B, T, V) of (B, T) ids, with an optional (B, T) mask (1 real, 0 padding)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        return np.asarray(self.session.logits(ids, mask))  # (B, T, V)
 
 
-def load_for_eval(path: str | Path, *, threads: int | None = None, source: Any = None) -> tuple[torch.nn.Module, Any]:
-    """(the artifact as a module, its tokenizers.Tokenizer), after verifying the manifest.
+def load_for_eval(path: str | Path, *, threads: int | None = None, source: Any = None) -> tuple[ArtifactLM, Any]:
+    """(the artifact as a `NumpyLM`, its tokenizers.Tokenizer), after verifying the manifest.
 
     `source` is the expert source of an offload artifact (see `moeopt.runtime.cli.offload_source`).
     """

@@ -34,6 +34,34 @@ class Generation:
         return steps * self.sequences.shape[0] / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """(1, 32, 0) from '1.32.0' (or '1.32.0+cpu', '1.33.0.dev2025'): the leading numeric parts."""
+    parts = []
+    for part in text.split("+")[0].split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def older_ort_hint(manifest: dict[str, Any]) -> str:
+    """A note for a graph ORT cannot load, when this onnxruntime is older than the one the artifact was
+    checked with: on Python 3.10 pip gets at most 1.23.2 (no newer wheels), which rejects e.g. the QMoE
+    nodes of quantized artifacts. Empty when the versions do not explain it."""
+    import sys
+
+    import onnxruntime as ort
+
+    want = str((manifest.get("versions") or {}).get("onnxruntime") or "")
+    if not want or _version(ort.__version__) >= _version(want):
+        return ""
+    why = ""
+    if sys.version_info < (3, 11):
+        why = " (the newest with Python 3.10 wheels; Python 3.11 or later gets a newer one)"
+    return f"; the artifact was checked with onnxruntime {want}, this is the older {ort.__version__}{why}"
+
+
 def session_options(target: dict[str, Any], threads: int | None = None) -> Any:
     """ORT SessionOptions from a manifest's target profile."""
     import onnxruntime as ort
@@ -92,7 +120,8 @@ class Session:
             )
         except Exception as e:  # ORT's messages are long; the file and the first line say enough
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInputError(f"{self.path / name}: onnxruntime cannot load it ({first})") from e
+            raise BadInputError(f"{self.path / name}: onnxruntime cannot load it ({first})"
+                                f"{older_ort_hint(self.manifest)}") from e
 
     def _run(self, feeds: dict[str, np.ndarray], past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         n = len(feeds)
