@@ -112,7 +112,8 @@ def test_read_into_reads_each_record_exactly(mixed: tuple[Path, OffloadIndex, di
 def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
         mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]]) -> None:
     """Two threads read every record through a 20 ms + bytes / 50 kB/s device: the same bytes arrive,
-    and the reads take at least the device's serial time (they queue, not overlap)."""
+    and the reads take at least the device's serial time (they queue, not overlap: overlapped, the two
+    threads would finish in about half of it). No upper bound: a loaded machine only adds time."""
     folder, index, content = mixed
     device = SlowStorage(bandwidth=50e3, latency=0.02)
     keys = list(content)
@@ -134,7 +135,7 @@ def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
         for t in threads:
             t.join()
         took = time.perf_counter() - t0
-    assert want <= took < want + 0.5, (want, took)
+    assert took >= want, (want, took)
     for bad in ((0.0, 0.0), (1e6, -1.0)):
         with pytest.raises(BadInputError, match="storage model"):
             SlowStorage(*bad)
