@@ -58,19 +58,17 @@ def frame_of(cache: ExpertCache, key: tuple[int, int], frame: int) -> list[np.nd
 def drive(source: ExpertSource, smap: SlotMap, steps: Sequence[Sequence[np.ndarray]],
           settle: Callable[[], None] | None = None, check: Callable[[int, np.ndarray | None], None] | None = None,
           ) -> list[list[int]]:
-    """The segment driver's call order in miniature: per step, every layer's router mask; then per
-    layer, route, acquire the chosen cold slots, release, observe the logits (then let I/O settle)."""
+    """The segment driver's call order in miniature: per step and layer, the router mask, route, acquire
+    the chosen cold slots, release, observe the logits (then let I/O settle)."""
     used = []
     for logits_of in steps:
         if settle is not None:
             settle()
-        masks = []
-        for layer in range(len(logits_of)):
-            masks.append(source.keep_mask(layer))
-            if check is not None:
-                check(layer, masks[-1])
         for layer, logits in enumerate(logits_of):
-            chosen = set(int(s) for s in smap.route(layer, logits, masks[layer]).ravel())
+            mask = source.keep_mask(layer)
+            if check is not None:
+                check(layer, mask)
+            chosen = set(int(s) for s in smap.route(layer, logits, mask).ravel())
             cold = sorted(chosen - set(source.index.hot[layer]))
             if cold:
                 got = source.acquire(layer, cold)
