@@ -150,17 +150,33 @@ def test_magnitude_keeps_the_largest_experts() -> None:
         ("match", moeopt.BadInputError, "needs the hot/moderate classes of `prune`"),
         ("merge", moeopt.BadInputError, "needs the pairs of `match`"),
         ("importance", moeopt.BadInputError, "importance needs calibration data"),
-        ("prune{method=random,keep=0.5,cold=0.5},match,merge{weight=uniform}", None, ""),
+        ("prune{method=random,keep=0.5,cold=0.25},match{similarity=weight},merge", moeopt.BadInputError,
+         "merge{weight=freq} needs routing statistics"),
     ],
 )
-def test_bad_options_and_missing_prerequisites(pipeline: str, error: type[Exception] | None, fragment: str) -> None:
+def test_bad_options_and_missing_prerequisites(pipeline: str, error: type[Exception], fragment: str) -> None:
     model = moeopt.load(tiny_model("mixtral"))
-    if error is None:
-        PassManager(pipeline, verify_each=True).run(model)  # no moderate experts: match/merge are no-ops
-        return
     with pytest.raises(error) as info:
         PassManager(pipeline).run(model)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_uniform_merge_needs_no_importance_and_is_the_plain_mean() -> None:
+    """merge{weight=uniform} runs without routing statistics (unlike freq, above) and, unaligned, each
+    merged slot is the unweighted mean of its members' original weights."""
+    model = moeopt.load(tiny_model("mixtral"))  # 4 experts, top-2: 2 hot, 1 moderate, 1 cold
+    w_in = [layer.table.w_in.clone() for layer in model.layers]
+    w_out = [layer.table.w_out.clone() for layer in model.layers]
+    report = PassManager("prune{method=random,keep=0.5,cold=0.25},match{similarity=weight},"
+                         "merge{weight=uniform,align=none}", verify_each=True).run(model)
+    assert dict(report.stats)["merge"]["experts-merged"] == len(model.layers)
+    for layer, wi, wo in zip(model.layers, w_in, w_out, strict=True):
+        t = layer.table
+        merged = [s for s, info in enumerate(t.slots) if len(info.members) == 2]
+        assert len(merged) == 1 and t.num_slots == 2
+        members = list(t.slots[merged[0]].members)
+        torch.testing.assert_close(t.w_in[merged[0]], wi[members].mean(0), rtol=0, atol=1e-6)
+        torch.testing.assert_close(t.w_out[merged[0]], wo[members].mean(0), rtol=0, atol=1e-6)
 
 
 def test_empty_and_malformed_calibration(tmp_path: Path) -> None:

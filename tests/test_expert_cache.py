@@ -58,19 +58,17 @@ def frame_of(cache: ExpertCache, key: tuple[int, int], frame: int) -> list[np.nd
 def drive(source: ExpertSource, smap: SlotMap, steps: Sequence[Sequence[np.ndarray]],
           settle: Callable[[], None] | None = None, check: Callable[[int, np.ndarray | None], None] | None = None,
           ) -> list[list[int]]:
-    """The segment driver's call order in miniature: per step, every layer's router mask; then per
-    layer, route, acquire the chosen cold slots, release, observe the logits (then let I/O settle)."""
+    """The segment driver's call order in miniature: per step and layer, the router mask, route, acquire
+    the chosen cold slots, release, observe the logits (then let I/O settle)."""
     used = []
     for logits_of in steps:
         if settle is not None:
             settle()
-        masks = []
-        for layer in range(len(logits_of)):
-            masks.append(source.keep_mask(layer))
-            if check is not None:
-                check(layer, masks[-1])
         for layer, logits in enumerate(logits_of):
-            chosen = set(int(s) for s in smap.route(layer, logits, masks[layer]).ravel())
+            mask = source.keep_mask(layer)
+            if check is not None:
+                check(layer, mask)
+            chosen = set(int(s) for s in smap.route(layer, logits, mask).ravel())
             cold = sorted(chosen - set(source.index.hot[layer]))
             if cold:
                 got = source.acquire(layer, cold)
@@ -112,7 +110,8 @@ def test_read_into_reads_each_record_exactly(mixed: tuple[Path, OffloadIndex, di
 def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
         mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]]) -> None:
     """Two threads read every record through a 20 ms + bytes / 50 kB/s device: the same bytes arrive,
-    and the reads take at least the device's serial time (they queue, not overlap)."""
+    and the reads take at least the device's serial time (they queue, not overlap: overlapped, the two
+    threads would finish in about half of it). No upper bound: a loaded machine only adds time."""
     folder, index, content = mixed
     device = SlowStorage(bandwidth=50e3, latency=0.02)
     keys = list(content)
@@ -134,7 +133,7 @@ def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
         for t in threads:
             t.join()
         took = time.perf_counter() - t0
-    assert want <= took < want + 0.5, (want, took)
+    assert took >= want, (want, took)
     for bad in ((0.0, 0.0), (1e6, -1.0)):
         with pytest.raises(BadInputError, match="storage model"):
             SlowStorage(*bad)

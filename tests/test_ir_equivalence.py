@@ -107,12 +107,16 @@ def test_stats_split_experts_from_the_rest() -> None:
 
 
 def test_models_trained_with_router_logits_still_run(tmp_path: Path) -> None:
-    """A checkpoint saved with output_router_logits=True (aux-loss training) must load and run."""
+    """A checkpoint saved with output_router_logits=True (aux-loss training) must load and run, and compute
+    what transformers computes with that config: from the module, from its folder, and after a save."""
     hf = tiny_model("mixtral")
     hf.config.output_router_logits = True
     hf.save_pretrained(tmp_path / "aux")
     kw = model_inputs("mixtral")
+    ref = _logits(hf, kw)  # transformers itself, router logits on (the load-balancing loss is computed)
+    assert ref.shape == (2, 11, 97)
     for model in (moeopt.load(hf), moeopt.load(tmp_path / "aux")):
-        assert model.logits(kw["input_ids"]).shape == (2, 11, 97)
+        assert len(model.layers) == hf.config.num_hidden_layers  # every block became an MoELayer
+        assert (model.logits(kw["input_ids"]) - ref).abs().max().item() <= TOL
         model.save(tmp_path / "ck", overwrite=True)
-        assert moeopt.load(tmp_path / "ck").logits(kw["input_ids"]).shape == (2, 11, 97)
+        assert (moeopt.load(tmp_path / "ck").logits(kw["input_ids"]) - ref).abs().max().item() <= TOL

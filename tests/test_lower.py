@@ -28,7 +28,9 @@ from tests.lower_helpers import (
     source_model,
 )
 
-TOL = 1e-3  # max abs logit difference, fp32 (measured ~1e-7)
+# Max abs logit difference, fp32 float artifacts. Measured: decoder artifacts <= 1.8e-7 over 32 greedy steps,
+# switch (16 steps, encoder-decoder) <= 1.5e-6, layer variants <= 2e-6; 1e-5 leaves a 5x+ margin.
+TOL = 1e-5
 STEPS = 32
 # qwen3_moe and olmoe route like mixtral (softmax; normalised or not): the compressed qwen3 covers them.
 # MOEOPT_TEST_ALL_ARCHS=1 adds them and the structure-detected architectures (a few minutes more).

@@ -50,9 +50,13 @@ class _Corrupts(Pass):
 
 
 class _Crashes(Pass):
+    """Records the model it was given (source and weights), then fails."""
+
     name = "test-crashes"
+    seen: ClassVar[list[tuple[str, dict[str, torch.Tensor]]]] = []
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
+        self.seen.append((model.source, {k: v.clone() for k, v in model.hf.state_dict().items()}))
         raise RuntimeError("boom")
 
 
@@ -83,25 +87,32 @@ def test_without_verify_each_the_verify_pass_catches_it() -> None:
         PassManager("test-corrupts,verify").run(moeopt.load(tiny_model("mixtral")))
 
 
-def test_crash_is_wrapped_with_pass_name_and_reproducer_replays(tiny_ckpt: Path, tmp_path: Path) -> None:
-    from moeopt.cli import main
+def test_crash_is_wrapped_with_pass_name_and_reproducer_replays(tiny_ckpt: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The replay loads the recorded input, runs the recorded pipeline (test-mutates' edit is there when
+    test-crashes runs again) and fails in the same pass with the same message."""
+    from tests.test_cli import run_cli
 
-    pm = PassManager("canonicalize,test-crashes", reproducer_dir=tmp_path)
-    with pytest.raises(moeopt.PassError, match=r"pass 'test-crashes': RuntimeError: boom \(reproducer: "):
+    pipeline = "canonicalize,test-mutates,test-crashes"
+    _Crashes.seen.clear()
+    pm = PassManager(pipeline, reproducer_dir=tmp_path)
+    with pytest.raises(moeopt.PassError, match=r"pass 'test-crashes': RuntimeError: boom \(reproducer: ") as info:
         pm.run(moeopt.load(tiny_ckpt), source=str(tiny_ckpt))
     rep = json.loads((tmp_path / "moeopt-reproducer.json").read_text())
-    assert rep["input"] == str(tiny_ckpt) and rep["pipeline"] == "canonicalize,test-crashes"
+    assert rep["input"] == str(tiny_ckpt) and rep["pipeline"] == pipeline
     assert rep["failed_pass"] == "test-crashes"
-    import sys
-
-    argv = sys.argv
-    sys.argv = ["moeopt", "convert", "--reproduce", str(tmp_path / "moeopt-reproducer.json")]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    assert exit_info.value.code == 2
+    assert str(info.value) == f"{rep['error']} (reproducer: {tmp_path / 'moeopt-reproducer.json'})"
+    capsys.readouterr()
+    code, out, err = run_cli("convert", "--reproduce", str(tmp_path / "moeopt-reproducer.json"), capsys=capsys)
+    assert code == 2
+    assert out.startswith(f"replaying: {tiny_ckpt} with '{pipeline}' (recorded failure in 'test-crashes')")
+    assert err.strip() == f"moeopt: error: {rep['error']}"  # the same failure, one line
+    assert len(_Crashes.seen) == 2  # the crashing pass ran again ...
+    (src0, w0), (src1, w1) = _Crashes.seen
+    assert src0 == src1 == str(tiny_ckpt)  # ... on the recorded input ...
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # ... after the same passes
+    router = "model.layers.0.mlp.router_weight"
+    assert not w1[router][0].any() and moeopt.load(tiny_ckpt).hf.state_dict()[router][0].any()  # test-mutates ran
 
 
 def test_print_ir_after_and_timing() -> None:

@@ -51,9 +51,11 @@ def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
     calib = _calib(tmp_path / "c.jsonl")
     ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
     ref = model.logits(ids)
-    report = PassManager(f"predictor{{calib={calib},seq-len=32,steps=50}}", verify_each=True).run(model)
+    # holdout=0: recall measured on the tokens it trained on, where it must beat chance (top-2 of 6
+    # experts: 1/3; an untrained predictor, lr=0, measures 0.35) by far; measured 0.83 and 0.89.
+    report = PassManager(f"predictor{{calib={calib},seq-len=32,steps=50,holdout=0}}", verify_each=True).run(model)
     stats = report.stats[0][1]
-    assert 0.0 <= stats["recall@2-layer1"] <= 1.0 and stats["params"] > 0
+    assert stats["recall@2-layer1"] >= 0.7 and stats["params"] > 0
     assert torch.equal(model.logits(ids), ref)  # attaching a predictor changes no output
     model.save(tmp_path / "ck")
     again = moeopt.load(tmp_path / "ck")
@@ -61,7 +63,7 @@ def test_predictor_trains_attaches_and_round_trips(tmp_path: Path) -> None:
     assert again.predictor.source == "hidden" and again.predictor.in_features == model.config.hidden_size
     assert again.predictor.next_table is not None and model.predictor is not None
     assert torch.equal(again.predictor.next_table, model.predictor.next_table)
-    assert 0.0 <= stats["next-recall@2-layer0"] <= 1.0
+    assert stats["next-recall@2-layer0"] >= 0.7  # the token -> first-layer experts table
     assert again.predictor.next_table.shape[1] == 4  # next-width 0: twice the router's top_k
     for name in ("recall{}-layer1", "next-recall{}-layer0"):  # a third expert can only add hits
         assert stats[name.format("@2")] <= stats[name.format("@3of2")] <= 1.0

@@ -22,13 +22,53 @@ def test_pruned_experts_are_never_chosen_and_kept_weights_unchanged() -> None:
     assert torch.equal(w, probs.gather(1, idx))  # weights are the ORIGINAL router's probabilities
 
 
+def _hf_route(fn: str, logits: torch.Tensor, jitter_eps: float,
+              bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own router of each score function, with the identity as router weight (so its
+    router logits are `logits`): routing with no keep_mask at all."""
+    from transformers import DeepseekV3Config, GraniteMoeConfig, MixtralConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeTopKRouter
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    e = logits.shape[1]
+    if fn == "sparsemixer":
+        w, i = sparsemixer(logits, jitter_eps, training=False)
+        return w, i
+    router: torch.nn.Module
+    if fn == "softmax":
+        router = MixtralTopKRouter(MixtralConfig(hidden_size=e, num_local_experts=e, num_experts_per_tok=2))
+    elif fn == "topk_softmax":
+        router = GraniteMoeTopKRouter(GraniteMoeConfig(hidden_size=e, num_local_experts=e, num_experts_per_tok=2))
+    else:
+        router = DeepseekV3TopkRouter(DeepseekV3Config(hidden_size=e, n_routed_experts=e, num_experts_per_tok=2,
+                                                       n_group=4, topk_group=2, norm_topk_prob=True,
+                                                       routed_scaling_factor=2.5))
+        router.e_score_correction_bias.copy_(bias)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(e))
+        out, w, i = router(logits)
+    assert torch.equal(out, logits)  # the identity router really passes the logits through
+    return w, i
+
+
 def test_all_kept_mask_is_a_no_op() -> None:
+    """An all-True keep_mask routes exactly as the source router does without any mask: same experts in
+    the same order, bit-identical weights, for every score function (sparsemixer with a jitter
+    threshold that masks some experts itself)."""
+    bias = torch.randn(8, generator=torch.Generator().manual_seed(2)) * 0.1
     for fn, norm in [("softmax", "sum"), ("sigmoid", "sum_eps"), ("topk_softmax", "none"), ("sparsemixer", "none")]:
+        sigmoid = fn == "sigmoid"
         spec = RouterSpec(num_experts=8, top_k=2, score_fn=fn, norm=norm, norm_eps=1e-20,  # type: ignore[arg-type]
-                          n_group=4 if fn == "sigmoid" else 1, topk_group=2 if fn == "sigmoid" else 1)
+                          n_group=4 if sigmoid else 1, topk_group=2 if sigmoid else 1, has_score_bias=sigmoid,
+                          sorted_topk=not sigmoid, jitter_eps=0.5 if fn == "sparsemixer" else 0.0,
+                          scale=2.5 if sigmoid else 1.0)  # DeepSeek-V3's routed_scaling_factor
         logits = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
-        w1, i1 = route(logits, spec, torch.ones(8, dtype=torch.bool))
-        assert torch.isfinite(w1).all() and i1.shape == (40, 2)
+        w1, i1 = route(logits, spec, torch.ones(8, dtype=torch.bool), bias if sigmoid else None)
+        w0, i0 = _hf_route(fn, logits, spec.jitter_eps, bias)
+        assert torch.equal(i1, i0), fn
+        assert torch.equal(w1, w0.float()), fn
 
 
 def test_slot_of_merges_add_weights() -> None:

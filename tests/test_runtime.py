@@ -80,13 +80,13 @@ def test_failed_lowering_leaves_no_folder_and_keeps_the_old_one(
 
     monkeypatch.setattr(artifact_mod, "export_decoder", boom)
     out = tmp_path / "art"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="export exploded"):  # the export's own failure, not another
         lower(tiny("mixtral"), out)
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     old = json.dumps({"format": "moeopt-artifact", "version": 1})  # an artifact moeopt wrote earlier
     (out / "manifest.json").write_text(old)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="export exploded"):  # the export's own failure, not another
         lower(tiny("mixtral"), out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["art"] and (out / "manifest.json").read_text() == old
 
@@ -121,7 +121,8 @@ def test_ort_optimised_graph_matches(art_copy: Path) -> None:
     opt = Session(art_copy, verify=False)
     g = opt.generate(ids, 8, attention_mask=mask, stop_tokens=(), keep_logits=True)
     assert np.array_equal(g.sequences, ref.sequences)
-    assert np.abs(np.stack(g.step_logits) - np.stack(ref.step_logits)).max() <= 1e-3
+    # Same machine, same kernels; only ORT's fusions differ: measured 0.0 (bit-identical logits).
+    assert np.abs(np.stack(g.step_logits) - np.stack(ref.step_logits)).max() <= 1e-5
 
 
 def test_sampling_stop_tokens_and_streaming(tmp_path_factory: pytest.TempPathFactory) -> None:

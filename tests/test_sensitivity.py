@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from conftest import FIXTURE_DATA
 import moeopt
 from moeopt.data.apps import APPS, app_split
 from moeopt.passes import PassContext, PassManager
+from moeopt.passes.merge import merge_slots
 from moeopt.testing import tiny_model
 
 
@@ -68,15 +70,30 @@ def test_app_sensitivity_scores_the_gold_label(text_ckpt: Path) -> None:
 
 
 def test_prune_and_merge_by_loss(tmp_path: Path) -> None:
+    """merge{weight=loss} averages each hot/moderate pair with the measured loss rises as weights (not the
+    routing frequencies), and drops the sensitivity analysis it made stale."""
     model = moeopt.load(tiny_model("mixtral"))  # 4 experts, top-2
     calib = _ids_calib(tmp_path / "c.jsonl", 4, 32)
-    pm = PassManager(f"importance{{calib={calib},seq-len=32,progress=false}},"
-                     f"sensitivity{{calib={calib},seq-len=32,progress=false}},"
-                     "prune{keep=0.5,cold=0.25,score=loss},match,merge{weight=loss},canonicalize", verify_each=True)
-    report = pm.run(model)
-    sens = pm.ctx.analyses.peek("sensitivity")
-    assert sens is None  # merge changed the experts: the measured rises are stale, so they are dropped
+    ctx = PassContext()
+    PassManager(f"importance{{calib={calib},seq-len=32,progress=false}},"
+                f"sensitivity{{calib={calib},seq-len=32,progress=false}},"
+                "prune{keep=0.5,cold=0.25,score=loss},match", verify_each=True, ctx=ctx).run(model)
+    scores = [ctx.analyses.peek("sensitivity").score(i) for i in range(len(model.layers))]
+    freq = [layer.freq for layer in ctx.analyses.peek("importance").layers]
+    pairs = ctx.analyses.peek("matching").assignment
+    tables = [copy.deepcopy(layer.table) for layer in model.layers]
+    report = PassManager("merge{weight=loss},canonicalize", verify_each=True, ctx=ctx).run(model)
+    assert ctx.analyses.peek("sensitivity") is None  # merge changed the experts: the measured rises are stale
     assert dict(report.stats)["merge"]["experts-merged"] == len(model.layers)
+    for i, (layer, t0) in enumerate(zip(model.layers, tables, strict=True)):
+        ((m, h),) = pairs[i].items()
+        slots = [int(t0.slot_of[h]), int(t0.slot_of[m])]
+        want = merge_slots(t0, slots[0], slots[1:], [float(scores[i][h]), float(scores[i][m])], "assignment")
+        by_freq = merge_slots(t0, slots[0], slots[1:], [float(freq[i][h]), float(freq[i][m])], "assignment")
+        got = int(layer.table.slot_of[h])
+        assert int(layer.table.slot_of[m]) == got
+        assert torch.equal(layer.table.w_in[got], want[0]) and torch.equal(layer.table.w_out[got], want[1])
+        assert not torch.allclose(want[0], by_freq[0])  # the two weightings really differ here
     model.save(tmp_path / "ck")
     assert torch.equal(moeopt.load(tmp_path / "ck").logits(torch.tensor([[1, 2, 3]])),
                        model.logits(torch.tensor([[1, 2, 3]])))

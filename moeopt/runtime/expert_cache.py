@@ -332,9 +332,9 @@ class ExpertCache:
             self._hinted = {k for k in self._hinted if k[0] != passed}  # stale hints of the layer just run
             self._step = _Step(layer)
 
-    def _pin(self, keys: Sequence[Key], count: bool) -> tuple[list[Spot], list[Job]]:
-        """Pin `keys` (reserving frames for misses, waiting for one if every frame is busy): the frames
-        and the reads the caller must do."""
+    def _pin(self, keys: Sequence[Key], count: bool, exclude: set[Key] | None = None) -> tuple[list[Spot], list[Job]]:
+        """Pin `keys` (reserving frames for misses, never evicting `exclude`, waiting for a frame if every
+        one is busy): the frames and the reads the caller must do."""
         mine: list[Spot] = []
         reads: list[Job] = []
         c = self.counters
@@ -342,7 +342,7 @@ class ExpertCache:
             for key in keys:
                 fresh = False
                 while (spot := self._t.where.get(key)) is None:
-                    if (spot := self._reserve(key, prefetch=False)) is not None:
+                    if (spot := self._reserve(key, prefetch=False, exclude=exclude)) is not None:
                         fresh = True
                         break
                     self._wait()  # every other frame is loading: wait for one (a swap may bring `key` itself)
@@ -472,12 +472,15 @@ class ExpertCache:
         return int((smap.kept(layer) & np.isin(smap.slot_of[layer], sorted(allowed))).sum())
 
     def _ensure(self, layer: int, slots: Sequence[int]) -> None:
-        """Read and unpin (layer, s) for each slot, outside any acquire (committee warm-up)."""
+        """Read and unpin (layer, s) for each slot, outside any acquire (committee warm-up). A read never
+        evicts what the layer's mask is being built from (the experts already allowed and the ones read
+        before it): with a swap's read in flight it waits for that frame rather than take one of them."""
         for s in slots:  # one at a time: a pool may hold only min_frames
             with self._cond:
                 self._raise_if_failed()
-                self._committed.setdefault(layer, set()).add((layer, s))
-                mine, reads = self._pin([(layer, s)], count=True)
+                keep = set(self._committed.setdefault(layer, set()))
+                self._committed[layer].add((layer, s))
+                mine, reads = self._pin([(layer, s)], count=True, exclude=keep)
             try:
                 self._run_reads(reads)
                 self._await(mine)

@@ -197,24 +197,34 @@ class OffloadSession(Session):
         n = len(feeds)
         vals: dict[str, Any] = {k: v if v.dtype == np.float32 else v.astype(np.int64) for k, v in feeds.items()}
         vals.update(zip(self.input_names[n:], past, strict=True))
-        for i, names in enumerate(self.layer_names):
-            mask = self.source.keep_mask(i)
-            vals[names["keep_mask"]] = self.default_masks[i] if mask is None else np.asarray(mask, dtype=bool)
         self._batch = next(iter(feeds.values())).shape[0]  # feeds are (B, T): ids, mask, positions
         ids = vals.get("input_ids")
         if self._token_table is not None and ids is not None and ids.shape[-1] == 1:  # a decode step
             fed = ids[:, -1]
             fed = fed[(fed >= 0) & (fed < len(self._token_table))]  # a bad id is the segment's error to report
             self._hint_experts(0, self._token_table[fed])
+        self._mask(0, vals)
         self._segment(0, vals)
         self._hints(0, vals)
         for i, names in enumerate(self.layer_names):
             vals[names["cold"]] = self._cold_experts(i, vals[names["x"]], vals[names["sw"]])
             self.source.observe(i, vals[names["logits"]])
+            if i + 1 < len(self.layer_names):
+                self._mask(i + 1, vals)
             self._segment(i + 1, vals)
             self._hints(i + 1, vals)
         self.timing.steps += 1
         return vals[self.output_names[0]], [vals[k] for k in self.output_names[1:]]
+
+    def _mask(self, layer: int, vals: dict[str, Any]) -> None:
+        """The router mask of `layer`, asked for just before the segment with its router runs (segment k
+        holds layer k's): a committee source may read experts to fill one layer's mask, evicting those of
+        a layer that has already run, never those a mask handed out earlier in the step allowed (asked
+        for every layer at the start of a step, the routing of layer 0 could go to an expert that layer
+        1's mask had since evicted)."""
+        mask = self.source.keep_mask(layer)
+        names = self.layer_names[layer]
+        vals[names["keep_mask"]] = self.default_masks[layer] if mask is None else np.asarray(mask, dtype=bool)
 
     def _segment(self, k: int, vals: dict[str, Any]) -> None:
         sess, inputs, outputs = self.segments[k]

@@ -217,7 +217,8 @@ class ExpertSource(Protocol):
         ...
 
     def keep_mask(self, layer: int) -> np.ndarray | None:
-        """A router mask (E,) bool to run `layer` with (SwapMoE's committee), or None for the model's."""
+        """A router mask (E,) bool to run `layer` with (SwapMoE's committee), or None for the model's;
+        asked for just before the segment with the layer's router runs, after the layers before it ran."""
         ...
 
     def observe(self, layer: int, logits: np.ndarray) -> None:
