@@ -190,15 +190,23 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterParts:
             w = getattr(sub, "weight", None)
             if isinstance(w, torch.Tensor) and tuple(w.shape) == (num_experts, hidden):
                 b = getattr(sub, "bias", None)
-                sb = _attr([mod, *mod.modules()], "e_score_correction_bias")
-                return RouterParts(
-                    w.detach(), _d(b) if isinstance(b, torch.Tensor) else None,
-                    None if sb is None else sb.detach().reshape(-1).float(), mod,
-                )
+                sb = _score_bias([*mod.modules(), block], num_experts)
+                return RouterParts(w.detach(), _d(b) if isinstance(b, torch.Tensor) else None, sb, mod)
     raise UnsupportedModelError(
         f"{type(block).__name__}: no router with an ({num_experts}, {hidden}) weight among children "
         f"{', '.join(ROUTER_NAMES)}"
     )
+
+
+SCORE_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
+def _score_bias(objs: Sequence[Any], num_experts: int) -> torch.Tensor | None:
+    """The (E,) bias added to the scores for the choice only, on the router or on the block (AFMoE)."""
+    sb = _attr(objs, *SCORE_BIAS_NAMES)
+    if not isinstance(sb, torch.Tensor) or sb.numel() != num_experts:
+        return None
+    return sb.detach().reshape(-1).float()
 
 
 def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> list[DenseExpert]:
@@ -236,7 +244,7 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     objs = [router.module, block, config]
     top_k = int(_attr(objs, "top_k", "num_experts_per_tok", "moe_topk", "num_selected_experts", default=1))
     norm_flag = _attr(objs, "norm_topk_prob")
-    scale = float(_attr(objs, "routed_scaling_factor", default=1.0))
+    scale = float(_attr(objs, "routed_scaling_factor", "route_scale", "moe_routed_scaling_factor", default=1.0))
     n_group = int(_attr(objs, "num_group", "n_group", default=1) or 1)
     topk_group = int(_attr(objs, "topk_group", default=1) or 1)
     if n_group <= 1:
