@@ -7,12 +7,12 @@ a physical slot (`slot_of`), so the expert part of the layer only ever sees one 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
-import torch
 import onnx_ir as ir
+import torch
 from onnxscript import opset18
 
 from moeopt.ir.spec import RouterSpec
@@ -44,7 +44,7 @@ def _mask(cond: Value, x: Value) -> Value:
     return op.Where(cond, x, const_f(NEG_INF))
 
 
-@lru_cache(maxsize=None)
+@cache
 def tie_order(n: int, k: int, sorted_topk: bool) -> tuple[int, ...]:
     """The order in which torch's CPU top-k picks k of n EQUAL values, then the others ascending.
 
