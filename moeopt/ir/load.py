@@ -15,6 +15,7 @@ from moeopt.errors import BadInputError, MoeOptError, UnsupportedModelError
 from moeopt.ir.adapters import GENERIC, adapter_for, build_layer
 from moeopt.ir.adapters.base import find_experts
 from moeopt.ir.layer import MoELayer
+from moeopt.ir.lowerable import check_cache
 from moeopt.ir.model import MoEModel
 from moeopt.ir.safetensors_check import check_safetensors
 from moeopt.ir.spec import RouterSpec
@@ -76,6 +77,7 @@ def _wrap(hf: nn.Module, source: str, source_dir: Path | None, check: bool) -> M
     hf.eval()
     disable_router_outputs(hf)
     layers, used = convert_blocks(hf, check=check)
+    check_cache(hf)
     return MoEModel(hf=hf, layers=layers, source=source, source_dir=source_dir, adapters=used)
 
 

@@ -10,6 +10,7 @@ mis-mapped: an architecture that cannot be reproduced is an UnsupportedModelErro
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,7 +136,9 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     if is_fused_experts(ex):
         from transformers.integrations.moe import _default_apply_gate
 
-        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate and not _plain_gate(
+            ex, preferred_act
+        ):
             raise UnsupportedModelError(
                 f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
             )
@@ -176,6 +179,21 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     return ExpertParts(spec, w_in.detach(), w_out.detach(), _d(b_in), _d(b_out))
 
 
+def _plain_gate(ex: nn.Module, preferred_act: str | None) -> bool:
+    """Whether a class's own `_apply_gate` computes act(gate) * up all the same (Beam's, in float32)."""
+    act = _attr([ex], *ACT_ATTRS)
+    if act is None or not isinstance(getattr(ex, "gate_up_proj", None), torch.Tensor):
+        return False
+    try:
+        name = activation_name(act, preferred_act)
+        x = torch.randn(16, 2 * int(ex.down_proj.shape[-1]), generator=torch.Generator().manual_seed(0)) * 4
+        gate, up = x.chunk(2, dim=-1)
+        with torch.no_grad():
+            return bool(torch.equal(ex._apply_gate(x), ACT2FN[name](gate) * up))  # type: ignore[operator]
+    except (UnsupportedModelError, RuntimeError, TypeError):
+        return False
+
+
 def _d(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -198,6 +216,7 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterParts:
     )
 
 
+SCALE_NAMES = ("routed_scaling_factor", "route_scale", "router_scaling_factor", "moe_routed_scaling_factor")
 SCORE_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 
 
@@ -244,11 +263,12 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     objs = [router.module, block, config]
     top_k = int(_attr(objs, "top_k", "num_experts_per_tok", "moe_topk", "num_selected_experts", default=1))
     norm_flag = _attr(objs, "norm_topk_prob")
-    scale = float(_attr(objs, "routed_scaling_factor", "route_scale", "moe_routed_scaling_factor", default=1.0))
+    scale = float(_attr(objs, *SCALE_NAMES, default=1.0))
     n_group = int(_attr(objs, "num_group", "n_group", default=1) or 1)
     topk_group = int(_attr(objs, "topk_group", default=1) or 1)
-    if n_group <= 1:
-        n_group, topk_group = 1, 1
+    # A config may name groups that its router ignores (DeepSeek-V2's greedy top-k): try without too.
+    groups = [(n_group, topk_group), (1, 1)] if n_group > 1 else [(1, 1)]
+    scales = [scale, 1.0] if scale != 1.0 else [1.0]
     norm_min = float(_attr(objs, "norm_min", "moe_norm_min", default=1e-12))
     has_sb = router.score_bias is not None
     fns = ["sigmoid", "softmax"] if has_sb and n_group > 1 else ["softmax", "sigmoid"]
@@ -257,17 +277,15 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     if norm_flag is False:
         norms = [norms[1], norms[0], *norms[2:]]
     cands = []
-    for fn in fns:
-        for norm, eps in norms:
-            for sorted_topk in (True, False):
-                try:
-                    cands.append(RouterSpec(
-                        num_experts=num_experts, top_k=top_k, score_fn=fn, norm=norm, norm_eps=eps,  # type: ignore[arg-type]
-                        scale=scale if fn == "sigmoid" else 1.0, has_bias=router.bias is not None,
-                        has_score_bias=has_sb, n_group=n_group, topk_group=topk_group, sorted_topk=sorted_topk,
-                    ))
-                except ValueError:
-                    continue
+    for (ng, tg), fn, sc, (norm, eps), sorted_topk in itertools.product(groups, fns, scales, norms, (True, False)):
+        try:
+            cands.append(RouterSpec(
+                num_experts=num_experts, top_k=top_k, score_fn=fn, norm=norm, norm_eps=eps,  # type: ignore[arg-type]
+                scale=sc, has_bias=router.bias is not None, has_score_bias=has_sb, n_group=ng, topk_group=tg,
+                sorted_topk=sorted_topk,
+            ))
+        except ValueError:
+            continue
     return cands
 
 
