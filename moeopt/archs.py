@@ -47,16 +47,18 @@ _SIZES: dict[str, Any] = {
     "ssm_state_size": 8, "mamba_n_groups": 1, "n_groups": 1, "mamba_chunk_size": 16, "chunk_size": 16,
     "mamba_dt_rank": 4, "swa_head_dim": 8, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
     "kv_channels": 8, "router_hidden_size": 16, "tie_word_embeddings": False,
-    "num_nextn_predict_layers": 0, "use_cache": True,
+    "num_nextn_predict_layers": 0, "use_cache": True, "mlp_only_layers": [],
 }
 # Token ids the defaults put past the tiny vocabulary.
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 # Per-type settings on top of the generic ones (keys the generic shrinking cannot guess).
 EXTRA: dict[str, dict[str, Any]] = {
-    "granitemoehybrid": {"mamba_n_heads": 8},  # mamba heads * head dim = expand * hidden
+    "granitemoehybrid": {"mamba_n_heads": 8, "layer_types": ["linear_attention", "attention"]},  # heads * dim = 2H
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "gemma4_text": {"enable_moe_block": True},
+    "doge": {"is_moe": True, "num_experts": 16},
     "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 16,
                        "indexer_compress_ratio": 4, "ngram_vocab_size_base": 256, "hc_lowrank": 8,

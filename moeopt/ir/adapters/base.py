@@ -10,6 +10,7 @@ mis-mapped: an architecture that cannot be reproduced is an UnsupportedModelErro
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.activations import ACT2CLS, ACT2FN
 
 from moeopt.errors import UnsupportedModelError
@@ -65,8 +67,16 @@ def _attr(objs: Sequence[Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+_FUNCTIONS: dict[str, Callable[..., Any]] = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
 def activation_name(act: nn.Module | Callable[..., Any], preferred: str | None = None) -> str:
     """The ACT2FN key that builds an activation identical to `act` (so the IR's numerics match)."""
+    if not isinstance(act, nn.Module):  # a plain function (LFM2-MoE's F.silu)
+        for name, fn in _FUNCTIONS.items():
+            if act is fn:
+                return name
+        raise UnsupportedModelError(f"activation function {getattr(act, '__name__', act)!r} has no ACT2FN equivalent")
     names = ([preferred] if preferred in ACT2CLS else []) + list(ACT2CLS)
     for name in names:
         assert name is not None
@@ -77,7 +87,10 @@ def activation_name(act: nn.Module | Callable[..., Any], preferred: str | None =
 
 
 def _public_vars(m: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+    def norm(v: Any) -> Any:  # partials (Gemma 4's GELUTanh.act) compare by what they call
+        return (v.func, v.args, tuple(sorted(v.keywords.items()))) if isinstance(v, functools.partial) else v
+
+    return {k: norm(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
 
 
 def find_experts(block: nn.Module) -> nn.Module | None:
@@ -337,7 +350,14 @@ def build_layer(
     probe = _probe_input(block, experts.spec.hidden, router.weight)
     best: tuple[float, MoELayer] | None = None
     with torch.no_grad():
-        ref = _as_tensor(block(probe))
+        try:
+            ref = _as_tensor(block(probe))
+        except Exception as e:
+            first = " ".join(str(e).split())[:120]
+            raise UnsupportedModelError(
+                f"{type(block).__name__} at '{path}': the block does not run on hidden states alone "
+                f"({type(e).__name__}: {first}); not a self-contained MoE block"
+            ) from e
         tol = 1e-5 * (1.0 + float(ref.abs().max()))
         for spec in cands:  # a bit-exact candidate wins at once; else the closest within tolerance
             layer = make(spec)
