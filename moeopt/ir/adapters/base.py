@@ -327,6 +327,11 @@ def build_layer(
     ex = find_experts(block)
     if ex is None:
         raise UnsupportedModelError(f"{type(block).__name__}: no `experts` child")
+    norms = [n for n, c in block.named_children() if "norm" in type(c).__name__.lower()]
+    if norms:
+        raise UnsupportedModelError(
+            f"{type(block).__name__} at '{path}': a norm inside the MoE block ({', '.join(norms)}) is not in the IR"
+        )
     experts = extract_experts(ex, preferred)
     e = int(experts.w_in.shape[0])
     router = find_router(block, e, experts.spec.hidden)
