@@ -41,7 +41,10 @@ STATUSES = ("ok", "refused", "error", "transformers-fails")
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    text = str(e)
+    if "## Exception summary" in text:  # torch.onnx's wrapped errors: the cause, not the advice around it
+        text = text.split("## Exception summary", 1)[1].split("(Refer to", 1)[0]
+    text = " ".join(text.split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 

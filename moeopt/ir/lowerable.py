@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moeopt.errors import UnsupportedModelError
 
@@ -38,23 +39,44 @@ def _layer_kinds(config: Any) -> str:
     return ", ".join(kinds)
 
 
+class _ComplexWatch(TorchFunctionMode):
+    """Notes the first torch function that returns a complex tensor (DeepSeek-V2's rotary embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = ""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not self.seen and isinstance(out, torch.Tensor) and out.is_complex():
+            self.seen = getattr(func, "__name__", str(func))
+        return out
+
+
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def check_cache(hf: nn.Module) -> None:
-    """Raise UnsupportedModelError unless two tokens leave a cache of same-shape key/value tensors."""
+    """Raise UnsupportedModelError unless two tokens run without complex tensors and leave a cache of
+    same-shape key/value tensors."""
     config: Any = getattr(hf, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return  # Switch: the seq2seq lowering has its own cache handling
     cls = type(hf).__name__
     kwargs = {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
+    watch = _ComplexWatch()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch:
             out = hf(input_ids=torch.ones(1, 2, dtype=torch.long), use_cache=True, **kwargs)
     except Exception as e:
         raise UnsupportedModelError(f"{cls}: a forward with use_cache=True fails ({_first_line(e)})") from e
+    if watch.seen:
+        raise UnsupportedModelError(
+            f"{cls}: complex-valued tensors in its forward ({watch.seen}; rotary embeddings as complex numbers), "
+            "which the ONNX exporter does not translate"
+        )
     cache = getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
     if not layers:
