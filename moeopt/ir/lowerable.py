@@ -85,6 +85,12 @@ def check_cache(hf: nn.Module) -> None:
             f"{cls}: its cache ({what}) has no per-layer key/value tensors; hybrid state-space / "
             "linear-attention caches are not lowered yet"
         )
+    if type(cache).__name__ != "DynamicCache":
+        kinds = _layer_kinds(config)
+        raise UnsupportedModelError(
+            f"{cls}: {'hybrid model (' + kinds + ' layers) with ' if kinds else ''}a cache class of its own "
+            f"({type(cache).__name__}); the lowering carries a DynamicCache of key/value tensors only"
+        )
     odd = sorted({type(layer).__name__ for layer in layers} - set(KV_LAYERS))
     if odd:
         what = "; ".join(f"{name} ({CACHE_FEATURES.get(name, 'not a key/value attention cache')})" for name in odd)
