@@ -124,18 +124,19 @@ def _per_layer(values: list[Any], n: int) -> list[Any]:
     return (firsts * n)[: max(n, len(firsts))]
 
 
-def tiny_config(model_type: str) -> Any:
-    """The type's default config, shrunk: a couple of layers, hidden 32, vocabulary 97, 8 experts."""
+def tiny_config(model_type: str, layers: int = LAYERS) -> Any:
+    """The type's default config, shrunk: `layers` layers (more where the type has more layer kinds),
+    hidden 32, vocabulary 97, 8 experts."""
     import transformers
 
     _quiet()
     cls = type(transformers.CONFIG_MAPPING[model_type]())
     defaults = cls().to_dict()
-    kw: dict[str, Any] = {k: v for k, v in _SIZES.items() if k in defaults}
+    kw: dict[str, Any] = {k: v for k, v in {**_SIZES, "num_hidden_layers": layers}.items() if k in defaults}
     kw.update({k: v for k, v in _TOKEN_IDS.items() if k in defaults and defaults[k] is not None})
     if defaults.get("num_key_value_heads") == defaults.get("num_attention_heads") and "num_attention_heads" in kw:
         kw["num_key_value_heads"] = kw["num_attention_heads"]  # MHA-only attention (MLA) stays MHA
-    n = LAYERS
+    n = layers
     extra = EXTRA.get(model_type, {})
     n = int(extra.get("num_hidden_layers", n))
     for key, val in defaults.items():  # per-layer lists (layer_types, mlp_layer_types ...)
@@ -150,11 +151,11 @@ def tiny_config(model_type: str) -> Any:
     return cls(**kw)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+def tiny_model(model_type: str, seed: int = 0, layers: int = LAYERS) -> nn.Module:
     """A tiny random model of the type, float32, eval mode, with routers that have real preferences."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     spread_routers(model)

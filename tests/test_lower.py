@@ -89,6 +89,8 @@ LAYER_CASES = {
     "sigmoid-group-bias-scale-shared": (
         RouterSpec(8, 2, "sigmoid", "sum_eps", 1e-20, 2.5, has_score_bias=True, n_group=4, topk_group=2), GLU,
         None, [SharedSpec(12, "silu", gated=True)]),
+    "sigmoid-choice-on-logits-bias": (  # Kolibri: top-k of logits + bias, weights sigmoid(logits), renormalised
+        RouterSpec(8, 2, "sigmoid", "sum", has_score_bias=True, choice_on_logits=True), GLU, None, None),
     "topk-softmax-mlp-relu": (RouterSpec(4, 2, "topk_softmax"), ExpertSpec(H, 8, "relu", glu=False), None, None),
     "sparsemixer-pruned": (RouterSpec(5, 2, "sparsemixer", jitter_eps=0.01), GLU,
                            [SlotInfo((0,)), SlotInfo((1,)), SlotInfo((3,)), SlotInfo((4,))], None),

@@ -125,7 +125,8 @@ def route(
     """(weights, index) of the top-k kept experts, both (N, k), index over the ORIGINAL experts."""
     if spec.score_fn in ("softmax", "sigmoid"):
         scores = op.Softmax(logits, axis=-1) if spec.score_fn == "softmax" else op.Sigmoid(logits)
-        choice = scores if score_bias is None else op.Add(scores, score_bias)
+        base = logits if spec.choice_on_logits and spec.score_fn == "sigmoid" else scores
+        choice = base if score_bias is None else op.Add(base, score_bias)
         choice = _group_limit(_mask(keep_mask, choice), spec)
         _, index = top_k(choice, spec.num_experts, spec.top_k, spec.sorted_topk)
         weights = op.GatherElements(scores, index, axis=1)

@@ -289,13 +289,19 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     norms: list[tuple[str, float]] = [("sum", 0.0), ("none", 0.0), ("sum_eps", 1e-20), ("clamp", norm_min)]
     if norm_flag is False:
         norms = [norms[1], norms[0], *norms[2:]]
+    # With a score bias, sigmoid routers choose on scores + bias or (Kolibri) on logits + bias.
+    on_logits = (False, True) if has_sb else (False,)
     cands = []
-    for (ng, tg), fn, sc, (norm, eps), sorted_topk in itertools.product(groups, fns, scales, norms, (True, False)):
+    for (ng, tg), fn, sc, (norm, eps), sorted_topk, ol in itertools.product(
+        groups, fns, scales, norms, (True, False), on_logits
+    ):
+        if ol and fn != "sigmoid":
+            continue
         try:
             cands.append(RouterSpec(
                 num_experts=num_experts, top_k=top_k, score_fn=fn, norm=norm, norm_eps=eps,  # type: ignore[arg-type]
                 scale=sc, has_bias=router.bias is not None, has_score_bias=has_sb, n_group=ng, topk_group=tg,
-                sorted_topk=sorted_topk,
+                sorted_topk=sorted_topk, choice_on_logits=ol,
             ))
         except ValueError:
             continue

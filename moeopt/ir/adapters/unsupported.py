@@ -16,7 +16,6 @@ UNSUPPORTED: dict[str, str] = {
     "DogeCDMoE": "cross-domain MoE: experts retrieved by product keys from embedding tables (Doge)",
     "Gemma4TextDecoderLayer": "a router with its own norm, input scale and per-expert output scale, experts beside "
     "the dense MLP inside the decoder layer (Gemma 4)",
-    "Kolibri1SparseMoeBlock": "top-k chosen on router logits + bias, weights sigmoid(logits) (Kolibri)",
 }
 
 
