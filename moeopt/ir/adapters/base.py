@@ -195,11 +195,13 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
 def _plain_gate(ex: nn.Module, preferred_act: str | None) -> bool:
     """Whether a class's own `_apply_gate` computes act(gate) * up all the same (Beam's, in float32)."""
     act = _attr([ex], *ACT_ATTRS)
-    if act is None or not isinstance(getattr(ex, "gate_up_proj", None), torch.Tensor):
+    w = getattr(ex, "gate_up_proj", None)
+    if act is None or not isinstance(w, torch.Tensor):
         return False
+    two_i = int(w.shape[2] if getattr(ex, "is_transposed", False) else w.shape[1])
     try:
         name = activation_name(act, preferred_act)
-        x = torch.randn(16, 2 * int(ex.down_proj.shape[-1]), generator=torch.Generator().manual_seed(0)) * 4
+        x = torch.randn(16, two_i, generator=torch.Generator().manual_seed(0)) * 4
         gate, up = x.chunk(2, dim=-1)
         with torch.no_grad():
             return bool(torch.equal(ex._apply_gate(x), ACT2FN[name](gate) * up))  # type: ignore[operator]
