@@ -139,14 +139,18 @@ def tiny_config(model_type: str, layers: int = LAYERS) -> Any:
     n = layers
     extra = EXTRA.get(model_type, {})
     n = int(extra.get("num_hidden_layers", n))
+    per_layer: dict[str, list[Any]] = {}
     for key, val in defaults.items():  # per-layer lists (layer_types, mlp_layer_types ...)
         if isinstance(val, list) and len(val) == defaults.get("num_hidden_layers") and key not in kw:
             cut = _per_layer(val, n)
             if len(cut) <= 4:
-                kw[key] = cut
-    lens = [len(v) for k, v in kw.items() if isinstance(v, list) and k not in extra]
-    if lens and "num_hidden_layers" in kw:
-        kw["num_hidden_layers"] = max(n, *lens)
+                per_layer[key] = cut
+    fixed = [len(v) for k, v in extra.items() if isinstance(v, list) and k in per_layer]
+    total = max([n, *fixed, *(len(v) for v in per_layer.values())])
+    for key, val in per_layer.items():  # every list as long as the longest (one layer of each kind)
+        kw[key] = (val * total)[:total]
+    if per_layer and "num_hidden_layers" in kw:
+        kw["num_hidden_layers"] = total
     kw.update(extra)
     return cls(**kw)
 
