@@ -294,8 +294,8 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     # With a score bias, sigmoid routers choose on scores + bias or (Kolibri) on logits + bias.
     on_logits = (False, True) if has_sb else (False,)
     cands = []
-    for (ng, tg), fn, sc, (norm, eps), sorted_topk, ol in itertools.product(
-        groups, fns, scales, norms, (True, False), on_logits
+    for ol, (ng, tg), fn, sc, (norm, eps), sorted_topk in itertools.product(  # the usual choice first
+        on_logits, groups, fns, scales, norms, (True, False)
     ):
         if ol and fn != "sigmoid":
             continue
