@@ -174,9 +174,25 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             "routed_scaling_factor": 1.0,
         },
     ),
+    # AFMoE: sigmoid router with a score bias on the block, route_scale, shared experts, gated attention.
+    "afmoe": (
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        {
+            "intermediate_size": 48,
+            "moe_intermediate_size": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "num_shared_experts": 1,
+            "num_dense_layers": 0,
+            "head_dim": 8,
+            "route_scale": 2.0,
+            "global_attn_every_n_layers": 2,
+        },
+    ),
 }
 LISTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "switch_transformers", "gpt_oss")
-DETECTED = ("granitemoe", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1")
+DETECTED = ("granitemoe", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "dots1", "afmoe")
 
 
 def tiny_config(arch: str) -> Any:
@@ -201,7 +217,7 @@ def tiny_model(arch: str, seed: int = 0) -> nn.Module:
                 k in name for k in ("gate.weight", "router.weight", "classifier.weight", "wg.weight")
             ):
                 p.normal_(0.0, 0.5)
-            elif "e_score_correction_bias" in name or "moe_statics" in name:
+            elif "e_score_correction_bias" in name or "moe_statics" in name or "expert_bias" in name:
                 p.normal_(0.0, 0.1)
             elif arch == "gpt_oss" and ".experts." in name:  # biases init to 0 and weights too small to clamp
                 p.normal_(0.0, 0.5 if name.endswith("gate_up_proj") else 0.2)

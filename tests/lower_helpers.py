@@ -77,8 +77,22 @@ def with_tokenizer(ckpt: Path) -> Path:
     return ckpt
 
 
+def untrained_afmoe() -> MoEModel:
+    """AFMoE as transformers initialises it: a zero router, so every token's expert scores tie exactly."""
+    import transformers
+
+    from moeopt.testing import tiny_config
+
+    torch.manual_seed(0)
+    hf = transformers.AfmoeForCausalLM(tiny_config("afmoe")).eval()
+    routers = [m.router.gate.weight.detach() for m in hf.modules() if hasattr(m, "expert_bias")]
+    assert routers and all(float(w.abs().max()) == 0.0 for w in routers)
+    return moeopt.load(hf)
+
+
 BUILDERS = {
     "compressed_qwen3": compressed_qwen3,
+    "afmoe_untrained": untrained_afmoe,
 }
 
 # Quantized artifacts: name -> (base model as `artifact` names it, passes run on it before lowering).

@@ -34,7 +34,8 @@ TOL = 1e-5
 STEPS = 32
 # qwen3_moe and olmoe route like mixtral (softmax; normalised or not): the compressed qwen3 covers them.
 # MOEOPT_TEST_ALL_ARCHS=1 adds them and the structure-detected architectures (a few minutes more).
-ARTIFACTS = ("mixtral", "qwen2_moe", "deepseek_v3", "phimoe", "compressed_qwen3") + (
+# afmoe_untrained: AFMoE's zero-initialised router ties every expert; torch's top-k picks its own order.
+ARTIFACTS = ("mixtral", "qwen2_moe", "deepseek_v3", "phimoe", "compressed_qwen3", "afmoe_untrained") + (
     ("qwen3_moe", "olmoe", *DETECTED) if os.environ.get("MOEOPT_TEST_ALL_ARCHS") else ()
 )
 
@@ -90,6 +91,8 @@ LAYER_CASES = {
     "sigmoid-group-bias-scale-shared": (
         RouterSpec(8, 2, "sigmoid", "sum_eps", 1e-20, 2.5, has_score_bias=True, n_group=4, topk_group=2), GLU,
         None, [SharedSpec(12, "silu", gated=True)]),
+    "sigmoid-choice-on-logits-bias": (  # Kolibri: top-k of logits + bias, weights sigmoid(logits), renormalised
+        RouterSpec(8, 2, "sigmoid", "sum", has_score_bias=True, choice_on_logits=True), GLU, None, None),
     "topk-softmax-mlp-relu": (RouterSpec(4, 2, "topk_softmax"), ExpertSpec(H, 8, "relu", glu=False), None, None),
     "sparsemixer-pruned": (RouterSpec(5, 2, "sparsemixer", jitter_eps=0.01), GLU,
                            [SlotInfo((0,)), SlotInfo((1,)), SlotInfo((3,)), SlotInfo((4,))], None),
@@ -116,6 +119,31 @@ def test_layer_variants_match(case: str, tmp_path: pytest.TempPathFactory) -> No
             ref = layer(xs).numpy()
         out = sess.run(None, {"x": xs.numpy()})[0]
         assert np.abs(out - ref).max() <= 1e-5, case
+
+
+@pytest.mark.parametrize(("router", "experts"), [
+    (RouterSpec(64, 6, "sigmoid", "sum_eps", 1e-20, 2.0), GLU),  # AFMoE's routing, 64 experts top-6
+    (RouterSpec(8, 2, "topk_softmax"), ExpertSpec(H, 8, "relu", glu=False)),
+    (RouterSpec(8, 2, "sigmoid", "sum_eps", 1e-20, n_group=4, topk_group=2, sorted_topk=False), GLU),
+])
+def test_tied_router_scores_choose_the_experts_torch_chooses(
+    router: RouterSpec, experts: ExpertSpec, tmp_path: pytest.TempPathFactory
+) -> None:
+    """A zero router (untrained AFMoE) ties every expert: ONNX TopK would take the lowest indices, torch's
+    CPU top-k takes others (the 0.08-0.135 logit gap afmoe artifacts had); the graph must take torch's."""
+    from moeopt.lower.onnx_routing import tie_order
+
+    assert tie_order(router.num_experts, router.top_k, router.sorted_topk)[: router.top_k] != tuple(
+        range(router.top_k)
+    )  # otherwise this case cannot tell the two rules apart
+    layer = random_layer(router, experts)
+    with torch.no_grad():
+        layer.router_weight.zero_()
+    sess = export_layer(layer, tmp_path / "layer.onnx")  # type: ignore[operator]
+    xs = torch.randn(3, 7, H, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = layer(xs).numpy()
+    assert np.abs(sess.run(None, {"x": xs.numpy()})[0] - ref).max() <= 1e-5
 
 
 def test_quantized_layers_go_through_the_hook(tmp_path: pytest.TempPathFactory) -> None:

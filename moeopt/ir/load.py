@@ -14,7 +14,9 @@ from torch import nn
 from moeopt.errors import BadInputError, MoeOptError, UnsupportedModelError
 from moeopt.ir.adapters import GENERIC, adapter_for, build_layer
 from moeopt.ir.adapters.base import find_experts
+from moeopt.ir.adapters.unsupported import unsupported_reason
 from moeopt.ir.layer import MoELayer
+from moeopt.ir.lowerable import check_cache
 from moeopt.ir.model import MoEModel
 from moeopt.ir.mxfp4 import is_mxfp4_config
 from moeopt.ir.safetensors_check import check_safetensors
@@ -77,6 +79,7 @@ def _wrap(hf: nn.Module, source: str, source_dir: Path | None, check: bool) -> M
     hf.eval()
     disable_router_outputs(hf)
     layers, used = convert_blocks(hf, check=check)
+    check_cache(hf)
     return MoEModel(hf=hf, layers=layers, source=source, source_dir=source_dir, adapters=used)
 
 
@@ -89,6 +92,9 @@ def convert_blocks(hf: nn.Module, *, check: bool = True) -> tuple[list[MoELayer]
     for name, mod in hf.named_modules():
         if skip and name.startswith(skip):
             continue
+        reason = unsupported_reason(type(mod).__name__)
+        if reason is not None:
+            raise UnsupportedModelError(f"{type(hf).__name__}: {type(mod).__name__} at '{name}': {reason}")
         adapter = adapter_for(mod)
         if adapter is not None:
             found.append((name, mod, adapter))

@@ -70,7 +70,8 @@ def route(
         weights = probs.gather(1, index)
     elif spec.score_fn == "sigmoid":
         scores = logits.sigmoid()
-        choice = scores + score_bias if score_bias is not None else scores
+        base = logits.float() if spec.choice_on_logits else scores
+        choice = base + score_bias if score_bias is not None else base
         choice = _group_limit(choice.masked_fill(~keep_mask, neg_inf), spec)
         index = torch.topk(choice, spec.top_k, dim=-1, sorted=spec.sorted_topk)[1]
         weights = scores.gather(1, index)

@@ -21,7 +21,8 @@ class RouterSpec:
     The router computes `logits = x @ W.T (+ b)`; then, by `score_fn`:
       softmax:      probs = softmax(logits); choose top-k of probs (+ bias); weights = chosen probs
       sigmoid:      scores = sigmoid(logits); choose top-k of scores + bias (group-limited if
-                    n_group > 1); weights = chosen scores (DeepSeek-V3, GLM-4-MoE)
+                    n_group > 1), or of logits + bias with choice_on_logits; weights = chosen scores
+                    (DeepSeek-V3, GLM-4-MoE; Kolibri chooses on logits)
       topk_softmax: choose top-k logits; weights = softmax over the chosen logits (GraniteMoE)
       sparsemixer:  PhiMoE's eval-mode sparsemixer (top-2 with a jitter threshold)
     then `norm` rescales the weights (none, w/sum, w/(sum+eps), w/max(sum, eps)) and `scale`
@@ -43,6 +44,7 @@ class RouterSpec:
     capacity: int | None = None  # Switch expert capacity per sequence; None = no dropping
     jitter_eps: float = 0.0  # sparsemixer's threshold
     logits_fp32: bool = True  # compute router logits in float32 whatever the model dtype
+    choice_on_logits: bool = False  # sigmoid: choose top-k of logits (+ bias), not of scores (+ bias) (Kolibri)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:

@@ -7,10 +7,12 @@ a physical slot (`slot_of`), so the expert part of the layer only ever sees one 
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import torch
 from onnxscript import opset18
 
 from moeopt.ir.spec import RouterSpec
@@ -42,6 +44,30 @@ def _mask(cond: Value, x: Value) -> Value:
     return op.Where(cond, x, const_f(NEG_INF))
 
 
+@cache
+def tie_order(n: int, k: int, sorted_topk: bool) -> tuple[int, ...]:
+    """The order in which torch's CPU top-k picks k of n EQUAL values, then the others ascending.
+
+    ONNX TopK breaks ties by the lowest index; torch's CPU kernel (nth_element / partial_sort) by an
+    order of its own: [6, 5] for top-2 of 8 equal values. An untrained router (transformers initialises
+    AFMoE's to zeros) gives every token n equal scores, so the source model's experts are the ones torch
+    picks from a tie; ranking the columns in this order before TopK makes ONNX pick the same ones, and
+    changes nothing where the values differ.
+    """
+    first = torch.topk(torch.zeros(1, n), k, dim=-1, sorted=sorted_topk).indices[0].tolist()
+    return (*first, *(i for i in range(n) if i not in first))
+
+
+def top_k(x: Value, n: int, k: int, sorted_topk: bool = True) -> tuple[Value, Value]:
+    """(values, indices) of ONNX TopK over the last axis of `x` (N, n), ties broken as torch breaks them."""
+    perm = tie_order(n, k, sorted_topk)
+    if perm == tuple(range(n)):
+        return op.TopK(x, const_i(k), axis=-1, sorted=int(sorted_topk))
+    p = const_i(*perm)
+    values, idx = op.TopK(op.Gather(x, p, axis=1), const_i(k), axis=-1, sorted=int(sorted_topk))
+    return values, op.Gather(p, idx, axis=0)
+
+
 def _group_limit(choice: Value, spec: RouterSpec) -> Value:
     """DeepSeek-V3's group-limited choice: only the best `topk_group` groups compete."""
     if spec.n_group <= 1:
@@ -50,7 +76,7 @@ def _group_limit(choice: Value, spec: RouterSpec) -> Value:
     grouped = op.Reshape(choice, const_i(0, spec.n_group, per))  # (N, G, E/G)
     top2, _ = op.TopK(grouped, const_i(2), axis=-1)
     group_scores = op.ReduceSum(top2, const_i(-1), keepdims=0)  # (N, G)
-    _, gidx = op.TopK(group_scores, const_i(spec.topk_group), axis=-1, sorted=0)  # (N, topk_group)
+    _, gidx = top_k(group_scores, spec.n_group, spec.topk_group, sorted_topk=False)  # (N, topk_group)
     ones = op.Expand(const_f(1.0), op.Shape(gidx))
     gmask = op.ScatterElements(zeros_like_shape(op.Shape(group_scores)), gidx, ones, axis=1)  # (N, G) 0/1
     emask = op.Reshape(op.Expand(op.Unsqueeze(gmask, const_i(-1)), op.Shape(grouped)), op.Shape(choice))
@@ -97,15 +123,15 @@ def route(
     score_bias: Value | None,  # (E,)
 ) -> tuple[Value, Value]:
     """(weights, index) of the top-k kept experts, both (N, k), index over the ORIGINAL experts."""
-    k = const_i(spec.top_k)
     if spec.score_fn in ("softmax", "sigmoid"):
         scores = op.Softmax(logits, axis=-1) if spec.score_fn == "softmax" else op.Sigmoid(logits)
-        choice = scores if score_bias is None else op.Add(scores, score_bias)
+        base = logits if spec.choice_on_logits and spec.score_fn == "sigmoid" else scores
+        choice = base if score_bias is None else op.Add(base, score_bias)
         choice = _group_limit(_mask(keep_mask, choice), spec)
-        _, index = op.TopK(choice, k, axis=-1, sorted=int(spec.sorted_topk))
+        _, index = top_k(choice, spec.num_experts, spec.top_k, spec.sorted_topk)
         weights = op.GatherElements(scores, index, axis=1)
     elif spec.score_fn == "topk_softmax":
-        chosen, index = op.TopK(_mask(keep_mask, logits), k, axis=-1)
+        chosen, index = top_k(_mask(keep_mask, logits), spec.num_experts, spec.top_k)
         weights = op.Softmax(chosen, axis=-1)
     else:
         weights, index = _sparsemixer(_mask(keep_mask, logits), spec.jitter_eps)

@@ -10,6 +10,8 @@ mis-mapped: an architecture that cannot be reproduced is an UnsupportedModelErro
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.activations import ACT2CLS, ACT2FN
 
 from moeopt.errors import UnsupportedModelError
@@ -64,8 +67,16 @@ def _attr(objs: Sequence[Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+_FUNCTIONS: dict[str, Callable[..., Any]] = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
 def activation_name(act: nn.Module | Callable[..., Any], preferred: str | None = None) -> str:
     """The ACT2FN key that builds an activation identical to `act` (so the IR's numerics match)."""
+    if not isinstance(act, nn.Module):  # a plain function (LFM2-MoE's F.silu)
+        for name, fn in _FUNCTIONS.items():
+            if act is fn:
+                return name
+        raise UnsupportedModelError(f"activation function {getattr(act, '__name__', act)!r} has no ACT2FN equivalent")
     names = ([preferred] if preferred in ACT2CLS else []) + list(ACT2CLS)
     for name in names:
         assert name is not None
@@ -76,7 +87,10 @@ def activation_name(act: nn.Module | Callable[..., Any], preferred: str | None =
 
 
 def _public_vars(m: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+    def norm(v: Any) -> Any:  # partials (Gemma 4's GELUTanh.act) compare by what they call
+        return (v.func, v.args, tuple(sorted(v.keywords.items()))) if isinstance(v, functools.partial) else v
+
+    return {k: norm(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
 
 
 def find_experts(block: nn.Module) -> nn.Module | None:
@@ -135,7 +149,9 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     if is_fused_experts(ex):
         from transformers.integrations.moe import _default_apply_gate
 
-        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate and not _plain_gate(
+            ex, preferred_act
+        ):
             raise UnsupportedModelError(
                 f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
             )
@@ -176,6 +192,23 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     return ExpertParts(spec, w_in.detach(), w_out.detach(), _d(b_in), _d(b_out))
 
 
+def _plain_gate(ex: nn.Module, preferred_act: str | None) -> bool:
+    """Whether a class's own `_apply_gate` computes act(gate) * up all the same (Beam's, in float32)."""
+    act = _attr([ex], *ACT_ATTRS)
+    w = getattr(ex, "gate_up_proj", None)
+    if act is None or not isinstance(w, torch.Tensor):
+        return False
+    two_i = int(w.shape[2] if getattr(ex, "is_transposed", False) else w.shape[1])
+    try:
+        name = activation_name(act, preferred_act)
+        x = torch.randn(16, two_i, generator=torch.Generator().manual_seed(0)) * 4
+        gate, up = x.chunk(2, dim=-1)
+        with torch.no_grad():
+            return bool(torch.equal(ex._apply_gate(x), ACT2FN[name](gate) * up))  # type: ignore[operator]
+    except (UnsupportedModelError, RuntimeError, TypeError):
+        return False
+
+
 def _d(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -190,15 +223,24 @@ def find_router(block: nn.Module, num_experts: int, hidden: int) -> RouterParts:
             w = getattr(sub, "weight", None)
             if isinstance(w, torch.Tensor) and tuple(w.shape) == (num_experts, hidden):
                 b = getattr(sub, "bias", None)
-                sb = _attr([mod, *mod.modules()], "e_score_correction_bias")
-                return RouterParts(
-                    w.detach(), _d(b) if isinstance(b, torch.Tensor) else None,
-                    None if sb is None else sb.detach().reshape(-1).float(), mod,
-                )
+                sb = _score_bias([*mod.modules(), block], num_experts)
+                return RouterParts(w.detach(), _d(b) if isinstance(b, torch.Tensor) else None, sb, mod)
     raise UnsupportedModelError(
         f"{type(block).__name__}: no router with an ({num_experts}, {hidden}) weight among children "
         f"{', '.join(ROUTER_NAMES)}"
     )
+
+
+SCALE_NAMES = ("routed_scaling_factor", "route_scale", "router_scaling_factor", "moe_routed_scaling_factor")
+SCORE_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+
+
+def _score_bias(objs: Sequence[Any], num_experts: int) -> torch.Tensor | None:
+    """The (E,) bias added to the scores for the choice only, on the router or on the block (AFMoE)."""
+    sb = _attr(objs, *SCORE_BIAS_NAMES)
+    if not isinstance(sb, torch.Tensor) or sb.numel() != num_experts:
+        return None
+    return sb.detach().reshape(-1).float()
 
 
 def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> list[DenseExpert]:
@@ -236,11 +278,12 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     objs = [router.module, block, config]
     top_k = int(_attr(objs, "top_k", "num_experts_per_tok", "moe_topk", "num_selected_experts", default=1))
     norm_flag = _attr(objs, "norm_topk_prob")
-    scale = float(_attr(objs, "routed_scaling_factor", default=1.0))
+    scale = float(_attr(objs, *SCALE_NAMES, default=1.0))
     n_group = int(_attr(objs, "num_group", "n_group", default=1) or 1)
     topk_group = int(_attr(objs, "topk_group", default=1) or 1)
-    if n_group <= 1:
-        n_group, topk_group = 1, 1
+    # A config may name groups that its router ignores (DeepSeek-V2's greedy top-k): try without too.
+    groups = [(n_group, topk_group), (1, 1)] if n_group > 1 else [(1, 1)]
+    scales = [scale, 1.0] if scale != 1.0 else [1.0]
     norm_min = float(_attr(objs, "norm_min", "moe_norm_min", default=1e-12))
     has_sb = router.score_bias is not None
     fns = ["sigmoid", "softmax"] if has_sb and n_group > 1 else ["softmax", "sigmoid"]
@@ -248,18 +291,22 @@ def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_ex
     norms: list[tuple[str, float]] = [("sum", 0.0), ("none", 0.0), ("sum_eps", 1e-20), ("clamp", norm_min)]
     if norm_flag is False:
         norms = [norms[1], norms[0], *norms[2:]]
+    # With a score bias, sigmoid routers choose on scores + bias or (Kolibri) on logits + bias.
+    on_logits = (False, True) if has_sb else (False,)
     cands = []
-    for fn in fns:
-        for norm, eps in norms:
-            for sorted_topk in (True, False):
-                try:
-                    cands.append(RouterSpec(
-                        num_experts=num_experts, top_k=top_k, score_fn=fn, norm=norm, norm_eps=eps,  # type: ignore[arg-type]
-                        scale=scale if fn == "sigmoid" else 1.0, has_bias=router.bias is not None,
-                        has_score_bias=has_sb, n_group=n_group, topk_group=topk_group, sorted_topk=sorted_topk,
-                    ))
-                except ValueError:
-                    continue
+    for ol, (ng, tg), fn, sc, (norm, eps), sorted_topk in itertools.product(  # the usual choice first
+        on_logits, groups, fns, scales, norms, (True, False)
+    ):
+        if ol and fn != "sigmoid":
+            continue
+        try:
+            cands.append(RouterSpec(
+                num_experts=num_experts, top_k=top_k, score_fn=fn, norm=norm, norm_eps=eps,  # type: ignore[arg-type]
+                scale=sc, has_bias=router.bias is not None, has_score_bias=has_sb, n_group=ng, topk_group=tg,
+                sorted_topk=sorted_topk, choice_on_logits=ol,
+            ))
+        except ValueError:
+            continue
     return cands
 
 
@@ -293,6 +340,11 @@ def build_layer(
     ex = find_experts(block)
     if ex is None:
         raise UnsupportedModelError(f"{type(block).__name__}: no `experts` child")
+    norms = [n for n, c in block.named_children() if "norm" in type(c).__name__.lower()]
+    if norms:
+        raise UnsupportedModelError(
+            f"{type(block).__name__} at '{path}': a norm inside the MoE block ({', '.join(norms)}) is not in the IR"
+        )
     experts = (adapter.experts or extract_experts)(ex, preferred)
     e = int(experts.w_in.shape[0])
     router = find_router(block, e, experts.spec.hidden)
@@ -316,7 +368,14 @@ def build_layer(
     probe = _probe_input(block, experts.spec.hidden, router.weight)
     best: tuple[float, MoELayer] | None = None
     with torch.no_grad():
-        ref = _as_tensor(block(probe))
+        try:
+            ref = _as_tensor(block(probe))
+        except Exception as e:
+            first = " ".join(str(e).split())[:120]
+            raise UnsupportedModelError(
+                f"{type(block).__name__} at '{path}': the block does not run on hidden states alone "
+                f"({type(e).__name__}: {first}); not a self-contained MoE block"
+            ) from e
         tol = 1e-5 * (1.0 + float(ref.abs().max()))
         for spec in cands:  # a bit-exact candidate wins at once; else the closest within tolerance
             layer = make(spec)
