@@ -44,8 +44,7 @@ def test_deploy_pipeline_compresses_quantizes_under_a_budget_and_lowers_for_arm6
     out = tmp_path / "my out"  # a space: the path must be quoted in the pipeline text
     passes = parse_pipeline(deploy_pipeline(calib, out)).elements
     names = [p.name for p in passes]
-    assert names == ["layer-io", "importance", "sensitivity", "prune", "match", "merge", "canonicalize", "refit",
-                     "quantize", "lower"]
+    assert names == ["layer-io", "importance", "prune", "match", "merge", "canonicalize", "refit", "quantize", "lower"]
     quant, lower = passes[-2].raw(), passes[-1].raw()
     assert quant["budget"] == "1.75MB" and "method" not in quant  # the ILP (the default), under a byte budget
     assert quant["candidates"] == "2;4"

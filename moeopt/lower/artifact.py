@@ -120,9 +120,16 @@ PARITY_TOL_INT8_ACTIVATIONS = 0.25
 
 
 def parity_tolerance(model: MoEModel, quant: QuantSettings) -> float:
-    """The stated parity tolerance of an artifact: exact kernels, or int8 activations somewhere."""
-    bits = {s.bits for layer in model.layers for s in layer.table.slots if s.bits is not None}
-    int8_act = quant.accuracy_level > 0 or 8 in bits
+    """The stated parity tolerance of an artifact: exact kernels, or int8 activations somewhere.
+
+    ORT 1.32's CPU kernels quantize activations to int8 for 8-bit weights and for 2-bit weights in blocks
+    of 32 or more (tests/test_quant_qmoe.py); the reference model at uniform 2 bits, group 64, differs
+    from PyTorch by 0.032 in the logits.
+    """
+    int8_act = quant.accuracy_level > 0 or any(
+        q.bits == 8 or (q.bits == 2 and q.group_size >= 32)
+        for layer in model.layers for q in layer.table.quantized.values()
+    )
     return PARITY_TOL_INT8_ACTIVATIONS if int8_act else PARITY_TOL_EXACT
 
 
