@@ -18,6 +18,7 @@ import moeopt
 from moeopt.errors import BadInputError
 from moeopt.ir.checkpoint import TOKENIZER_FILES, atomic_dir, commit_dir
 from moeopt.ir.model import MoEModel
+from moeopt.ir.table import QuantizedMatrix
 from moeopt.lower.decoder import no_router_outputs
 from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
 from moeopt.lower.offload import export_offload
@@ -126,10 +127,9 @@ def parity_tolerance(model: MoEModel, quant: QuantSettings) -> float:
     of 32 or more (tests/test_quant_qmoe.py); the reference model at uniform 2 bits, group 64, differs
     from PyTorch by 0.032 in the logits.
     """
-    int8_act = quant.accuracy_level > 0 or any(
-        q.bits == 8 or (q.bits == 2 and q.group_size >= 32)
-        for layer in model.layers for q in layer.table.quantized.values()
-    )
+    formats = [(int(q.bits), int(q.group_size)) for layer in model.layers for q in layer.table.quantized.values()
+               if isinstance(q, QuantizedMatrix)]
+    int8_act = quant.accuracy_level > 0 or any(b == 8 or (b == 2 and g >= 32) for b, g in formats)
     return PARITY_TOL_INT8_ACTIVATIONS if int8_act else PARITY_TOL_EXACT
 
 
