@@ -97,23 +97,28 @@ def parity(sess: Any, artifact: Path) -> dict[str, Any]:
             "tokens_identical": bool((tokens == ref["tokens"]).all())}
 
 
-def torch_decode_tok_s(hf: Any, vocab: int, *, prompt_len: int = 16, new: int = NEW_TOKENS) -> float:
-    """Greedy decode tokens/s of a transformers model with its KV cache (the first token is the prefill's)."""
+def torch_decode_tok_s(hf: Any, vocab: int, *, prompt_len: int = 16, new: int = NEW_TOKENS,
+                       repeats: int = 3) -> float:
+    """Greedy decode tokens/s of a transformers model with its KV cache (the first token is the prefill's),
+    the best of `repeats` runs: the cores are shared, and the best run is the least disturbed."""
     ids = torch.from_numpy(np.random.default_rng(0).integers(1, vocab, (1, prompt_len), dtype=np.int64))
+    best = 0.0
     with torch.inference_mode():
-        out = hf(input_ids=ids, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        t = time.perf_counter()
-        for _ in range(new - 1):
-            out = hf(input_ids=tok, past_key_values=past, use_cache=True)
+        for _ in range(repeats):
+            out = hf(input_ids=ids, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    return (new - 1) / (time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(new - 1):
+                out = hf(input_ids=tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            best = max(best, (new - 1) / (time.perf_counter() - t))
+    return best
 
 
-def ort_decode_tok_s(sess: Any, vocab: int, *, prompt_len: int = 16, new: int = NEW_TOKENS) -> float:
-    """The same measurement on the artifact (Session.generate's decode rate)."""
+def ort_decode_tok_s(sess: Any, vocab: int, *, prompt_len: int = 16, new: int = NEW_TOKENS, repeats: int = 3) -> float:
+    """The same measurement on the artifact (Session.generate's decode rate), best of `repeats`."""
     ids = np.random.default_rng(0).integers(1, vocab, (1, prompt_len), dtype=np.int64)
-    return float(sess.generate(ids, new, stop_tokens=()).decode_tokens_per_s)
+    return max(float(sess.generate(ids, new, stop_tokens=()).decode_tokens_per_s) for _ in range(repeats))
 
 
 def run_prompt(sess: Any, tok: Any, prompt: str = PROMPT, new: int = NEW_TOKENS) -> str:
@@ -199,12 +204,13 @@ def print_table(r: dict[str, Any], *, n_apps: int, examples: int | None) -> None
         ("routed experts (MB)", f"{r['source_expert_bytes'] / mb:.2f} fp16", f"{r['artifact_expert_bytes'] / mb:.2f}"),
         *[(f"perplexity {c}", f"{r['source_ppl'][c]:.1f}", f"{r['artifact_ppl'][c]:.1f}") for c in r["source_ppl"]],
         (f"mean accuracy, {n_apps} apps", f"{r['source_acc']:.3f}", f"{r['artifact_acc']:.3f}"),
-        (f"decode tok/s here ({r['threads']} thr)", f"{r['source_tok_s']:.0f}", f"{r['artifact_tok_s']:.0f}"),
+        (f"decode tok/s here ({r['threads']} thr, best of 3)", f"{r['source_tok_s']:.0f}",
+         f"{r['artifact_tok_s']:.0f}"),
         ("parity max |logit diff|", "reference", f"{p['max_abs_diff']:.1e} (tol {p['tolerance']:g})"),
     ]
     print(f"== source vs artifact ({r['target']}; experts {bits}; "
           f"{examples or 'all'} test examples per app; {r['seconds']:.0f}s)")
-    print(f"  {'':<30} {'source (PyTorch)':>18} {'artifact (ORT)':>22}")
+    print(f"  {'':<36} {'source (PyTorch)':>18} {'artifact (ORT)':>22}")
     for name, a, b in rows:
-        print(f"  {name:<30} {a:>18} {b:>22}")
+        print(f"  {name:<36} {a:>18} {b:>22}")
     print(f"  greedy tokens on the parity prompt: {'identical' if p['tokens_identical'] else 'DIFFER'}")
