@@ -129,9 +129,10 @@ def convert(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("-o", "--out", help="where the demo writes its checkpoint")] = Path("out/demo"),
+    out: Annotated[Path, typer.Option("-o", "--out", help="the demo's own output folder (replaced on a rerun)")] = Path(
+        "out/demo"),
 ) -> None:
-    """The main job on the embedded default model: load, inspect, run a pipeline, save, reload, compare."""
+    """The main job on the embedded default model, ending on a verified arm64 artifact and one table."""
     from moeopt.demo import run_demo
 
     run_demo(out)

@@ -19,6 +19,7 @@ import moeopt
 from moeopt.errors import BadInputError, VerificationError
 from moeopt.ir.checkpoint import TOKENIZER_FILES
 from moeopt.ir.model import MoEModel
+from moeopt.ir.table import QuantizedMatrix
 from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
@@ -148,9 +149,15 @@ PARITY_TOL_INT8_ACTIVATIONS = 0.25
 
 
 def parity_tolerance(model: MoEModel, quant: QuantSettings) -> float:
-    """The stated parity tolerance of an artifact: exact kernels, or int8 activations somewhere."""
-    bits = {s.bits for layer in model.layers for s in layer.table.slots if s.bits is not None}
-    int8_act = quant.accuracy_level > 0 or 8 in bits
+    """The stated parity tolerance of an artifact: exact kernels, or int8 activations somewhere.
+
+    ORT 1.32's CPU kernels quantize activations to int8 for 8-bit weights and for 2-bit weights in blocks
+    of 32 or more (tests/test_quant_qmoe.py); the reference model at uniform 2 bits, group 64, differs
+    from PyTorch by 0.032 in the logits.
+    """
+    formats = [(int(q.bits), int(q.group_size)) for layer in model.layers for q in layer.table.quantized.values()
+               if isinstance(q, QuantizedMatrix)]
+    int8_act = quant.accuracy_level > 0 or any(b == 8 or (b == 2 and g >= 32) for b, g in formats)
     return PARITY_TOL_INT8_ACTIVATIONS if int8_act else PARITY_TOL_EXACT
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -177,7 +178,8 @@ class Quantize(Pass):
         cached = ctx.analyses.peek(SENSITIVITY)
         if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits):
             return cached
-        batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed)
+        batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
+                                      ctx.data_root)
         sens = measure(model, batches, bits, group=group, symmetric=sym, max_rows=int(o["max-rows"]),
                        seed=ctx.seed, source=source, progress=sys.stderr.isatty())
         ctx.analyses.put(SENSITIVITY, sens)
@@ -185,13 +187,16 @@ class Quantize(Pass):
 
 
 def calibration_batches(
-    model: MoEModel, specs: tuple[str, ...], seq_len: int, max_tokens: int, seed: int
+    model: MoEModel, specs: tuple[str, ...], seq_len: int, max_tokens: int, seed: int, data_root: Path | None = None
 ) -> list[torch.Tensor]:
-    """(B, T) token batches from the calibration sets (sharing max_tokens), or seeded random tokens."""
+    """(B, T) token batches from the calibration sets (sharing max_tokens), or seeded random tokens.
+
+    `app:NAME` specs read `data_root` (the pipeline's `--data`), as the importance pass does.
+    """
     if specs:
         from moeopt.passes.importance import calibration_sets
 
-        sets = calibration_sets(model, specs, seq_len, max(seq_len, max_tokens // len(specs)))
+        sets = calibration_sets(model, specs, seq_len, max(seq_len, max_tokens // len(specs)), data_root)
         return [b for cs in sets for b in cs.batches]
     vocab = int(model.config.get_text_config().vocab_size)
     n = max(1, max_tokens // seq_len)

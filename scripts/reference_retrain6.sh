@@ -2,7 +2,7 @@
 # (6 layers, 8 experts of width 224: 11.9 M parameters, 23.9 MB fp16) and its dense twin (MLP 448), with the
 # movie train split uncapped (~/.cache/moeopt/data-movie-full: 10,817 reviews). MoE and dense run side by side.
 set -e
-cd /work/main
+cd "$(dirname "$0")/.."  # the repository root
 export PYTHONPATH=.
 C="--batch 16 --seq-len 256 --hidden 256 --expert-inter 224 --layers 6 --threads 1 --data-root $HOME/.cache/moeopt/data-movie-full"
 R=$HOME/.cache/moeopt/retrain6

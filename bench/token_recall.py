@@ -1,7 +1,7 @@
 """How much of layer 0's true routing the token table names, looked up for the argmax token (the graph's
 ``prefetch.next0``) or for the token actually fed (the driver's token hint), on a decoded run.
 
-    .venv/bin/python bench/results/offload-sweep/sampled/token_recall.py \
+    .venv/bin/python bench/token_recall.py \
         ~/.cache/moeopt/bench/reference/offload-4bit-hot0-top4 /tmp/sweep/tok256/reference/work
 
 ARTIFACT is the bench's offload artifact; WORK the work folder of an `offload_sweep.py` / `offload.py` run

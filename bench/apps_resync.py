@@ -6,7 +6,7 @@ foundation's MoE layer inputs and outputs are recorded again on the app's calibr
 Adam steps a layer). EVERY=0 is plain `extract` + `finetune`. It writes the proxy-tuned accuracy and the
 foundation + proxy adapter (LiteMoE) accuracy on the app's test split, and the layer errors per re-sync.
 
-    PYTHONPATH=. .venv/bin/python bench/results/apps-resync/resync.py SEED EVERY OUT.json [STEPS] [APP]
+    PYTHONPATH=. .venv/bin/python bench/apps_resync.py SEED EVERY OUT.json [STEPS] [APP]
 """
 
 from __future__ import annotations
