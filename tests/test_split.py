@@ -85,7 +85,7 @@ def test_corrupt_gguf_writes_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     out = tmp_path / "out"
-    with pytest.raises(BadInputError, match="bad.gguf"):
+    with pytest.raises(BadInputError, match=r"bad\.gguf"):
         write_split(bad, out, experts=8)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]

@@ -83,7 +83,7 @@ def split_state_dict(state: dict[str, torch.Tensor], num_layers: int, experts: i
     return out
 
 
-def split_llama(dense: nn.Module, experts: int = 8) -> nn.Module:
+def split_llama(dense: nn.Module, experts: int = 8) -> Any:
     """A MixtralForCausalLM (fp32, eval) whose logits equal `dense`'s: see the module docstring.
 
     Raises:
