@@ -115,3 +115,12 @@ def test_marker_lets_overwrite_replace_an_import(tmp_path: Path) -> None:
     check_out_dir(out, overwrite=True)
     with pytest.raises(BadInputError, match="not empty"):
         check_out_dir(out, overwrite=False)
+
+
+def test_cli_bad_expert_count_refused_before_download(tmp_path: Path) -> None:
+    """--experts that does not divide SmolLM2's FFN fails in one line with no download (cache stays empty)."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "moeopt.cli", "import", "smollm2", "-o", str(out),
+                           "--experts", "7", "--cache", str(cache)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "into 7 equal experts" in proc.stderr
+    assert not out.exists() and not cache.exists()

