@@ -149,12 +149,13 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     if is_fused_experts(ex):
         from transformers.integrations.moe import _default_apply_gate
 
-        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate and not _plain_gate(
-            ex, preferred_act
-        ):
-            raise UnsupportedModelError(
-                f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
-            )
+        swiglu: dict[str, Any] = {}
+        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+            swiglu = _clamped_gate(ex) or {}  # first: a probe that misses the limit would pass as plain
+            if not swiglu and not _plain_gate(ex, preferred_act):
+                raise UnsupportedModelError(
+                    f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
+                )
         if getattr(ex, "has_post_expert_norm", False):
             raise UnsupportedModelError(f"{type(ex).__name__}: a norm after each expert is not in the IR")
         transposed = bool(getattr(ex, "is_transposed", False))
@@ -170,8 +171,8 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
         b_out = getattr(ex, "down_proj_bias", None)
         inter = int(w_out.shape[-1])
         spec = ExpertSpec(
-            hidden=int(w_out.shape[1]), intermediate=inter, act=_act_of(ex, preferred_act), glu=glu,
-            bias=b_in is not None,
+            hidden=int(w_out.shape[1]), intermediate=inter, act="silu" if swiglu else _act_of(ex, preferred_act),
+            glu=glu, bias=b_in is not None, **swiglu,
         )
         return ExpertParts(spec, w_in.detach(), w_out.detach(), _d(b_in), _d(b_out))
     mods = _expert_modules(ex)
@@ -207,6 +208,50 @@ def _plain_gate(ex: nn.Module, preferred_act: str | None) -> bool:
             return bool(torch.equal(ex._apply_gate(x), ACT2FN[name](gate) * up))  # type: ignore[operator]
     except (UnsupportedModelError, RuntimeError, TypeError):
         return False
+
+
+SWIGLU_LIMIT_ATTRS = ("swiglu_limit", "limit")
+SWIGLU_ALPHA_ATTRS = ("swiglu_alpha", "alpha")
+
+
+def _clamped_gate(ex: nn.Module) -> dict[str, Any] | None:
+    """ExpertSpec's swiglu_* fields when a class's own `_apply_gate` is a clamped SwiGLU on [gate; up].
+
+    DeepSeek-V4, HY-V4 and MiniMax-M3 clamp gate <= limit and up to [-limit, limit] before
+    `silu(gate) * up` or gpt-oss's `gate * sigmoid(alpha * gate) * (up + 1)`. The limit and alpha are
+    read from the module; beta (0 or 1) is not an attribute, so each is tried, and a candidate is kept
+    only if it reproduces the gate on a probe that crosses the limit (the layer is then checked against
+    the block as every conversion is).
+    """
+    from moeopt.ir.compute import clamped_swiglu
+
+    w = getattr(ex, "gate_up_proj", None)
+    limit, alpha = _attr([ex], *SWIGLU_LIMIT_ATTRS), _attr([ex], *SWIGLU_ALPHA_ATTRS, default=1.0)
+    if not isinstance(w, torch.Tensor) or getattr(ex, "is_concatenated", True) is False:
+        return None
+    if not isinstance(limit, int | float) or isinstance(limit, bool) or not limit > 0:
+        return None
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        return None
+    two_i = int(w.shape[2] if getattr(ex, "is_transposed", False) else w.shape[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, two_i, generator=g) * torch.logspace(-1, 0, 32).unsqueeze(1) * 3 * float(limit)
+    gate, up = x.chunk(2, dim=-1)
+    try:
+        with torch.no_grad():
+            got = ex._apply_gate(x)  # type: ignore[operator]
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if not isinstance(got, torch.Tensor) or got.shape != gate.shape:
+        return None
+    for beta in (0.0, 1.0):
+        spec = ExpertSpec(
+            hidden=1, intermediate=two_i // 2, act="silu", swiglu_alpha=float(alpha), swiglu_beta=beta,
+            swiglu_limit=float(limit),
+        )
+        if torch.allclose(got, clamped_swiglu(gate, up, spec), rtol=1e-5, atol=1e-6):
+            return {"swiglu_alpha": spec.swiglu_alpha, "swiglu_beta": beta, "swiglu_limit": spec.swiglu_limit}
+    return None
 
 
 def _d(t: torch.Tensor | None) -> torch.Tensor | None:
