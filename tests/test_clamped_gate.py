@@ -4,13 +4,19 @@ clamp active; a gate that is not of that form stays refused."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
+import moeopt
 from moeopt.archs import tiny_model
 from moeopt.errors import UnsupportedModelError
 from moeopt.ir.adapters.base import extract_experts
 from moeopt.ir.compute import routed_experts
+from moeopt.lower.export import export_decoder
 
 # type -> (limit attribute, expected alpha, expected beta)
 CASES = {"deepseek_v4": ("limit", 1.0, 0.0), "hy_v4": ("swiglu_limit", 1.0, 0.0),
@@ -64,3 +70,31 @@ def test_a_gate_that_is_not_a_clamped_swiglu_is_refused() -> None:
     ex._apply_gate = gate  # type: ignore[method-assign]
     with pytest.raises(UnsupportedModelError, match="custom gating function"):
         extract_experts(ex, None)
+
+
+def test_minimax_m3_with_active_clamps_lowers_and_matches_transformers(tmp_path: Path) -> None:
+    """MiniMax-M3's clamped SwiGLU in its routed experts and its fused shared expert, end to end: the
+    limit is lowered until it bites, so load and plain ORT must reproduce the clamps, not skip them."""
+    torch.set_num_threads(1)
+    hf = tiny_model("minimax_m3_vl_text", layers=1)
+    clamped = 0
+    for m in hf.modules():
+        if hasattr(m, "swiglu_limit"):
+            m.swiglu_limit = LIMIT
+            clamped += 1
+            if hasattr(m, "limit"):
+                m.limit = LIMIT
+    assert clamped >= 2  # the routed experts and the shared expert
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.numpy()
+    model = moeopt.load(hf)
+    with torch.no_grad():
+        assert np.abs(model(input_ids=ids).logits.numpy() - ref).max() <= 1e-5
+    info = export_decoder(model, tmp_path / "model.onnx", kv_cache=True)
+    assert info.cache is not None
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 6), np.int64),
+            "position_ids": np.arange(6, dtype=np.int64)[None]}
+    feed.update({name: t.numpy() for name, t in zip(info.inputs[3:], info.cache.empty(1, 0), strict=True)})
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(sess.run(["logits"], feed)[0] - ref).max() <= 1e-4

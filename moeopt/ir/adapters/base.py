@@ -298,7 +298,11 @@ def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> 
             continue
         layout = _mlp_layout(m)
         if layout is None:
-            raise UnsupportedModelError(f"{type(block).__name__}.{name}: shared expert with unknown layout")
+            fused = _fused_clamped_shared(m, hidden, isinstance(gate, nn.Linear))
+            if fused is None:
+                raise UnsupportedModelError(f"{type(block).__name__}.{name}: shared expert with unknown layout")
+            out.append(fused)
+            continue
         lin: list[Any] = [getattr(m, n) for n in layout]
         spec = SharedSpec(
             intermediate=int(lin[-1].weight.shape[1]), act=_act_of(m, preferred_act), glu=len(layout) == 3,
@@ -316,6 +320,54 @@ def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> 
                 de.gate.weight = nn.Parameter(gate.weight.detach(), requires_grad=False)
         out.append(de.requires_grad_(False))
     return out
+
+
+def _fused_clamped_shared(m: nn.Module, hidden: int, gated: bool) -> DenseExpert | None:
+    """A shared expert with one (2I, H) `gate_up_proj` Linear and a clamped SwiGLU (MiniMax-M3), or None.
+
+    Its limit and alpha are read from the module and beta (0 or 1) tried; a candidate is kept only if it
+    reproduces the module's output on a probe whose gate and up values cross the limit.
+    """
+    from moeopt.ir.compute import shared_expert
+
+    gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    limit = _attr([m], *SWIGLU_LIMIT_ATTRS)
+    alpha = _attr([m], *SWIGLU_ALPHA_ATTRS, default=1.0)
+    if gated or not (isinstance(gu, nn.Linear) and isinstance(down, nn.Linear)) or gu.out_features % 2:
+        return None
+    if not isinstance(limit, int | float) or isinstance(limit, bool) or not limit > 0:
+        return None
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        return None
+    inter = gu.out_features // 2
+    if down.in_features != inter or (gu.bias is None) != (down.bias is None):
+        return None
+    x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(0), dtype=gu.weight.dtype)
+    with torch.no_grad():
+        pre = F.linear(x, gu.weight, gu.bias)
+        x = x * (3 * float(limit) / pre.abs().amax().clamp(min=1e-6))  # gate/up reach 3x the limit
+        try:
+            ref = m(x)
+        except (RuntimeError, TypeError, ValueError):
+            return None
+    for beta in (0.0, 1.0):
+        spec = SharedSpec(
+            intermediate=inter, act="silu", bias=gu.bias is not None, swiglu_alpha=float(alpha),
+            swiglu_beta=beta, swiglu_limit=float(limit),
+        )
+        de = DenseExpert(spec, hidden)
+        with torch.no_grad():
+            de.gate_proj.weight = nn.Parameter(gu.weight[:inter].detach(), requires_grad=False)
+            de.up_proj.weight = nn.Parameter(gu.weight[inter:].detach(), requires_grad=False)
+            de.down_proj.weight = nn.Parameter(down.weight.detach(), requires_grad=False)
+            if spec.bias:
+                de.gate_proj.bias = nn.Parameter(gu.bias[:inter].detach(), requires_grad=False)
+                de.up_proj.bias = nn.Parameter(gu.bias[inter:].detach(), requires_grad=False)
+                de.down_proj.bias = nn.Parameter(down.bias.detach(), requires_grad=False)
+            got = shared_expert(x, de.flat_tensors(), spec)
+        if isinstance(ref, torch.Tensor) and torch.allclose(got, ref, rtol=1e-5, atol=1e-6):
+            return de.requires_grad_(False)
+    return None
 
 
 def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_experts: int) -> list[RouterSpec]:
