@@ -26,7 +26,7 @@ class RoutingTrace:
     hidden: torch.Tensor  # (N, H) the layer's input
 
 
-def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec | SharedSpec) -> torch.Tensor:
     """gpt-oss's gate (see ExpertSpec): min(gate, limit) * sigmoid(alpha * .) * (clamp(up) + beta), in
     the operation order of transformers' `GptOssExperts._apply_gate`."""
     lim = spec.swiglu_limit
@@ -92,7 +92,10 @@ def shared_expert(x: torch.Tensor, tensors: list[torch.Tensor], spec: SharedSpec
     if spec.glu:
         wg, wu = next(it), next(it)
         bg, bu = (next(it), next(it)) if spec.bias else (None, None)
-        h = ACT2FN[spec.act](F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+        if spec.clamped_swiglu:
+            h = clamped_swiglu(F.linear(x, wg, bg), F.linear(x, wu, bu), spec)
+        else:
+            h = ACT2FN[spec.act](F.linear(x, wg, bg)) * F.linear(x, wu, bu)
     else:
         wi = next(it)
         bi = next(it) if spec.bias else None

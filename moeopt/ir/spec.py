@@ -131,16 +131,38 @@ class ExpertSpec:
 
 @dataclass(frozen=True)
 class SharedSpec:
-    """A dense expert every token goes through, optionally scaled by sigmoid(x @ g) (Qwen2-MoE)."""
+    """A dense expert every token goes through, optionally scaled by sigmoid(x @ g) (Qwen2-MoE).
+
+    A SiLU-gated GLU shared expert may use the clamped SwiGLU as ExpertSpec describes (MiniMax-M3).
+    """
 
     intermediate: int
     act: str
     glu: bool = True
     bias: bool = False
     gated: bool = False
+    swiglu_alpha: float = 1.0
+    swiglu_beta: float = 0.0
+    swiglu_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clamped_swiglu and not (self.glu and self.act in ("silu", "swish")):
+            raise ValueError("swiglu_alpha / swiglu_beta / swiglu_limit apply to SiLU-gated GLU experts only")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
+
+    @property
+    def clamped_swiglu(self) -> bool:
+        """Whether the GLU is not the plain `act(gate) * up` (see ExpertSpec)."""
+        return self.swiglu_alpha != 1.0 or self.swiglu_beta != 0.0 or self.swiglu_limit is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields; the SwiGLU parameters only where set, so plain specs serialise as before."""
+        d = dataclasses.asdict(self)
+        if not self.clamped_swiglu:
+            for k in ("swiglu_alpha", "swiglu_beta", "swiglu_limit"):
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SharedSpec:

@@ -162,7 +162,7 @@ def activation(x: Value, act: str) -> Value:
     raise UnsupportedModelError(f"activation '{act}' has no ONNX lowering yet")
 
 
-def glu_product(gate: Value, up: Value, spec: ExpertSpec) -> Value:
+def glu_product(gate: Value, up: Value, spec: ExpertSpec | SharedSpec) -> Value:
     """act(gate) * up, or the clamped SwiGLU (see ExpertSpec), as plain ONNX ops."""
     if not spec.clamped_swiglu:
         return op.Mul(activation(gate, spec.act), up)
@@ -204,7 +204,7 @@ def shared_expert(x2: Value, tensors: Sequence[Value], spec: SharedSpec) -> Valu
     if spec.glu:
         wg, wu = next(it), next(it)
         bg, bu = (next(it), next(it)) if spec.bias else (None, None)
-        h = op.Mul(activation(_linear(x2, wg, bg), spec.act), _linear(x2, wu, bu))
+        h = glu_product(_linear(x2, wg, bg), _linear(x2, wu, bu), spec)
     else:
         wi = next(it)
         bi = next(it) if spec.bias else None

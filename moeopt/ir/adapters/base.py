@@ -149,12 +149,13 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
     if is_fused_experts(ex):
         from transformers.integrations.moe import _default_apply_gate
 
-        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate and not _plain_gate(
-            ex, preferred_act
-        ):
-            raise UnsupportedModelError(
-                f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
-            )
+        swiglu: dict[str, Any] = {}
+        if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+            swiglu = _clamped_gate(ex) or {}  # first: a probe that misses the limit would pass as plain
+            if not swiglu and not _plain_gate(ex, preferred_act):
+                raise UnsupportedModelError(
+                    f"{type(ex).__name__}: custom gating function `_apply_gate` (not act(gate) * up)"
+                )
         if getattr(ex, "has_post_expert_norm", False):
             raise UnsupportedModelError(f"{type(ex).__name__}: a norm after each expert is not in the IR")
         transposed = bool(getattr(ex, "is_transposed", False))
@@ -170,8 +171,8 @@ def extract_experts(ex: nn.Module, preferred_act: str | None) -> ExpertParts:
         b_out = getattr(ex, "down_proj_bias", None)
         inter = int(w_out.shape[-1])
         spec = ExpertSpec(
-            hidden=int(w_out.shape[1]), intermediate=inter, act=_act_of(ex, preferred_act), glu=glu,
-            bias=b_in is not None,
+            hidden=int(w_out.shape[1]), intermediate=inter, act="silu" if swiglu else _act_of(ex, preferred_act),
+            glu=glu, bias=b_in is not None, **swiglu,
         )
         return ExpertParts(spec, w_in.detach(), w_out.detach(), _d(b_in), _d(b_out))
     mods = _expert_modules(ex)
@@ -207,6 +208,50 @@ def _plain_gate(ex: nn.Module, preferred_act: str | None) -> bool:
             return bool(torch.equal(ex._apply_gate(x), ACT2FN[name](gate) * up))  # type: ignore[operator]
     except (UnsupportedModelError, RuntimeError, TypeError):
         return False
+
+
+SWIGLU_LIMIT_ATTRS = ("swiglu_limit", "limit")
+SWIGLU_ALPHA_ATTRS = ("swiglu_alpha", "alpha")
+
+
+def _clamped_gate(ex: nn.Module) -> dict[str, Any] | None:
+    """ExpertSpec's swiglu_* fields when a class's own `_apply_gate` is a clamped SwiGLU on [gate; up].
+
+    DeepSeek-V4, HY-V4 and MiniMax-M3 clamp gate <= limit and up to [-limit, limit] before
+    `silu(gate) * up` or gpt-oss's `gate * sigmoid(alpha * gate) * (up + 1)`. The limit and alpha are
+    read from the module; beta (0 or 1) is not an attribute, so each is tried, and a candidate is kept
+    only if it reproduces the gate on a probe that crosses the limit (the layer is then checked against
+    the block as every conversion is).
+    """
+    from moeopt.ir.compute import clamped_swiglu
+
+    w = getattr(ex, "gate_up_proj", None)
+    limit, alpha = _attr([ex], *SWIGLU_LIMIT_ATTRS), _attr([ex], *SWIGLU_ALPHA_ATTRS, default=1.0)
+    if not isinstance(w, torch.Tensor) or getattr(ex, "is_concatenated", True) is False:
+        return None
+    if not isinstance(limit, int | float) or isinstance(limit, bool) or not limit > 0:
+        return None
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        return None
+    two_i = int(w.shape[2] if getattr(ex, "is_transposed", False) else w.shape[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, two_i, generator=g) * torch.logspace(-1, 0, 32).unsqueeze(1) * 3 * float(limit)
+    gate, up = x.chunk(2, dim=-1)
+    try:
+        with torch.no_grad():
+            got = ex._apply_gate(x)  # type: ignore[operator]
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if not isinstance(got, torch.Tensor) or got.shape != gate.shape:
+        return None
+    for beta in (0.0, 1.0):
+        spec = ExpertSpec(
+            hidden=1, intermediate=two_i // 2, act="silu", swiglu_alpha=float(alpha), swiglu_beta=beta,
+            swiglu_limit=float(limit),
+        )
+        if torch.allclose(got, clamped_swiglu(gate, up, spec), rtol=1e-5, atol=1e-6):
+            return {"swiglu_alpha": spec.swiglu_alpha, "swiglu_beta": beta, "swiglu_limit": spec.swiglu_limit}
+    return None
 
 
 def _d(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -253,7 +298,11 @@ def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> 
             continue
         layout = _mlp_layout(m)
         if layout is None:
-            raise UnsupportedModelError(f"{type(block).__name__}.{name}: shared expert with unknown layout")
+            fused = _fused_clamped_shared(m, hidden, isinstance(gate, nn.Linear))
+            if fused is None:
+                raise UnsupportedModelError(f"{type(block).__name__}.{name}: shared expert with unknown layout")
+            out.append(fused)
+            continue
         lin: list[Any] = [getattr(m, n) for n in layout]
         spec = SharedSpec(
             intermediate=int(lin[-1].weight.shape[1]), act=_act_of(m, preferred_act), glu=len(layout) == 3,
@@ -271,6 +320,54 @@ def extract_shared(block: nn.Module, hidden: int, preferred_act: str | None) -> 
                 de.gate.weight = nn.Parameter(gate.weight.detach(), requires_grad=False)
         out.append(de.requires_grad_(False))
     return out
+
+
+def _fused_clamped_shared(m: nn.Module, hidden: int, gated: bool) -> DenseExpert | None:
+    """A shared expert with one (2I, H) `gate_up_proj` Linear and a clamped SwiGLU (MiniMax-M3), or None.
+
+    Its limit and alpha are read from the module and beta (0 or 1) tried; a candidate is kept only if it
+    reproduces the module's output on a probe whose gate and up values cross the limit.
+    """
+    from moeopt.ir.compute import shared_expert
+
+    gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    limit = _attr([m], *SWIGLU_LIMIT_ATTRS)
+    alpha = _attr([m], *SWIGLU_ALPHA_ATTRS, default=1.0)
+    if gated or not (isinstance(gu, nn.Linear) and isinstance(down, nn.Linear)) or gu.out_features % 2:
+        return None
+    if not isinstance(limit, int | float) or isinstance(limit, bool) or not limit > 0:
+        return None
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        return None
+    inter = gu.out_features // 2
+    if down.in_features != inter or (gu.bias is None) != (down.bias is None):
+        return None
+    x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(0), dtype=gu.weight.dtype)
+    with torch.no_grad():
+        pre = F.linear(x, gu.weight, gu.bias)
+        x = x * (3 * float(limit) / pre.abs().amax().clamp(min=1e-6))  # gate/up reach 3x the limit
+        try:
+            ref = m(x)
+        except (RuntimeError, TypeError, ValueError):
+            return None
+    for beta in (0.0, 1.0):
+        spec = SharedSpec(
+            intermediate=inter, act="silu", bias=gu.bias is not None, swiglu_alpha=float(alpha),
+            swiglu_beta=beta, swiglu_limit=float(limit),
+        )
+        de = DenseExpert(spec, hidden)
+        with torch.no_grad():
+            de.gate_proj.weight = nn.Parameter(gu.weight[:inter].detach(), requires_grad=False)
+            de.up_proj.weight = nn.Parameter(gu.weight[inter:].detach(), requires_grad=False)
+            de.down_proj.weight = nn.Parameter(down.weight.detach(), requires_grad=False)
+            if spec.bias:
+                de.gate_proj.bias = nn.Parameter(gu.bias[:inter].detach(), requires_grad=False)
+                de.up_proj.bias = nn.Parameter(gu.bias[inter:].detach(), requires_grad=False)
+                de.down_proj.bias = nn.Parameter(down.bias.detach(), requires_grad=False)
+            got = shared_expert(x, de.flat_tensors(), spec)
+        if isinstance(ref, torch.Tensor) and torch.allclose(got, ref, rtol=1e-5, atol=1e-6):
+            return de.requires_grad_(False)
+    return None
 
 
 def router_candidates(block: nn.Module, router: RouterParts, config: Any, num_experts: int) -> list[RouterSpec]:
