@@ -101,15 +101,12 @@ class ExpertSpec:
 
         if self.act not in ACT2CLS:
             raise ValueError(f"unknown activation {self.act!r}")
-        if self.clamped_swiglu and not (self.glu and self.act in ("silu", "swish")):
-            raise ValueError("swiglu_alpha / swiglu_beta / swiglu_limit apply to SiLU-gated GLU experts only")
-        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
-            raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
+        _check_swiglu(self)
 
     @property
     def clamped_swiglu(self) -> bool:
         """Whether the GLU is not the plain `act(gate) * up` (alpha, beta or limit set, as gpt-oss)."""
-        return self.swiglu_alpha != 1.0 or self.swiglu_beta != 0.0 or self.swiglu_limit is not None
+        return _is_clamped(self)
 
     @property
     def in_rows(self) -> int:
@@ -146,15 +143,12 @@ class SharedSpec:
     swiglu_limit: float | None = None
 
     def __post_init__(self) -> None:
-        if self.clamped_swiglu and not (self.glu and self.act in ("silu", "swish")):
-            raise ValueError("swiglu_alpha / swiglu_beta / swiglu_limit apply to SiLU-gated GLU experts only")
-        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
-            raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
+        _check_swiglu(self)
 
     @property
     def clamped_swiglu(self) -> bool:
         """Whether the GLU is not the plain `act(gate) * up` (see ExpertSpec)."""
-        return self.swiglu_alpha != 1.0 or self.swiglu_beta != 0.0 or self.swiglu_limit is not None
+        return _is_clamped(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields; the SwiGLU parameters only where set, so plain specs serialise as before."""
@@ -175,3 +169,15 @@ def spec_key(router: RouterSpec, experts: ExpertSpec, shared: tuple[SharedSpec, 
         {"router": router.to_dict(), "experts": experts.to_dict(), "shared": [s.to_dict() for s in shared]},
         sort_keys=True,
     )
+
+
+def _is_clamped(spec: ExpertSpec | SharedSpec) -> bool:
+    return spec.swiglu_alpha != 1.0 or spec.swiglu_beta != 0.0 or spec.swiglu_limit is not None
+
+
+def _check_swiglu(spec: ExpertSpec | SharedSpec) -> None:
+    """The clamped-SwiGLU fields of an expert or shared-expert spec are valid (shared by both specs)."""
+    if _is_clamped(spec) and not (spec.glu and spec.act in ("silu", "swish")):
+        raise ValueError("swiglu_alpha / swiglu_beta / swiglu_limit apply to SiLU-gated GLU experts only")
+    if spec.swiglu_limit is not None and not spec.swiglu_limit > 0:
+        raise ValueError(f"swiglu_limit must be > 0, got {spec.swiglu_limit}")
