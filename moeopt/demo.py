@@ -62,9 +62,7 @@ def seeded_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def _check_roundtrip(model: Any, out: Path, ids: torch.Tensor) -> dict[str, object]:
     import moeopt
-    from moeopt.demo_deploy import clear_own
 
-    clear_own(out)
     # float32 on disk: merged experts are not representable in the source's float16, and this check is exact.
     saved = model.save(out, dtype=torch.float32, overwrite=True)  # the demo's own folder from an earlier run
     again = moeopt.load(saved)
@@ -143,13 +141,11 @@ def _held_out_app(base: Any, tok: Any, out: Path, ev: dict[str, Any], app: str =
     demo's time (568 s of 794 s with 1000 steps at load ~4; 69 s with 400 at load ~2), and it still lifts
     the foundation (0.100 -> 0.190 with 400 steps, 0.280 with 1000, majority 0.110, on 100 test examples).
     """
-    from moeopt.demo_deploy import clear_own
     from moeopt.eval import evaluate
     from moeopt.tune import TuneSettings, build_examples, extract, finetune, plug, read_rows
     from moeopt.tune.meta import peak_rss_mib, reset_peak_rss
 
     t0 = time.perf_counter()
-    clear_own(out / f"{app}-adapter")
     proxy = copy.deepcopy(base)
     # Ranked by routing frequency: the loss sensitivity on a 16-label app took minutes of the demo on 2
     # cores; refit still fits the proxy to the foundation's layer outputs, which the adapter's transfer needs.

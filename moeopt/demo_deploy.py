@@ -15,15 +15,12 @@ loosen the parity tolerance from 1e-3 to 0.25.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from moeopt.errors import BadInputError
 
 KEEP = 0.5  # share of each layer's routed experts kept (the rest merged or removed)
 BUDGET = "1.75MB"  # routed-expert bytes after quantization: between all-2-bit (~1.25 MB) and all-4-bit (~2.25 MB)
@@ -32,24 +29,6 @@ REFIT_STEPS = 100
 TARGET = "arm64"
 PROMPT = "The government said on Monday that"
 NEW_TOKENS = 32
-OWN_MARKERS = ("manifest.json", "moeopt.json", "moeopt-adapter.json")  # files only moeopt writes
-
-
-def clear_own(path: Path) -> None:
-    """Remove an earlier run's output at `path` so the demo can run again; never a user's folder.
-
-    Raises:
-        BadInputError: `path` holds files and none of moeopt's markers (someone else's folder).
-    """
-    if not path.exists():
-        return
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-        return
-    if path.is_dir() and any((path / m).is_file() for m in OWN_MARKERS):
-        shutil.rmtree(path)
-        return
-    raise BadInputError(f"{path} exists and was not written by moeopt; move it or choose another --out")
 
 
 def calib_specs(data_root: Path, apps: list[str]) -> list[str]:
@@ -64,7 +43,7 @@ def calib_specs(data_root: Path, apps: list[str]) -> list[str]:
 def deploy_pipeline(calib: list[str], out: Path, *, keep: float = KEEP, budget: str = BUDGET,
                     target: str = TARGET, refit: bool = True) -> str:
     """Compress (LiteMoE: loss-ranked prune, ILP match, aligned merge, refit), quantize, lower."""
-    from moeopt.passes.pipeline import _quote, needs_quotes
+    from moeopt.passes.pipeline import option_text
     from moeopt.tune.extract import proxy_pipeline
 
     spec = ";".join(calib)
@@ -74,10 +53,9 @@ def deploy_pipeline(calib: list[str], out: Path, *, keep: float = KEEP, budget: 
     compress = proxy_pipeline(spec, keep, calib_tokens=8192, rank="freq", refit=refit)
     if refit:  # a sixth of refit's default work (300 steps of 1024 tokens a layer): minutes less on 2 cores
         compress = compress.removesuffix(",refit") + f",refit{{steps={REFIT_STEPS},batch=512}}"
-    value = _quote(spec) if needs_quotes(spec) else spec
-    quant = f"quantize{{budget={budget},candidates={BITS},calib={value},calib-tokens=4096}}"
-    art = _quote(str(out)) if needs_quotes(str(out)) else str(out)
-    return f"{compress},{quant},lower{{out={art},target={target}}}"
+    quant = f"quantize{{budget={budget},candidates={BITS},calib={option_text(spec)},calib-tokens=4096}}"
+    # overwrite: a rerun replaces the artifact an earlier run wrote (only a folder moeopt wrote; see moeopt.outdir)
+    return f"{compress},{quant},lower{{out={option_text(str(out))},target={target},overwrite=true}}"
 
 
 def folder_bytes(path: Path) -> int:
@@ -141,13 +119,13 @@ def deploy(base: Any, tok: Any, out: Path, data_root: Path, source_eval: dict[st
     import copy
 
     from moeopt.eval import evaluate
+    from moeopt.outdir import check_out_dir
     from moeopt.passes import PassContext, PassManager
-    from moeopt.runtime import Session
-    from moeopt.runtime.lm import ArtifactLM
+    from moeopt.runtime.lm import load_for_eval
 
     t0 = time.perf_counter()
     threads = max(1, min(4, os.cpu_count() or 1))  # the arm64 profile's 4, or fewer cores here
-    clear_own(out)
+    check_out_dir(out, overwrite=True)  # a folder that is not moeopt's is refused before minutes of work
     calib = calib_specs(data_root, apps)
     text = deploy_pipeline(calib, out)
     print(f"== deployable artifact: {text.replace(';'.join(calib), 'CALIB')}")
@@ -158,13 +136,14 @@ def deploy(base: Any, tok: Any, out: Path, data_root: Path, source_eval: dict[st
     print("  passes: " + ", ".join(f"{n} {s:.0f}s" for n, s in report.seconds))
     bits = [s.bits for layer in model.layers for s in layer.table.slots]
     t_build = time.perf_counter() - t0
-    sess = Session(out, threads=threads)
+    lm, tokenizer = load_for_eval(out, threads=threads)
+    sess = lm.session
     check = parity(sess, out)
-    text_out = run_prompt(sess, _tokenizer(out, sess))
+    text_out = run_prompt(sess, tokenizer)
     print(f"  built in {t_build:.0f}s; {out} on '{PROMPT}':")
     print(f"  {PROMPT}{text_out}")
     vocab = int(base.config.vocab_size)
-    art_eval = evaluate(ArtifactLM(sess), _tokenizer(out, sess), tasks=apps, **ev)
+    art_eval = evaluate(lm, tokenizer, tasks=apps, **ev)
     result = {
         "artifact": str(out), "pipeline": text, "target": sess.manifest.get("target", {}).get("target"),
         "source_bytes": folder_bytes(Path(base.source_dir)) if base.source_dir else 0,
@@ -183,15 +162,6 @@ def deploy(base: Any, tok: Any, out: Path, data_root: Path, source_eval: dict[st
         print("  status: PARITY MISMATCH")
         raise SystemExit(1)
     return result
-
-
-def _tokenizer(artifact: Path, sess: Any) -> Any:
-    from tokenizers import Tokenizer
-
-    name = sess.manifest.get("tokenizer")
-    if not name:
-        raise BadInputError(f"{artifact}: the artifact has no tokenizer.json")
-    return Tokenizer.from_file(str(artifact / name))
 
 
 def print_table(r: dict[str, Any], *, n_apps: int, examples: int | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,31 +11,33 @@ from conftest import FIXTURE_DATA
 import moeopt
 from moeopt.data.apps import APPS
 from moeopt.demo import DEMO_DATA
-from moeopt.demo_deploy import calib_specs, clear_own, deploy_pipeline
+from moeopt.demo_deploy import calib_specs, deploy_pipeline
 from moeopt.errors import BadInputError
+from moeopt.outdir import check_out_dir
 from moeopt.passes import PassContext, PassManager, parse_pipeline
 
 
 def test_rerun_replaces_only_what_moeopt_wrote(tmp_path: Path) -> None:
+    """The demo writes with overwrite (moeopt.outdir's rule): its own earlier outputs go, a user's folder stays."""
     ours = tmp_path / "artifact"
     ours.mkdir()
-    (ours / "manifest.json").write_text("{}")
+    (ours / "manifest.json").write_text(json.dumps({"format": "moeopt-artifact", "version": 1}))
     (ours / "model.onnx").write_bytes(b"x")
-    clear_own(ours)
-    assert not ours.exists()
+    check_out_dir(ours, overwrite=True)
 
     theirs = tmp_path / "notes"
     theirs.mkdir()
     (theirs / "todo.txt").write_text("mine")
-    with pytest.raises(BadInputError, match="not written by moeopt"):
-        clear_own(theirs)
+    with pytest.raises(BadInputError, match="not a folder moeopt wrote"):
+        check_out_dir(theirs, overwrite=True)
     assert (theirs / "todo.txt").read_text() == "mine"
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    clear_own(empty)
-    clear_own(tmp_path / "absent")
-    assert not empty.exists()
+    check_out_dir(empty, overwrite=True)
+    check_out_dir(tmp_path / "absent", overwrite=True)
+    lower = parse_pipeline(deploy_pipeline(["app:intent"], ours)).elements[-1].raw()
+    assert lower["overwrite"] == "true"  # the artifact of an earlier run is replaced once the new one is complete
 
 
 def test_deploy_pipeline_compresses_quantizes_under_a_budget_and_lowers_for_arm64(tmp_path: Path) -> None:
@@ -48,7 +51,7 @@ def test_deploy_pipeline_compresses_quantizes_under_a_budget_and_lowers_for_arm6
     quant, lower = passes[-2].raw(), passes[-1].raw()
     assert quant["budget"] == "1.75MB" and "method" not in quant  # the ILP (the default), under a byte budget
     assert quant["candidates"] == "2;4"
-    assert lower == {"out": str(out), "target": "arm64"}
+    assert lower == {"out": str(out), "target": "arm64", "overwrite": "true"}
     assert passes[1].raw()["calib"].split(";") == calib
 
 

@@ -60,6 +60,11 @@ def needs_quotes(v: str) -> bool:
     return not _BARE.fullmatch(v)
 
 
+def option_text(v: str) -> str:
+    """`v` as an option value in pipeline text: bare where it can be, double-quoted otherwise."""
+    return _quote(v) if needs_quotes(v) else v
+
+
 def parse_pipeline(text: str) -> Pipeline:
     """Parse pipeline text; errors are one line naming the column (1-based) and what was expected."""
     p = _Parser(text)

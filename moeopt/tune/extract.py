@@ -15,7 +15,7 @@ from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.passes.base import PassContext
 from moeopt.passes.manager import PassManager, RunReport
-from moeopt.passes.pipeline import _quote, needs_quotes
+from moeopt.passes.pipeline import option_text
 from moeopt.passes.sensitivity import TEXT_TOKENS
 
 
@@ -79,7 +79,7 @@ def proxy_pipeline(
     cold = round((1.0 - keep) / 2, 4) if cold is None else cold
     if not 0.0 <= cold <= 1.0 - keep + 1e-9:
         raise BadInputError(f"--cold must be in [0, 1 - keep] = [0, {1 - keep:.4g}], got {cold}")
-    value = _quote(calib) if needs_quotes(calib) else calib
+    value = option_text(calib)
     imp = f"importance{{calib={value},max-tokens={calib_tokens},progress=false}}"
     opts = [] if align == "assignment" else [f"align={align}"]
     if rank == "loss":
