@@ -363,7 +363,7 @@ _register_runtime_commands()
 
 
 def _register_tune_commands() -> None:
-    from moeopt.tune.cli import extract_cmd, finetune_cmd, plug_cmd
+    from moeopt.tune_cli import extract_cmd, finetune_cmd, plug_cmd
 
     app.command("extract")(extract_cmd)
     app.command("finetune")(finetune_cmd)

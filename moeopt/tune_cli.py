@@ -1,4 +1,9 @@
-"""`moeopt extract`, `moeopt finetune` and `moeopt plug` (registered in moeopt.cli)."""
+"""`moeopt extract`, `moeopt finetune` and `moeopt plug` (registered in moeopt.cli).
+
+Outside the `moeopt.tune` package on purpose: `moeopt --help` imports this module to register the
+commands, and importing anything inside the package runs its `__init__`, which imports torch; the
+runtime-only install has none. The commands import `moeopt.tune` when they run.
+"""
 
 from __future__ import annotations
 
