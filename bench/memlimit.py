@@ -26,7 +26,7 @@ Controllers, tried in order (``--controller`` picks one):
 
 The group is made for the run (the command is moved into it before it execs) and removed after it.
 The JSON (stdout, or ``--json``) holds the limit, controller, peak memory (the group's, page cache
-included, and the process tree's largest RSS), wall time, exit status, signal, OOM kills and the
+included, and the command's peak RSS, its VmHWM polled every 10 ms), wall time, exit status, signal, OOM kills and the
 group's ``memory.stat`` at exit; an OOM kill is reported (``oom_killed``), and this script then exits
 with the command's status (128 + signal for a signal), never 0. `run_limited` is the same as a function,
 for benches that run each engine at several limits.
@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -140,15 +139,16 @@ def _v2_root() -> Path | None:
 
 
 class Group:
-    """A memory cgroup made for one run: `enter` (in the child, before exec), `peak`, `oom_kills`, `remove`."""
+    """A memory cgroup made for one run: `procs` (to join it), `peak`, `oom_kills`, `remove`."""
 
     kind = ""
 
     def __init__(self, path: Path, limit: int) -> None:
         self.path, self.limit = path, limit
 
-    def enter(self) -> None:
-        _write(self.path / "cgroup.procs", str(os.getpid()))
+    def procs(self) -> Path:
+        """The file a process writes its pid to, to join the group."""
+        return self.path / "cgroup.procs"
 
     def peak(self) -> tuple[int | None, str]:
         raise NotImplementedError
@@ -282,24 +282,28 @@ def run_limited(cmd: Sequence[str], limit: int, *, drop: Iterable[str | Path] = 
     if group is None:
         result["substitute"] = ("RLIMIT_AS at the limit: caps the address space, not resident memory, and the "
                                 "page cache is not counted (no writable memory cgroup here)")
+    proc: subprocess.Popen[bytes] | None = None
+    reaped = False
     try:
         result["dropped"] = drop_page_cache(drop, drop_all)
 
-        def enter() -> None:  # in the child, between fork and exec
-            if group is not None:
-                group.enter()
-            else:
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
+        # A small shell joins the group (or sets the rlimit) and execs the command. Not a preexec_fn: that
+        # makes subprocess fork this process, and the child's peak RSS (kept across exec) would then
+        # count this process's memory (a bench that imported torch: hundreds of MB) instead of vfork's 0.
+        setup = f'echo $$ > "{group.procs()}"' if group is not None else f"ulimit -v {limit // 1024}"
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), preexec_fn=enter, stdout=stdout, env=env)
+        proc = subprocess.Popen(["/bin/sh", "-c", setup + ' && exec "$@"', "memlimit", *cmd], stdout=stdout,
+                                env=env)
         done = threading.Event()
-        if group is not None:
-            def poll() -> None:
-                while not done.wait(0.01):
+        hwm = [0]
+
+        def poll() -> None:
+            while not done.wait(0.01):
+                hwm[0] = max(hwm[0], _vm_hwm(proc.pid))
+                if group is not None:
                     group.poll()
-            poller = threading.Thread(target=poll, daemon=True)
-            poller.start()
+
+        threading.Thread(target=poll, daemon=True).start()
         timed_out = False
         try:
             _, status, usage = os.wait4(proc.pid, 0) if timeout is None else _wait4_timeout(proc, timeout)
@@ -307,6 +311,7 @@ def run_limited(cmd: Sequence[str], limit: int, *, drop: Iterable[str | Path] = 
             proc.kill()
             _, status, usage = os.wait4(proc.pid, 0)
             timed_out = True
+        reaped = True
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         done.set()
@@ -314,7 +319,10 @@ def run_limited(cmd: Sequence[str], limit: int, *, drop: Iterable[str | Path] = 
         sig = -code if code < 0 else None
         result.update({
             "wall_s": round(wall, 4), "returncode": code, "signal": signal.Signals(sig).name if sig else None,
-            "timed_out": timed_out, "max_rss_bytes": usage.ru_maxrss * 1024,  # the largest RSS of one process
+            "timed_out": timed_out, "max_rss_bytes": hwm[0],
+            # Linux keeps a process's peak RSS across exec, so this one counts the launcher's, i.e. this
+            # process's, memory too (it forked the command): an upper bound only
+            "ru_maxrss_bytes": usage.ru_maxrss * 1024,
             "user_s": round(usage.ru_utime, 3), "sys_s": round(usage.ru_stime, 3),
             "major_faults": usage.ru_majflt, "block_reads": usage.ru_inblock,  # 512-byte units
         })
@@ -329,9 +337,12 @@ def run_limited(cmd: Sequence[str], limit: int, *, drop: Iterable[str | Path] = 
             result["oom_killed"] = bool(kills) or (sig == signal.SIGKILL and not timed_out and peak is not None
                                                    and peak >= limit * 0.98)
         else:
-            result.update({"peak_bytes": result["max_rss_bytes"], "peak_source": "ru_maxrss (process, no page cache)",
+            result.update({"peak_bytes": hwm[0], "peak_source": "VmHWM of the command's process (no page cache)",
                            "oom_killed": False})
     finally:
+        if proc is not None and not reaped:  # interrupted: the command must not outlive its group
+            proc.kill()
+            os.waitpid(proc.pid, 0)
         if group is not None:
             group.remove()
     return result
@@ -339,6 +350,18 @@ def run_limited(cmd: Sequence[str], limit: int, *, drop: Iterable[str | Path] = 
 
 _STAT_KEYS = {"cache", "rss", "mapped_file", "total_cache", "total_rss", "total_mapped_file", "anon", "file",
               "file_mapped", "pgmajfault", "total_pgmajfault", "hierarchical_memory_limit"}
+
+
+def _vm_hwm(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM, bytes) as /proc shows it; 0 once it is gone. Per address
+    space: the command's own since its exec, unlike ``ru_maxrss``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _wait4_timeout(proc: subprocess.Popen[Any], timeout: float) -> tuple[int, int, Any]:
@@ -373,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the result here (default: stdout, after the command's output)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command and its arguments")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_limited: command killed, group removed
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("no command given (put it after --)")

@@ -10,7 +10,9 @@ Runs on the committed tiny artifacts (scripts/tiny_artifact.py): no torch, a sec
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,3 +175,38 @@ def test_an_artifact_without_checksums_hashes_its_expert_file_at_the_start(tmp_p
         OffloadSession(art, source=cache_source(index.cold_bytes(), "lru"))
     with ExpertStore(art, index) as store:  # nothing to check a read against: the start's hash is the check
         _read(store, index, sorted(index.experts)[0])
+
+
+def _cached_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache (util-linux fincore)."""
+    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True)
+    return int(res.stdout.split()[0])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+def test_a_store_that_does_not_keep_the_page_cache_leaves_no_expert_pages(tmp_path: Path) -> None:
+    """page_cache=False: each record's pages leave the page cache once read, so an expert is in memory
+    once (its frame), not twice; the default keeps them (a re-read is then a memory copy)."""
+    art, index = _copy(tmp_path)
+    path = art / index.file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the copy's dirty pages cannot be dropped
+        for keep in (False, True):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert _cached_bytes(path) == 0
+            with ExpertStore(art, index, page_cache=keep) as store:
+                for key in sorted(index.experts):
+                    _read(store, index, key)
+            assert _cached_bytes(path) == (index.file_bytes if keep else 0), keep
+    finally:
+        os.close(fd)
+
+
+def test_verify_runs_without_torch() -> None:
+    """The device install has no torch: `moeopt verify` is a runtime command."""
+    from tests.test_runtime_install import no_torch
+
+    res = no_torch("verify", str(OFFLOAD))
+    assert res.returncode == 0 and "6 expert records match their crc32" in res.stdout, res.stderr

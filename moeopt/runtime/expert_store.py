@@ -7,6 +7,13 @@ see `moeopt.runtime.offload_format`) is checked right after it is read, before a
 a damaged record is refused with one line when, and only when, some step needs it. Opening the store
 reads no record (only the file's size is checked), and `reads` counts the reads of each record.
 
+With ``page_cache=False`` a record's pages leave the page cache as soon as it is read
+(``posix_fadvise(DONTNEED)`` of its range, and no readahead past it, ``POSIX_FADV_RANDOM``): the expert
+then lives once in memory, in its frame, instead of twice (frame + cached file pages). Where memory is
+tight (a board, or a memory cgroup, which charges the page cache to the group) the cached copy only
+pushes other pages out; where it is not, it makes a re-read after an eviction a memory copy, so the
+default keeps it.
+
 `SlowStorage` makes the store behave like a slower device than the one it sits on (an edge board's SD
 card or eMMC): every read takes at least ``latency + bytes / bandwidth`` and reads are served one at a
 time in the order they were asked for, as by a single-queue device. It is a model for benchmarks, not
@@ -61,12 +68,15 @@ class ExpertStore:
     """Open ``index.file`` in an artifact folder, check its size against the index, and read records by
     offset, each checked against its crc32 when the index has one.
 
-    With `storage`, every read also waits as long as that device model says it would take.
+    With `storage`, every read also waits as long as that device model says it would take; with
+    `page_cache` False, the pages of each record read are dropped from the page cache.
     """
 
-    def __init__(self, folder: str | Path, index: OffloadIndex, storage: SlowStorage | None = None) -> None:
+    def __init__(self, folder: str | Path, index: OffloadIndex, storage: SlowStorage | None = None, *,
+                 page_cache: bool = True) -> None:
         self.index = index
         self.storage = storage
+        self.page_cache = page_cache
         self.path = Path(folder) / index.file
         if not self.path.is_file():
             raise BadInputError(f"expert file {self.path} is missing (the offload index expects "
@@ -81,6 +91,8 @@ class ExpertStore:
                 raise BadInputError(f"offload index: layer {layer} slot {slot} record at byte {rec.offset} "
                                     f"is not page-aligned or ends past {index.file} ({index.file_bytes} bytes)")
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        if not page_cache:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead into the next record
         self.reads: Counter[tuple[int, int]] = Counter()  # (layer, slot) -> reads of that record so far
         self._reads_lock = threading.Lock()
 
@@ -104,6 +116,8 @@ class ExpertStore:
         bufs = [memoryview(v.reshape(-1).view(np.uint8)) for v in frame_views]  # type: ignore[arg-type]
         start = time.perf_counter()
         n = os.preadv(self._fd, bufs, rec.offset)
+        if not self.page_cache:
+            os.posix_fadvise(self._fd, rec.offset, fmt.record_bytes, os.POSIX_FADV_DONTNEED)
         if self.storage is not None:
             self.storage.wait(start, n)
         with self._reads_lock:
