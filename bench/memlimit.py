@@ -25,6 +25,10 @@ Controllers, tried in order (``--controller`` picks one):
   counted; the JSON says so (``substitute``), and the peak is the process's max RSS.
 
 The group is made for the run (the command is moved into it before it execs) and removed after it.
+A page is charged to the group that first brought it into memory: the pages of shared libraries that
+other processes already have cached or mapped (python, onnxruntime) are not charged to this group, so
+its peak can be below the command's RSS; the files named with ``--drop`` (the model) are charged to the
+run that reads them, which is what the limit is about.
 The JSON (stdout, or ``--json``) holds the limit, controller, peak memory (the group's, page cache
 included, and the command's peak RSS, its VmHWM polled every 10 ms), wall time, exit status, signal, OOM kills and the
 group's ``memory.stat`` at exit; an OOM kill is reported (``oom_killed``), and this script then exits
