@@ -354,9 +354,11 @@ def profile_cmd(
 
 def _register_runtime_commands() -> None:
     from moeopt.runtime.cli import lower_cmd, run_cmd
+    from moeopt.runtime.verify import verify_cmd
 
     app.command("lower")(lower_cmd)
     app.command("run")(run_cmd)
+    app.command("verify")(verify_cmd)
 
 
 _register_runtime_commands()

@@ -8,6 +8,7 @@ pool/frame contract are in `moeopt.runtime.offload_format`.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ def _format_name(op: str, attrs: dict[str, Any], taken: set[str]) -> str:
 
 def write_experts(model: Any, hot: dict[int, tuple[int, ...]], folder: Path,
                   quant: QuantSettings) -> tuple[dict[str, ColdFormat], list[dict[str, Any]], int]:
-    """Write every cold expert to `folder/experts.bin` (page-aligned records, in (layer, slot) order).
+    """Write every cold expert to `folder/experts.bin` (page-aligned records, in (layer, slot) order), each
+    entry with the crc32 of its record's bytes (checked by the runtime on every read of the record).
 
     Returns:
         (formats by name, the index's expert entries, file bytes).
@@ -120,9 +122,13 @@ def write_experts(model: Any, hot: dict[int, tuple[int, ...]], folder: Path,
                 record = formats[name].pool.record_bytes
                 for i, slot in enumerate(g.slots):
                     f.seek(offset)
+                    crc = 0
                     for a in arrays.values():
-                        f.write(a[i].tobytes())
-                    entries.append({"layer": int(layer.index), "slot": int(slot), "format": name, "offset": offset})
+                        data = a[i].tobytes()
+                        f.write(data)
+                        crc = zlib.crc32(data, crc)
+                    entries.append({"layer": int(layer.index), "slot": int(slot), "format": name, "offset": offset,
+                                    "crc32": crc})
                     offset += record
         f.truncate(offset)  # the last record's padding too: every record is whole pages
     for fmt in formats.values():

@@ -51,16 +51,24 @@ def measure_parity(folder: Path, model: MoEModel) -> float:
     """Max |logit diff| of the artifact in `folder` (its manifest written) against `model` in PyTorch.
 
     Decoder-only artifacts (resident or offload) are compared with the folder's parity.npz, encoder-decoder
-    ones with a PyTorch forward on a probe source and decoder sequence. The manifest's sha256 sums are
-    checked on opening, so the bytes measured are the bytes the manifest lists. Offload artifacts run
-    their segment graphs and, for every expert not in a segment, their cold graph fed from experts.bin.
+    ones with a PyTorch forward on a probe source and decoder sequence. Every file's sha256 and every
+    expert record's crc32 are checked first (`moeopt.runtime.verify`, what opening alone no longer does
+    for an offload artifact's experts.bin), so the bytes measured are the bytes the manifest lists.
+    Offload artifacts run their segment graphs and, for every expert not in a segment, their cold graph
+    fed from experts.bin.
+
+    Raises:
+        VerificationError: a written file differs from its manifest entry.
     """
     from moeopt.runtime import AllResident, open_artifact
+    from moeopt.runtime.verify import check_artifact
+
+    check_artifact(folder)
 
     def unpacked(index: Any, path: Path) -> AllResident:  # offload: every cold expert through the artifact's
         return AllResident(index, path, packed=False)  # cold graph, without a prepacked session per expert
 
-    sess = open_artifact(folder, verify=True, source=unpacked)
+    sess = open_artifact(folder, verify=False, source=unpacked)  # checked above
     try:
         if sess.encoder is not None:
             return _seq2seq_diff(sess, model)

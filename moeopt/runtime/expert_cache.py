@@ -68,13 +68,16 @@ class ExpertCache:
         packer: build a prepacked session for every loaded expert (`packed_frames`), on the thread
             that read it; None keeps raw pools for the cold graphs.
         storage: a slower device to emulate (`SlowStorage`, benchmarks); None reads at this machine's speed.
+        page_cache: leave the expert file's pages in the page cache after a read (False: drop each record's
+            pages once read, so an expert is not in memory twice; see `ExpertStore`).
     """
 
     def __init__(self, folder: str | Path, index: OffloadIndex, budget_bytes: int, policy: str = "lru",
                  prefetcher: Prefetcher | None = None, io_threads: int = 1, *,
                  slot_of: Sequence[Sequence[int]] | None = None, refresh_every: int = 8,
                  decay: float = 0.9, prior: Sequence[Sequence[float]] | None = None,
-                 packer: FramePacker | None = None, storage: SlowStorage | None = None) -> None:
+                 packer: FramePacker | None = None, storage: SlowStorage | None = None,
+                 page_cache: bool = True) -> None:
         if policy in ("on-demand", "none") and prefetcher is not None:
             raise BadInputError("the on-demand cache does no prefetching; pass no prefetcher or another policy")
         self.index = index
@@ -86,7 +89,8 @@ class ExpertCache:
         self._t = FrameTable(index, frames, self.policy, self.counters, packer)
         self.packer = packer
         self.packed: bool = packer is not None
-        self.store = ExpertStore(folder, index, storage)  # last of what can fail before the threads start
+        # the last of what can fail before the threads start
+        self.store = ExpertStore(folder, index, storage, page_cache=page_cache)
         self._cold = [index.cold(i) for i in range(len(index.top_k))]
         self._pinned: list[Spot] = []
         self._hinted: set[Key] = set()

@@ -2,7 +2,17 @@
 
 Each read is a single ``os.preadv`` of a record's parts into the frame views of the pool arrays: no
 intermediate buffer, no unpacking, and the GIL is released while the kernel copies, so loads on an I/O
-thread overlap ONNX Runtime compute on the main thread.
+thread overlap ONNX Runtime compute on the main thread. A record with a checksum in the index (``crc32``,
+see `moeopt.runtime.offload_format`) is checked right after it is read, before anything computes with it:
+a damaged record is refused with one line when, and only when, some step needs it. Opening the store
+reads no record (only the file's size is checked), and `reads` counts the reads of each record.
+
+With ``page_cache=False`` a record's pages leave the page cache as soon as it is read
+(``posix_fadvise(DONTNEED)`` of its range, and no readahead past it, ``POSIX_FADV_RANDOM``): the expert
+then lives once in memory, in its frame, instead of twice (frame + cached file pages). Where memory is
+tight (a board, or a memory cgroup, which charges the page cache to the group) the cached copy only
+pushes other pages out; where it is not, it makes a re-read after an eviction a memory copy, so the
+default keeps it.
 
 `SlowStorage` makes the store behave like a slower device than the one it sits on (an edge board's SD
 card or eMMC): every read takes at least ``latency + bytes / bandwidth`` and reads are served one at a
@@ -15,6 +25,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,14 +65,18 @@ class SlowStorage:
 
 
 class ExpertStore:
-    """Open ``index.file`` in an artifact folder, check it against the index, and read records by offset.
+    """Open ``index.file`` in an artifact folder, check its size against the index, and read records by
+    offset, each checked against its crc32 when the index has one.
 
-    With `storage`, every read also waits as long as that device model says it would take.
+    With `storage`, every read also waits as long as that device model says it would take; with
+    `page_cache` False, the pages of each record read are dropped from the page cache.
     """
 
-    def __init__(self, folder: str | Path, index: OffloadIndex, storage: SlowStorage | None = None) -> None:
+    def __init__(self, folder: str | Path, index: OffloadIndex, storage: SlowStorage | None = None, *,
+                 page_cache: bool = True) -> None:
         self.index = index
         self.storage = storage
+        self.page_cache = page_cache
         self.path = Path(folder) / index.file
         if not self.path.is_file():
             raise BadInputError(f"expert file {self.path} is missing (the offload index expects "
@@ -75,13 +91,18 @@ class ExpertStore:
                 raise BadInputError(f"offload index: layer {layer} slot {slot} record at byte {rec.offset} "
                                     f"is not page-aligned or ends past {index.file} ({index.file_bytes} bytes)")
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        if not page_cache:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead into the next record
+        self.reads: Counter[tuple[int, int]] = Counter()  # (layer, slot) -> reads of that record so far
+        self._reads_lock = threading.Lock()
 
     def read_into(self, layer: int, slot: int, frame_views: Sequence[np.ndarray]) -> int:
         """Read expert ``(layer, slot)`` into `frame_views` (one C-contiguous view per part, in format
         order) with one ``os.preadv``; returns the bytes read.
 
         Raises:
-            BadInputError: not a cold expert, views that do not match its format, or a short read.
+            BadInputError: not a cold expert, views that do not match its format, a short read, or bytes
+                whose crc32 differs from the index's (the views then hold the damaged bytes).
         """
         rec = self.index.experts.get((layer, slot))
         if rec is None:
@@ -95,11 +116,24 @@ class ExpertStore:
         bufs = [memoryview(v.reshape(-1).view(np.uint8)) for v in frame_views]  # type: ignore[arg-type]
         start = time.perf_counter()
         n = os.preadv(self._fd, bufs, rec.offset)
+        if not self.page_cache:
+            os.posix_fadvise(self._fd, rec.offset, fmt.record_bytes, os.POSIX_FADV_DONTNEED)
         if self.storage is not None:
             self.storage.wait(start, n)
+        with self._reads_lock:
+            self.reads[(layer, slot)] += 1
         if n != fmt.expert_bytes:
             raise BadInputError(f"expert file {self.path} is truncated: layer {layer} slot {slot} needs bytes "
                                 f"{rec.offset}..{rec.offset + fmt.expert_bytes} but only {n} could be read")
+        if rec.crc32 is not None:
+            crc = 0
+            for b in bufs:
+                crc = zlib.crc32(b, crc)  # releases the GIL on large buffers, like the read
+            if crc != rec.crc32:
+                raise BadInputError(
+                    f"expert file {self.path} is corrupted: layer {layer} slot {slot} (bytes {rec.offset}.."
+                    f"{rec.offset + fmt.expert_bytes}) fails its crc32 check; `moeopt verify "
+                    f"{self.path.parent}` checks the whole artifact")
         return n
 
     def drop_page_cache(self) -> None:

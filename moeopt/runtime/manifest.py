@@ -34,8 +34,27 @@ def hash_files(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def record_checked_files(manifest: dict[str, Any]) -> set[str]:
+    """Files whose bytes are checked record by record as they are read, so opening need not hash them:
+    an offload artifact's expert file when every record in its index has a ``crc32``
+    (`moeopt.runtime.offload_format`). Empty for a resident artifact and for an offload artifact written
+    before the checksums (its expert file is hashed whole, as then)."""
+    sec = manifest.get("offload")
+    if not isinstance(sec, dict):
+        return set()
+    experts = sec.get("experts")
+    if not isinstance(experts, list) or not experts or not isinstance(sec.get("file"), str):
+        return set()
+    if not all(isinstance(e, dict) and isinstance(e.get("crc32"), int) for e in experts):
+        return set()
+    return {sec["file"]}
+
+
 def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Load `folder/manifest.json`; with `verify`, check every listed file's size and sha256.
+    """Load `folder/manifest.json`; with `verify`, check every listed file's size and sha256, except the
+    sha256 of a file checked record by record when read (`record_checked_files`: an offload artifact's
+    experts.bin, whose every byte would otherwise be read at every start). ``moeopt verify``
+    (`moeopt.runtime.verify`) checks everything.
 
     Raises:
         BadInputError: one line naming the missing, truncated or corrupted file.
@@ -55,6 +74,7 @@ def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
     if int(manifest.get("version", -1)) > VERSION:
         raise BadInputError(f"{path}: artifact format v{manifest.get('version')} is newer than this moeopt reads")
     if verify:
+        by_record = record_checked_files(manifest)
         for rel, entry in manifest.get("files", {}).items():
             p = folder / rel
             if not p.is_file():
@@ -62,6 +82,6 @@ def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
             size = p.stat().st_size
             if size != entry["bytes"]:
                 raise BadInputError(f"{p}: truncated or altered ({size} bytes, manifest says {entry['bytes']})")
-            if sha256_file(p) != entry["sha256"]:
+            if rel not in by_record and sha256_file(p) != entry["sha256"]:
                 raise BadInputError(f"{p}: corrupted (sha256 differs from the manifest)")
     return manifest
