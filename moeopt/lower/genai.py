@@ -101,10 +101,11 @@ def genai_config(manifest: dict[str, Any], hf_config: Any) -> dict[str, Any]:
                 "outputs": outputs,
             },
         },
-        # Greedy by default, as `moeopt run`; GenAI's set_search_options overrides any of these.
+        # Greedy by default, and sampling (do_sample) over every token as `moeopt run --sample` does: top_k 0,
+        # not 1, which GenAI treats as greedy even when sampling. set_search_options overrides any of these.
         "search": {
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context, "min_length": 0,
-            "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+            "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
             "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
             # The graph concatenates past and new keys into a present that grows by one each step.
             "past_present_share_buffer": bool(cache.get("shared_buffer", False)),
