@@ -76,6 +76,18 @@ def test_genai_greedy_tokens_equal_moeopts(name: str, tmp_path_factory: pytest.T
         prompt = [p % vocab for p in prompt]
         got = genai_greedy(art, prompt, 12)  # skips first where the wheel is missing
         assert got == moeopt_greedy(art, prompt, 12), (name, prompt)
+    # a batch of two (same length: GenAI infers padding from pad ids), no stop at eos on either side
+    og = pytest.importorskip("onnxruntime_genai", reason=NO_WHEEL)
+    batch = np.array([[5, 17, 33, 2, 9, 40], [60, 1, 8, 22, 14, 7]]) % vocab
+    og_model = og.Model(str(art))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=batch.shape[1] + 10, min_length=batch.shape[1] + 10, batch_size=2)
+    gen = og.Generator(og_model, params)
+    gen.append_tokens(batch.astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    want = Session(art).generate(batch, 10, stop_tokens=()).sequences
+    assert np.array_equal(np.stack([gen.get_sequence(i) for i in range(2)]), want), name
 
 
 def test_genai_tokenizer_reads_the_artifacts_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> None:
