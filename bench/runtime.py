@@ -2,8 +2,10 @@
 ONNX Runtime artifacts (float, 8-bit, 4-bit, 4-bit with int8 activations, mixed bits), for the
 reference model and a random Mixtral-shaped model of ~1B parameters, beside the roofline
 (memory bandwidth / bytes of active parameters per token) and, when `llama-cpp-python` imports,
-llama.cpp on the same weights (GGUF Q8_0 and Q4_K_M). Every configuration is measured in its own
-process, so each peak RSS is that configuration's alone. Writes runtime.json and runtime.png.
+llama.cpp on the same weights (GGUF Q8_0 and Q4_K_M), and, when `onnxruntime_genai` imports (the `test`
+extra installs it), ONNX Runtime GenAI running the same fp32 / 4-bit artifacts (genai-*: its generation
+loop around moeopt's graph). Every configuration is measured in its own process, so each peak RSS is that
+configuration's alone. Writes runtime.json and runtime.png.
 
     .venv/bin/python bench/runtime.py                       # both models (~1B: builds its artifacts once)
     .venv/bin/python bench/runtime.py --quick               # reference model, short prompt, one repeat
@@ -57,6 +59,8 @@ CONFIGS: dict[str, tuple[str, int]] = {
     "artifact-mixed": (f"quantize{{method=uniform,bits=4,group={GROUP},pin=*:0@8;*:1@3;*:6@2;*:7@2}}", 0),
 }
 LLAMA_TYPES = {"llama.cpp-Q8_0": 7, "llama.cpp-Q4_K_M": 15}  # llama_ftype values
+# ONNX Runtime GenAI running moeopt's artifact (its genai_config.json): label -> the artifact's label.
+GENAI = {"genai-fp32": "artifact-fp32", "genai-4bit": "artifact-4bit", "genai-4bit-int8act": "artifact-4bit-int8act"}
 
 
 # --- models and artifacts (built once, cached) ---------------------------------------------------------
@@ -216,6 +220,64 @@ def measure_artifact(art: Path, prompt_len: int, new: int, repeats: int, threads
     return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
 
 
+def genai_folder(art: Path, ckpt: Path) -> Path:
+    """`art` when it has genai_config.json; else (an artifact cached before `lower` wrote one) a sibling
+    folder of links to its files with the config `lower` would write now (made in the build step: the
+    measuring process must not import moeopt.lower, which imports torch and would count in its RSS)."""
+    if (art / "genai_config.json").exists():
+        return art
+    side = art.with_name(art.name + ".genai")
+    if not (side / "genai_config.json").exists():
+        from types import SimpleNamespace
+
+        from moeopt.lower.genai import write_genai_files
+
+        side.mkdir(exist_ok=True)
+        for f in art.iterdir():
+            if f.is_file() and not (side / f.name).exists():
+                (side / f.name).symlink_to(f.resolve())
+        manifest = json.loads((art / "manifest.json").read_text())
+        hf = json.loads((ckpt / "config.json").read_text()) if (ckpt / "config.json").exists() else {}
+        entry = write_genai_files(side, manifest, SimpleNamespace(**hf))
+        if entry["config"] is None:
+            raise RuntimeError(f"GenAI cannot run {art}: {entry['reason']}")
+    return side
+
+
+def measure_genai(art: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    """moeopt's artifact run by onnxruntime_genai: prefill = append_tokens (one forward over the prompt),
+    decode = the generate_next_token loop (its first call only picks the prefill's token, as in `Session`)."""
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    config = og.Config(str(art))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    load = time.perf_counter() - t0
+    vocab = int(json.loads((art / "manifest.json").read_text())["vocab_size"])
+    ids = _prompt(vocab, prompt_len).astype(np.int32)
+    best_p, best_d = 0.0, 0.0
+    for r in range(repeats + 1):
+        params = og.GeneratorParams(model)
+        # min_length: no stop at eos, as stop_tokens=() for the artifact
+        params.set_search_options(max_length=prompt_len + new, min_length=prompt_len + new, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids)
+        t_pre = time.perf_counter() - t
+        t = time.perf_counter()
+        steps = 0
+        while not gen.is_done():
+            gen.generate_next_token()
+            steps += 1
+        t_dec = time.perf_counter() - t
+        if steps != new:
+            raise RuntimeError(f"GenAI generated {steps} tokens, {new} asked")
+        if r:
+            best_p, best_d = max(best_p, prompt_len / t_pre), max(best_d, (new - 1) / t_dec)
+    return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
+
+
 def measure_llama(gguf: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
     import llama_cpp
 
@@ -266,6 +328,15 @@ def llama_status() -> str | None:
         return f"llama-cpp-python is not importable ({type(e).__name__}: {e})"
     if _converter() is None:
         return "llama-cpp-python imports but its source's convert_hf_to_gguf.py was not found (set MOEOPT_LLAMA_SRC)"
+    return None
+
+
+def genai_status() -> str | None:
+    """None when onnxruntime_genai imports, else why the GenAI columns are absent."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except Exception as e:  # not installed (`pip install onnxruntime-genai==0.18.0`), or no wheel here
+        return f"onnxruntime-genai is not importable ({type(e).__name__}: {e})"
     return None
 
 
@@ -342,6 +413,12 @@ def child_main(args: argparse.Namespace) -> None:
         if label.startswith("llama.cpp"):
             path = build_gguf(model_name, label, args.cache)
             print(json.dumps({"file_bytes": path.stat().st_size}))
+        elif label in GENAI:  # the artifact's own build (cached), run by GenAI
+            art = build_artifact(model_name, GENAI[label], args.cache)
+            genai_folder(art, ckpt)
+            info = json.loads((art.parent / f"{GENAI[label]}.info.json").read_text())
+            info["file_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+            print(json.dumps(info))
         else:
             art = build_artifact(model_name, label, args.cache)
             info = json.loads((art.parent / f"{label}.info.json").read_text())
@@ -353,6 +430,8 @@ def child_main(args: argparse.Namespace) -> None:
         out = measure_torch(ckpt, *a)
     elif label.startswith("llama.cpp"):
         out = measure_llama(args.cache / model_name / "gguf" / f"model-{label.split('-', 1)[1]}.gguf", *a)
+    elif label in GENAI:
+        out = measure_genai(genai_folder(args.cache / model_name / GENAI[label], ckpt), *a)
     else:
         out = measure_artifact(args.cache / model_name / label, *a)
     print(json.dumps(out))
@@ -366,6 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llama_why = None if args.llama else f"not requested (--no-llama){note}"
     if llama_why is None:
         llama_why = llama_status()
+    genai_why = genai_status() if args.genai else "not requested (--no-genai)"
     result: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": args.threads, "bandwidth_gb_s": round(bw, 2),
@@ -373,10 +453,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
                      "batch": 1, "best_of_repeats": True, "group": GROUP},
         "llama_cpp": "measured" if llama_why is None else f"absent: {llama_why}",
+        "onnxruntime_genai": "measured" if genai_why is None else f"absent: {genai_why}",
         "models": {},
     }
     for model_name in args.models:
-        labels = ["pytorch-fp32", *CONFIGS] + (list(LLAMA_TYPES) if llama_why is None else [])
+        labels = ["pytorch-fp32", *CONFIGS] + (list(GENAI) if genai_why is None else []) + (
+            list(LLAMA_TYPES) if llama_why is None else [])
         rows: dict[str, Any] = {}
         ref_bytes = None
         for label in labels:
@@ -423,6 +505,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label, row in rows.items():
             if torch_dec and "decode_tok_s" in row:
                 summary[label] = {"decode_vs_pytorch_fp32": row["decode_tok_s"] / torch_dec}
+        for g, a in GENAI.items():  # the same graph: what GenAI's loop costs or saves against moeopt's
+            if "decode_tok_s" in rows.get(g, {}) and "decode_tok_s" in rows.get(a, {}):
+                ratio = summary.setdefault(g, {})
+                ratio["decode_vs_moeopt_runtime"] = rows[g]["decode_tok_s"] / rows[a]["decode_tok_s"]
+                ratio["prefill_vs_moeopt_runtime"] = rows[g]["prefill_tok_s"] / rows[a]["prefill_tok_s"]
         for q in ("artifact-4bit", "artifact-4bit-int8act"):
             if "llama.cpp-Q4_K_M" in rows and "decode_tok_s" in rows.get(q, {}) and \
                     "decode_tok_s" in rows["llama.cpp-Q4_K_M"]:
@@ -452,7 +539,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                                           ("peak_rss_mb", "peak RSS (MB)"))):
             ax = axes[r][c]
             ax.bar(x, [rows[k][key] for k in labels], color=["#888" if k.startswith("pytorch") else
-                                                              "#c84" if k.startswith("llama") else "#48c"
+                                                              "#c84" if k.startswith("llama") else
+                                                              "#6a4" if k.startswith("genai") else "#48c"
                                                               for k in labels])
             if key == "decode_tok_s":
                 roof = [rows[k].get("roofline_decode_tok_s", np.nan) for k in labels]
@@ -480,6 +568,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="reference model only, prompt 16, 8 tokens, 1 repeat")
     ap.add_argument("--no-llama", dest="llama", action="store_false", help="skip the llama.cpp columns")
     ap.add_argument("--llama-note", default="", help="why the llama.cpp columns are skipped (kept in the JSON)")
+    ap.add_argument("--no-genai", dest="genai", action="store_false",
+                    help="skip the ONNX Runtime GenAI columns (moeopt's artifacts run by onnxruntime_genai)")
     ap.add_argument("--skip", default="", help="MODEL:LABEL,... configurations left out (e.g. 1b:artifact-mixed)")
     ap.add_argument("--skip-note", default="", help="why they are left out (kept in the JSON)")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "LABEL"), help=argparse.SUPPRESS)

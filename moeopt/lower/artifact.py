@@ -21,6 +21,7 @@ from moeopt.ir.checkpoint import TOKENIZER_FILES
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import QuantizedMatrix
 from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
+from moeopt.lower.genai import write_genai_files
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
@@ -119,6 +120,7 @@ def lower(
         manifest["parity_measured"], manifest["verified"] = None, False
         if encoder is not None:  # encoder-decoder: the decoder is "graph", the encoder runs once per prompt
             manifest["encoder"], manifest["parity"] = encoder, None
+        manifest["genai"] = write_genai_files(tmp, manifest, model.config)  # before hashing: GenAI's files are listed
         manifest["files"] = hash_files(tmp)  # the manifest lists every file but itself: rewriting it below is safe
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if verify:
