@@ -40,10 +40,13 @@ def inspect(
     model: Annotated[str, typer.Argument(help="checkpoint folder (Hugging Face or moeopt)")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Layers, experts, parameters and bytes (expert / non-expert), routing configuration."""
-    import moeopt
+    """Layers, experts, parameters and bytes (expert / non-expert), routing configuration.
 
-    m = moeopt.load(model)
+    Reads config.json and the safetensors headers only (no weights), whatever the checkpoint's size.
+    """
+    from moeopt.ir.load import load_skeleton
+
+    m = load_skeleton(model)
     if as_json:
         s = m.stats()
         print(json.dumps({

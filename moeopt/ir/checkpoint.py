@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from moeopt.errors import BadInputError
 from moeopt.ir.layer import DenseExpert, MoELayer
 from moeopt.ir.model import MoEModel
+from moeopt.ir.safetensors_check import TensorInfo
 from moeopt.ir.spec import ExpertSpec, RouterSpec, SharedSpec
 from moeopt.ir.table import ExpertTable, QuantizedMatrix, SlotInfo
 from moeopt.outdir import atomic_dir, commit_dir
@@ -85,8 +86,15 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEModel:
-    """Read a folder written by `save_checkpoint` back into an identical IR."""
+def load_checkpoint(
+    path: Path, *, dtype: torch.dtype = torch.float32, skeleton: dict[str, TensorInfo] | None = None
+) -> MoEModel:
+    """Read a folder written by `save_checkpoint` back into an identical IR.
+
+    With `skeleton` (the folder's tensors from their headers), weights stay on the meta device with
+    the saved shapes; only small tensors (expert masks and maps, biases) are read, so that counts and
+    bytes, quantized ones included, are those of the full load.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -111,7 +119,10 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         layers.append(layer)
     # Fresh (aligned) allocations: tensors read at arbitrary file offsets send MKL down other GEMM paths
     # whose rounding differs in the last bit, and a round trip must be bit-identical.
-    state = {k: v.clone() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    if skeleton is not None:
+        state = _skeleton_state(path / WEIGHTS_FILE, skeleton)
+    else:
+        state = {k: v.clone() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
     for alias, key in meta.get("tied", {}).items():
         state[alias] = state[key]
     result = hf.load_state_dict(state, strict=False, assign=True)
@@ -123,7 +134,11 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
     hf.eval()
     disable_router_outputs(hf)
     predictor = None
-    if meta.get("predictor"):
+    if meta.get("predictor") and skeleton is not None:
+        from moeopt.ir.predictor import RoutingPredictor
+
+        predictor = RoutingPredictor.from_meta(meta["predictor"]).to("meta")
+    elif meta.get("predictor"):
         from moeopt.ir.predictor import RoutingPredictor
         from moeopt.ir.safetensors_check import check_safetensors
 
@@ -139,6 +154,27 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         storage_dtype=meta.get("storage_dtype", "float32"), plan=meta.get("plan"),
     )
     return model
+
+
+SMALL_TENSOR = 1 << 16  # bytes: a skeleton reads 1-D tensors this small (masks, slot maps, biases)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _skeleton_state(weights: Path, tensors: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Meta tensors of the saved shapes and dtypes; 1-D tensors under SMALL_TENSOR bytes read for real."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            info = tensors[key]
+            if (len(info.shape) <= 1 and info.nbytes < SMALL_TENSOR) or info.dtype not in _ST_DTYPES:
+                state[key] = f.get_tensor(key).clone()
+            else:
+                state[key] = torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype], device="meta")
+    return state
 
 
 def _meta_tensor(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from moeopt.ir.layer import MoELayer
 from moeopt.ir.lowerable import check_cache
 from moeopt.ir.model import MoEModel
 from moeopt.ir.mxfp4 import is_mxfp4_config
-from moeopt.ir.safetensors_check import check_safetensors
+from moeopt.ir.safetensors_check import TensorInfo, checkpoint_tensors
 from moeopt.ir.spec import RouterSpec
 
 META_FILE = "moeopt.json"
@@ -62,6 +63,71 @@ def load(
     raise BadInputError(f"cannot load a {type(src).__name__}: expected a checkpoint path or a transformers model")
 
 
+def load_skeleton(src: str | Path) -> MoEModel:
+    """The IR of a checkpoint folder without its weights: every tensor on the meta device.
+
+    Shapes, dtypes and bytes come from config.json and the safetensors headers (and the shard index),
+    so this costs the same on a 100 GB checkpoint as on a tiny one and reads no weight at all: what
+    `moeopt inspect` needs. A block class whose router semantics are inferred by probing (no named
+    adapter) is probed once on a copy holding random values. The host's two-token cache check
+    (`check_cache`) needs weights and is left to a full `load`.
+    """
+    path = Path(src)
+    tensors = _check_folder(path)
+    if (path / META_FILE).exists():
+        from moeopt.ir.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, skeleton=tensors)
+    config, auto = _hf_config(path)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            hf = auto.from_config(config, dtype=torch.float32)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{path}: {type(config).__name__} has no {auto.__name__} class") from e
+    _check_coverage(path, hf, tensors)
+    hf.eval()
+    disable_router_outputs(hf)
+    layers, used = convert_blocks(hf, check=False, probe=_random_copy)
+    model = MoEModel(hf=hf, layers=layers, source=str(path), source_dir=path, adapters=used)
+    model.storage_dtype = _config_dtype(path)
+    return model
+
+
+def _random_copy(block: nn.Module) -> nn.Module:
+    """A copy of a meta-device block with seeded random values, to probe its router semantics on."""
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(block).to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*probe.parameters(), *probe.buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.05)
+    return probe
+
+
+def _check_coverage(path: Path, hf: nn.Module, tensors: dict[str, TensorInfo]) -> None:
+    """Refuse a checkpoint whose shards hold fewer values than its config's model has parameters.
+
+    Checkpoint names differ from module names (transformers renames and fuses per-expert tensors on
+    load), but the number of values does not: fewer is a checkpoint missing tensors. Packed formats
+    (MXFP4 experts) store fewer values than they decode to and are not compared.
+    """
+    if is_mxfp4_config(json.loads((path / "config.json").read_text())):
+        return
+    have = sum(t.numel for t in tensors.values())
+    seen: set[int] = set()
+    need = 0
+    for p in hf.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            need += p.numel()
+    if tensors and have < need:
+        raise BadInputError(
+            f"{path}: its shards hold {have:,} values but its config's model has {need:,} parameters "
+            "(tensors missing from the checkpoint)"
+        )
+
+
 def disable_router_outputs(hf: nn.Module) -> None:
     """Turn off transformers' router-logit outputs (the load-balancing loss of training).
 
@@ -83,8 +149,15 @@ def _wrap(hf: nn.Module, source: str, source_dir: Path | None, check: bool) -> M
     return MoEModel(hf=hf, layers=layers, source=source, source_dir=source_dir, adapters=used)
 
 
-def convert_blocks(hf: nn.Module, *, check: bool = True) -> tuple[list[MoELayer], dict[str, str]]:
-    """Replace every MoE block of `hf` by an equivalent MoELayer, in module order."""
+def convert_blocks(
+    hf: nn.Module, *, check: bool = True, probe: Callable[[nn.Module], nn.Module] | None = None
+) -> tuple[list[MoELayer], dict[str, str]]:
+    """Replace every MoE block of `hf` by an equivalent MoELayer, in module order.
+
+    With `probe` (a skeleton whose weights are on the meta device), blocks are converted unchecked and a
+    block class without an adapter's router semantics has them inferred once on `probe(block)`, a copy
+    holding values, instead of on the block itself.
+    """
     config = getattr(hf, "config", None)
     found: list[tuple[str, nn.Module, Any]] = []
     suspicious: list[str] = []
@@ -116,13 +189,22 @@ def convert_blocks(hf: nn.Module, *, check: bool = True) -> tuple[list[MoELayer]
         cls_name = type(block).__name__
         cached = inferred.get(cls_name)
         try:
-            layer = build_layer(block, adapter, config, index=i, path=name, check=check, cached_spec=cached)
+            if probe is not None:
+                if cached is None and adapter.router_spec is None:
+                    cached = build_layer(probe(block), adapter, config, index=i, path=name, check=True).router
+                layer = build_layer(block, adapter, config, index=i, path=name, check=False, cached_spec=cached)
+            else:
+                layer = build_layer(block, adapter, config, index=i, path=name, check=check, cached_spec=cached)
         except UnsupportedModelError:
             if adapter is GENERIC and cached is None:
                 raise
             # The named adapter's (or a previous layer's) semantics did not hold here: search them.
             adapter = GENERIC
-            layer = build_layer(block, GENERIC, config, index=i, path=name, check=check)
+            if probe is not None:
+                spec = build_layer(probe(block), GENERIC, config, index=i, path=name, check=True).router
+                layer = build_layer(block, GENERIC, config, index=i, path=name, check=False, cached_spec=spec)
+            else:
+                layer = build_layer(block, GENERIC, config, index=i, path=name, check=check)
         if adapter is GENERIC:
             inferred.setdefault(cls_name, layer.router)
         used[cls_name] = adapter.name
@@ -137,7 +219,8 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _check_folder(path: Path) -> None:
+def _check_folder(path: Path) -> dict[str, TensorInfo]:
+    """Refuse a folder that is not a readable checkpoint; its tensors from the shard headers (no weights)."""
     if not path.exists():
         raise BadInputError(f"no such checkpoint folder: {path}")
     if not path.is_dir():
@@ -149,14 +232,14 @@ def _check_folder(path: Path) -> None:
         json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInputError(f"{cfg}: corrupt config.json ({e.__class__.__name__})") from e
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards and not list(path.glob("*.bin")):
+    tensors = checkpoint_tensors(path)
+    if not tensors and not list(path.glob("*.safetensors")) and not list(path.glob("*.bin")):
         raise BadInputError(f"{path}: no weight files (*.safetensors)")
-    for shard in shards:
-        check_safetensors(shard)
+    return tensors
 
 
-def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
+def _hf_config(path: Path) -> tuple[Any, Any]:
+    """The transformers config of a checkpoint folder and the auto class that builds its model."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -168,6 +251,13 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
             f"{path}: model_type '{mt}' is not known to transformers {transformers.__version__}"
         ) from e
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return config, auto
+
+
+def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
+    import transformers
+
+    config, auto = _hf_config(path)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # one line per error, no per-tensor bars
     extra: dict[str, Any] = {}
