@@ -121,3 +121,39 @@ def test_corrupt_index_and_missing_tensor(sharded: Path, tmp_path: Path, capsys:
     (bad / INDEX_FILE).write_text("{not json")
     code, _, err = run_cli("inspect", str(bad), capsys=capsys)
     _one_line_exit_2(code, err, "corrupt shard index")
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_16bit_checkpoint_loads_as_before(tmp_path: Path, stored: torch.dtype) -> None:
+    """A 16-bit checkpoint read in its own dtype and upcast tensor by tensor gives the IR, weights and
+    logits of transformers' float32 read, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from moeopt.testing import tiny_model
+
+    path = tmp_path / "ck"
+    tiny_model("qwen2_moe").to(stored).save_pretrained(path, max_shard_size="60KB")
+    ref = moeopt.load(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), inplace=True)
+    got = moeopt.load(path)
+    assert got.dtype == torch.float32 and got.storage_dtype == str(stored).removeprefix("torch.")
+    want_state, got_state = ref.hf.state_dict(), got.hf.state_dict()
+    assert want_state.keys() == got_state.keys()
+    for key, t in want_state.items():
+        assert got_state[key].dtype == t.dtype and torch.equal(got_state[key], t), key
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got.logits(ids), ref.logits(ids))
+
+
+def test_upcast_refuses_a_buffer_computed_in_16_bits() -> None:
+    """A non-persistent buffer built at load in the 16-bit dtype would differ from one built in float32:
+    such a model is not upcast (the loader reads it again in float32)."""
+    from torch import nn
+
+    from moeopt.ir.load import _upcast
+
+    m = nn.Linear(4, 4).to(torch.bfloat16)
+    m.register_buffer("freq", torch.ones(2, dtype=torch.bfloat16), persistent=False)
+    assert not _upcast(m, torch.float32)
+    assert m.weight.dtype == torch.bfloat16
+    m.freq = torch.ones(2)
+    assert _upcast(m, torch.float32) and m.weight.dtype == torch.float32

@@ -47,12 +47,12 @@ def load(
         return src
     if isinstance(src, (str, Path)):
         path = Path(src)
-        _check_folder(path)
+        tensors = _check_folder(path)
         if (path / META_FILE).exists():
             from moeopt.ir.checkpoint import load_checkpoint
 
             return load_checkpoint(path, dtype=dtype)
-        hf = _load_hf(path, dtype)
+        hf = _load_hf(path, dtype, tensors)
         model = _wrap(hf, str(path), path, check)
         model.storage_dtype = _config_dtype(path)
         return model
@@ -254,19 +254,37 @@ def _hf_config(path: Path) -> tuple[Any, Any]:
     return config, auto
 
 
-def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
+_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _load_hf(path: Path, dtype: torch.dtype, tensors: dict[str, TensorInfo] | None = None) -> nn.Module:
+    """The transformers model of a checkpoint folder, its floating tensors in `dtype`.
+
+    A checkpoint stored in one 16-bit dtype wider than none of `dtype` is read in its own dtype and
+    then upcast one tensor at a time: transformers converts the whole model at once, so reading a
+    bfloat16 checkpoint as float32 held the float32 model, its converted copies and the mapped
+    shards together (9.0 GiB peak for 2.0 GB of bfloat16, bench/scale.py), where this holds the
+    16-bit model and then one tensor beside the growing float32 one (exact: 16-bit -> float32 is).
+    """
     import transformers
 
     config, auto = _hf_config(path)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # one line per error, no per-tensor bars
     extra: dict[str, Any] = {}
-    if is_mxfp4_config(json.loads((path / "config.json").read_text())):
+    mxfp4 = is_mxfp4_config(json.loads((path / "config.json").read_text()))
+    if mxfp4:
         # gpt-oss as shipped: MXFP4 experts, dequantized to `dtype` (the IR holds float experts; without
         # this, a machine with triton kernels would keep them packed in a form moeopt cannot read).
         extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)  # type: ignore[attr-defined]
+    floats = {t.dtype for t in (tensors or {}).values() if t.dtype.startswith(("F", "BF"))}
+    stored = _HALF.get(next(iter(floats))) if len(floats) == 1 and not mxfp4 else None
+    read_as = stored if stored is not None and dtype == torch.float32 else dtype
     try:
-        hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)  # type: ignore[misc]
+        hf, info = auto.from_pretrained(path, dtype=read_as, output_loading_info=True, **extra)  # type: ignore[misc]
+        if read_as != dtype and not _upcast(hf, dtype):
+            del hf  # a buffer computed at load in the 16-bit dtype: read it as before, in `dtype`
+            hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)  # type: ignore[misc]
     except MoeOptError:
         raise
     except ValueError as e:
@@ -278,6 +296,30 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
     if missing:
         raise BadInputError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
     return hf  # type: ignore[no-any-return]
+
+
+def _upcast(hf: nn.Module, dtype: torch.dtype) -> bool:
+    """Cast floating parameters and buffers to `dtype` in place, one tensor at a time.
+
+    False (nothing cast) when a non-persistent floating buffer is not already in `dtype`: such a buffer
+    was computed at load time in the 16-bit dtype, and upcast it would differ from a load in `dtype`.
+    """
+    for mod in hf.modules():
+        for name in mod._non_persistent_buffers_set:
+            b = mod._buffers.get(name)
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                return False
+    for mod in hf.modules():
+        for p in mod._parameters.values():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # tied parameters are one object: cast once
+        for name, b in mod._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                mod._buffers[name] = b.to(dtype)
+    config: Any = getattr(hf, "config", None)
+    if config is not None:
+        config.dtype = dtype  # as a load in `dtype` records it
+    return True
 
 
 def _config_dtype(path: Path) -> str:
