@@ -342,9 +342,9 @@ def profile_cmd(
     if threads < 1 or file_mb < 1:
         raise BadInputError("--threads and --file-mb must be at least 1")
     if model:
-        import moeopt
+        from moeopt.ir.load import load_skeleton
 
-        spec = moeopt.load(model).layers[0].table.spec
+        spec = load_skeleton(model).layers[0].table.spec  # the shape only: no weight is read
         hidden, intermediate, glu = spec.hidden, spec.intermediate, spec.glu
     prof = measure_profile(hidden, intermediate, None if bits == "float" else int(bits), glu, threads=threads,
                            file_bytes=file_mb * 2**20, folder=folder)
