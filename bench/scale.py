@@ -32,6 +32,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,14 +185,54 @@ def measured(cmd: list[str], code: Path, env: dict[str, str] | None = None) -> d
     It runs in the measured source tree `code` (`python -c` puts the working directory first on
     sys.path, ahead of PYTHONPATH).
     """
+    import psutil
+
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, cwd=code)
-    wall = time.perf_counter() - t0
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("moeopt: error")]
+    series: list[tuple[float, float]] = []
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=out, stderr=err, text=True, env=env, cwd=code)
+        proc = psutil.Process(p.pid)
+        while p.poll() is None:  # RSS over time of the measured process (the child of /usr/bin/time)
+            try:
+                rss = sum(c.memory_info().rss for c in proc.children(recursive=True))
+                series.append((round(time.perf_counter() - t0, 2), round(rss / 2**30, 3)))
+            except psutil.Error:
+                pass
+            time.sleep(0.25)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    errs = [ln for ln in stderr.splitlines() if ln.startswith("moeopt: error")]
+    step = max(1, len(series) // 400)
     return {"cmd": " ".join(cmd), "rc": p.returncode, "wall_s": round(wall, 1),
             "peak_rss_gib": round(int(m.group(1)) / 2**20, 3) if m else None,
-            "error": errs[0] if errs else None, "stdout_head": p.stdout.splitlines()[:3]}
+            "error": errs[0] if errs else None, "stdout_head": stdout.splitlines()[:3],
+            "rss_gib_over_time": series[::step]}
+
+
+def plot(result: dict[str, Any], before: dict[str, Any] | None, out: Path) -> None:
+    """RSS over time of each measured step (dashed: the `before` code), one PNG per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for runs, style, tag in ((result["runs"], "-", result["label"]), ((before or {}).get("runs", {}), "--", "before")):
+        for step, r in runs.items():
+            pts = r.get("rss_gib_over_time") or []
+            if pts:
+                label = f"{step} ({tag}): peak {r['peak_rss_gib']} GiB"
+                ax.plot([t for t, _ in pts], [g for _, g in pts], style, label=label)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS (GiB)")
+    ax.set_title(f"{result['model']}, {result['layers']} layers, {result['checkpoint_bytes'] / 1e9:.1f} GB bf16")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 def _moeopt() -> list[str]:
@@ -258,8 +299,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(f"scale: wrote {out}")
     before = out.with_name(out.name.replace(f"-{args.label}.json", "-before.json"))
-    if args.label != "before" and before.exists():
-        old_runs = json.loads(before.read_text()).get("runs", {})
+    before_result = json.loads(before.read_text()) if args.label != "before" and before.exists() else None
+    plot(json.loads(out.read_text()), before_result, out.with_suffix(".png"))
+    if before_result is not None:
+        old_runs = before_result.get("runs", {})
         for step, r in result["runs"].items():
             b = old_runs.get(step, {})
             if r.get("peak_rss_gib") and b.get("peak_rss_gib"):

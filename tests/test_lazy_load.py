@@ -173,3 +173,20 @@ def test_save_writes_shards_and_reads_them_back(sharded: Path, tmp_path: Path) -
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     assert torch.equal(back.logits(ids), m.logits(ids))
     assert load_skeleton(tmp_path / "s").stats() == back.stats()
+
+
+def test_checkpoint_missing_a_tensor_is_refused_by_inspect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without an index to name it, a tensor left out of the shards is found by counting values."""
+    from safetensors.torch import load_file, save_file
+
+    from moeopt.testing import tiny_model
+
+    path = tmp_path / "ck"
+    tiny_model("mixtral").save_pretrained(path)
+    state = load_file(str(path / "model.safetensors"))
+    state.pop("model.layers.1.self_attn.q_proj.weight")
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_cli("inspect", str(path), capsys=capsys)
+    _one_line_exit_2(code, err, "tensors missing from the checkpoint")
