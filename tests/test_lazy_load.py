@@ -190,3 +190,17 @@ def test_checkpoint_missing_a_tensor_is_refused_by_inspect(
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     code, _, err = run_cli("inspect", str(path), capsys=capsys)
     _one_line_exit_2(code, err, "tensors missing from the checkpoint")
+
+
+@pytest.mark.parametrize("model_type", ["granitemoe", "qwen2_moe", "deepseek_v3", "minimax_m3_vl_text"])
+def test_skeleton_equals_full_load_across_architectures(model_type: str, tmp_path: Path) -> None:
+    """Router semantics probed on a random copy (granitemoe: no named adapter), shared experts, score
+    biases, and a shared expert recognised by what it computes (MiniMax-M3's fused clamped SwiGLU)."""
+    from moeopt.archs import tiny_model
+
+    tiny_model(model_type, layers=2).save_pretrained(tmp_path / "ck")
+    full, skel = moeopt.load(tmp_path / "ck"), load_skeleton(tmp_path / "ck")
+    assert skel.summary() == full.summary() and skel.stats() == full.stats()
+    assert [la.meta() for la in skel.layers] == [la.meta() for la in full.layers]
+    assert skel.adapters == full.adapters
+    assert all(p.is_meta for la in skel.layers for p in la.parameters())

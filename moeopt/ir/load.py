@@ -190,9 +190,7 @@ def convert_blocks(
         cached = inferred.get(cls_name)
         try:
             if probe is not None:
-                if cached is None and adapter.router_spec is None:
-                    cached = build_layer(probe(block), adapter, config, index=i, path=name, check=True).router
-                layer = build_layer(block, adapter, config, index=i, path=name, check=False, cached_spec=cached)
+                layer = _build_unweighted(block, adapter, config, i, name, cached, probe)
             else:
                 layer = build_layer(block, adapter, config, index=i, path=name, check=check, cached_spec=cached)
         except UnsupportedModelError:
@@ -201,8 +199,7 @@ def convert_blocks(
             # The named adapter's (or a previous layer's) semantics did not hold here: search them.
             adapter = GENERIC
             if probe is not None:
-                spec = build_layer(probe(block), GENERIC, config, index=i, path=name, check=True).router
-                layer = build_layer(block, GENERIC, config, index=i, path=name, check=False, cached_spec=spec)
+                layer = _build_unweighted(block, GENERIC, config, i, name, None, probe)
             else:
                 layer = build_layer(block, GENERIC, config, index=i, path=name, check=check)
         if adapter is GENERIC:
@@ -211,6 +208,30 @@ def convert_blocks(
         _set_submodule(hf, name, layer)
         layers.append(layer)
     return layers, used
+
+
+def _build_unweighted(
+    block: nn.Module, adapter: Any, config: Any, index: int, path: str, cached: RouterSpec | None,
+    probe: Callable[[nn.Module], nn.Module],
+) -> MoELayer:
+    """The MoELayer of a meta-device block: its router semantics (unless the adapter states them) and
+    any conversion step that computes on values run on `probe(block)`, one block at a time."""
+    if cached is None and adapter.router_spec is None:
+        cached = build_layer(probe(block), adapter, config, index=index, path=path, check=True).router
+    try:
+        return build_layer(block, adapter, config, index=index, path=path, check=False, cached_spec=cached)
+    except (UnsupportedModelError, RuntimeError, NotImplementedError):
+        # A part recognised by what it computes (a fused clamped-SwiGLU shared expert): convert a copy
+        # holding values, then drop the values.
+        layer = build_layer(probe(block), adapter, config, index=index, path=path, check=True, cached_spec=cached)
+        for mod in layer.modules():
+            for key, p in mod._parameters.items():
+                if p is not None:
+                    mod._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for key, b in mod._buffers.items():
+                if b is not None and b.is_floating_point():
+                    mod._buffers[key] = torch.empty_like(b, device="meta")
+        return layer
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
