@@ -45,8 +45,10 @@ def inspect(
     Reads config.json and the safetensors headers only (no weights), whatever the checkpoint's size.
     """
     from moeopt.ir.load import load_skeleton
+    from moeopt.ir.safetensors_check import checkpoint_tensors, header_summary
 
     m = load_skeleton(model)
+    disk = header_summary(checkpoint_tensors(Path(model)))  # headers only, as the skeleton read them
     if as_json:
         s = m.stats()
         print(json.dumps({
@@ -54,12 +56,15 @@ def inspect(
             "params": {"total": s.total, "active": s.active, "expert": s.expert, "shared": s.shared,
                        "router": s.router, "non_expert": s.non_expert},
             "bytes": {"expert": s.expert_bytes, "non_expert": s.non_expert_bytes},
+            "checkpoint": disk,
             "layers": [layer.meta() for layer in m.layers], "history": m.history,
         }, indent=1))
         return
     print(m.summary())
     for cls, name in m.adapters.items():
         print(f"  adapter: {cls} -> {name}")
+    dtypes = ", ".join(f"{d} {b / 2**20:.2f} MiB" for d, b in sorted(disk["bytes_by_dtype"].items()))
+    print(f"  on disk: {disk['tensors']} tensors in {disk['files']} files, {disk['bytes'] / 2**20:.2f} MiB ({dtypes})")
 
 
 @app.command()

@@ -52,6 +52,10 @@ def test_inspect_reads_no_expert_weight(sharded: Path, tmp_path: Path, capsys: p
     refuses (its per-layer check cannot reproduce a NaN block), inspect exactly as the intact checkpoint."""
     code, intact, _ = run_cli("inspect", str(sharded), "--json", capsys=capsys)
     assert code == 0
+    disk = json.loads(intact)["checkpoint"]  # the bytes on disk, from the headers: bf16 here
+    assert disk["files"] == len(list(sharded.glob("*.safetensors"))) and list(disk["bytes_by_dtype"]) == ["BF16"]
+    assert disk["bytes"] == 2 * disk["numel"] == sum(f.stat().st_size for f in sharded.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in sharded.glob("*.safetensors"))
     bad = tmp_path / "poisoned"
     shutil.copytree(sharded, bad)
     assert _poison_experts(bad) > 0

@@ -132,9 +132,10 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorInfo]:
 
 
 def header_summary(tensors: dict[str, TensorInfo]) -> dict[str, Any]:
-    """Totals of a checkpoint's tensors: count, elements and bytes per dtype."""
+    """Totals of a checkpoint's tensors: count, files, elements and bytes per dtype."""
     by_dtype: dict[str, int] = {}
     for t in tensors.values():
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
-    return {"tensors": len(tensors), "numel": sum(t.numel for t in tensors.values()),
-            "bytes": sum(by_dtype.values()), "bytes_by_dtype": by_dtype}
+    return {"tensors": len(tensors), "files": len({t.shard for t in tensors.values()}),
+            "numel": sum(t.numel for t in tensors.values()), "bytes": sum(by_dtype.values()),
+            "bytes_by_dtype": by_dtype}
