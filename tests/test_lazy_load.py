@@ -153,14 +153,14 @@ def test_upcast_refuses_a_buffer_computed_in_16_bits() -> None:
     such a model is not upcast (the loader reads it again in float32)."""
     from torch import nn
 
-    from moeopt.ir.load import _upcast
+    from moeopt.ir.load import cast_each
 
     m = nn.Linear(4, 4).to(torch.bfloat16)
     m.register_buffer("freq", torch.ones(2, dtype=torch.bfloat16), persistent=False)
-    assert not _upcast(m, torch.float32)
+    assert not cast_each(m, torch.float32)
     assert m.weight.dtype == torch.bfloat16
     m.freq = torch.ones(2)
-    assert _upcast(m, torch.float32) and m.weight.dtype == torch.float32
+    assert cast_each(m, torch.float32) and m.weight.dtype == torch.float32
 
 
 def test_save_writes_shards_and_reads_them_back(sharded: Path, tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def load_checkpoint(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from moeopt.ir.load import _set_submodule, disable_router_outputs
+    from moeopt.ir.load import _set_submodule, cast_each, disable_router_outputs
 
     try:
         meta = json.loads((path / META_FILE).read_text())
@@ -171,7 +171,9 @@ def load_checkpoint(
         what = result.missing_keys[:1] or result.unexpected_keys[:1]
         kind = "lacks" if result.missing_keys else "has unexpected"
         raise BadInputError(f"{path}: checkpoint {kind} tensor '{what[0]}'")
-    hf.to(dtype)
+    del state  # the parameters own the tensors now: cast_each frees each stored-dtype one as it goes
+    if not cast_each(hf, dtype):
+        hf.to(dtype)
     hf.eval()
     disable_router_outputs(hf)
     predictor = None

@@ -303,7 +303,7 @@ def _load_hf(path: Path, dtype: torch.dtype, tensors: dict[str, TensorInfo] | No
     read_as = stored if stored is not None and dtype == torch.float32 else dtype
     try:
         hf, info = auto.from_pretrained(path, dtype=read_as, output_loading_info=True, **extra)  # type: ignore[misc]
-        if read_as != dtype and not _upcast(hf, dtype):
+        if read_as != dtype and not cast_each(hf, dtype):
             del hf  # a buffer computed at load in the 16-bit dtype: read it as before, in `dtype`
             hf, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)  # type: ignore[misc]
     except MoeOptError:
@@ -319,11 +319,12 @@ def _load_hf(path: Path, dtype: torch.dtype, tensors: dict[str, TensorInfo] | No
     return hf  # type: ignore[no-any-return]
 
 
-def _upcast(hf: nn.Module, dtype: torch.dtype) -> bool:
-    """Cast floating parameters and buffers to `dtype` in place, one tensor at a time.
+def cast_each(hf: nn.Module, dtype: torch.dtype) -> bool:
+    """Cast floating parameters and buffers to `dtype` in place, one tensor at a time (`Module.to`
+    holds the model in both dtypes until it returns; this holds one tensor twice).
 
     False (nothing cast) when a non-persistent floating buffer is not already in `dtype`: such a buffer
-    was computed at load time in the 16-bit dtype, and upcast it would differ from a load in `dtype`.
+    was computed at load time in another dtype, and cast it would differ from one built in `dtype`.
     """
     for mod in hf.modules():
         for name in mod._non_persistent_buffers_set:
