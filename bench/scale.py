@@ -10,10 +10,13 @@ bfloat16 safetensors shards, one shard per decoder layer, model.safetensors.inde
 
 Shards are written tensor by tensor (the safetensors header is computed from the shapes first), so the
 generator holds one tensor, never a shard or the model. Then each measured command runs in its own
-process under /usr/bin/time -v (peak RSS = maximum resident set size, wall time), and one JSON per
-model and label goes to bench/results/scale/:
+process under /usr/bin/time -v (peak RSS = maximum resident set size, wall time; RSS over time sampled
+with psutil), and one JSON + PNG per model and label goes to bench/results/scale/ (steps of one label
+accumulate; `after` prints its ratio to `before`):
 
-    .venv/bin/python bench/scale.py --model 1b --label after         # generate if needed, measure inspect
+    .venv/bin/python bench/scale.py --model 1b --label after --steps inspect,load,verify
+    .venv/bin/python bench/scale.py --model 1b --label before --code /path/to/older/tree --steps inspect,load
+    .venv/bin/python bench/scale.py --model 8x7b --layers 10 --label after --steps inspect,compile
     .venv/bin/python bench/scale.py --model 8x7b --layers 10 --generate-only
 
 `--label` names the code state measured (e.g. `before` on the code preceding lazy weights). The full
