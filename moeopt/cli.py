@@ -40,10 +40,15 @@ def inspect(
     model: Annotated[str, typer.Argument(help="checkpoint folder (Hugging Face or moeopt)")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Layers, experts, parameters and bytes (expert / non-expert), routing configuration."""
-    import moeopt
+    """Layers, experts, parameters and bytes (expert / non-expert), routing configuration.
 
-    m = moeopt.load(model)
+    Reads config.json and the safetensors headers only (no weights), whatever the checkpoint's size.
+    """
+    from moeopt.ir.load import load_skeleton
+    from moeopt.ir.safetensors_check import checkpoint_tensors, header_summary
+
+    m = load_skeleton(model)
+    disk = header_summary(checkpoint_tensors(Path(model)))  # headers only, as the skeleton read them
     if as_json:
         s = m.stats()
         print(json.dumps({
@@ -51,12 +56,15 @@ def inspect(
             "params": {"total": s.total, "active": s.active, "expert": s.expert, "shared": s.shared,
                        "router": s.router, "non_expert": s.non_expert},
             "bytes": {"expert": s.expert_bytes, "non_expert": s.non_expert_bytes},
+            "checkpoint": disk,
             "layers": [layer.meta() for layer in m.layers], "history": m.history,
         }, indent=1))
         return
     print(m.summary())
     for cls, name in m.adapters.items():
         print(f"  adapter: {cls} -> {name}")
+    dtypes = ", ".join(f"{d} {b / 2**20:.2f} MiB" for d, b in sorted(disk["bytes_by_dtype"].items()))
+    print(f"  on disk: {disk['tensors']} tensors in {disk['files']} files, {disk['bytes'] / 2**20:.2f} MiB ({dtypes})")
 
 
 @app.command()
@@ -339,9 +347,9 @@ def profile_cmd(
     if threads < 1 or file_mb < 1:
         raise BadInputError("--threads and --file-mb must be at least 1")
     if model:
-        import moeopt
+        from moeopt.ir.load import load_skeleton
 
-        spec = moeopt.load(model).layers[0].table.spec
+        spec = load_skeleton(model).layers[0].table.spec  # the shape only: no weight is read
         hidden, intermediate, glu = spec.hidden, spec.intermediate, spec.glu
     prof = measure_profile(hidden, intermediate, None if bits == "float" else int(bits), glu, threads=threads,
                            file_bytes=file_mb * 2**20, folder=folder)

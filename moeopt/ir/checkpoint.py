@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from moeopt.errors import BadInputError
 from moeopt.ir.layer import DenseExpert, MoELayer
 from moeopt.ir.model import MoEModel
+from moeopt.ir.safetensors_check import INDEX_FILE, TensorInfo
 from moeopt.ir.spec import ExpertSpec, RouterSpec, SharedSpec
 from moeopt.ir.table import ExpertTable, QuantizedMatrix, SlotInfo
 from moeopt.outdir import atomic_dir, commit_dir
@@ -25,6 +26,7 @@ FORMAT = "moeopt-checkpoint"
 VERSION = 1
 META_FILE = "moeopt.json"
 WEIGHTS_FILE = "model.safetensors"
+SHARD_BYTES = 1 << 30  # weights above this are saved in shards of at most this (one tensor may exceed it)
 PREDICTOR_FILE = "predictor.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -34,18 +36,20 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def save_checkpoint(
-    model: MoEModel, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False
+    model: MoEModel, path: Path, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """Write `model` to the folder `path` (built in a temporary folder, renamed into place).
 
     An existing non-empty `path` is refused unless `overwrite`, and then only if moeopt wrote it
-    (see `moeopt.outdir`).
+    (see `moeopt.outdir`). Weights above `shard_bytes` are written shard by shard, with an index as
+    transformers writes one, so that saving holds one shard's converted copy, not the model's.
     """
     save_dtype = dtype or _DTYPES.get(model.storage_dtype, torch.float32)
     tmp = atomic_dir(path, overwrite=overwrite)
     try:
         model.config.save_pretrained(tmp)
-        tensors: dict[str, torch.Tensor] = {}
+        sources: dict[str, torch.Tensor] = {}
         tied: dict[str, str] = {}
         seen: dict[tuple[int, tuple[int, ...]], str] = {}
         for key, t in model.hf.state_dict().items():
@@ -54,8 +58,8 @@ def save_checkpoint(
                 tied[key] = seen[ident]
                 continue
             seen[ident] = key
-            tensors[key] = (t.to(save_dtype) if t.is_floating_point() else t).detach().contiguous()
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "moeopt"})
+            sources[key] = t
+        _save_shards(sources, save_dtype, tmp, shard_bytes)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -85,12 +89,56 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEModel:
-    """Read a folder written by `save_checkpoint` back into an identical IR."""
+def _save_shards(sources: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path, shard_bytes: int) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when above `shard_bytes`."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * (torch.finfo(dtype).bits // 8 if t.is_floating_point() else t.element_size())
+
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, t in sources.items():  # state-dict order: a decoder layer's tensors stay together
+        if groups[-1] and size + nbytes(t) > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes(t)
+    names = [WEIGHTS_FILE] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, keys in zip(names, groups, strict=True):
+        tensors = {k: (sources[k].to(dtype) if sources[k].is_floating_point() else sources[k]).detach().contiguous()
+                   for k in keys}
+        save_file(tensors, str(folder / name), metadata={"format": "pt", "producer": "moeopt"})
+        del tensors
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(nbytes(t) for t in sources.values())},
+                 "weight_map": {k: name for name, keys in zip(names, groups, strict=True) for k in keys}}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=1))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a moeopt checkpoint: its shards in index order, or model.safetensors."""
+    if (path / INDEX_FILE).exists():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return [path / name for name in dict.fromkeys(weight_map.values())]
+    if not (path / WEIGHTS_FILE).exists():
+        raise BadInputError(f"{path}: missing {WEIGHTS_FILE}")
+    return [path / WEIGHTS_FILE]
+
+
+def load_checkpoint(
+    path: Path, *, dtype: torch.dtype = torch.float32, skeleton: dict[str, TensorInfo] | None = None
+) -> MoEModel:
+    """Read a folder written by `save_checkpoint` back into an identical IR.
+
+    With `skeleton` (the folder's tensors from their headers), weights stay on the meta device with
+    the saved shapes; only small tensors (expert masks and maps, biases) are read, so that counts and
+    bytes, quantized ones included, are those of the full load.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from moeopt.ir.load import _set_submodule, disable_router_outputs
+    from moeopt.ir.load import _set_submodule, cast_each, disable_router_outputs
 
     try:
         meta = json.loads((path / META_FILE).read_text())
@@ -98,8 +146,7 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         raise BadInputError(f"{path / META_FILE}: corrupt moeopt metadata ({e.__class__.__name__})") from e
     if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
         raise BadInputError(f"{path}: unsupported moeopt checkpoint format {meta.get('format')} v{meta.get('version')}")
-    if not (path / WEIGHTS_FILE).exists():
-        raise BadInputError(f"{path}: missing {WEIGHTS_FILE}")
+    files = _weight_files(path)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
@@ -111,7 +158,12 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         layers.append(layer)
     # Fresh (aligned) allocations: tensors read at arbitrary file offsets send MKL down other GEMM paths
     # whose rounding differs in the last bit, and a round trip must be bit-identical.
-    state = {k: v.clone() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if skeleton is not None:
+            state.update(_skeleton_state(file, skeleton))
+        else:
+            state.update({k: v.clone() for k, v in load_file(str(file)).items()})
     for alias, key in meta.get("tied", {}).items():
         state[alias] = state[key]
     result = hf.load_state_dict(state, strict=False, assign=True)
@@ -119,11 +171,17 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         what = result.missing_keys[:1] or result.unexpected_keys[:1]
         kind = "lacks" if result.missing_keys else "has unexpected"
         raise BadInputError(f"{path}: checkpoint {kind} tensor '{what[0]}'")
-    hf.to(dtype)
+    del state  # the parameters own the tensors now: cast_each frees each stored-dtype one as it goes
+    if not cast_each(hf, dtype):
+        hf.to(dtype)
     hf.eval()
     disable_router_outputs(hf)
     predictor = None
-    if meta.get("predictor"):
+    if meta.get("predictor") and skeleton is not None:
+        from moeopt.ir.predictor import RoutingPredictor
+
+        predictor = RoutingPredictor.from_meta(meta["predictor"]).to("meta")
+    elif meta.get("predictor"):
         from moeopt.ir.predictor import RoutingPredictor
         from moeopt.ir.safetensors_check import check_safetensors
 
@@ -139,6 +197,27 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> MoEMod
         storage_dtype=meta.get("storage_dtype", "float32"), plan=meta.get("plan"),
     )
     return model
+
+
+SMALL_TENSOR = 1 << 16  # bytes: a skeleton reads 1-D tensors this small (masks, slot maps, biases)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _skeleton_state(weights: Path, tensors: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Meta tensors of the saved shapes and dtypes; 1-D tensors under SMALL_TENSOR bytes read for real."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            info = tensors[key]
+            if (len(info.shape) <= 1 and info.nbytes < SMALL_TENSOR) or info.dtype not in _ST_DTYPES:
+                state[key] = f.get_tensor(key).clone()
+            else:
+                state[key] = torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype], device="meta")
+    return state
 
 
 def _meta_tensor(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
