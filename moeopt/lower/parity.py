@@ -47,20 +47,22 @@ def record_parity(model: MoEModel, path: Path, *, prompt_len: int = PROMPT_LEN, 
     np.savez(path, prompt=prompt, tokens=seq.numpy()[:, prompt_len:], logits=np.stack(logits, axis=1))
 
 
-def measure_parity(folder: Path, model: MoEModel) -> float:
+def measure_parity(folder: Path, model: MoEModel, *, check_hashes: bool = True) -> float:
     """Max |logit diff| of the artifact in `folder` (its manifest written) against `model` in PyTorch.
 
     Decoder-only artifacts (resident or offload) are compared with the folder's parity.npz, encoder-decoder
     ones with a PyTorch forward on a probe source and decoder sequence. The manifest's sha256 sums are
     checked on opening, so the bytes measured are the bytes the manifest lists. Offload artifacts run
     their segment graphs and, for every expert not in a segment, their cold graph fed from experts.bin.
+    `check_hashes=False` skips that check where the caller has just hashed the same files (the lowering:
+    a second sha256 of a 4 GB float artifact costs seconds and reads nothing new).
     """
     from moeopt.runtime import AllResident, open_artifact
 
     def unpacked(index: Any, path: Path) -> AllResident:  # offload: every cold expert through the artifact's
         return AllResident(index, path, packed=False)  # cold graph, without a prepacked session per expert
 
-    sess = open_artifact(folder, verify=True, source=unpacked)
+    sess = open_artifact(folder, verify=check_hashes, source=unpacked)
     try:
         if sess.encoder is not None:
             return _seq2seq_diff(sess, model)
