@@ -156,7 +156,8 @@ def main() -> None:
     record["peak_rss_4bit_over_checkpoint_bytes"] = round(record["peak_rss_4bit_mb"] * 2**20 / ckpt_bytes, 2)
     record["peak_rss_4bit_set_by"] = {s: "load" if st[s]["peak_rss_during_load_mb"] >= st[s]["peak_rss_mb"]
                                       else "the stage after the load" for s in ("convert", "lower-4bit")}
-    shutil.rmtree(work / "a4", ignore_errors=True)
+    for name in ("a4", "q4"):  # the 4-bit checkpoint holds the dequantized float weights too (~5 GB)
+        shutil.rmtree(work / name, ignore_errors=True)
 
     data: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     data["machine"] = {"cpu": platform.machine(), "cores": os.cpu_count(), "shared": True}
