@@ -20,6 +20,7 @@ from moeopt.quant.groupwise import (
     matrix_bytes,
     pack_bits,
     quantize,
+    quantize_dequantize,
     unpack_bits,
 )
 
@@ -89,6 +90,35 @@ def test_packing_is_low_bits_first() -> None:
     assert pack_bits(torch.tensor([[1, 2, 3, 4]]), 4).tolist() == [[0x21, 0x43]]
     assert pack_bits(torch.tensor([[1, 2, 3, 0]]), 2).tolist() == [[0b00111001]]
     assert pack_bits(torch.tensor([[7, 0, 0, 0, 0, 0, 0, 5]]), 3).tolist() == [[0x07, 0x00, 0xA0]]
+
+
+def _bit_stream_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The layout rule spelled out: one bit per element, value j at bits [j*bits, (j+1)*bits), LSB first."""
+    rows, n = codes.shape
+    stream = ((codes[..., None] >> torch.arange(bits)) & 1).reshape(rows, n * bits)
+    stream = torch.nn.functional.pad(stream, (0, -(n * bits) % 8)).reshape(rows, -1, 8)
+    return (stream << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_chunked_packing_equals_the_bit_stream(bits: int) -> None:
+    # pack_bits works a byte (or 3 bytes for 3-bit) at a time; every row length, padding included.
+    gen = torch.Generator().manual_seed(bits)
+    for n in range(1, 30):
+        vals = torch.randint(0, 2**bits, (3, n), generator=gen)
+        assert torch.equal(pack_bits(vals, bits), _bit_stream_pack(vals, bits))
+        assert torch.equal(unpack_bits(_bit_stream_pack(vals, bits), bits, n), vals)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_dequantize_is_dequantize_of_quantize(bits: int, symmetric: bool) -> None:
+    w = torch.randn(7, 40, generator=torch.Generator().manual_seed(bits)) * 0.05
+    w[0, :16] = 0.0  # a zero block (scale 0)
+    q, deq = quantize_dequantize(w, bits, 16, symmetric)
+    ref = quantize(w, bits, 16, symmetric)
+    assert torch.equal(q.packed, ref.packed) and torch.equal(q.scales, ref.scales)
+    assert torch.equal(deq, dequantize(ref))  # bit for bit: the quantize pass stores this as the weights
 
 
 def _matmul_nbits(x: np.ndarray, q: object, bits: int, group: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from moeopt.ir.layer import layers_as_ops
 from moeopt.ir.model import MoEModel
 from moeopt.lower import graph_passes
 from moeopt.lower.decoder import CacheLayout, DecoderNoCache, DecoderWithCache, probe_cache_layout
+from moeopt.lower.rewriter_speed import fast_multi_output_matching
 from moeopt.lower.translate import STATS, layers_by_name, translation_table
 
 BASE_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -86,7 +87,7 @@ def onnx_export(
     # Translation looks a layer up by its w_in initializer name ("hf." + the path in the host model).
     names = {f"hf.{layer.path}.table.w_in": layer for layer in model.layers}
     before = dict(STATS)
-    with layers_as_ops(), layers_by_name(names), torch.no_grad(), _quiet():
+    with layers_as_ops(), layers_by_name(names), torch.no_grad(), _quiet(), fast_multi_output_matching():
         program = torch.onnx.export(
             module, args, dynamo=True, custom_translation_table=translation_table(), dynamic_shapes=shapes,
             input_names=inputs, output_names=outputs, optimize=True, verbose=False,

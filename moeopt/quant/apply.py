@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from moeopt.ir.table import ExpertTable, QuantizedMatrix
-from moeopt.quant.groupwise import dequantize, matrix_bytes, quantize
+from moeopt.quant.groupwise import matrix_bytes, quantize_dequantize
 
 FLOAT_BYTES = 2  # keep-float experts are costed as fp16, the format they would ship in
 
@@ -34,10 +34,10 @@ def quantize_slot(table: ExpertTable, slot: int, bits: int | None, group: int, s
             continue
         weight = getattr(table, name)  # (S, rows, cols)
         w = weight[slot]
-        q = quantize(w, bits, group, symmetric)
+        q, deq = quantize_dequantize(w, bits, group, symmetric)
         table.quantized[key] = QuantizedMatrix(
             q.rows, q.cols, bits, group, symmetric, q.packed, q.scales, q.zero_points
         )
         with torch.no_grad():
-            weight[slot] = dequantize(q).to(weight.dtype)
+            weight[slot] = deq.to(weight.dtype)
     table.with_slot_info(slot, bits=bits)
