@@ -97,7 +97,13 @@ def test_gqa_padding_rules(gqa_art: tuple[Path, transformers.PreTrainedModel]) -
     with pytest.raises(BadInputError):
         sess.logits(ids, right[:, ::-1])
     with pytest.raises(BadInputError):
-        sess.generate(ids, 2, attention_mask=right[:, ::-1])
+        sess.generate(ids, 2, attention_mask=right)  # generate's prompts are left-padded
+    # a left-padded batch: each row generates the tokens it generates alone
+    left = right[:, ::-1].copy()
+    got = sess.generate(ids, 6, attention_mask=left, stop_tokens=())
+    alone = sess.generate(ids[1:, 2:], 6, stop_tokens=())
+    np.testing.assert_array_equal(got.sequences[1, 5:], alone.sequences[0, 3:])
+    np.testing.assert_array_equal(got.sequences[0], sess.generate(ids[:1], 6, stop_tokens=()).sequences[0])
 
 
 def test_attention_kind_keeps_the_exported_graph_where_gqa_is_not_verified() -> None:

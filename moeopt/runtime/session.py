@@ -81,6 +81,15 @@ def session_options(target: dict[str, Any], threads: int | None = None) -> Any:
     return so
 
 
+def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A left-padded batch moved to right padding: each row's real tokens first (GroupQueryAttention takes
+    each row's length from the mask's sum and its new tokens then go right after them)."""
+    shift = (mask == 0).sum(-1)
+    cols = (np.arange(ids.shape[1])[None] + shift[:, None]) % ids.shape[1]
+    rows = np.arange(ids.shape[0])[:, None]
+    return ids[rows, cols], mask[rows, cols]
+
+
 class Session:
     """An artifact opened with ONNX Runtime.
 
@@ -222,9 +231,11 @@ class Session:
         if ids.ndim == 1:
             ids = ids[None]
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        if self.attention == "gqa" and not np.all(mask):
-            raise BadInputError(f"{self.path}: GroupQueryAttention artifacts generate from unpadded prompts only "
-                                "(batch prompts of one length; lower with attention=export for padded batches)")
+        lens = None
+        if self.attention == "gqa" and not np.all(mask):  # GroupQueryAttention reads rows as right-padded
+            lens = mask.sum(-1)
+            if np.any(np.diff(mask, axis=-1) < 0) or np.any(lens == 0):
+                raise BadInputError(f"{self.path}: generate takes left-padded prompts (mask 0s before the 1s)")
         sampler = sampler or Sampler()
         rng = sampler.rng()
         stops = np.array(self.eos if stop_tokens is None else list(stop_tokens), dtype=np.int64)
@@ -234,10 +245,12 @@ class Session:
         if self.encoder is not None and self.encoder_meta is not None:
             stepper = EncoderDecoderStepper(self._run, self.encoder, self.encoder_meta, ids, mask)
         else:
-            stepper = DecoderOnlyStepper(self._run, ids, mask)
+            stepper = DecoderOnlyStepper(self._run, *_right_aligned(ids, mask) if lens is not None else (ids, mask))
         logits, past = stepper.prefill(self.empty_past(ids.shape[0], ids.shape[1] + max_new_tokens))
+        if lens is not None:  # each row's last real token, then one column as usual
+            logits = logits[np.arange(ids.shape[0]), lens - 1][:, None]
         prefill = time.perf_counter() - t0
-        seqs, kept = [stepper.prompt()], []
+        seqs, kept = [ids if lens is not None else stepper.prompt()], []
         steps = 0
         t1 = time.perf_counter()
         while True:
