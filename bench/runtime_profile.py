@@ -10,6 +10,8 @@ with the same code as bench/runtime.py's, quantized to 4 bits (group 64) and low
     .venv/bin/python bench/runtime_profile.py build                 # checkpoint + both artifacts (cached)
     .venv/bin/python bench/runtime_profile.py profile --attention export
     .venv/bin/python bench/runtime_profile.py speed --rounds 4      # paired rounds, export vs gqa
+    .venv/bin/python bench/runtime_profile.py build --accuracy-level 0 && \
+        .venv/bin/python bench/runtime_profile.py tokens            # greedy tokens export vs gqa
 """
 
 from __future__ import annotations
@@ -65,11 +67,12 @@ def checkpoint(cache: Path) -> Path:
     return ckpt
 
 
-def artifact(cache: Path, attention: str) -> Path:
-    return cache / "mixtral-mid" / f"artifact-4bit-int8act-{attention}"
+def artifact(cache: Path, attention: str, accuracy_level: int = ACCURACY_LEVEL) -> Path:
+    act = "int8act" if accuracy_level == 4 else f"acc{accuracy_level}"
+    return cache / "mixtral-mid" / f"artifact-4bit-{act}-{attention}"
 
 
-def build(cache: Path, which: list[str]) -> None:
+def build(cache: Path, which: list[str], accuracy_level: int = ACCURACY_LEVEL) -> None:
     import torch
 
     import moeopt
@@ -77,7 +80,7 @@ def build(cache: Path, which: list[str]) -> None:
     from moeopt.passes import PassManager
 
     torch.set_num_threads(2)
-    todo = [a for a in which if not (artifact(cache, a) / "manifest.json").exists()]
+    todo = [a for a in which if not (artifact(cache, a, accuracy_level) / "manifest.json").exists()]
     if not todo:
         return
     model = moeopt.load(checkpoint(cache))
@@ -87,17 +90,17 @@ def build(cache: Path, which: list[str]) -> None:
     from moeopt.lower.parity import measure_parity
 
     for att in todo:
+        dest = artifact(cache, att, accuracy_level)
         t = time.perf_counter()
         # verify=False, then measured here: at int8 activations this random model's exported graph is
         # already past the 0.25 tolerance (0.286), so both graphs are kept and their parity reported.
-        lower(model, artifact(cache, att), accuracy_level=ACCURACY_LEVEL, pipeline=PASSES, overwrite=True,
-              attention=att, verify=False)
+        lower(model, dest, accuracy_level=accuracy_level, pipeline=PASSES, overwrite=True, attention=att, verify=False)
         seconds = time.perf_counter() - t
-        parity = measure_parity(artifact(cache, att), model)
-        m = json.loads((artifact(cache, att) / "manifest.json").read_text())
-        info = {"attention": att, "lower_s": round(seconds, 1), "parity_measured": parity,
-                "parity_tolerance": m["parity_tolerance"], "ops": m["graph"]["ops"]}
-        (artifact(cache, att).parent / f"{artifact(cache, att).name}.info.json").write_text(json.dumps(info, indent=1))
+        parity = measure_parity(dest, model)
+        m = json.loads((dest / "manifest.json").read_text())
+        info = {"attention": att, "accuracy_level": accuracy_level, "lower_s": round(seconds, 1),
+                "parity_measured": parity, "parity_tolerance": m["parity_tolerance"], "ops": m["graph"]["ops"]}
+        (dest.parent / f"{dest.name}.info.json").write_text(json.dumps(info, indent=1))
         print(json.dumps(info), flush=True)
 
 
@@ -186,6 +189,19 @@ def measure(art: Path, prompt_len: int, new: int, repeats: int, threads: int) ->
     return {"prefill_tok_s": best_p, "decode_tok_s": best_d}
 
 
+def tokens(cache: Path, accuracy_level: int, prompt_len: int, new: int, threads: int) -> dict[str, Any]:
+    """Greedy tokens of the export and the gqa artifact of one accuracy level, side by side."""
+    out = {}
+    for att in ATTENTION:
+        sess = _open(artifact(cache, att, accuracy_level), threads)
+        g = sess.generate(_prompt(int(sess.manifest["vocab_size"]), prompt_len), new, stop_tokens=(), keep_logits=True)
+        out[att] = (g.sequences[0, prompt_len:], np.stack(g.step_logits))
+    same = out["export"][0] == out["gqa"][0]
+    return {"accuracy_level": accuracy_level, "new_tokens": new, "greedy_tokens_equal": bool(same.all()),
+            "equal_prefix": int(same.size if same.all() else np.argmin(same)),
+            "max_abs_logit_diff_step0": float(np.abs(out["export"][1][0] - out["gqa"][1][0]).max())}
+
+
 def speed(args: argparse.Namespace, which: list[str]) -> dict[str, Any]:
     """Paired rounds: every configuration once per round, in its own process, order alternating."""
     rounds = []
@@ -216,7 +232,7 @@ def speed(args: argparse.Namespace, which: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=("build", "profile", "measure", "speed"))
+    ap.add_argument("cmd", choices=("build", "profile", "measure", "speed", "tokens"))
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--attention", default="export,gqa")
     ap.add_argument("--threads", type=int, default=2)
@@ -224,13 +240,19 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--accuracy-level", type=int, default=ACCURACY_LEVEL, help="build: 4 (int8 activations) or 0")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime-profile")
     args = ap.parse_args()
     which = [a for a in args.attention.split(",") if a]
     if args.cmd == "build":
-        build(args.cache, which)
+        build(args.cache, which, args.accuracy_level)
     elif args.cmd == "measure":
         print(json.dumps(measure(artifact(args.cache, which[0]), args.prompt, args.new, args.repeats, args.threads)))
+    elif args.cmd == "tokens":
+        res = [tokens(args.cache, level, args.prompt, args.new, args.threads) for level in (ACCURACY_LEVEL, 0)]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tokens.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res))
     elif args.cmd == "profile":
         result = {a: profile(artifact(args.cache, a), args.prompt, args.new, args.threads, Path("/tmp") / "moeopt-prof")
                   for a in which}
