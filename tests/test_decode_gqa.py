@@ -116,4 +116,23 @@ def test_attention_kind_keeps_the_exported_graph_where_gqa_is_not_verified() -> 
     with pytest.raises(UnsupportedModelError, match="multiple of 16"):
         attention_kind(tiny8, "gqa")
     with pytest.raises(UnsupportedModelError, match="verified for"):
-        attention_kind(moeopt.load(moeopt.testing.tiny_model("qwen3_moe")), "gqa")
+        attention_kind(moeopt.load(moeopt.testing.tiny_model("deepseek_v3")), "gqa")  # MLA
+
+
+def test_qwen3_moe_per_head_qk_norm_goes_through_gqa(tmp_path: Path) -> None:
+    """Qwen3-MoE's q/k RMSNorm (per head, before rotary) stays in front of the GroupQueryAttention node."""
+    cfg = tiny_config("qwen3_moe")
+    cfg.hidden_size, cfg.head_dim = 64, 16
+    torch.manual_seed(0)
+    hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.normal_(1.0, 0.2)
+    lower(moeopt.load(hf), tmp_path / "art", attention="gqa")
+    sess = Session(tmp_path / "art")
+    assert sess.attention == "gqa" and sess.manifest["parity_measured"] <= 1e-5
+    ids = np.random.default_rng(3).integers(0, 97, (1, 5))
+    with torch.no_grad():
+        ref = hf.generate(torch.from_numpy(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(sess.generate(ids, 8, stop_tokens=()).sequences, ref.numpy())

@@ -15,10 +15,11 @@ the module's forward calls an opaque `moeopt::gqa_attention` op during export an
 emits the node. The q/k/v/o projections stay ordinary nn.Linear -> MatMul with a 2-D weight, so graph
 rewrites of linears (MatMulNBits quantization) see them as before.
 
-Only what was verified goes this way (`gqa_unsupported` says why not otherwise): Mixtral-style
-attention (q/k/v/o projections, no q/k norm, rotary over the whole head with a static cos/sin table,
-no sliding window, no softcap), head_dim a multiple of 16 (ORT's CPU kernel requires it), and
-decoder-only resident artifacts. Offload artifacts keep the exported attention.
+Only what was verified goes this way (`gqa_unsupported` says why not otherwise): the attention of
+Mixtral, Qwen2-MoE (q/k/v biases), Qwen3-MoE (per-head q/k RMSNorm) and OLMoE (q/k RMSNorm over the
+projection) - q/k/v/o projections, rotary over the whole head with a static cos/sin table, no sliding
+window, sinks or softcap - with head_dim a multiple of 16 (ORT's CPU kernel requires it), in resident
+decoder-only artifacts. Offload artifacts keep the exported attention.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from moeopt.lower.onnx_routing import const_i, op
 
 OP_NAME = "moeopt::gqa_attention"
 ATTENTION_KINDS = ("auto", "gqa", "export")
-SUPPORTED_MODEL_TYPES = ("mixtral",)
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 _STATIC_ROPE = ("default", "linear", "llama3")  # cos/sin do not depend on the sequence length
 
 
@@ -145,20 +146,21 @@ def gqa_unsupported(hf: nn.Module) -> str | None:
         return f"{model_type}: no model.layers / model.rotary_emb"
     if getattr(rotary, "rope_type", "default") not in _STATIC_ROPE:
         return f"rope type {rotary.rope_type} depends on the sequence length"
-    if getattr(cfg, "sliding_window", None) or getattr(cfg, "attn_logit_softcapping", None):
-        return "sliding-window or soft-capped attention"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "soft-capped attention"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []) or (
+            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)):
+        return "sliding-window attention"
     for layer in layers:
         att = getattr(layer, "self_attn", None)
         if att is None or not all(isinstance(getattr(att, n, None), nn.Linear)
                                   for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             return "attention without q/k/v/o projections"
-        if any(hasattr(att, n) for n in ("q_norm", "k_norm", "sinks")):
-            return "attention with q/k norms or sinks"
+        if hasattr(att, "sinks") or getattr(att, "sliding_window", None):
+            return "attention with sinks or a sliding window"
         d = int(att.head_dim)
         if d % 16:
             return f"head_dim {d} is not a multiple of 16 (ORT's CPU GroupQueryAttention requires it)"
-        if abs(float(att.scaling) - d ** -0.5) > 1e-6 * d ** -0.5:
-            return "attention scaling other than 1/sqrt(head_dim)"
     return None
 
 
@@ -205,14 +207,24 @@ def attention_as_ops(hf: nn.Module) -> Iterator[_MaskHolder]:
         del base.moeopt_rotary_cos, base.moeopt_rotary_sin
 
 
+def _qk_norm(norm: Any, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Qwen3-MoE normalises each head (weight of head_dim), OLMoE the whole projection."""
+    if norm.weight.numel() == head_dim:
+        return norm(x.view(*x.shape[:-1], -1, head_dim)).view(x.shape)  # type: ignore[no-any-return]
+    return norm(x)  # type: ignore[no-any-return]
+
+
 def _forward(att: Any, idx: int, config: str, base: Any, holder: _MaskHolder) -> Any:
     def forward(hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
         if holder.mask is None or past_key_values is None:
             raise RuntimeError("the GroupQueryAttention export needs the attention mask and a cache")
         cache_layer = past_key_values.layers[idx]
+        q, k = att.q_proj(hidden_states), att.k_proj(hidden_states)
+        if hasattr(att, "q_norm"):  # before rotary, as the architectures that have them apply them
+            q, k = _qk_norm(att.q_norm, q, att.head_dim), _qk_norm(att.k_norm, k, att.head_dim)
         out, k, v = torch.ops.moeopt.gqa_attention(
-            att.q_proj(hidden_states), att.k_proj(hidden_states), att.v_proj(hidden_states), holder.mask,
-            cache_layer.keys, cache_layer.values, base.moeopt_rotary_cos, base.moeopt_rotary_sin, config,
+            q, k, att.v_proj(hidden_states), holder.mask, cache_layer.keys, cache_layer.values,
+            base.moeopt_rotary_cos, base.moeopt_rotary_sin, config,
         )
         cache_layer.keys, cache_layer.values = k, v
         return att.o_proj(out), None
