@@ -118,7 +118,7 @@ class Session:
         # "gqa": GroupQueryAttention graphs (moeopt.lower.attention) run with a KV buffer bound as both past
         # and present, updated in place; "export" (and artifacts older than the field): numpy past/present.
         self.attention: str = str(graph.get("attention") or "export")
-        self._binding: tuple[tuple[int, ...], Any] | None = None
+        self._binding: tuple[list[Any], Any] | None = None  # (KV buffers, their io binding)
         tokens = self.manifest.get("tokens", {})
         self.eos: list[int] = list(tokens.get("eos", []))
         self.pad_id = int((tokens.get("pad") or self.eos or [0])[0])
@@ -150,14 +150,14 @@ class Session:
         the new positions in place), the logits land in a fresh array; nothing else is copied."""
         import onnxruntime as ort
 
-        key = tuple(id(b) for b in past)
-        if self._binding is None or self._binding[0] != key:  # a new generation's buffers: bind them once
-            io = self.ort.io_binding()
+        bound = self._binding
+        if bound is None or len(bound[0]) != len(past) or any(a is not b for a, b in zip(bound[0], past, strict=True)):
+            io = self.ort.io_binding()  # a new generation's buffers: bound once (held here, so never stale)
             for name, out_name, buf in zip(self.input_names[-len(past):], self.output_names[1:], past, strict=True):
                 io.bind_ortvalue_input(name, buf)
                 io.bind_ortvalue_output(out_name, buf)
-            self._binding = (key, io)
-        io = self._binding[1]
+            bound = self._binding = (list(past), io)
+        io = bound[1]
         for name, value in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(value))
         ids = feeds["input_ids"]
