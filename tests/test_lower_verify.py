@@ -34,7 +34,7 @@ def _copy_export(src: Path, fault: bool) -> Callable[..., ExportedDecoder]:
     m = manifest(src)
     g, c = m["graph"], m["graph"]["kv_cache"]
 
-    def export(model: MoEModel, onnx_path: Path, *, kv_cache: bool = True) -> ExportedDecoder:
+    def export(model: MoEModel, onnx_path: Path, *, kv_cache: bool = True, attention: str = "") -> ExportedDecoder:
         router_shape = [model.config.hidden_size, model.layers[0].router.num_experts]
         if not fault:
             for name in ("model.onnx", "model.onnx.data"):

@@ -20,7 +20,7 @@ from moeopt.errors import BadInputError, VerificationError
 from moeopt.ir.checkpoint import TOKENIZER_FILES
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import QuantizedMatrix
-from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
+from moeopt.lower.export import ExportedDecoder, attention_kind, check_float32, export_decoder
 from moeopt.lower.genai import write_genai_files
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
@@ -48,6 +48,7 @@ def lower(
     prefetch_top: int | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    attention: str = "auto",
 ) -> Path:
     """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
 
@@ -73,6 +74,10 @@ def lower(
         verify: run the written artifact in onnxruntime on a probe input against the model in PyTorch
             before it is renamed into place, record the measured max |logit diff| in the manifest
             (``parity_measured``, ``verified``), and refuse it beyond ``parity_tolerance``.
+        attention: "auto" (GroupQueryAttention where `lower.attention` covers the model, else as
+            exported), "gqa" (insist) or "export" (the attention as torch.export traces it). Recorded as
+            the manifest's ``graph.attention``. Resident decoder-only artifacts only: offload and
+            encoder-decoder artifacts keep the exported attention.
 
     Raises:
         VerificationError: the artifact differs from the model by more than its tolerance (nothing is
@@ -85,6 +90,12 @@ def lower(
     quant = QuantSettings(accuracy_level)
     check_lowerable(model.layers)
     check_layers(model.layers)
+    if experts == "offload" or getattr(model.config, "is_encoder_decoder", False):
+        if attention == "gqa":
+            raise BadInputError("attention=gqa is for resident decoder-only artifacts (offload and "
+                                "encoder-decoder artifacts keep the exported attention)")
+        attention = "export"
+    attention = attention_kind(model, attention, kv_cache=kv_cache)
     tmp = atomic_dir(out, overwrite=overwrite)
     try:
         encoder = None
@@ -97,7 +108,7 @@ def lower(
                 check_float32(model)
                 info, encoder = export_seq2seq(model, tmp, MODEL_FILE)
             else:
-                info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache)
+                info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache, attention=attention)
         if encoder is None:
             record_parity(model, tmp / PARITY_FILE)
         graphs = [s["file"] for s in offload["segments"]] if offload else [MODEL_FILE]
@@ -259,6 +270,7 @@ def build_manifest(
             "inputs": info.inputs,
             "outputs": info.outputs,
             "ort_optimized": "extended" if ort_optimize else None,
+            "attention": info.attention,
             "moe_nodes": info.moe_nodes,
             "dense_moe_layers": info.dense_layers,
             "kv_cache": None if cache is None else {

@@ -69,6 +69,7 @@ class DecoderWithCache(nn.Module):
         super().__init__()
         self.hf = hf
         self.layout = layout
+        self.mask_holder: Any = None  # lower.attention.attention_as_ops: hands it the raw mask
 
     def forward(
         self,
@@ -77,6 +78,8 @@ class DecoderWithCache(nn.Module):
         position_ids: torch.Tensor,  # (B, T)
         *past: torch.Tensor,  # 2L tensors: (B, Hk, P, Dk), (B, Hv, P, Dv) per layer
     ) -> tuple[torch.Tensor, ...]:
+        if self.mask_holder is not None:
+            self.mask_holder.mask = attention_mask
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layout.num_layers)]
         cache = DynamicCache(ddp_cache_data=pairs)
         out = self.hf(

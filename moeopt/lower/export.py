@@ -15,6 +15,7 @@ import torch
 from moeopt.errors import UnsupportedModelError
 from moeopt.ir.layer import layers_as_ops
 from moeopt.ir.model import MoEModel
+from moeopt.lower import attention as gqa
 from moeopt.lower import graph_passes
 from moeopt.lower.decoder import CacheLayout, DecoderNoCache, DecoderWithCache, probe_cache_layout
 from moeopt.lower.rewriter_speed import fast_multi_output_matching
@@ -41,10 +42,37 @@ class ExportedDecoder:
     moe_nodes: int  # layers lowered to com.microsoft.MoE
     dense_layers: int  # layers lowered to plain ops
     folded_weights: int
+    attention: str = "export"  # "gqa": one com.microsoft.GroupQueryAttention per layer (see lower.attention)
 
 
-def export_decoder(model: MoEModel, onnx_path: Path, *, kv_cache: bool = True) -> ExportedDecoder:
+def attention_kind(model: MoEModel, attention: str, *, kv_cache: bool = True) -> str:
+    """The attention lowering `lower{attention=...}` resolves to: "gqa" or "export".
+
+    auto takes GroupQueryAttention where `attention.gqa_unsupported` finds nothing against it; gqa insists.
+
+    Raises:
+        UnsupportedModelError: attention=gqa for a model (or a graph without a cache) it does not cover.
+    """
+    if attention not in gqa.ATTENTION_KINDS:
+        raise UnsupportedModelError(f"attention must be one of {', '.join(gqa.ATTENTION_KINDS)}, got '{attention}'")
+    if attention == "export":
+        return "export"
+    why = "GroupQueryAttention needs the KV cache (kv-cache=false)" if not kv_cache else gqa.gqa_unsupported(model.hf)
+    if why is None:
+        return "gqa"
+    if attention == "gqa":
+        raise UnsupportedModelError(f"attention=gqa: {why}")
+    return "export"
+
+
+def export_decoder(
+    model: MoEModel, onnx_path: Path, *, kv_cache: bool = True, attention: str = "export",
+) -> ExportedDecoder:
     """Write `onnx_path` (+ `onnx_path.data`, external weights) for a decoder-only model.
+
+    Args:
+        attention: "export" (the attention as torch.export traces it) or "gqa" (one GroupQueryAttention
+            node per layer; `attention_kind` decides which a model gets).
 
     Raises:
         UnsupportedModelError: for encoder-decoder models (see `seq2seq`) and non-float32 weights.
@@ -61,6 +89,12 @@ def export_decoder(model: MoEModel, onnx_path: Path, *, kv_cache: bool = True) -
     dyn = torch.export.Dim.DYNAMIC
     two_d = {0: dyn, 1: dyn}
     module: torch.nn.Module
+    patch: Any = contextlib.nullcontext()
+    extra: dict[Any, Any] = {}
+    if attention == "gqa":
+        if layout is None:
+            raise UnsupportedModelError("attention=gqa needs the KV cache")
+        patch, extra = gqa.attention_as_ops(hf), gqa.translation_table()
     if layout is not None:
         module = DecoderWithCache(hf, layout)
         past = layout.empty(b, p)
@@ -71,13 +105,26 @@ def export_decoder(model: MoEModel, onnx_path: Path, *, kv_cache: bool = True) -
         module = DecoderNoCache(hf)
         args, shapes = (ids, mask, pos), (two_d, two_d, two_d)
         inputs, outputs = list(BASE_INPUTS), ["logits"]
-    moe, dense, folded = onnx_export(model, module, args, shapes, inputs, outputs, onnx_path, _dim_names(layout))
-    return ExportedDecoder(inputs, outputs, layout, moe, dense, folded)
+    with patch as holder:
+        if holder is not None and isinstance(module, DecoderWithCache):
+            module.mask_holder = holder
+        moe, dense, folded = onnx_export(model, module, args, shapes, inputs, outputs, onnx_path,
+                                         _dim_names(layout), extra_ops=extra, fuse_norms=attention == "gqa")
+    if attention == "gqa":
+        inputs = _graph_inputs(onnx_path)  # position_ids is unused (GroupQueryAttention derives positions)
+    return ExportedDecoder(inputs, outputs, layout, moe, dense, folded, attention)
+
+
+def _graph_inputs(onnx_path: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
 
 
 def onnx_export(
     model: MoEModel, module: torch.nn.Module, args: tuple[Any, ...], shapes: tuple[Any, ...], inputs: list[str],
-    outputs: list[str], onnx_path: Path, dim_names: dict[str, dict[int, str]],
+    outputs: list[str], onnx_path: Path, dim_names: dict[str, dict[int, str]], *,
+    extra_ops: dict[Any, Any] | None = None, fuse_norms: bool = False,
 ) -> tuple[int, int, int]:
     """Export `module` (which runs `model.hf`) to `onnx_path` + external data; MoE layers translated.
 
@@ -89,13 +136,16 @@ def onnx_export(
     before = dict(STATS)
     with layers_as_ops(), layers_by_name(names), torch.no_grad(), _quiet(), fast_multi_output_matching():
         program = torch.onnx.export(
-            module, args, dynamo=True, custom_translation_table=translation_table(), dynamic_shapes=shapes,
+            module, args, dynamo=True, custom_translation_table={**translation_table(), **(extra_ops or {})},
+            dynamic_shapes=shapes,
             input_names=inputs, output_names=outputs, optimize=True, verbose=False,
         )
     if program is None:  # only when exporting to a file, which this does not
         raise RuntimeError("torch.onnx.export returned no program")
     ir_model = program.model
     folded = graph_passes.fold_weight_layout(ir_model)
+    if fuse_norms:
+        graph_passes.fuse_rms_norm(ir_model)
     graph_passes.name_dynamic_dims(ir_model, dim_names)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     data = onnx_path.with_name(onnx_path.name + ".data")

@@ -65,9 +65,7 @@ def fold_weight_layout(model: ir.Model) -> int:
             folded += 1
             changed = True
     # Shape constants of folded Reshapes are initializers nothing reads any more.
-    for name, v in list(graph.initializers.items()):
-        if not v.uses() and v not in graph.outputs and v not in graph.inputs:
-            del graph.initializers[name]
+    _drop_unused_initializers(graph)
     return folded
 
 
@@ -104,3 +102,120 @@ def _replace_token(text: str, old: str, new: str) -> str:
     import re
 
     return re.sub(rf"\b{re.escape(old)}\b", new, text)
+
+
+def _single_use(v: ir.Value | None) -> bool:
+    return v is not None and len(v.uses()) == 1
+
+
+def _scalar(v: ir.Value | None) -> float | None:
+    data = _const(v)
+    return float(data.reshape(-1)[0]) if data is not None and data.size == 1 else None
+
+
+def fuse_rms_norm(model: ir.Model) -> int:
+    """RMSNorm as exported (Pow 2 -> ReduceMean last axis -> Add eps -> Sqrt -> Reciprocal -> Mul x -> Mul
+    weight) becomes one SimplifiedLayerNormalization node (ORT's kernel; its optimizer does not match the
+    Reciprocal form). Exact up to fp32 rounding; returns how many were fused.
+
+    Why here and not in ORT: the kernel then also lets ORT's SkipLayerNormFusion turn the residual Add in
+    front of it into SkipSimplifiedLayerNormalization at session start.
+    """
+    graph = model.graph
+    fused = 0
+    for node in list(graph):
+        if node.op_type != "Pow" or node.domain not in ("", "ai.onnx") or _scalar(node.inputs[1]) != 2.0:
+            continue
+        x = node.inputs[0]
+        chain = [node]
+        ok = True
+        for want in ("ReduceMean", "Add", "Sqrt", "Reciprocal"):
+            out = chain[-1].outputs[0]
+            if not _single_use(out):
+                ok = False
+                break
+            nxt = next(iter(out.uses())).node
+            if nxt.op_type != want:
+                ok = False
+                break
+            chain.append(nxt)
+        if not ok:
+            continue
+        mean, add = chain[1], chain[2]
+        axes = _const(mean.inputs[1]) if len(mean.inputs) > 1 else None
+        keep = mean.attributes.get("keepdims")
+        if axes is None or axes.reshape(-1).tolist() != [-1] or (keep is not None and not keep.as_int()):
+            continue
+        eps = _scalar(add.inputs[1] if add.inputs[0] is chain[1].outputs[0] else add.inputs[0])
+        recip = chain[-1].outputs[0]
+        if eps is None or not _single_use(recip):
+            continue
+        mul_x = next(iter(recip.uses())).node
+        if mul_x.op_type != "Mul" or x not in mul_x.inputs or not _single_use(mul_x.outputs[0]):
+            continue
+        mul_w = next(iter(mul_x.outputs[0].uses())).node
+        if mul_w.op_type != "Mul":
+            continue
+        w = mul_w.inputs[1] if mul_w.inputs[0] is mul_x.outputs[0] else mul_w.inputs[0]
+        wdata = _const(w)
+        if w is None or wdata is None or wdata.ndim != 1 or x is None or x.shape is None or \
+                x.shape[-1] != wdata.shape[0]:
+            continue
+        out = mul_w.outputs[0]
+        if out in graph.outputs:
+            continue
+        norm = ir.node("SimplifiedLayerNormalization", [x, w], attributes={"axis": -1, "epsilon": eps,
+                       "stash_type": 1}, num_outputs=1)
+        _like(norm.outputs[0], out)
+        graph.insert_before(node, norm)
+        ir.convenience.replace_all_uses_with(out, norm.outputs[0])
+        name = out.name
+        for n in reversed([*chain, mul_x, mul_w]):
+            graph.remove(n, safe=True)
+        norm.outputs[0].name = name
+        fused += 1
+    fused += _fuse_skip(graph)
+    _drop_unused_initializers(graph)
+    return fused
+
+
+def _fuse_skip(graph: ir.Graph) -> int:
+    """Add(a, b) -> SimplifiedLayerNormalization becomes com.microsoft.SkipSimplifiedLayerNormalization,
+    whose 4th output (a + b) feeds the Add's other readers (the residual stream)."""
+    fused = 0
+    for norm in list(graph):
+        if norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx"):
+            continue
+        add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or add.outputs[0] in graph.outputs:
+            continue
+        a, b = add.inputs[0], add.inputs[1]
+        if a is None or b is None or a.shape is None or a.shape != b.shape or len(a.shape) != 3:
+            continue
+        eps = norm.attributes.get("epsilon")
+        skip = ir.node("SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]], domain="com.microsoft",
+                       attributes={"epsilon": eps.as_float() if eps is not None else 1e-5}, num_outputs=4)
+        out, total = norm.outputs[0], add.outputs[0]
+        _like(skip.outputs[0], out)
+        _like(skip.outputs[3], total)
+        graph.insert_before(add, skip)
+        ir.convenience.replace_all_uses_with(out, skip.outputs[0])
+        ir.convenience.replace_all_uses_with(total, skip.outputs[3])
+        names = out.name, total.name
+        graph.remove(norm, safe=True)
+        graph.remove(add, safe=True)
+        skip.outputs[0].name, skip.outputs[3].name = names
+        fused += 1
+    return fused
+
+
+def _like(new: ir.Value, old: ir.Value) -> None:
+    new.shape = old.shape
+    if old.dtype is not None:
+        new.dtype = old.dtype
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and v not in graph.outputs and v not in graph.inputs:
+            del graph.initializers[name]

@@ -92,7 +92,7 @@ def _forced_logits(sess: Session, prompt: np.ndarray, tokens: np.ndarray) -> np.
         return sess.logits(seq)[:, p - 1:]
     # the step function Session.generate drives, fed our tokens (generate would choose its own)
     stepper = DecoderOnlyStepper(sess._run, prompt, np.ones_like(prompt))
-    logits, past = stepper.prefill(sess.empty_past(1))
+    logits, past = stepper.prefill(sess.empty_past(1, p + s))
     out = [logits[:, -1]]
     for i in range(s - 1):
         logits, past = stepper.step(tokens[:, i], past)

@@ -36,6 +36,9 @@ class Lower(Pass):
         Option("hot", "str", "2", "offload: hot slots per layer (a number or 'all'; the model's plan wins)"),
         Option("prefetch", "choice", "auto", "offload: routing-predictor hint outputs (auto: when the model has "
                "a predictor)", choices=("auto", "true", "false")),
+        Option("attention", "choice", "auto", "resident decoder graphs: gqa = one com.microsoft.GroupQueryAttention "
+               "per layer (cache updated in place, fused RMSNorm; Mixtral-style attention), export = as traced, "
+               "auto = gqa where it applies", choices=("auto", "gqa", "export")),
         Option("prefetch-top", "int", 0, "offload: experts each hint output names, best first (0: the router's "
                "top_k)", min=0),
     )
@@ -63,7 +66,7 @@ class Lower(Pass):
             accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self.hot_slots(),
             prefetch={"auto": None, "true": True, "false": False}[self.opts["prefetch"]],
             prefetch_top=self.opts["prefetch-top"] or None, overwrite=self.opts["overwrite"],
-            verify=self.opts["verify"],
+            verify=self.opts["verify"], attention=self.opts["attention"],
         )
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)

@@ -25,6 +25,8 @@ def lower_cmd(
     prefetch_top: Annotated[int, typer.Option(help="offload: experts each prefetch hint names "
                                               "(0: the router's top_k)")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+    attention: Annotated[str, typer.Option(help="auto, gqa (com.microsoft.GroupQueryAttention, KV cache updated "
+                                           "in place) or export (the attention as traced)")] = "auto",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run the written artifact in onnxruntime "
                                          "against the model in PyTorch before it is renamed into place, and "
                                          "refuse it beyond its parity tolerance")] = True,
@@ -35,7 +37,7 @@ def lower_cmd(
     from moeopt.passes.lower import Lower
 
     lower = Lower(out=out, target=target, threads=threads, opt_level=opt_level, experts=experts, hot=hot,
-                  prefetch_top=prefetch_top, overwrite=overwrite, verify=verify)
+                  prefetch_top=prefetch_top, overwrite=overwrite, verify=verify, attention=attention)
     lower.hot_slots()  # options checked before loading
     check_out_dir(out, overwrite=overwrite)
     pm = PassManager(passes_text) if passes_text else None

@@ -81,6 +81,15 @@ def session_options(target: dict[str, Any], threads: int | None = None) -> Any:
     return so
 
 
+def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A left-padded batch moved to right padding: each row's real tokens first (GroupQueryAttention takes
+    each row's length from the mask's sum and its new tokens then go right after them)."""
+    shift = (mask == 0).sum(-1)
+    cols = (np.arange(ids.shape[1])[None] + shift[:, None]) % ids.shape[1]
+    rows = np.arange(ids.shape[0])[:, None]
+    return ids[rows, cols], mask[rows, cols]
+
+
 class Session:
     """An artifact opened with ONNX Runtime.
 
@@ -106,6 +115,10 @@ class Session:
         self.cache: dict[str, Any] | None = graph.get("kv_cache")
         self.input_names: list[str] = list(graph["inputs"])
         self.output_names: list[str] = list(graph["outputs"])
+        # "gqa": GroupQueryAttention graphs (moeopt.lower.attention) run with a KV buffer bound as both past
+        # and present, updated in place; "export" (and artifacts older than the field): numpy past/present.
+        self.attention: str = str(graph.get("attention") or "export")
+        self._binding: tuple[list[Any], Any] | None = None  # (KV buffers, their io binding)
         tokens = self.manifest.get("tokens", {})
         self.eos: list[int] = list(tokens.get("eos", []))
         self.pad_id = int((tokens.get("pad") or self.eos or [0])[0])
@@ -123,18 +136,53 @@ class Session:
             raise BadInputError(f"{self.path / name}: onnxruntime cannot load it ({first})"
                                 f"{older_ort_hint(self.manifest)}") from e
 
-    def _run(self, feeds: dict[str, np.ndarray], past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        n = len(feeds)
+    def _run(self, feeds: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
         all_feeds = {k: v if v.dtype == np.float32 else v.astype(np.int64) for k, v in feeds.items()}
+        if past and not isinstance(past[0], np.ndarray):  # KV buffers (empty_past of a gqa artifact)
+            return self._run_bound(all_feeds, past)
+        n = len(feeds)
         all_feeds.update(zip(self.input_names[n:], past, strict=True))
         out = self.ort.run(self.output_names, all_feeds)
         return out[0], list(out[1:])
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Zero-length past key/values in input order (the start of a generation)."""
+    def _run_bound(self, feeds: dict[str, np.ndarray], past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One step with I/O binding: each KV buffer is past and present at once (GroupQueryAttention writes
+        the new positions in place), the logits land in a fresh array; nothing else is copied."""
+        import onnxruntime as ort
+
+        bound = self._binding
+        if bound is None or len(bound[0]) != len(past) or any(a is not b for a, b in zip(bound[0], past, strict=True)):
+            io = self.ort.io_binding()  # a new generation's buffers: bound once (held here, so never stale)
+            for name, out_name, buf in zip(self.input_names[-len(past):], self.output_names[1:], past, strict=True):
+                io.bind_ortvalue_input(name, buf)
+                io.bind_ortvalue_output(out_name, buf)
+            bound = self._binding = (list(past), io)
+        io = bound[1]
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        ids = feeds["input_ids"]
+        logits = np.empty((*ids.shape, int(self.manifest["vocab_size"])), np.float32)  # (B, T, V)
+        io.bind_ortvalue_output(self.output_names[0], ort.OrtValue.ortvalue_from_numpy(logits))
+        self.ort.run_with_iobinding(io)
+        return logits, list(past)
+
+    def empty_past(self, batch: int, capacity: int | None = None) -> list[Any]:
+        """The past key/values in input order at the start of a generation.
+
+        Exported-attention artifacts: zero-length numpy arrays (each step returns longer ones). GroupQueryAttention
+        artifacts: one zeroed onnxruntime buffer per tensor holding `capacity` positions (default: the model's
+        max_positions), bound as past and present of every step; a generation may not outgrow it.
+        """
         c = self.cache
         if c is None:
             return []
+        if self.attention == "gqa":
+            import onnxruntime as ort
+
+            cap = int(capacity or self.manifest.get("max_positions") or 2048)
+            shapes = [(batch, c["key_heads"], cap, c["key_dim"]), (batch, c["value_heads"], cap, c["value_dim"])]
+            return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                    for _ in range(c["num_layers"]) for shape in shapes]
         kv = [np.zeros((batch, c["key_heads"], 0, c["key_dim"]), np.float32),
               np.zeros((batch, c["value_heads"], 0, c["value_dim"]), np.float32)]
         return [t for _ in range(c["num_layers"]) for t in kv]
@@ -151,7 +199,10 @@ class Session:
             raise BadInputError(f"{self.path}: an encoder-decoder artifact; use generate")
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        return self.step(ids, mask, position_ids(mask), self.empty_past(ids.shape[0]))[0]
+        if self.attention == "gqa" and np.any(np.diff(mask, axis=-1) > 0):
+            raise BadInputError(f"{self.path}: GroupQueryAttention artifacts take right-padded rows only "
+                                "(a 0 before a 1 in attention_mask)")
+        return self.step(ids, mask, position_ids(mask), self.empty_past(ids.shape[0], ids.shape[1]))[0]
 
     def generate(
         self,
@@ -180,6 +231,11 @@ class Session:
         if ids.ndim == 1:
             ids = ids[None]
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        lens = None
+        if self.attention == "gqa" and not np.all(mask):  # GroupQueryAttention reads rows as right-padded
+            lens = mask.sum(-1)
+            if np.any(np.diff(mask, axis=-1) < 0) or np.any(lens == 0):
+                raise BadInputError(f"{self.path}: generate takes left-padded prompts (mask 0s before the 1s)")
         sampler = sampler or Sampler()
         rng = sampler.rng()
         stops = np.array(self.eos if stop_tokens is None else list(stop_tokens), dtype=np.int64)
@@ -189,10 +245,12 @@ class Session:
         if self.encoder is not None and self.encoder_meta is not None:
             stepper = EncoderDecoderStepper(self._run, self.encoder, self.encoder_meta, ids, mask)
         else:
-            stepper = DecoderOnlyStepper(self._run, ids, mask)
-        logits, past = stepper.prefill(self.empty_past(ids.shape[0]))
+            stepper = DecoderOnlyStepper(self._run, *_right_aligned(ids, mask) if lens is not None else (ids, mask))
+        logits, past = stepper.prefill(self.empty_past(ids.shape[0], ids.shape[1] + max_new_tokens))
+        if lens is not None:  # each row's last real token, then one column as usual
+            logits = logits[np.arange(ids.shape[0]), lens - 1][:, None]
         prefill = time.perf_counter() - t0
-        seqs, kept = [stepper.prompt()], []
+        seqs, kept = [ids if lens is not None else stepper.prompt()], []
         steps = 0
         t1 = time.perf_counter()
         while True:
