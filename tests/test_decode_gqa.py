@@ -136,3 +136,17 @@ def test_qwen3_moe_per_head_qk_norm_goes_through_gqa(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = hf.generate(torch.from_numpy(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(sess.generate(ids, 8, stop_tokens=()).sequences, ref.numpy())
+
+
+def test_gqa_artifact_runs_under_genai_with_a_shared_kv_buffer(
+    gqa_art: tuple[Path, transformers.PreTrainedModel],
+) -> None:
+    """The GQA graph updates its cache in place, so GenAI is told past_present_share_buffer; its greedy
+    tokens still equal moeopt's runtime (a graph that grew present instead would fail GenAI's shapes)."""
+    from tests.test_genai import genai_greedy, moeopt_greedy
+
+    art, _ = gqa_art
+    cfg = json.loads((art / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is True
+    prompt = [int(t) for t in np.random.default_rng(3).integers(1, 97, 7)]
+    assert genai_greedy(art, prompt, 12) == moeopt_greedy(art, prompt, 12)

@@ -276,6 +276,9 @@ def build_manifest(
             "kv_cache": None if cache is None else {
                 "num_layers": cache.num_layers, "key_heads": cache.key_heads, "key_dim": cache.key_dim,
                 "value_heads": cache.value_heads, "value_dim": cache.value_dim, "dtype": "float32",
+                # GroupQueryAttention writes present into the bound past buffer (GenAI's
+                # past_present_share_buffer); the exported attention concatenates a new present.
+                "shared_buffer": info.attention == "gqa",
             },
         },
         "vocab_size": int(cfg.vocab_size),
