@@ -20,6 +20,7 @@ from moeopt.errors import BadInputError, VerificationError
 from moeopt.ir.checkpoint import TOKENIZER_FILES
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import QuantizedMatrix
+from moeopt.lower import onnx_linears
 from moeopt.lower.export import ExportedDecoder, check_float32, export_decoder
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
@@ -84,11 +85,12 @@ def lower(
     quant = QuantSettings(accuracy_level)
     check_lowerable(model.layers)
     check_layers(model.layers)
+    onnx_linears.check_linears(model)
     tmp = atomic_dir(out, overwrite=overwrite)
     try:
         encoder = None
         offload: dict[str, Any] | None = None
-        with quant_settings(quant):
+        with quant_settings(quant), onnx_linears.matches() as matched:
             if experts == "offload":
                 info, offload = export_offload(model, tmp, hot=hot, quant=quant, kv_cache=kv_cache, prefetch=prefetch,
                                               prefetch_top=prefetch_top)
@@ -97,6 +99,7 @@ def lower(
                 info, encoder = export_seq2seq(model, tmp, MODEL_FILE)
             else:
                 info = export_decoder(model, tmp / MODEL_FILE, kv_cache=kv_cache)
+        onnx_linears.check_matched(model, matched)
         if encoder is None:
             record_parity(model, tmp / PARITY_FILE)
         graphs = [s["file"] for s in offload["segments"]] if offload else [MODEL_FILE]
@@ -112,8 +115,10 @@ def lower(
             plan_dict = getattr(model, "plan", None)
             if isinstance(plan_dict, dict):
                 manifest["plan"] = plan_dict
-        if any(len(layer.table.quantized) for layer in model.layers):
+        if any(len(layer.table.quantized) for layer in model.layers) or model.linears:
             manifest["quant"] = {"accuracy_level": quant.accuracy_level}
+        if model.linears:
+            manifest["quant"]["linears"] = {path: q.meta() for path, q in model.linears.items()}
         tolerance = parity_tolerance(model, quant)
         manifest["parity_tolerance"] = tolerance
         manifest["parity_measured"], manifest["verified"] = None, False
@@ -157,6 +162,7 @@ def parity_tolerance(model: MoEModel, quant: QuantSettings) -> float:
     """
     formats = [(int(q.bits), int(q.group_size)) for layer in model.layers for q in layer.table.quantized.values()
                if isinstance(q, QuantizedMatrix)]
+    formats += [(int(q.bits), int(q.group_size)) for q in model.linears.values()]  # MatMulNBits: the same rule
     int8_act = quant.accuracy_level > 0 or any(b == 8 or (b == 2 and g >= 32) for b, g in formats)
     return PARITY_TOL_INT8_ACTIVATIONS if int8_act else PARITY_TOL_EXACT
 

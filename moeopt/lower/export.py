@@ -15,7 +15,7 @@ import torch
 from moeopt.errors import UnsupportedModelError
 from moeopt.ir.layer import layers_as_ops
 from moeopt.ir.model import MoEModel
-from moeopt.lower import graph_passes
+from moeopt.lower import graph_passes, onnx_linears
 from moeopt.lower.decoder import CacheLayout, DecoderNoCache, DecoderWithCache, probe_cache_layout
 from moeopt.lower.translate import STATS, layers_by_name, translation_table
 
@@ -95,6 +95,7 @@ def onnx_export(
         raise RuntimeError("torch.onnx.export returned no program")
     ir_model = program.model
     folded = graph_passes.fold_weight_layout(ir_model)
+    onnx_linears.replace_linears(ir_model, model)  # quantized non-expert linears -> MatMulNBits
     graph_passes.name_dynamic_dims(ir_model, dim_names)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     data = onnx_path.with_name(onnx_path.name + ".data")
