@@ -158,11 +158,12 @@ def parity_tolerance(model: MoEModel, quant: QuantSettings) -> float:
 
     ORT 1.32's CPU kernels quantize activations to int8 for 8-bit weights and for 2-bit weights in blocks
     of 32 or more (tests/test_quant_qmoe.py); the reference model at uniform 2 bits, group 64, differs
-    from PyTorch by 0.032 in the logits.
+    from PyTorch by 0.032 in the logits. Quantized non-expert linears (plain MatMulNBits) keep fp32
+    activations at accuracy level 0 for every width and block (2/4/8-bit, blocks 16-128, 1 or 8 rows: within
+    3e-5 of the dequantized product, measured), so they do not widen the tolerance.
     """
     formats = [(int(q.bits), int(q.group_size)) for layer in model.layers for q in layer.table.quantized.values()
                if isinstance(q, QuantizedMatrix)]
-    formats += [(int(q.bits), int(q.group_size)) for q in model.linears.values()]  # MatMulNBits: the same rule
     int8_act = quant.accuracy_level > 0 or any(b == 8 or (b == 2 and g >= 32) for b, g in formats)
     return PARITY_TOL_INT8_ACTIVATIONS if int8_act else PARITY_TOL_EXACT
 
