@@ -180,3 +180,13 @@ def test_stale_packed_linear_is_refused_at_lowering(tmp_path: Path) -> None:
         lower(model, tmp_path / "art")
     assert not (tmp_path / "art").exists()
     np.testing.assert_equal(len(model.linears), 8)
+
+
+def test_offload_artifact_carries_the_quantized_linears(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    model = tiny("mixtral")
+    PassManager("quantize{method=uniform,bits=4,group=16,non-experts=4,lm-head=true}").run(model)
+    art = lower(model, tmp_path / "art", experts="offload", hot=2)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["offload"] and m["graph"]["ops"]["com.microsoft.MatMulNBits"] == len(model.linears) == 9
+    assert m["verified"] and m["parity_measured"] <= EXACT_TOL

@@ -8,8 +8,8 @@ nn.Linear's weight (the reference numerics), as `ExpertTable.quantized` does for
 
 Which linears: every `nn.Linear` of the host model except
 - lm_head (the output embeddings) unless `lm-head=true`; input embeddings are never quantized. With tied
-  embeddings, quantizing lm_head unties it (a copy of the weight, `tie_word_embeddings=False`), so the
-  embedding lookup keeps the float table;
+  embeddings, quantizing lm_head unties it (lm_head gets its own copy of the weight), so the embedding
+  lookup keeps the float table;
 - 1-wide scalar gates (Qwen2-MoE's shared-expert gate): a handful of bytes, and the gate's sigmoid
   magnifies its error.
 Routed experts and routers are not nn.Linear modules in the IR, so they never appear here.
@@ -131,10 +131,10 @@ def _untie(model: MoEModel, path: str) -> None:
     emb = get() if callable(get) else None
     if emb is None or head.weight.data_ptr() != emb.weight.data_ptr():
         return
+    # Only the parameters part; the config keeps tie_word_embeddings, which some hosts also read for other
+    # numerics (T5/Switch scale the output by d_model**-0.5 when tied). The checkpoint stores what is
+    # untied as two tensors and assigns both on load, so the tie does not come back.
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for cfg in {id(c): c for c in (hf.config, hf.config.get_text_config())}.values():
-        if getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False
 
 
 def apply(model: MoEModel, path: str, q: Quantized) -> None:
