@@ -154,7 +154,8 @@ def test_ilp_chooses_linear_widths_under_one_budget() -> None:
     bit_params += sum(sum(s.bits for s in la.table.slots) * (la.table.w_in[0].numel() + la.table.w_out[0].numel())
                       for la in model.layers)
     assert bit_params <= 4 * (expert_params + linear_params)
-    assert len(set(widths.values())) > 1 or len({s.bits for la in model.layers for s in la.table.slots}) > 1
+    assert len(set(widths.values())) > 1  # the knapsack traded linears against each other (seeded: 2 and 8)
+    assert report.linear_bytes == linears.stored_bytes(model) < report.linear_float_bytes
 
 
 def test_bad_non_experts_value_is_one_line_exit_2(tiny_ckpt: Path, tmp_path: Path,
