@@ -191,3 +191,17 @@ def test_offload_artifact_carries_the_quantized_linears(tmp_path: Path) -> None:
     m = json.loads((art / "manifest.json").read_text())
     assert m["offload"] and m["graph"]["ops"]["com.microsoft.MatMulNBits"] == len(model.linears) == 9
     assert m["verified"] and m["parity_measured"] <= EXACT_TOL
+
+
+def test_a_quantized_linear_missing_from_the_graph_is_an_error(tmp_path: Path) -> None:
+    """A linear the forward never calls has no MatMul to rewrite: lowering must stop, not ship float."""
+    from moeopt.errors import UnsupportedModelError
+
+    torch.set_num_threads(1)
+    model = tiny("mixtral")
+    model.hf.unused = nn.Linear(32, 32, bias=False)  # type: ignore[assignment]
+    PassManager("quantize{method=uniform,bits=4,group=16,non-experts=4}").run(model)
+    assert "unused" in model.linears
+    with pytest.raises(UnsupportedModelError, match=r"quantized linear 'unused' .* was not found"):
+        lower(model, tmp_path / "art", verify=False)
+    assert not (tmp_path / "art").exists()
