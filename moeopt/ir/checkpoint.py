@@ -28,6 +28,7 @@ META_FILE = "moeopt.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARD_BYTES = 1 << 30  # weights above this are saved in shards of at most this (one tensor may exceed it)
 PREDICTOR_FILE = "predictor.safetensors"
+LINEARS_FILE = "linears.safetensors"  # packed non-expert linears: "{path}.packed" / ".scales" / ".zero_points"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "generation_config.json",
@@ -74,6 +75,11 @@ def save_checkpoint(
             "predictor": None if model.predictor is None else model.predictor.meta(),  # type: ignore[operator]
             "plan": model.plan,
         }
+        if model.linears:
+            meta["linears"] = {path: q.meta() for path, q in model.linears.items()}
+            packed = {f"{path}.{name}": t.detach().contiguous() for path, q in model.linears.items()
+                      for name, t in q.named_buffers() if t is not None}
+            save_file(packed, str(tmp / LINEARS_FILE), metadata={"format": "pt", "producer": "moeopt"})
         if model.predictor is not None:
             pred = {k: v.detach().float().contiguous() for k, v in model.predictor.state_dict().items()}
             save_file(pred, str(tmp / PREDICTOR_FILE), metadata={"format": "pt", "producer": "moeopt"})
@@ -195,6 +201,7 @@ def load_checkpoint(
         hf=hf, layers=layers, source=meta.get("source", str(path)), source_dir=path, predictor=predictor,
         history=list(meta.get("history", [])), adapters=dict(meta.get("adapters", {})),
         storage_dtype=meta.get("storage_dtype", "float32"), plan=meta.get("plan"),
+        linears=_load_linears(path, meta.get("linears") or {}),
     )
     return model
 
@@ -218,6 +225,27 @@ def _skeleton_state(weights: Path, tensors: dict[str, TensorInfo]) -> dict[str, 
             else:
                 state[key] = torch.empty(info.shape, dtype=_ST_DTYPES[info.dtype], device="meta")
     return state
+
+
+def _load_linears(path: Path, metas: dict[str, Any]) -> dict[str, QuantizedMatrix]:
+    """The packed non-expert linears listed in moeopt.json, read from LINEARS_FILE."""
+    if not metas:
+        return {}
+    from moeopt.ir.safetensors_check import check_safetensors
+
+    if not (path / LINEARS_FILE).exists():
+        raise BadInputError(f"{path}: moeopt.json lists quantized linears but {LINEARS_FILE} is missing")
+    check_safetensors(path / LINEARS_FILE)
+    state = load_file(str(path / LINEARS_FILE))
+    out = {}
+    for name, qm in metas.items():
+        try:
+            zp = state[f"{name}.zero_points"].clone() if qm["has_zero_points"] else None
+            out[name] = QuantizedMatrix(qm["rows"], qm["cols"], qm["bits"], qm["group_size"], qm["symmetric"],
+                                        state[f"{name}.packed"].clone(), state[f"{name}.scales"].clone(), zp)
+        except KeyError as e:
+            raise BadInputError(f"{path / LINEARS_FILE}: lacks tensor {e}") from None
+    return out
 
 
 def _meta_tensor(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.predictor import RoutingPredictor
+from moeopt.ir.table import QuantizedMatrix
 
 
 @dataclass
@@ -42,6 +43,8 @@ class MoEModel:
         source: where it came from (a path or a class name), for manifests and reproducers.
         source_dir: the checkpoint folder when loaded from disk (tokenizer files are taken from it).
         history: the pipelines that have run on it, oldest first.
+        linears: packed form of the quantized non-expert linears, by module path in `hf` (their nn.Linear
+            weights hold the dequantized values; see `moeopt.quant.linears`).
     """
 
     hf: nn.Module
@@ -53,6 +56,7 @@ class MoEModel:
     storage_dtype: str = "float32"  # dtype on disk: a float16 checkpoint is saved as float16 again
     predictor: RoutingPredictor | None = None  # once the `predictor` pass has run
     plan: dict[str, Any] | None = None  # the `plan` pass's budget plan (JSON-able; see moeopt.passes.plan)
+    linears: dict[str, QuantizedMatrix] = field(default_factory=dict)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.hf(*args, **kwargs)

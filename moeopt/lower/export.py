@@ -16,7 +16,7 @@ from moeopt.errors import UnsupportedModelError
 from moeopt.ir.layer import layers_as_ops
 from moeopt.ir.model import MoEModel
 from moeopt.lower import attention as gqa
-from moeopt.lower import graph_passes
+from moeopt.lower import graph_passes, onnx_linears
 from moeopt.lower.decoder import CacheLayout, DecoderNoCache, DecoderWithCache, probe_cache_layout
 from moeopt.lower.rewriter_speed import fast_multi_output_matching
 from moeopt.lower.translate import STATS, layers_by_name, translation_table
@@ -144,6 +144,7 @@ def onnx_export(
         raise RuntimeError("torch.onnx.export returned no program")
     ir_model = program.model
     folded = graph_passes.fold_weight_layout(ir_model)
+    onnx_linears.replace_linears(ir_model, model)  # quantized non-expert linears -> MatMulNBits
     if fuse_norms:
         graph_passes.fuse_rms_norm(ir_model)
     graph_passes.name_dynamic_dims(ir_model, dim_names)

@@ -1,15 +1,21 @@
 """`quantize`: per-expert bitwidths under a byte or average-bits budget, group-wise integer quantization.
 
 Methods: `ilp` (optimal multiple-choice knapsack over measured sensitivities), `greedy` (EdgeMoE's
-lowering by sensitivity) and `uniform` (every expert at `bits`). Only routed experts are quantized;
-attention, embeddings, shared experts and lm_head stay float (not implemented here).
+lowering by sensitivity) and `uniform` (every expert at `bits`). Routed experts are always quantized;
+the other linears (attention, shared experts, dense MLPs; lm_head with `lm-head=true`; embeddings never)
+follow `non-experts` (see `moeopt.quant.linears`):
+- `float` (default): they stay float, and `budget` / `avg-bits` count the routed experts only;
+- `4` / `8`: every one at that width; the budget counts them too (their fixed bytes come off it);
+- `auto`: ilp/greedy choose each one's width among `candidates` by its measured sensitivity, in the
+  same knapsack as the experts, under the one budget (uniform: `bits`).
 
 Pins fix chosen experts: `pin=LAYER:SLOT@BITS;...` where LAYER and SLOT are numbers or `*` and BITS is
 2, 3, 4, 8 or `float`; `pin=0@8` pins every slot of layer 0, later entries win. Example:
 `quantize{avg-bits=3,pin=0:*@8;*:0@float}`. Slots are physical slots (= expert ids before pruning).
 
 After the pass: `slot.bits` is set, `table.quantized` holds the packed MatMulNBits-layout matrices,
-and `w_in` / `w_out` hold their dequantized values (the reference numerics).
+and `w_in` / `w_out` hold their dequantized values (the reference numerics); `model.linears` likewise
+holds the packed non-expert linears, whose nn.Linear weights hold the dequantized values.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from moeopt.ir.model import MoEModel
 from moeopt.passes.base import Pass, PassContext, PassResult
 from moeopt.passes.options import Option
 from moeopt.passes.registry import register
+from moeopt.quant import linears
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
 from moeopt.quant.groupwise import BITS, GROUPS
@@ -89,6 +96,9 @@ class Quantize(Pass):
         Option("max-rows", "int", 512, "routed inputs kept per expert for the sensitivity", min=1),
         Option("metric", "choice", "mse", "sensitivity: routing-weighted output MSE, or relative to each layer's "
                "expert output energy (weighs layers alike)", choices=("mse", "relative")),
+        Option("non-experts", "str", "float", "attention, shared-expert and dense linears: 4, 8, float, or auto "
+               "(ilp/greedy choose among candidates under the same budget; uniform: bits)"),
+        Option("lm-head", "bool", False, "quantize lm_head too (needs non-experts; embeddings stay float)"),
     )
 
     def requires(self, model: MoEModel, ctx: PassContext) -> None:
@@ -100,6 +110,10 @@ class Quantize(Pass):
         done = [(layer.index, s) for layer in model.layers for s, i in enumerate(layer.table.slots) if i.bits]
         if done:
             raise BadInputError(f"layer {done[0][0]} slot {done[0][1]} is already quantized; quantize the float model")
+        if model.linears:
+            raise BadInputError(f"linear '{next(iter(model.linears))}' is already quantized; quantize the float model")
+        if linears.parse_mode(o["non-experts"]) is None and o["lm-head"]:
+            raise BadInputError("lm-head=true needs non-experts=4, 8 or auto")
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
         o = self.opts
@@ -124,7 +138,9 @@ class Quantize(Pass):
                            0.0 if sens is None else sens.error(li, s, b, relative))
                     for b in allowed
                 )))
-        capacity = self._capacity(model)
+        experts = len(items)
+        widths, hessians = self._linear_items(model, ctx, items, cands, group, sym, by_avg)
+        capacity = self._capacity(model, list(widths))
         if method == "ilp":
             assert capacity is not None
             picks = solve_ilp(items, capacity)
@@ -137,21 +153,28 @@ class Quantize(Pass):
                 raise InfeasibleBudgetError(f"uniform {o['bits']}-bit needs {total(items, picks)[0]:,} "
                                             f"{'bit-params' if by_avg else 'B'}, over the budget {capacity:,}")
         bits: list[list[int | None]] = [[None] * layer.table.num_slots for layer in model.layers]
-        for it, p in zip(items, picks, strict=True):
+        for it, p in zip(items[:experts], picks[:experts], strict=True):
             bits[it.layer][it.slot] = it.choices[p].bits
             quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym)
+        for path, it, p in zip(widths, items[experts:], picks[experts:], strict=True):
+            widths[path] = it.choices[p].bits
+        n_linears = linears.quantize_linears(model, widths, group, sym, hessians=hessians)
         report = QuantReport(
             method=method, group=group, symmetric=sym, bits=bits,
             layer_bytes=[layer.table.expert_bytes() for layer in model.layers],
             float_bytes=sum(slot_params(layer.table) * 2 * layer.table.num_slots for layer in model.layers),
             params=sum(slot_params(layer.table) * layer.table.num_slots for layer in model.layers),
             capacity=capacity, unit="bit-params" if by_avg else "B", error=total(items, picks)[1], pinned=len(pins),
+            linears=widths, linear_bytes=linears.stored_bytes(model)
+            + sum(linears.linear_bytes(model, p, None, group, sym) for p, b in widths.items() if b is None),
+            linear_float_bytes=sum(linears.linear_bytes(model, p, None, group, sym) for p in widths),
         )
-        if not by_avg and capacity is not None and report.total_bytes > capacity:  # the cost model is wrong
-            raise RuntimeError(f"stored {report.total_bytes:,} B exceed the budget {capacity:,} B")
+        stored = report.total_bytes + report.linear_bytes
+        if not by_avg and capacity is not None and stored > capacity:  # the cost model is wrong
+            raise RuntimeError(f"stored {stored:,} B exceed the budget {capacity:,} B")
         ctx.analyses.put(REPORT, report)
         ctx.log(report.summary())
-        quantized = sum(b is not None for row in bits for b in row)
+        quantized = sum(b is not None for row in bits for b in row) + n_linears
         if quantized and model.storage_dtype != "float32":
             # A half-precision checkpoint would round the fp32 scales and the dequantized weights (whose
             # (q - zp) * scale products need more mantissa than fp16 has), so save/load would not be exact.
@@ -160,14 +183,53 @@ class Quantize(Pass):
         # Weights changed, so every routing/importance analysis downstream is stale; keep only our report.
         return PassResult(model, quantized > 0, frozenset({REPORT}), report.stats())
 
-    def _capacity(self, model: MoEModel) -> int | None:
+    def _capacity(self, model: MoEModel, paths: list[str]) -> int | None:
         o = self.opts
         if o["budget"] is not None:
             return int(o["budget"])
         if o["avg-bits"] is not None:
             params = sum(slot_params(layer.table) * layer.table.num_slots for layer in model.layers)
+            params += sum(linears.linear_params(model, p) for p in paths)
             return int(float(o["avg-bits"]) * params)
         return None
+
+    def _linear_items(
+        self, model: MoEModel, ctx: PassContext, items: list[Item], cands: list[int | None], group: int, sym: bool,
+        by_avg: bool,
+    ) -> tuple[dict[str, int | None], dict[str, torch.Tensor] | None]:
+        """Append one Item per non-expert linear to `items` (their allowed widths, costs, sensitivities).
+
+        Returns ({path: None} in the same order, for the caller to fill with the chosen widths; the input
+        Hessians when measured (the sensitivity reads them; so would GPTQ), else None).
+        """
+        o = self.opts
+        mode = linears.parse_mode(o["non-experts"])
+        if mode is None:
+            return {}, None
+        paths = linears.targets(model, bool(o["lm-head"]))
+        allowed: list[int | None] = ([mode] if isinstance(mode, int) else cands)
+        measure_them = o["method"] != "uniform" and len(allowed) > 1
+        hessians = None
+        if measure_them or linears.needs_hessian("rtn"):
+            batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]),
+                                          ctx.seed, ctx.data_root)
+            hessians = linears.collect_hessians(model, batches, paths)
+        relative = o["metric"] == "relative"
+        measured = sorted({b for b in allowed if b is not None})
+        for i, path in enumerate(paths):
+            err: dict[int | None, float] = {b: 0.0 for b in allowed}
+            h = None if hessians is None else hessians.get(path)
+            if measure_them and h is not None:
+                err, energy = linears.errors(linears.linear(model, path).weight, h, measured, group, sym)
+                if relative and energy > 0:
+                    err = {b: e / energy for b, e in err.items()}
+            params = linears.linear_params(model, path)
+            items.append(Item(-1, i, tuple(
+                Choice(b, params * (16 if b is None else b) if by_avg
+                       else linears.linear_bytes(model, path, b, group, sym), err.get(b, 0.0))
+                for b in allowed
+            )))
+        return dict.fromkeys(paths), hessians
 
     def _sensitivity(
         self, model: MoEModel, ctx: PassContext, bits: list[int], group: int, sym: bool

@@ -26,6 +26,9 @@ class QuantReport:
     error: float = 0.0  # summed sensitivity of the chosen bits (0 when not measured)
     pinned: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    linears: dict[str, int | None] = field(default_factory=dict)  # non-expert linear -> bits (None = float)
+    linear_bytes: int = 0  # those linears as stored (float ones at fp16)
+    linear_float_bytes: int = 0  # the same in fp16
 
     @property
     def total_bytes(self) -> int:
@@ -56,6 +59,10 @@ class QuantReport:
             "error": self.error, "pinned": float(self.pinned),
         })
         out.update({f"layer-{i}-bytes": float(b) for i, b in enumerate(self.layer_bytes)})
+        if self.linears:
+            out.update({"linears": float(len(self.linears)),
+                        "linears-quantized": float(sum(b is not None for b in self.linears.values())),
+                        "linear-bytes": float(self.linear_bytes), "fp16-linear-bytes": float(self.linear_float_bytes)})
         return out
 
     def summary(self) -> str:
@@ -67,6 +74,11 @@ class QuantReport:
             f"{self.nominal_bits():.3f} bits/weight nominal, {self.effective_bits():.3f} stored",
             f"  slots per bitwidth: {hist}" + (f"; {self.pinned} pinned" if self.pinned else ""),
         ]
+        if self.linears:
+            count = Counter("float" if b is None else str(b) for b in self.linears.values())
+            hist = ", ".join(f"{k}: {v}" for k, v in sorted(count.items()))
+            lines.append(f"  non-expert linears: {self.linear_bytes / 1e6:.3f} MB "
+                         f"(fp16 {self.linear_float_bytes / 1e6:.3f} MB); per bitwidth: {hist}")
         if self.capacity is not None:
             lines.append(f"  budget {self.capacity:,} {self.unit}; summed sensitivity {self.error:.4g}")
         for i, (row, nbytes) in enumerate(zip(self.bits, self.layer_bytes, strict=True)):
