@@ -8,12 +8,22 @@ Pins fix chosen experts: `pin=LAYER:SLOT@BITS;...` where LAYER and SLOT are numb
 2, 3, 4, 8 or `float`; `pin=0@8` pins every slot of layer 0, later entries win. Example:
 `quantize{avg-bits=3,pin=0:*@8;*:0@float}`. Slots are physical slots (= expert ids before pruning).
 
+Rounding (`algo`): `rtn` rounds each weight to the nearest grid point; `gptq` (moeopt.quant.gptq)
+compensates each column's rounding error using per-expert Hessians from the calibration tokens routed
+to each expert (`calibrate-all-experts=true`: every token through every expert), measured in one pass
+through the float model (moeopt.quant.expert_gptq says what that means); `act-order` and `damp` are
+GPTQ's. An expert no calibration token reaches is rounded to nearest, with a warning, and counted in
+the report. With algo=gptq the ilp/greedy sensitivities are the GPTQ errors at each candidate width, so
+the allocation weighs the error that will actually be stored. Both write the same packed layout.
+Example: `quantize{algo=gptq,avg-bits=3,calib=app:intent,calibrate-all-experts=true}`.
+
 After the pass: `slot.bits` is set, `table.quantized` holds the packed MatMulNBits-layout matrices,
 and `w_in` / `w_out` hold their dequantized values (the reference numerics).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -27,6 +37,7 @@ from moeopt.passes.options import Option
 from moeopt.passes.registry import register
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
+from moeopt.quant.expert_gptq import ExpertGPTQ, collect_hessians
 from moeopt.quant.groupwise import BITS, GROUPS
 from moeopt.quant.report import QuantReport
 from moeopt.quant.sensitivity import Sensitivity, measure
@@ -87,6 +98,12 @@ class Quantize(Pass):
         Option("calib-tokens", "int", 4096, "calibration tokens for the sensitivity analysis", min=1),
         Option("seq-len", "int", 128, "calibration sequence length", min=2),
         Option("max-rows", "int", 512, "routed inputs kept per expert for the sensitivity", min=1),
+        Option("algo", "choice", "rtn", "rounding: rtn (to nearest) or gptq (error-compensating, per-expert "
+               "Hessians from the calibration data)", choices=("rtn", "gptq")),
+        Option("calibrate-all-experts", "bool", False, "algo=gptq: every calibration token through every expert "
+               "for the Hessians (the output still follows the routing)"),
+        Option("act-order", "bool", True, "algo=gptq: quantize columns by descending Hessian diagonal"),
+        Option("damp", "float", 0.01, "algo=gptq: Hessian damping relative to its mean diagonal", min=0, max=10),
         Option("metric", "choice", "mse", "sensitivity: routing-weighted output MSE, or relative to each layer's "
                "expert output energy (weighs layers alike)", choices=("mse", "relative")),
     )
@@ -111,7 +128,8 @@ class Quantize(Pass):
             cands = list(dict.fromkeys(parse_bits(str(c)) for c in o["candidates"]))
         need_sens = method != "uniform"
         measured = sorted({b for b in [*cands, *pins.values()] if b is not None})  # pins may name other bits
-        sens = self._sensitivity(model, ctx, measured, group, sym) if need_sens else None
+        gq = self._gptq(model, ctx, group, sym) if o["algo"] == "gptq" else None
+        sens = self._sensitivity(model, ctx, measured, group, sym, gq) if need_sens else None
         by_avg = o["avg-bits"] is not None
         relative = o["metric"] == "relative"
         items: list[Item] = []
@@ -139,13 +157,15 @@ class Quantize(Pass):
         bits: list[list[int | None]] = [[None] * layer.table.num_slots for layer in model.layers]
         for it, p in zip(items, picks, strict=True):
             bits[it.layer][it.slot] = it.choices[p].bits
-            quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym)
+            quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym,
+                          None if gq is None else functools.partial(gq.matrix, it.layer, it.slot))
         report = QuantReport(
             method=method, group=group, symmetric=sym, bits=bits,
             layer_bytes=[layer.table.expert_bytes() for layer in model.layers],
             float_bytes=sum(slot_params(layer.table) * 2 * layer.table.num_slots for layer in model.layers),
             params=sum(slot_params(layer.table) * layer.table.num_slots for layer in model.layers),
             capacity=capacity, unit="bit-params" if by_avg else "B", error=total(items, picks)[1], pinned=len(pins),
+            algo=str(o["algo"]), rtn_fallback=0 if gq is None else gptq_fallbacks(gq, bits, ctx),
         )
         if not by_avg and capacity is not None and report.total_bytes > capacity:  # the cost model is wrong
             raise RuntimeError(f"stored {report.total_bytes:,} B exceed the budget {capacity:,} B")
@@ -169,19 +189,37 @@ class Quantize(Pass):
             return int(float(o["avg-bits"]) * params)
         return None
 
+    def _gptq(self, model: MoEModel, ctx: PassContext, group: int, sym: bool) -> ExpertGPTQ:
+        """Per-slot Hessians from the calibration data (one pass through the float model)."""
+        o = self.opts
+        batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
+                                      ctx.data_root)
+        hessians, _ = collect_hessians(model, batches, all_experts=bool(o["calibrate-all-experts"]))
+        return ExpertGPTQ(model, hessians, group, sym, act_order=bool(o["act-order"]), damp=float(o["damp"]))
+
+    def _algo_key(self) -> str:
+        """What the sensitivity's quantized experts depend on besides the format (its cache key)."""
+        o = self.opts
+        if o["algo"] == "rtn":
+            return "rtn"
+        return (f"gptq(act-order={o['act-order']},damp={o['damp']},all-experts={o['calibrate-all-experts']},"
+                f"tokens={o['calib-tokens']},seq-len={o['seq-len']})")
+
     def _sensitivity(
-        self, model: MoEModel, ctx: PassContext, bits: list[int], group: int, sym: bool
+        self, model: MoEModel, ctx: PassContext, bits: list[int], group: int, sym: bool, gq: ExpertGPTQ | None = None
     ) -> Sensitivity:
         """The cached analysis when it was measured with the same settings, else measure it now."""
         o = self.opts
         source = ";".join(o["calib"]) or "random tokens"
+        algo = self._algo_key()
         cached = ctx.analyses.peek(SENSITIVITY)
-        if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits):
+        if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits, algo):
             return cached
         batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
                                       ctx.data_root)
         sens = measure(model, batches, bits, group=group, symmetric=sym, max_rows=int(o["max-rows"]),
-                       seed=ctx.seed, source=source, progress=sys.stderr.isatty())
+                       seed=ctx.seed, source=source, progress=sys.stderr.isatty(),
+                       quantizer=None if gq is None else gq.dequantized, algo=algo)
         ctx.analyses.put(SENSITIVITY, sens)
         return sens
 
@@ -202,3 +240,19 @@ def calibration_batches(
     n = max(1, max_tokens // seq_len)
     ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
     return list(ids.split(8))
+
+
+def gptq_fallbacks(gq: ExpertGPTQ, bits: list[list[int | None]], ctx: PassContext) -> int:
+    """Quantized slots that GPTQ rounded to nearest (no calibration rows, or a singular Hessian); warns."""
+    unrouted = [(li, s) for li, s in gq.unrouted if bits[li][s] is not None]
+    singular = sorted({(li, s) for li, s, _ in gq.singular if bits[li][s] is not None} - set(unrouted))
+    for cells, why in (
+        (unrouted, "no calibration tokens were routed to them (calibrate-all-experts=true sends every token to "
+                   "every expert)"),
+        (singular, "their Hessian could not be factorised even with raised damping"),
+    ):
+        if cells:
+            where = ", ".join(f"{li}:{s}" for li, s in cells[:8]) + (" ..." if len(cells) > 8 else "")
+            ctx.log(f"quantize: warning: {len(cells)} expert(s) (layer:slot {where}) rounded to nearest instead of "
+                    f"GPTQ: {why}")
+    return len(unrouted) + len(singular)
