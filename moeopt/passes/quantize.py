@@ -128,7 +128,7 @@ class Quantize(Pass):
             cands = list(dict.fromkeys(parse_bits(str(c)) for c in o["candidates"]))
         need_sens = method != "uniform"
         measured = sorted({b for b in [*cands, *pins.values()] if b is not None})  # pins may name other bits
-        gq = self._gptq(model, ctx, group, sym) if o["algo"] == "gptq" else None
+        gq = self._gptq(model, ctx, group, sym) if o["algo"] == "gptq" and measured else None
         sens = self._sensitivity(model, ctx, measured, group, sym, gq) if need_sens else None
         by_avg = o["avg-bits"] is not None
         relative = o["metric"] == "relative"

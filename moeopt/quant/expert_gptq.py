@@ -95,7 +95,6 @@ class ExpertGPTQ:
     act_order: bool = True
     damp: float = 0.01
     _cache: dict[tuple[int, int, str, int], Quantized] = field(default_factory=dict)
-    _h: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
     singular: set[tuple[int, int, str]] = field(default_factory=set)
 
     @property
@@ -113,15 +112,12 @@ class ExpertGPTQ:
             if cell.w_in.count == 0:
                 self._cache[key] = quantize(w, bits, self.group, self.symmetric)
             else:
-                hk = (layer, slot, name)
-                if hk not in self._h:
-                    self._h[hk] = getattr(cell, name).value()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", GPTQFallbackWarning)
-                    self._cache[key] = gptq(w, self._h[hk], bits, self.group, self.symmetric,
+                    self._cache[key] = gptq(w, getattr(cell, name).value(), bits, self.group, self.symmetric,
                                             act_order=self.act_order, damp=self.damp)
                 if any(issubclass(c.category, GPTQFallbackWarning) for c in caught):
-                    self.singular.add(hk)
+                    self.singular.add((layer, slot, name))
         return self._cache[key]
 
     def dequantized(self, layer: int, slot: int, name: str, bits: int) -> torch.Tensor:
