@@ -16,7 +16,7 @@ import moeopt
 from moeopt.ir.table import QuantizedMatrix
 from moeopt.passes import PassContext, PassManager
 from moeopt.passes.quantize import REPORT, SENSITIVITY
-from moeopt.quant.expert_gptq import collect_hessians
+from moeopt.quant.expert_gptq import RTNFallbackWarning, collect_hessians
 from moeopt.quant.gptq import GPTQFallbackWarning, Hessian, gptq
 from moeopt.quant.groupwise import Quantized, codes, dequantize, quantize, zero_points
 from moeopt.quant.report import QuantReport
@@ -236,7 +236,8 @@ def test_experts_without_calibration_tokens_fall_back_to_rtn_and_are_counted() -
     hess, tokens = collect_hessians(model, [torch.randint(0, 97, (2, 16))])
     assert tokens == 32 and all(row[1].routed == 0 and row[1].w_in.count == 0 for row in hess)
     log: list[str] = []
-    report, _ = _run(model, f"quantize{{algo=gptq,method=uniform,bits=4,group=16,{CALIB}}}", log)
+    with pytest.warns(RTNFallbackWarning, match="2 expert"):
+        report, _ = _run(model, f"quantize{{algo=gptq,method=uniform,bits=4,group=16,{CALIB}}}", log)
     n_layers = len(model.layers)
     assert report.rtn_fallback == n_layers and report.stats()["rtn-fallback"] == n_layers
     assert any("rounded to nearest instead of gptq" in line for line in report.summary().splitlines())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from moeopt.passes.options import Option
 from moeopt.passes.registry import register
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
-from moeopt.quant.expert_gptq import ExpertGPTQ, collect_hessians
+from moeopt.quant.expert_gptq import ExpertGPTQ, RTNFallbackWarning, collect_hessians
 from moeopt.quant.groupwise import BITS, GROUPS
 from moeopt.quant.report import QuantReport
 from moeopt.quant.sensitivity import Sensitivity, measure
@@ -253,6 +254,7 @@ def gptq_fallbacks(gq: ExpertGPTQ, bits: list[list[int | None]], ctx: PassContex
     ):
         if cells:
             where = ", ".join(f"{li}:{s}" for li, s in cells[:8]) + (" ..." if len(cells) > 8 else "")
-            ctx.log(f"quantize: warning: {len(cells)} expert(s) (layer:slot {where}) rounded to nearest instead of "
-                    f"GPTQ: {why}")
+            msg = f"{len(cells)} expert(s) (layer:slot {where}) rounded to nearest instead of GPTQ: {why}"
+            ctx.log(f"quantize: warning: {msg}")
+            warnings.warn(msg, RTNFallbackWarning, stacklevel=2)  # seen where no log is attached (the CLI)
     return len(unrouted) + len(singular)

@@ -37,6 +37,10 @@ from moeopt.quant.groupwise import Quantized, dequantize, quantize
 from moeopt.quant.sensitivity import run_observed
 
 
+class RTNFallbackWarning(UserWarning):
+    """Quantized experts were rounded to nearest instead of GPTQ (no calibration rows, or singular)."""
+
+
 @dataclass
 class SlotHessians:
     """The two Hessians of one slot and how many calibration rows the router sent to it."""
