@@ -194,6 +194,22 @@ def test_gptq_pass_beats_rtn_and_stores_what_it_computes_with(arch: str) -> None
     assert "gptq" in report.summary().splitlines()[0]
 
 
+@pytest.mark.parametrize(("bits", "group", "symmetric"), [(3, 256, True), (8, 128, False), (2, 32, False),
+                                                        (4, 64, True)])
+def test_gptq_pass_packs_every_format(bits: int, group: int, symmetric: bool) -> None:
+    model = moeopt.load(tiny_model("olmoe"))  # hidden 32, intermediate 24: every group pads its one block
+    report, _ = _run(model, f"quantize{{algo=gptq,method=uniform,bits={bits},group={group},symmetric={symmetric},"
+                            f"act-order=false,damp=0.1,{CALIB}}}")
+    assert report.histogram() == {str(bits): sum(layer.table.num_slots for layer in model.layers)}
+    for layer in model.layers:
+        t = layer.table
+        for s in range(t.num_slots):
+            q = t.quantized[f"{s}_w_out"]
+            assert (q.bits, q.group_size, q.symmetric) == (bits, group, symmetric)
+            packed = Quantized(q.rows, q.cols, q.bits, q.group_size, q.packed, q.scales, q.zero_points)
+            assert torch.equal(t.w_out[s], dequantize(packed))
+
+
 def test_sensitivity_measures_the_gptq_error_and_is_cached_per_algo() -> None:
     from moeopt.quant.expert_gptq import ExpertGPTQ
     from moeopt.quant.sensitivity import measure
