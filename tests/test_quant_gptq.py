@@ -313,3 +313,10 @@ def test_cli_bad_algo_and_width_are_one_line_and_write_nothing(tiny_ckpt: Path, 
         assert code == 2, (passes, err)
         assert len(err.strip().splitlines()) == 1 and fragment in err, (passes, err)
         assert not dest.exists(), passes
+
+
+def test_gptq_options_round_trip_as_pipeline_text() -> None:
+    from moeopt.passes import parse_pipeline
+
+    text = "quantize{avg-bits=3,algo=gptq,calibrate-all-experts=true,act-order=false,damp=0.05}"
+    assert parse_pipeline(text).text() == text
