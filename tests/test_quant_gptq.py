@@ -320,3 +320,22 @@ def test_gptq_options_round_trip_as_pipeline_text() -> None:
 
     text = "quantize{avg-bits=3,algo=gptq,calibrate-all-experts=true,act-order=false,damp=0.05}"
     assert parse_pipeline(text).text() == text
+
+
+def test_slots_every_token_reaches_share_one_product_and_match_calibrate_all() -> None:
+    import transformers
+
+    from moeopt.testing import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.num_experts_per_tok = cfg.num_local_experts  # top-k = E (as the split SmolLM2): every slot sees every row
+    torch.manual_seed(0)
+    model = moeopt.load(transformers.MixtralForCausalLM(cfg).eval())
+    batches = [torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))]
+    routed, tokens = collect_hessians(model, batches)
+    every, _ = collect_hessians(model, batches, all_experts=True)
+    for row_r, row_a in zip(routed, every, strict=True):
+        for r, a in zip(row_r, row_a, strict=True):
+            assert r.routed == r.w_in.count == tokens and r.w_in is not a.w_in
+            torch.testing.assert_close(r.w_in.value(), a.w_in.value(), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(r.w_out.value(), a.w_out.value(), rtol=1e-6, atol=1e-6)

@@ -69,13 +69,20 @@ def collect_hessians(
         cells = out[layer.index]
         if all_experts and cells:
             cells[0].w_in.add(x)  # the one shared Hessian
+        gram: torch.Tensor | None = None  # x^T x of the whole batch, for the slots every row reached
         for s, cell in enumerate(cells):
             rows = (slot_idx == s).any(dim=-1)  # (N,)
-            cell.routed += int(rows.sum())
-            xs = x if all_experts else x[rows]
+            n = int(rows.sum())
+            cell.routed += n
+            xs = x if all_experts or n == x.shape[0] else x[rows]
             if xs.shape[0] == 0:
                 continue
-            if not all_experts:
+            if not all_experts and n == x.shape[0]:  # e.g. top-k = E: one product serves every such slot
+                if gram is None:
+                    x64 = x.to(torch.float64)
+                    gram = x64.t() @ x64
+                cell.w_in.add_gram(gram, n)
+            elif not all_experts:
                 cell.w_in.add(xs)
             b_in = None if t.b_in is None else t.b_in[s].float()
             cell.w_out.add(expert_hidden(xs, t.w_in[s].float(), b_in, spec.act, spec.glu, spec))

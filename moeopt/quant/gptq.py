@@ -70,6 +70,11 @@ class Hessian:
             self._sum.addmm_(x.t(), x)
             self.count += int(x.shape[0])
 
+    def add_gram(self, gram: torch.Tensor, rows: int) -> None:
+        """Add rows given by their Gram matrix x^T x (K, K) (shared by every Hessian that saw the same rows)."""
+        self._sum += gram.to(torch.float64)
+        self.count += rows
+
     def value(self) -> torch.Tensor:
         """(K, K) float32 H = 2/n * sum x x^T (all zeros before any row)."""
         if self.count == 0:
