@@ -1,9 +1,12 @@
 """Expert quantization quality vs bytes on the reference model: uniform 8/4/3/2 bits against ILP (and
-greedy) allocations at average 4, 3 and 2.5 bits, optionally after a compression pipeline (`--pre`).
-Perplexity and per-app accuracy through `moeopt.eval`, with caps that keep a run to minutes on 2 cores.
-Writes results.json, table.md and quality_vs_bytes.png.
+greedy) allocations at average 4, 3 and 2.5 bits, optionally after a compression pipeline (`--pre`),
+for each rounding algorithm in `--algos` (rtn, gptq; gptq runs are labelled `gptq-...` and calibrate on
+`--calib`, uniform ones included). Perplexity and per-app accuracy through `moeopt.eval`, with caps that
+keep a run to minutes on 2 cores. Writes results.json, table.md and quality_vs_bytes.png.
 
     .venv/bin/python bench/quantize.py --out bench/results/quantize
+    .venv/bin/python bench/quantize.py --algos rtn,gptq --only uniform-8,uniform-4,uniform-3,uniform-2 \
+        --out bench/results/quantize-gptq
     .venv/bin/python bench/quantize.py --pre "importance{calib=app:intent},prune{keep=0.5,cold=0.25},match,merge"
 """
 
@@ -28,15 +31,21 @@ from moeopt.passes.quantize import REPORT, SENSITIVITY, calibration_batches
 from moeopt.quant.sensitivity import measure
 
 
-def configs(group: int, calib: str, calib_tokens: int, greedy: bool, metric: str) -> list[tuple[str, str]]:
-    """(label, pipeline) per run; the ILP/greedy runs share one sensitivity analysis."""
+def configs(group: int, calib: str, calib_tokens: int, greedy: bool, metric: str, algo: str = "rtn",
+            all_experts: bool = False) -> list[tuple[str, str]]:
+    """(label, pipeline) per run; the RTN ILP/greedy runs share one sensitivity analysis (GPTQ ones measure
+    their own: the allocation weighs GPTQ's error). Labels of non-RTN runs start with the algorithm."""
     common = f"group={group}"
-    measured = f"{common},calib={calib},calib-tokens={calib_tokens},metric={metric}"
-    out = [(f"uniform-{b}", f"quantize{{method=uniform,bits={b},{common}}}") for b in (8, 4, 3, 2)]
+    calibrated = f"calib={calib},calib-tokens={calib_tokens}"
+    if algo != "rtn":
+        common += f",algo={algo}" + (",calibrate-all-experts=true" if all_experts else "")
+    measured = f"{common},{calibrated},metric={metric}"
+    uniform = common if algo == "rtn" else f"{common},{calibrated}"
+    out = [(f"uniform-{b}", f"quantize{{method=uniform,bits={b},{uniform}}}") for b in (8, 4, 3, 2)]
     out += [(f"ilp-{a:g}", f"quantize{{avg-bits={a:g},{measured}}}") for a in (4, 3, 2.5)]
     if greedy:
         out += [(f"greedy-{a:g}", f"quantize{{method=greedy,avg-bits={a:g},{measured}}}") for a in (4, 3, 2.5)]
-    return out
+    return out if algo == "rtn" else [(f"{algo}-{label}", text) for label, text in out]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp16 = sum(layer.table.expert_bytes(2) for layer in base.layers)
     results: dict[str, Any] = {
         "model": str(args.model), "pre": args.pre, "apps": apps, "group": args.group, "calib": args.calib,
-        "metric": args.metric,
+        "metric": args.metric, "algos": args.algos.split(","), "all_experts": args.all_experts,
         "eval": {k: v for k, v in ev.items() if k != "data_root"} | {"data_root": str(args.data)},
         "float": _row("compressed" if args.pre else "float", args.pre, reference, apps, fp16, fp16, 16.0, 16.0,
                       time.perf_counter() - t0),
@@ -72,21 +81,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["float"]["vs_original_fp16"] = fp16_original / fp16
     print(_line(results["float"]), flush=True)
     specs = tuple(s for s in args.calib.split(";") if s)
-    batches = calibration_batches(base, specs, 128, args.calib_tokens, 0)
-    sens = measure(base, batches, [2, 3, 4, 8], group=args.group, symmetric=False, source=args.calib, progress=True)
-    for label, text in configs(args.group, args.calib, args.calib_tokens, args.greedy, args.metric):
-        if args.only and label not in args.only.split(","):
+    batches = calibration_batches(base, specs, 128, args.calib_tokens, 0, args.data)
+    sens = None
+    runs = [(algo, label, text) for algo in args.algos.split(",")
+            for label, text in configs(args.group, args.calib, args.calib_tokens, args.greedy, args.metric, algo,
+                                       args.all_experts)]
+    for algo, label, text in runs:
+        if args.only and label.removeprefix(f"{algo}-") not in args.only.split(","):
             continue
+        if sens is None and algo == "rtn" and "method=uniform" not in text:
+            sens = measure(base, batches, [2, 3, 4, 8], group=args.group, symmetric=False, source=args.calib,
+                           progress=True)
         t = time.perf_counter()
         model = copy.deepcopy(base)
-        ctx = PassContext()
-        ctx.analyses.put(SENSITIVITY, sens)  # measured once on the (compressed) float model
+        ctx = PassContext(data_root=args.data, log=lambda msg: print(msg) if "warning" in msg else None)
+        if sens is not None:
+            ctx.analyses.put(SENSITIVITY, sens)  # measured once on the (compressed) float model (RTN's)
         PassManager(text, verify_each=True, ctx=ctx).run(model)
         rep = ctx.analyses.peek(REPORT)
         res = evaluate(model.hf, tok, **ev)
         row = _row(label, text, res, apps, rep.total_bytes, fp16, rep.nominal_bits(), rep.effective_bits(),
                    time.perf_counter() - t)
         row["histogram"], row["layer_bytes"], row["error"] = rep.histogram(), rep.layer_bytes, rep.error
+        row["algo"], row["rtn_fallback"] = rep.algo, rep.rtn_fallback
         row["vs_original_fp16"] = fp16_original / rep.total_bytes  # with --pre: compression x quantization
         results["runs"].append(row)
         print(_line(row), flush=True)
@@ -144,8 +161,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         def y(r: dict[str, Any], kind: str = kind) -> float:
             return float(r["ppl"][corpus]) if kind == "ppl" else float(r["mean_app_acc"])
 
-        for family, style in (("uniform", "s-"), ("ilp", "o-"), ("greedy", "^--")):
-            rows = [r for r in results["runs"] if r["label"].startswith(family)]
+        families = (("uniform", "s-"), ("ilp", "o-"), ("greedy", "^--"), ("gptq-uniform", "s:"), ("gptq-ilp", "o:"),
+                    ("gptq-greedy", "^:"))
+        for family, style in families:
+            rows = [r for r in results["runs"] if r["label"].rsplit("-", 1)[0] == family]
             rows.sort(key=lambda r: r["expert_bytes"])
             if rows:
                 ax.plot([r["expert_bytes"] / 1e6 for r in rows], [y(r) for r in rows], style, label=family)
@@ -169,7 +188,10 @@ def main() -> None:
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="also run the greedy baseline")
     p.add_argument("--metric", default="mse", choices=("mse", "relative"), help="quantize's sensitivity metric")
-    p.add_argument("--only", default="", help="comma-separated run labels to keep (e.g. ilp-3,uniform-3)")
+    p.add_argument("--only", default="", help="comma-separated run labels to keep (e.g. ilp-3,uniform-3), "
+                   "without the algorithm prefix")
+    p.add_argument("--algos", default="rtn", help="comma-separated rounding algorithms: rtn, gptq")
+    p.add_argument("--all-experts", action="store_true", help="gptq: calibrate-all-experts=true")
     p.add_argument("--apps", default="all")
     p.add_argument("--ppl", type=lambda s: [x for x in s.split(",") if x], default=["wiki", "news"])
     p.add_argument("--app-examples", type=int, default=200)

@@ -44,18 +44,26 @@ def _dense(
     """One expert on its tokens: `down(act(gate x) * up x)` or `wo(act(wi x))`; the fused in-projection
     mirrors transformers' `linear(x, gate_up_proj[e]).chunk(2)` so the rounding is the same. `spec`
     is needed only for clamped-SwiGLU experts (its alpha, beta and limit; biases added as gpt-oss does)."""
+    h = expert_hidden(x, w_in, b_in, act, glu, spec)
     if spec is not None and spec.clamped_swiglu:  # gpt-oss adds its biases after each matmul (bf16 rounding)
+        return F.linear(h, w_out) + b_out if b_out is not None else F.linear(h, w_out)
+    return F.linear(h, w_out, b_out)
+
+
+def expert_hidden(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, act: str, glu: bool,
+    spec: ExpertSpec | None = None,
+) -> torch.Tensor:
+    """An expert's intermediate activation (N, I): the input of its down projection (see `_dense`)."""
+    if spec is not None and spec.clamped_swiglu:
         h = F.linear(x, w_in) + b_in if b_in is not None else F.linear(x, w_in)
         gate, up = h.chunk(2, dim=-1)
-        h = clamped_swiglu(gate, up, spec)
-        return F.linear(h, w_out) + b_out if b_out is not None else F.linear(h, w_out)
+        return clamped_swiglu(gate, up, spec)
     h = F.linear(x, w_in, b_in)
     if glu:
         gate, up = h.chunk(2, dim=-1)
-        h = ACT2FN[act](gate) * up
-    else:
-        h = ACT2FN[act](h)
-    return F.linear(h, w_out, b_out)
+        return ACT2FN[act](gate) * up
+    return ACT2FN[act](h)
 
 
 def routed_experts(

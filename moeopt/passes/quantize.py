@@ -13,6 +13,15 @@ Pins fix chosen experts: `pin=LAYER:SLOT@BITS;...` where LAYER and SLOT are numb
 2, 3, 4, 8 or `float`; `pin=0@8` pins every slot of layer 0, later entries win. Example:
 `quantize{avg-bits=3,pin=0:*@8;*:0@float}`. Slots are physical slots (= expert ids before pruning).
 
+Rounding (`algo`): `rtn` rounds each weight to the nearest grid point; `gptq` (moeopt.quant.gptq)
+compensates each column's rounding error using per-expert Hessians from the calibration tokens routed
+to each expert (`calibrate-all-experts=true`: every token through every expert), measured in one pass
+through the float model (moeopt.quant.expert_gptq says what that means); `act-order` and `damp` are
+GPTQ's. An expert no calibration token reaches is rounded to nearest, with a warning, and counted in
+the report. With algo=gptq the ilp/greedy sensitivities are the GPTQ errors at each candidate width, so
+the allocation weighs the error that will actually be stored. Both write the same packed layout.
+Example: `quantize{algo=gptq,avg-bits=3,calib=app:intent,calibrate-all-experts=true}`.
+
 After the pass: `slot.bits` is set, `table.quantized` holds the packed MatMulNBits-layout matrices,
 and `w_in` / `w_out` hold their dequantized values (the reference numerics); `model.linears` likewise
 holds the packed non-expert linears, whose nn.Linear weights hold the dequantized values.
@@ -20,9 +29,12 @@ holds the packed non-expert linears, whose nn.Linear weights hold the dequantize
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +46,7 @@ from moeopt.passes.registry import register
 from moeopt.quant import linears
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
+from moeopt.quant.expert_gptq import ExpertGPTQ, RTNFallbackWarning, collect_hessians
 from moeopt.quant.groupwise import BITS, GROUPS
 from moeopt.quant.report import QuantReport
 from moeopt.quant.sensitivity import Sensitivity, measure
@@ -94,6 +107,12 @@ class Quantize(Pass):
         Option("calib-tokens", "int", 4096, "calibration tokens for the sensitivity analysis", min=1),
         Option("seq-len", "int", 128, "calibration sequence length", min=2),
         Option("max-rows", "int", 512, "routed inputs kept per expert for the sensitivity", min=1),
+        Option("algo", "choice", "rtn", "rounding: rtn (to nearest) or gptq (error-compensating, per-expert "
+               "Hessians from the calibration data)", choices=("rtn", "gptq")),
+        Option("calibrate-all-experts", "bool", False, "algo=gptq: every calibration token through every expert "
+               "for the Hessians (the output still follows the routing)"),
+        Option("act-order", "bool", True, "algo=gptq: quantize columns by descending Hessian diagonal"),
+        Option("damp", "float", 0.01, "algo=gptq: Hessian damping relative to its mean diagonal", min=0, max=10),
         Option("metric", "choice", "mse", "sensitivity: routing-weighted output MSE, or relative to each layer's "
                "expert output energy (weighs layers alike)", choices=("mse", "relative")),
         Option("non-experts", "str", "float", "attention, shared-expert and dense linears: 4, 8, float, or auto "
@@ -125,7 +144,8 @@ class Quantize(Pass):
             cands = list(dict.fromkeys(parse_bits(str(c)) for c in o["candidates"]))
         need_sens = method != "uniform"
         measured = sorted({b for b in [*cands, *pins.values()] if b is not None})  # pins may name other bits
-        sens = self._sensitivity(model, ctx, measured, group, sym) if need_sens else None
+        gq = self._gptq(model, ctx, group, sym) if o["algo"] == "gptq" and measured else None
+        sens = self._sensitivity(model, ctx, measured, group, sym, gq) if need_sens else None
         by_avg = o["avg-bits"] is not None
         relative = o["metric"] == "relative"
         items: list[Item] = []
@@ -155,10 +175,12 @@ class Quantize(Pass):
         bits: list[list[int | None]] = [[None] * layer.table.num_slots for layer in model.layers]
         for it, p in zip(items[:experts], picks[:experts], strict=True):
             bits[it.layer][it.slot] = it.choices[p].bits
-            quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym)
+            quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym,
+                          None if gq is None else functools.partial(gq.matrix, it.layer, it.slot))
         for path, it, p in zip(widths, items[experts:], picks[experts:], strict=True):
             widths[path] = it.choices[p].bits
-        n_linears = linears.quantize_linears(model, widths, group, sym, hessians=hessians)
+        n_linears = linears.quantize_linears(model, widths, group, sym, algo=str(o["algo"]), hessians=hessians,
+                                             **self._gptq_opts())
         report = QuantReport(
             method=method, group=group, symmetric=sym, bits=bits,
             layer_bytes=[layer.table.expert_bytes() for layer in model.layers],
@@ -168,6 +190,7 @@ class Quantize(Pass):
             linears=widths, linear_bytes=linears.stored_bytes(model)
             + sum(linears.linear_bytes(model, p, None, group, sym) for p, b in widths.items() if b is None),
             linear_float_bytes=sum(linears.linear_bytes(model, p, None, group, sym) for p in widths),
+            algo=str(o["algo"]), rtn_fallback=0 if gq is None else gptq_fallbacks(gq, bits, ctx),
         )
         stored = report.total_bytes + report.linear_bytes
         if not by_avg and capacity is not None and stored > capacity:  # the cost model is wrong
@@ -210,7 +233,7 @@ class Quantize(Pass):
         allowed: list[int | None] = ([mode] if isinstance(mode, int) else cands)
         measure_them = o["method"] != "uniform" and len(allowed) > 1
         hessians = None
-        if measure_them or linears.needs_hessian("rtn"):
+        if measure_them or linears.needs_hessian(str(o["algo"])):
             batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]),
                                           ctx.seed, ctx.data_root)
             hessians = linears.collect_hessians(model, batches, paths)
@@ -220,7 +243,8 @@ class Quantize(Pass):
             err: dict[int | None, float] = {b: 0.0 for b in allowed}
             h = None if hessians is None else hessians.get(path)
             if measure_them and h is not None:
-                err, energy = linears.errors(linears.linear(model, path).weight, h, measured, group, sym)
+                err, energy = linears.errors(linears.linear(model, path).weight, h, measured, group, sym,
+                                             str(o["algo"]), **self._gptq_opts())
                 if relative and energy > 0:
                     err = {b: e / energy for b, e in err.items()}
             params = linears.linear_params(model, path)
@@ -231,19 +255,40 @@ class Quantize(Pass):
             )))
         return dict.fromkeys(paths), hessians
 
+    def _gptq(self, model: MoEModel, ctx: PassContext, group: int, sym: bool) -> ExpertGPTQ:
+        """Per-slot Hessians from the calibration data (one pass through the float model)."""
+        o = self.opts
+        batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
+                                      ctx.data_root)
+        hessians, _ = collect_hessians(model, batches, all_experts=bool(o["calibrate-all-experts"]))
+        return ExpertGPTQ(model, hessians, group, sym, act_order=bool(o["act-order"]), damp=float(o["damp"]))
+
+    def _gptq_opts(self) -> dict[str, Any]:
+        return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"])}
+
+    def _algo_key(self) -> str:
+        """What the sensitivity's quantized experts depend on besides the format (its cache key)."""
+        o = self.opts
+        if o["algo"] == "rtn":
+            return "rtn"
+        return (f"gptq(act-order={o['act-order']},damp={o['damp']},all-experts={o['calibrate-all-experts']},"
+                f"tokens={o['calib-tokens']},seq-len={o['seq-len']})")
+
     def _sensitivity(
-        self, model: MoEModel, ctx: PassContext, bits: list[int], group: int, sym: bool
+        self, model: MoEModel, ctx: PassContext, bits: list[int], group: int, sym: bool, gq: ExpertGPTQ | None = None
     ) -> Sensitivity:
         """The cached analysis when it was measured with the same settings, else measure it now."""
         o = self.opts
         source = ";".join(o["calib"]) or "random tokens"
+        algo = self._algo_key()
         cached = ctx.analyses.peek(SENSITIVITY)
-        if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits):
+        if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits, algo):
             return cached
         batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
                                       ctx.data_root)
         sens = measure(model, batches, bits, group=group, symmetric=sym, max_rows=int(o["max-rows"]),
-                       seed=ctx.seed, source=source, progress=sys.stderr.isatty())
+                       seed=ctx.seed, source=source, progress=sys.stderr.isatty(),
+                       quantizer=None if gq is None else gq.dequantized, algo=algo)
         ctx.analyses.put(SENSITIVITY, sens)
         return sens
 
@@ -264,3 +309,20 @@ def calibration_batches(
     n = max(1, max_tokens // seq_len)
     ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
     return list(ids.split(8))
+
+
+def gptq_fallbacks(gq: ExpertGPTQ, bits: list[list[int | None]], ctx: PassContext) -> int:
+    """Quantized slots that GPTQ rounded to nearest (no calibration rows, or a singular Hessian); warns."""
+    unrouted = [(li, s) for li, s in gq.unrouted if bits[li][s] is not None]
+    singular = sorted({(li, s) for li, s, _ in gq.singular if bits[li][s] is not None} - set(unrouted))
+    for cells, why in (
+        (unrouted, "no calibration tokens were routed to them (calibrate-all-experts=true sends every token to "
+                   "every expert)"),
+        (singular, "their Hessian could not be factorised even with raised damping"),
+    ):
+        if cells:
+            where = ", ".join(f"{li}:{s}" for li, s in cells[:8]) + (" ..." if len(cells) > 8 else "")
+            msg = f"{len(cells)} expert(s) (layer:slot {where}) rounded to nearest instead of GPTQ: {why}"
+            ctx.log(f"quantize: warning: {msg}")
+            warnings.warn(msg, RTNFallbackWarning, stacklevel=2)  # seen where no log is attached (the CLI)
+    return len(unrouted) + len(singular)

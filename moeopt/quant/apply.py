@@ -3,10 +3,12 @@ in `w_in` / `w_out` (the reference numerics), bits in the slot record."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeopt.ir.table import ExpertTable, QuantizedMatrix
-from moeopt.quant.groupwise import matrix_bytes, quantize_dequantize
+from moeopt.quant.groupwise import Quantized, dequantize, matrix_bytes, quantize_dequantize
 
 FLOAT_BYTES = 2  # keep-float experts are costed as fp16, the format they would ship in
 
@@ -24,8 +26,15 @@ def slot_bytes(table: ExpertTable, bits: int | None, group: int, symmetric: bool
     return matrix_bytes(f, h, bits, group, symmetric) + matrix_bytes(h, table.spec.intermediate, bits, group, symmetric)
 
 
-def quantize_slot(table: ExpertTable, slot: int, bits: int | None, group: int, symmetric: bool) -> None:
-    """Quantize one slot in place (bits None: leave it float and drop any packed form)."""
+def quantize_slot(
+    table: ExpertTable, slot: int, bits: int | None, group: int, symmetric: bool,
+    quantizer: Callable[[str, int], Quantized] | None = None,
+) -> None:
+    """Quantize one slot in place (bits None: leave it float and drop any packed form).
+
+    `quantizer(name, bits)` gives the packed "w_in" / "w_out" (e.g. GPTQ's, in the same format);
+    round-to-nearest by default.
+    """
     for name in ("w_in", "w_out"):
         key = f"{slot}_{name}"
         if bits is None:
@@ -34,7 +43,13 @@ def quantize_slot(table: ExpertTable, slot: int, bits: int | None, group: int, s
             continue
         weight = getattr(table, name)  # (S, rows, cols)
         w = weight[slot]
-        q, deq = quantize_dequantize(w, bits, group, symmetric)
+        if quantizer is None:
+            q, deq = quantize_dequantize(w, bits, group, symmetric)
+        else:
+            q = quantizer(name, bits)
+            deq = dequantize(q)
+        if (q.rows, q.cols, q.bits, q.group, q.symmetric) != (*w.shape, bits, group, symmetric):
+            raise ValueError(f"slot {slot} {name}: the quantizer returned a different format")
         table.quantized[key] = QuantizedMatrix(
             q.rows, q.cols, bits, group, symmetric, q.packed, q.scales, q.zero_points
         )

@@ -175,27 +175,49 @@ def _quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> tuple[
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(w.shape)}")
     rows, cols = w.shape
     blk = _blocks(w, group)  # (N, kb, g)
+    scale, zp = block_params(blk, bits, symmetric)
+    q = round_codes(blk, scale, zp, bits)
+    return from_codes(rows, cols, bits, group, q, scale, zp, symmetric), q, zp
+
+
+def block_params(blk: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., g) float32 blocks -> (scale, zero point), each (...), float32, by the module docstring's formula."""
     m, h = 2**bits - 1, 2 ** (bits - 1)
     if symmetric:
-        idx = blk.abs().argmax(dim=-1, keepdim=True)  # (N, kb, 1)
-        scale = blk.gather(-1, idx).squeeze(-1) / -h  # (N, kb)
+        idx = blk.abs().argmax(dim=-1, keepdim=True)  # (..., 1)
+        scale = blk.gather(-1, idx).squeeze(-1) / -h  # (...)
         zp = torch.full_like(scale, float(h))
     else:
-        lo = blk.amin(dim=-1).clamp(max=0.0)  # (N, kb); two reductions: aminmax is 5x slower over short rows
+        lo = blk.amin(dim=-1).clamp(max=0.0)  # (...); two reductions: aminmax is 5x slower over short rows
         hi = blk.amax(dim=-1).clamp(min=0.0)
         scale = (hi - lo) / m
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         zp = torch.where(scale == 0, torch.zeros_like(scale), torch.round(-lo / safe).clamp(0, m))
+    return scale, zp
+
+
+def round_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of values x (..., g) under per-block (scale, zp) of shape (...): clamp(round(x / scale) + zp).
+
+    Float32 codes in a new tensor (x is not modified), computed in place from the division on.
+    """
     zero = scale == 0
-    safe = torch.where(zero, torch.ones_like(scale), scale)[..., None]  # (N, kb, 1)
-    q = torch.div(blk, safe)  # (N, kb, g): round(w / scale) + zp, clamped, in place from here on
+    safe = torch.where(zero, torch.ones_like(scale), scale)[..., None]  # (..., 1)
+    q = torch.div(x, safe)
     q.round_().add_(zp[..., None])
     if bool(zero.any()):
         q = torch.where(zero[..., None], zp[..., None].expand_as(q), q)
-    q.clamp_(0, m)
-    packed = pack_bits(q.to(torch.uint8).reshape(rows * blk.shape[1], group), bits).reshape(rows, -1)
+    return q.clamp_(0, 2**bits - 1)
+
+
+def from_codes(
+    rows: int, cols: int, bits: int, group: int, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+    symmetric: bool,
+) -> Quantized:
+    """Pack (N, kb, g) codes (padding included) with (N, kb) scales and zero points into a Quantized."""
+    packed = pack_bits(q.to(torch.uint8).reshape(rows * q.shape[1], group), bits).reshape(rows, -1)
     zpp = None if symmetric else pack_bits(zp.to(torch.uint8), bits)
-    return Quantized(rows, cols, bits, group, packed, scale.contiguous(), zpp), q, zp
+    return Quantized(rows, cols, bits, group, packed, scale.float().contiguous(), zpp)
 
 
 def codes(q: Quantized) -> torch.Tensor:

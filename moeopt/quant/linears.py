@@ -40,18 +40,30 @@ from moeopt.ir.table import QuantizedMatrix
 from moeopt.quant.groupwise import Quantized, dequantize, matrix_bytes, quantize
 
 LinearQuantizer = Callable[[torch.Tensor, torch.Tensor | None], Quantized]
-ALGOS = ("rtn",)  # GPTQ joins as "gptq" (moeopt.quant.gptq) through make_quantizer
+ALGOS = ("rtn", "gptq")
 FLOAT_BYTES = 2  # float linears are costed as fp16, as keep-float experts are
 
 
-def make_quantizer(bits: int, group: int, symmetric: bool, algo: str = "rtn") -> LinearQuantizer:
+def make_quantizer(
+    bits: int, group: int, symmetric: bool, algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01,
+) -> LinearQuantizer:
     """The per-linear quantizer of one width: the single place an algorithm is chosen.
 
-    GPTQ plugs in here: `lambda w, h: gptq(w, h, bits, group, symmetric)` (it needs the Hessian;
-    `needs_hessian` says so to the caller).
+    GPTQ (`moeopt.quant.gptq.gptq`, with `act_order` / `damp`) needs the linear's input Hessian
+    (`needs_hessian` says so to the caller); a linear with none (never reached by the calibration data)
+    is rounded to nearest.
     """
     if algo == "rtn":
         return lambda w, hessian: quantize(w, bits, group, symmetric)
+    if algo == "gptq":
+        from moeopt.quant.gptq import gptq
+
+        def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | None) -> Quantized:
+            if hessian is None:
+                return quantize(w, bits, group, symmetric)
+            return gptq(w, hessian, bits, group, symmetric, act_order=act_order, damp=damp)
+
+        return quantize_gptq
     raise BadInputError(f"quantization algorithm '{algo}' is not one of {', '.join(ALGOS)}")
 
 
@@ -152,7 +164,7 @@ def apply(model: MoEModel, path: str, q: Quantized) -> None:
 
 def quantize_linears(
     model: MoEModel, widths: dict[str, int | None], group: int, symmetric: bool, *, algo: str = "rtn",
-    hessians: dict[str, torch.Tensor] | None = None,
+    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True, damp: float = 0.01,
 ) -> int:
     """Quantize each linear at its width (None: leave it float); returns how many were quantized."""
     quantizers: dict[int, LinearQuantizer] = {}
@@ -160,7 +172,8 @@ def quantize_linears(
     for path, bits in widths.items():
         if bits is None:
             continue
-        quant = quantizers.setdefault(bits, make_quantizer(bits, group, symmetric, algo))
+        quant = quantizers.setdefault(bits, make_quantizer(bits, group, symmetric, algo, act_order=act_order,
+                                                                  damp=damp))
         weight = linear(model, path).weight.detach().float()
         apply(model, path, quant(weight, None if hessians is None else hessians.get(path)))
         done += 1
@@ -198,7 +211,7 @@ def collect_hessians(model: MoEModel, batches: Iterable[torch.Tensor], paths: Se
 
 def errors(
     weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[int], group: int, symmetric: bool,
-    algo: str = "rtn",
+    algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01,
 ) -> tuple[dict[int | None, float], float]:
     """(err[b] per width (None: float, 0), output energy) of one (N, K) linear (see the module docstring)."""
     w = weight.detach().float()
@@ -211,6 +224,6 @@ def errors(
 
     out: dict[int | None, float] = {None: 0.0}
     for b in bits:
-        q = make_quantizer(b, group, symmetric, algo)(w, hessian)
+        q = make_quantizer(b, group, symmetric, algo, act_order=act_order, damp=damp)(w, hessian)
         out[b] = max(quad(dequantize(q) - w), 0.0)
     return out, quad(w)

@@ -25,6 +25,8 @@ class QuantReport:
     unit: str = "B"
     error: float = 0.0  # summed sensitivity of the chosen bits (0 when not measured)
     pinned: int = 0
+    algo: str = "rtn"  # how the slots were rounded: rtn or gptq
+    rtn_fallback: int = 0  # algo=gptq: quantized slots rounded to nearest (no calibration rows, or singular)
     extra: dict[str, float] = field(default_factory=dict)
     linears: dict[str, int | None] = field(default_factory=dict)  # non-expert linear -> bits (None = float)
     linear_bytes: int = 0  # those linears as stored (float ones at fp16)
@@ -58,6 +60,8 @@ class QuantReport:
             "avg-bits": round(self.nominal_bits(), 4), "effective-bits": round(self.effective_bits(), 4),
             "error": self.error, "pinned": float(self.pinned),
         })
+        if self.algo != "rtn":
+            out["rtn-fallback"] = float(self.rtn_fallback)
         out.update({f"layer-{i}-bytes": float(b) for i, b in enumerate(self.layer_bytes)})
         if self.linears:
             out.update({"linears": float(len(self.linears)),
@@ -68,8 +72,10 @@ class QuantReport:
     def summary(self) -> str:
         hist = ", ".join(f"{k}: {v}" for k, v in self.histogram().items())
         mode = "symmetric" if self.symmetric else "zero points"
+        algo = "" if self.algo == "rtn" else f"{self.algo}, "
         lines = [
-            f"quantize ({self.method}, group {self.group}, {mode}): routed experts {self.total_bytes / 1e6:.3f} MB "
+            f"quantize ({self.method}, {algo}group {self.group}, {mode}): "
+            f"routed experts {self.total_bytes / 1e6:.3f} MB "
             f"(fp16 {self.float_bytes / 1e6:.3f} MB, {self.float_bytes / max(self.total_bytes, 1):.2f}x smaller), "
             f"{self.nominal_bits():.3f} bits/weight nominal, {self.effective_bits():.3f} stored",
             f"  slots per bitwidth: {hist}" + (f"; {self.pinned} pinned" if self.pinned else ""),
@@ -79,6 +85,9 @@ class QuantReport:
             hist = ", ".join(f"{k}: {v}" for k, v in sorted(count.items()))
             lines.append(f"  non-expert linears: {self.linear_bytes / 1e6:.3f} MB "
                          f"(fp16 {self.linear_float_bytes / 1e6:.3f} MB); per bitwidth: {hist}")
+        if self.rtn_fallback:
+            lines.append(f"  {self.rtn_fallback} quantized slot(s) rounded to nearest instead of {self.algo} "
+                         "(no calibration tokens routed to them, or a singular Hessian)")
         if self.capacity is not None:
             lines.append(f"  budget {self.capacity:,} {self.unit}; summed sensitivity {self.error:.4g}")
         for i, (row, nbytes) in enumerate(zip(self.bits, self.layer_bytes, strict=True)):

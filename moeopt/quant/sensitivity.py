@@ -10,17 +10,22 @@ weighted experts therefore count more, and the errors of different experts add u
 which is what the allocation's objective assumes. `energy[l]`, the same sum over (E(x_t))^2, turns it
 into a relative error (`error(..., relative=True)`) that weighs every layer alike. Each slot's inputs
 are subsampled to `max_rows`; the sum is rescaled by (routed rows / sampled rows).
+
+E_b is the expert as the quantize pass would store it at b bits: `quantizer` (the pass gives GPTQ's
+result when algo=gptq, so the allocation weighs the error of the algorithm actually used), or
+round-to-nearest by default. `Sensitivity.algo` names it, and a cached analysis only answers for the
+same algorithm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moeopt.ir.compute import RoutingTrace, _dense
-from moeopt.ir.layer import MoELayer
+from moeopt.ir.layer import MoELayer, Observer
 from moeopt.ir.model import MoEModel
 from moeopt.quant.groupwise import fake_quantize
 
@@ -45,6 +50,7 @@ class Sensitivity:
     freq: list[list[float]]
     source: str = ""  # what calibration data it was measured on
     energy: list[float] | None = None  # per layer: routing-weighted mean squared expert output per token
+    algo: str = "rtn"  # how E_b was quantized (see the module docstring)
 
     def error(self, layer: int, slot: int, bits: int | None, relative: bool = False) -> float:
         """err[layer][slot][bits], or divided by the layer's output energy when relative."""
@@ -55,30 +61,19 @@ class Sensitivity:
             raise ValueError("relative errors need the per-layer output energy")
         return err / self.energy[layer] if self.energy[layer] > 0 else err
 
-    def matches(self, model: MoEModel, source: str, group: int, symmetric: bool, bits: Sequence[int]) -> bool:
+    def matches(
+        self, model: MoEModel, source: str, group: int, symmetric: bool, bits: Sequence[int], algo: str = "rtn"
+    ) -> bool:
         """Whether this analysis answers for `model` at these settings (the cache key of the quantize pass)."""
         shape = [len(row) for row in self.errors] == [layer.table.num_slots for layer in model.layers]
         have = all(b in cell for row in self.errors for cell in row for b in bits)
-        return shape and have and (self.source, self.group, self.symmetric) == (source, group, symmetric)
+        key = (self.source, self.group, self.symmetric, self.algo)
+        return shape and have and key == (source, group, symmetric, algo)
 
 
-def collect_inputs(
-    model: MoEModel, batches: Iterable[torch.Tensor], *, max_rows: int = 512, seed: int = 0
-) -> tuple[list[list[SlotInputs]], int]:
-    """Run the model on (B, T) token batches and keep, per layer and slot, the inputs routed there."""
-    xs: list[list[list[torch.Tensor]]] = [[[] for _ in range(lay.table.num_slots)] for lay in model.layers]
-    ws: list[list[list[torch.Tensor]]] = [[[] for _ in range(lay.table.num_slots)] for lay in model.layers]
+def run_observed(model: MoEModel, batches: Iterable[torch.Tensor], observe: Observer) -> int:
+    """Run the model on (B, T) token batches with `observe` seeing every MoE layer's routing; the tokens run."""
     tokens = 0
-
-    def observe(layer: MoELayer, trace: RoutingTrace) -> None:
-        slot_idx = layer.table.slot_of[trace.index]  # (N, k)
-        for s in range(layer.table.num_slots):
-            hit = slot_idx == s  # (N, k)
-            rows = hit.any(dim=-1)  # (N,)
-            if rows.any():
-                xs[layer.index][s].append(trace.hidden[rows].detach().float())
-                ws[layer.index][s].append(torch.where(hit, trace.weights, 0.0).sum(-1)[rows].detach().float())
-
     for layer in model.layers:
         layer.observers.append(observe)
     # Checkpoints saved from training keep output_router_logits=True; canonical layers expose no router
@@ -96,6 +91,26 @@ def collect_inputs(
             layer.observers.remove(observe)
         if router_logits:
             model.config.output_router_logits = router_logits
+    return tokens
+
+
+def collect_inputs(
+    model: MoEModel, batches: Iterable[torch.Tensor], *, max_rows: int = 512, seed: int = 0
+) -> tuple[list[list[SlotInputs]], int]:
+    """Run the model on (B, T) token batches and keep, per layer and slot, the inputs routed there."""
+    xs: list[list[list[torch.Tensor]]] = [[[] for _ in range(lay.table.num_slots)] for lay in model.layers]
+    ws: list[list[list[torch.Tensor]]] = [[[] for _ in range(lay.table.num_slots)] for lay in model.layers]
+
+    def observe(layer: MoELayer, trace: RoutingTrace) -> None:
+        slot_idx = layer.table.slot_of[trace.index]  # (N, k)
+        for s in range(layer.table.num_slots):
+            hit = slot_idx == s  # (N, k)
+            rows = hit.any(dim=-1)  # (N,)
+            if rows.any():
+                xs[layer.index][s].append(trace.hidden[rows].detach().float())
+                ws[layer.index][s].append(torch.where(hit, trace.weights, 0.0).sum(-1)[rows].detach().float())
+
+    tokens = run_observed(model, batches, observe)
     gen = torch.Generator().manual_seed(seed)
     out: list[list[SlotInputs]] = []
     for li, layer in enumerate(model.layers):
@@ -113,8 +128,13 @@ def collect_inputs(
     return out, tokens
 
 
+# (layer index, slot, "w_in" | "w_out", bits) -> the dequantized matrix the model would compute with
+Quantizer = Callable[[int, int, str, int], torch.Tensor]
+
+
 def expert_errors(
-    layer: MoELayer, slot: int, inputs: SlotInputs, bits: Sequence[int], group: int, symmetric: bool, tokens: int
+    layer: MoELayer, slot: int, inputs: SlotInputs, bits: Sequence[int], group: int, symmetric: bool, tokens: int,
+    quantizer: Quantizer | None = None,
 ) -> tuple[dict[int | None, float], float]:
     """(err[b] for one slot (see the module docstring; float (None) is 0), the slot's output energy)."""
     t, spec = layer.table, layer.table.spec
@@ -132,7 +152,10 @@ def expert_errors(
         energy = float((ref.pow(2).mean(-1) * w.pow(2)).sum()) * routed / x.shape[0] / max(tokens, 1)
         energy = energy if inputs.x.shape[0] else 0.0  # random stand-in inputs carry no real output
         for b in bits:
-            qi, qo = fake_quantize(w_in, b, group, symmetric), fake_quantize(w_out, b, group, symmetric)
+            if quantizer is None:
+                qi, qo = fake_quantize(w_in, b, group, symmetric), fake_quantize(w_out, b, group, symmetric)
+            else:
+                qi, qo = quantizer(layer.index, slot, "w_in", b), quantizer(layer.index, slot, "w_out", b)
             y = _dense(x, qi, qo, b_in, b_out, spec.act, spec.glu, spec)  # (n, H)
             per_row = (y - ref).pow(2).mean(-1) * w.pow(2)  # (n,)
             out[b] = float(per_row.sum()) * routed / x.shape[0] / max(tokens, 1)
@@ -142,6 +165,7 @@ def expert_errors(
 def measure(
     model: MoEModel, batches: Sequence[torch.Tensor], bits: Sequence[int], *, group: int, symmetric: bool,
     max_rows: int = 512, seed: int = 0, source: str = "", progress: bool = False,
+    quantizer: Quantizer | None = None, algo: str = "rtn",
 ) -> Sensitivity:
     """The sensitivity of every slot of every layer to every bitwidth in `bits`."""
     inputs, tokens = collect_inputs(model, batches, max_rows=max_rows, seed=seed)
@@ -158,6 +182,7 @@ def measure(
         freq.append([inputs[li][s].routed / max(tokens, 1) for s in range(layer.table.num_slots)])
     energy = [0.0] * len(model.layers)
     for li, s in it:
-        errors[li][s], e = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens)
+        errors[li][s], e = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens,
+                                         quantizer)
         energy[li] += e
-    return Sensitivity(group, symmetric, tokens, errors, freq, source, energy)
+    return Sensitivity(group, symmetric, tokens, errors, freq, source, energy, algo)
