@@ -406,24 +406,36 @@ def prepare(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     add_bos = bool(field("tokenizer.ggml.add_bos_token"))
     bos = int(field("tokenizer.ggml.bos_token_id")) if add_bos else None
     llama_ids = ([bos] if bos is not None else []) + ids  # what llama.cpp's common_tokenize(add_special) gives
-    calib_n = (len(calib_ids) // args.ctx) * args.ctx  # whole llama-imatrix chunks = whole moeopt sequences
-    calib_jsonl = work / "calib.jsonl"
-    calib_jsonl.write_text(json.dumps({"ids": calib_ids[:calib_n]}) + "\n")
     check: dict[str, Any] = {
         "text": [str(p.relative_to(ROOT)) for p in EVAL_DOCS], "chars": len(text), "tokens": len(llama_ids),
         "add_bos": add_bos, "bos_id": bos, "tokenizer_json": str(args.model / "tokenizer.json"),
-        "calib_text": [str(p.relative_to(ROOT)) for p in CALIB_DOCS], "calib_tokens_used": calib_n,
+        "calib_text": [str(p.relative_to(ROOT)) for p in CALIB_DOCS],
     }
     if llama_tools.find_tool("llama-tokenize"):
-        for name, path, want in (("eval", eval_txt, llama_ids),
-                                 ("calib", calib_txt, ([bos] if bos is not None else []) + calib_ids)):
-            got = llama_tokenize(args.gguf, path, work / f"llama-tokenize-{name}.log")
-            if got != want:
-                raise SystemExit(f"TOKENIZATION MISMATCH on {name}.txt: llama-tokenize gives {len(got)} ids, "
-                                 f"tokenizer.json {len(want)}")
-            check[f"llama_tokenize_{name}"] = f"equal ({len(got)} ids)"
+        got = llama_tokenize(args.gguf, eval_txt, work / "llama-tokenize-eval.log")
+        if got != llama_ids:
+            raise SystemExit(f"TOKENIZATION MISMATCH on eval.txt: llama-tokenize gives {len(got)} ids, "
+                             f"tokenizer.json {len(llama_ids)} (first difference at {_first_diff(got, llama_ids)})")
+        check["llama_tokenize_eval"] = f"equal ({len(got)} ids)"
+        # Calibration: llama-imatrix tokenizes calib.txt itself, so moeopt's calibration file carries
+        # llama.cpp's ids; where tokenizer.json splits the text differently, that is recorded, not fatal.
+        got = llama_tokenize(args.gguf, calib_txt, work / "llama-tokenize-calib.log")
+        got = got[1:] if bos is not None else got
+        if got == calib_ids:
+            check["llama_tokenize_calib"] = f"equal ({len(got)} ids)"
+        else:
+            i = _first_diff(got, calib_ids)
+            check["llama_tokenize_calib"] = (
+                f"differs: llama-tokenize {len(got)} ids, tokenizer.json {len(calib_ids)}; first at id {i} "
+                f"(llama.cpp {got[i:i + 3]} vs tokenizer.json {calib_ids[i:i + 3]}); both sides calibrate on "
+                "llama.cpp's ids")
+            calib_ids = got
     else:
         check["llama_tokenize_eval"] = f"not run: {llama_tools.why_absent('llama-tokenize')}"
+    calib_n = (len(calib_ids) // args.ctx) * args.ctx  # whole llama-imatrix chunks = whole moeopt sequences
+    calib_jsonl = work / "calib.jsonl"
+    calib_jsonl.write_text(json.dumps({"ids": calib_ids[:calib_n]}) + "\n")
+    check["calib_tokens_used"] = calib_n
     res["tokenization"] = check
     stream = model_stream(llama_ids, args.ctx, bos)
     wins = scored_windows(len(stream), args.ctx)
@@ -436,6 +448,10 @@ def prepare(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     }
     return {"stream": stream, "ids": ids, "text": str(eval_txt), "calib_txt": calib_txt, "calib_jsonl": calib_jsonl,
             "calib_tokens": calib_n, "n_ctx": args.ctx, "eval_txt": eval_txt, "llama_ids": llama_ids}
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def selected(label: str, patterns: list[str] | None) -> bool:
@@ -511,16 +527,16 @@ def run_llama(args: argparse.Namespace, p: dict[str, Any], res: dict[str, Any], 
 
 
 def run_moeopt(args: argparse.Namespace, p: dict[str, Any], res: dict[str, Any], save: Any) -> None:
+    """The PyTorch references and the moeopt rows, each in its own process, `--jobs` at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     base = {"stream": p["stream"], "ids": p["ids"], "text": p["text"], "n_ctx": p["n_ctx"], "threads": args.threads,
             "model": str(args.model), "gguf": str(args.gguf)}
-    refs = [("dense-source-torch", "torch-dense"), ("split-checkpoint-torch", "torch-split")]
-    for label, kind in refs:
+    jobs: list[tuple[dict[str, Any], dict[str, Any] | None, Path | None]] = []  # (row, worker spec, artifact)
+    for label, kind in (("dense-source-torch", "torch-dense"), ("split-checkpoint-torch", "torch-split")):
         if selected(label, args.rows):
-            row = {"label": label, "side": "reference", **run_worker({**base, "kind": kind}, args.work / label,
-                                                                      args.timeout)}
-            res["rows"].append(row)
-            print(_line(row), flush=True)
-            save()
+            jobs.append(({"label": label, "side": "reference"}, {**base, "kind": kind}, None))
     for r in moeopt_rows():
         if not selected(r.label, args.rows):
             continue
@@ -530,16 +546,29 @@ def run_moeopt(args: argparse.Namespace, p: dict[str, Any], res: dict[str, Any],
                "allocation": "float" if text == "" else f"uniform-{r.bits}" if r.bits else f"ilp-{r.avg_bits:g}"}
         why = missing_options(r)
         if why:
-            row.update({"status": "skipped", "reason": why})
+            jobs.append(({**row, "status": "skipped", "reason": why}, None, None))
         else:
             art = args.work / "artifacts" / r.label.replace("+", "_")
-            row.update(run_worker({**base, "kind": "moeopt", "quantize": text, "artifact": str(art)},
-                                  args.work / "rows" / r.label.replace("+", "_"), args.timeout))
-            if not args.keep:
-                shutil.rmtree(art, ignore_errors=True)
-        res["rows"].append(row)
-        print(_line(row), flush=True)
-        save()
+            jobs.append((row, {**base, "kind": "moeopt", "quantize": text, "artifact": str(art)}, art))
+
+    lock = threading.Lock()
+
+    def one(job: tuple[dict[str, Any], dict[str, Any] | None, Path | None]) -> dict[str, Any]:
+        row, spec, art = job
+        if spec is not None:
+            row = {**row, **run_worker(spec, args.work / "rows" / row["label"].replace("+", "_"), args.timeout)}
+        if art is not None and not args.keep:
+            shutil.rmtree(art, ignore_errors=True)
+        with lock:  # rows finish in any order; one writer at a time
+            res["rows"].append(row)
+            print(_line(row), flush=True)
+            save()
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(one, jobs))
+    order = {j[0]["label"]: i for i, j in enumerate(jobs)}
+    res["rows"].sort(key=lambda r: (r["side"] == "llama.cpp", order.get(r["label"], len(order))))
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -567,9 +596,11 @@ def table(res: dict[str, Any]) -> str:
         ffn = r.get("ffn_bits_per_weight") or (r.get("bits_per_weight") if r["side"] == "moeopt" else None)
         rel = f"{100 * (r['ppl'] / dense - 1):+.1f}%" if dense else "-"
         secs = f"{r.get('seconds', r.get('eval_s', '-'))}" + (f" ({r['lower_s']})" if "lower_s" in r else "")
-        lines.append(f"| {r['label']} | {r['side']} | {r['ppl']:.3f} | {rel} | "
-                     f"{size / 1e6:.1f} | {qb / 1e6 if qb else float('nan'):.2f} | {r.get('bits_per_weight', '-')} | "
-                     f"{ffn if ffn is not None else '-'} | {secs} | {r.get('note', '')} |")
+        mb = f"{size / 1e6:.1f}" if size else "-"
+        qmb = f"{qb / 1e6:.2f}" if qb else "-"
+        lines.append(f"| {r['label']} | {r['side']} | {r['ppl']:.3f} | {rel} | {mb} | {qmb} | "
+                     f"{r.get('bits_per_weight', '-')} | {ffn if ffn is not None else '-'} | {secs} | "
+                     f"{r.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -625,12 +656,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=64, help="moeopt quantization group")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    ap.add_argument("--jobs", type=int, default=1, help="moeopt rows measured at once (each its own process)")
     ap.add_argument("--keep", action="store_true", help="keep artifacts and quantized GGUFs under --work")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-moeopt", action="store_true")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--report", action="store_true", help="only rewrite table.md and the PNG from results.json")
     args = ap.parse_args(argv)
+    if args.report:
+        final = json.loads((args.out / "results.json").read_text())
+        (args.out / "table.md").write_text(table(final))
+        plot(final, args.out / "ppl_vs_bytes.png")
+        print(table(final))
+        return 0
     if args.worker is not None:
         out = worker(json.loads(args.worker.read_text()))
         args.worker_out.write_text(json.dumps(out))
