@@ -351,10 +351,13 @@ def llama_perplexity(gguf_path: Path, text: Path, n_ctx: int, threads: int, log:
     if dump is not None:  # also write the ids it evaluated (and its logits) for the tokenization check
         cmd += ["--kl-divergence-base", str(dump)]
     t = time.perf_counter()
-    out = run_tool(cmd, log, timeout)
-    m = _PPL.search(out)
-    if not m:
-        raise RuntimeError(f"llama-perplexity printed no final estimate (log {log})")
+    for _ in range(3):  # its asynchronous logger sometimes loses the last lines at exit: run it again
+        out = run_tool(cmd, log, timeout)
+        m = _PPL.search(out)
+        if m:
+            break
+    else:
+        raise RuntimeError(f"llama-perplexity printed no final estimate, three times (log {log})")
     chunks = len(_CHUNK.findall(out))
     return {"ppl": float(m.group(1)), "ppl_stderr": float(m.group(2)), "windows": chunks,
             "scored_tokens": chunks * (n_ctx - 1 - n_ctx // 2), "nll": math.log(float(m.group(1))),
