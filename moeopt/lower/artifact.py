@@ -88,7 +88,7 @@ def lower(
         raise BadInputError(f"experts must be resident or offload, got '{experts}'")
     out = Path(out)
     prof = profile(target, threads)  # a bad target fails before the minute of export
-    quant = QuantSettings(accuracy_level)
+    quant = QuantSettings(accuracy_level, exact=experts == "resident")
     check_lowerable(model.layers)
     check_layers(model.layers)
     if experts == "offload" or getattr(model.config, "is_encoder_decoder", False):
@@ -119,7 +119,8 @@ def lower(
             for name in [*graphs, encoder["file"]] if encoder else graphs:
                 optimize_offline(tmp / name, prof)
         tokenizer = _copy_tokenizer(model, tmp)
-        manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize)
+        manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize,
+                                  quant=quant)
         manifest["graph"]["ops"] = contrib_ops(*(tmp / g for g in graphs))
         if offload is not None:  # no single graph: the runtime drives the segments (moeopt.runtime.offload)
             manifest["graph"]["file"] = None
@@ -173,11 +174,12 @@ def parity_tolerance(model: MoEModel, quant: QuantSettings) -> float:
     of 32 or more (tests/test_quant_qmoe.py); the reference model at uniform 2 bits, group 64, differs
     from PyTorch by 0.032 in the logits. Quantized non-expert linears (plain MatMulNBits) keep fp32
     activations at accuracy level 0 for every width and block (2/4/8-bit, blocks 16-128, 1 or 8 rows: within
-    3e-5 of the dequantized product, measured), so they do not widen the tolerance.
+    3e-5 of the dequantized product, measured), so they do not widen the tolerance; neither do the expert
+    groups that `quant.exact` (resident artifacts) lowers through MatMulNBits for that reason.
     """
     formats = [(int(q.bits), int(q.group_size)) for layer in model.layers for q in layer.table.quantized.values()
                if isinstance(q, QuantizedMatrix)]
-    int8_act = quant.accuracy_level > 0 or any(b == 8 or (b == 2 and g >= 32) for b, g in formats)
+    int8_act = quant.accuracy_level > 0 or (not quant.exact and any(b == 8 or (b == 2 and g >= 32) for b, g in formats))
     return PARITY_TOL_INT8_ACTIVATIONS if int8_act else PARITY_TOL_EXACT
 
 
@@ -244,7 +246,7 @@ def _token_ids(value: Any) -> list[int]:
 
 def build_manifest(
     model: MoEModel, info: ExportedDecoder, prof: TargetProfile, *, tokenizer: str | None, pipeline: str,
-    ort_optimize: bool,
+    ort_optimize: bool, quant: QuantSettings | None = None,
 ) -> dict[str, Any]:
     """Everything a runtime (or a person) needs besides the files themselves."""
     cfg = model.config
@@ -258,7 +260,7 @@ def build_manifest(
         meta["bits"] = [s.bits for s in layer.table.slots]
         meta["lowered_as"] = lowering_kind(layer)
         if len(layer.table.quantized):
-            meta["groups"] = [g.to_dict() for g in plan(layer)]
+            meta["groups"] = [g.to_dict() for g in plan(layer, quant)]
         layers.append(meta)
     cache = info.cache
     return {

@@ -71,10 +71,17 @@ class QuantSettings:
     accuracy_level: MatMulNBits / QMoE `accuracy_level`; 0 keeps fp32 activations where the kernel
         has such a path (4-bit, 2-bit at block 16: exact against the dequantized weights), 4 quantizes
         activations to int8 (~1e-2 relative error, several times faster; 8-bit and 2-bit at blocks >= 32
-        always run that way on CPU).
+        always run that way in QMoE on CPU).
+    exact: at accuracy level 0, lower the QMoE formats whose CPU kernel quantizes activations to int8
+        anyway (8-bit; 2-bit in blocks >= 32) as per-expert MatMulNBits, which keeps fp32 activations
+        (within 3e-5 of the dequantized product, tests/test_quant_linears.py): exact, at the cost of
+        computing those experts on every token. On real weights the int8-activation QMoE misses PyTorch
+        by whole logits (split SmolLM2: 2.07 at 8 bits, 9.55 at 2 bits in blocks of 64). Off for offload
+        artifacts, whose expert file holds QMoE records.
     """
 
     accuracy_level: int = 0
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -137,8 +144,17 @@ def _qmoe_unfit(spec: ExpertSpec, k: int, block: int | None) -> str:
     return ""
 
 
-def plan(layer: Any) -> list[Group]:
-    """How the slots of a quantized layer are lowered, one Group per storage format, in slot order."""
+def int8_activation_format(bits: int, block: int) -> bool:
+    """Whether ORT 1.32's CPU QMoE quantizes activations to int8 for this format (tests/test_quant_qmoe.py)."""
+    return bits == 8 or (bits == 2 and block >= 32)
+
+
+def plan(layer: Any, settings: QuantSettings | None = None) -> list[Group]:
+    """How the slots of a quantized layer are lowered, one Group per storage format, in slot order.
+
+    `settings` defaults to the lowering's (`quant_settings`); see `QuantSettings.exact`.
+    """
+    settings = settings or _SETTINGS.get() or QuantSettings()
     t, top_k = layer.table, layer.router.top_k
     spec = t.spec
     formats: dict[tuple[int | None, int, bool], list[int]] = {}
@@ -158,6 +174,9 @@ def plan(layer: Any) -> list[Group]:
         stored = 4 if bits == 3 else bits
         block = _block(group, (spec.hidden,), QMOE_BLOCKS)
         why = _qmoe_unfit(spec, k, block)
+        if not why and block is not None and settings.exact and settings.accuracy_level == 0 \
+                and int8_activation_format(bits, block):
+            why = f"QMoE's CPU kernel runs {bits}-bit blocks of {block} on int8 activations; MatMulNBits keeps fp32"
         if why or block is None:
             nb = _block(group, (), NBITS_BLOCKS)
             groups.append(Group(tuple(slots), bits, "com.microsoft.MatMulNBits", nb, stored, why))
