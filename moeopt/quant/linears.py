@@ -38,6 +38,7 @@ from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import QuantizedMatrix
 from moeopt.quant.groupwise import Quantized, dequantize, matrix_bytes, quantize
+from moeopt.quant.sensitivity import calibration_forwards
 
 LinearQuantizer = Callable[[torch.Tensor, torch.Tensor | None], Quantized]
 ALGOS = ("rtn", "gptq")
@@ -194,18 +195,11 @@ def collect_hessians(model: MoEModel, batches: Iterable[torch.Tensor], paths: Se
         return observe
 
     handles = [linear(model, p).register_forward_hook(hook(p)) for p in paths]
-    router_logits = getattr(model.config, "output_router_logits", None)
-    if router_logits:
-        model.config.output_router_logits = False
     try:
-        with torch.no_grad():
-            for ids in batches:
-                model.logits(ids)
+        calibration_forwards(model, batches)
     finally:
         for h in handles:
             h.remove()
-        if router_logits:
-            model.config.output_router_logits = router_logits
     return {p: sums[p] / rows[p] for p in paths if p in sums}
 
 

@@ -71,13 +71,14 @@ class Sensitivity:
         return shape and have and key == (source, group, symmetric, algo)
 
 
-def run_observed(model: MoEModel, batches: Iterable[torch.Tensor], observe: Observer) -> int:
-    """Run the model on (B, T) token batches with `observe` seeing every MoE layer's routing; the tokens run."""
+def calibration_forwards(model: MoEModel, batches: Iterable[torch.Tensor]) -> int:
+    """Run the model on (B, T) token batches without gradients; returns the tokens run.
+
+    Checkpoints saved from training keep output_router_logits=True; canonical layers expose no router
+    logits, so the host model's load-balancing loss would fail. Calibration only needs what hooks and
+    observers see, so it is switched off for the run.
+    """
     tokens = 0
-    for layer in model.layers:
-        layer.observers.append(observe)
-    # Checkpoints saved from training keep output_router_logits=True; canonical layers expose no router
-    # logits, so the host model's load-balancing loss would fail. Only the observers are needed here.
     router_logits = getattr(model.config, "output_router_logits", None)
     if router_logits:
         model.config.output_router_logits = False
@@ -87,11 +88,20 @@ def run_observed(model: MoEModel, batches: Iterable[torch.Tensor], observe: Obse
                 model.logits(ids)
                 tokens += int(ids.numel())
     finally:
-        for layer in model.layers:
-            layer.observers.remove(observe)
         if router_logits:
             model.config.output_router_logits = router_logits
     return tokens
+
+
+def run_observed(model: MoEModel, batches: Iterable[torch.Tensor], observe: Observer) -> int:
+    """Run the model on (B, T) token batches with `observe` seeing every MoE layer's routing; the tokens run."""
+    for layer in model.layers:
+        layer.observers.append(observe)
+    try:
+        return calibration_forwards(model, batches)
+    finally:
+        for layer in model.layers:
+            layer.observers.remove(observe)
 
 
 def collect_inputs(
