@@ -13,9 +13,9 @@ configuration's alone. Writes runtime.json and runtime.png.
 
 llama.cpp (optional): `python -m bench.llama_tools build` builds llama-bench and llama-quantize into
 ~/.cache/moeopt/bench/llama-bin/0.3.36 (or set MOEOPT_LLAMA_BIN); or `pip install llama-cpp-python==0.3.36`
-compiles llama.cpp from the sdist (80 minutes of wall time here, at nice 19 beside other jobs; CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF
--DLLAMA_BUILD_EXAMPLES=OFF" shortens it), and the sdist unpacked under ~/.cache/moeopt/bench/llama-src
-(or MOEOPT_LLAMA_SRC) gives convert_hf_to_gguf.py.
+compiles llama.cpp from the sdist (80 minutes of wall time here, at nice 19 beside other jobs;
+CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" shortens it), and the sdist unpacked
+under ~/.cache/moeopt/bench/llama-src (or MOEOPT_LLAMA_SRC) gives convert_hf_to_gguf.py.
 
 Checkpoints and artifacts are cached under ~/.cache/moeopt/bench (the ~1B model's float artifact is
 ~4 GB); nothing large is written into the repository.
