@@ -463,6 +463,27 @@ def build_gguf(model_name: str, label: str, cache: Path) -> Path:
     return out
 
 
+def gguf_active_bytes(gguf: Path) -> dict[str, Any]:
+    """Bytes read per decoded token from the GGUF's own tensor sizes (its gguf-py reader): every tensor once,
+    expert tensors (`*_exps`) at top-k / n_experts of their size, the input embedding (token_embd) left out,
+    as `active_bytes` leaves it out for the artifacts (a token reads one row of it)."""
+    conv = _converter()
+    assert conv is not None
+    sys.path.insert(0, str(conv.parent / "gguf-py"))
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    n = int(reader.fields[f"{arch}.expert_count"].parts[-1][0])
+    k = int(reader.fields[f"{arch}.expert_used_count"].parts[-1][0])
+    active = 0.0
+    for t in reader.tensors:
+        if t.name.startswith("token_embd"):
+            continue
+        active += int(t.n_bytes) * (k / n if "_exps" in t.name else 1.0)
+    return {"active_bytes_per_token": int(active), "active_bytes_source": "gguf tensor sizes"}
+
+
 # --- driver --------------------------------------------------------------------------------------------
 
 
@@ -483,7 +504,7 @@ def child_main(args: argparse.Namespace) -> None:
     if kind == "build":
         if label.startswith("llama.cpp"):
             path = build_gguf(model_name, label, args.cache)
-            print(json.dumps({"file_bytes": path.stat().st_size}))
+            print(json.dumps({"file_bytes": path.stat().st_size, **gguf_active_bytes(path)}))
         elif label in GENAI:  # the artifact's own build (cached), run by GenAI
             art = build_artifact(model_name, GENAI[label], args.cache)
             genai_folder(art, ckpt)
