@@ -1,8 +1,9 @@
 """Runtime speed and memory: prefill / decode tokens/s and peak RSS of PyTorch eager fp32 against the
 ONNX Runtime artifacts (float, 8-bit, 4-bit, 4-bit with int8 activations, mixed bits), for the
 reference model and a random Mixtral-shaped model of ~1B parameters, beside the roofline
-(memory bandwidth / bytes of active parameters per token) and, when `llama-cpp-python` imports,
-llama.cpp on the same weights (GGUF Q8_0 and Q4_K_M), and, when `onnxruntime_genai` imports (the `test`
+(memory bandwidth / bytes of active parameters per token) and llama.cpp on the same weights (GGUF Q8_0 and
+Q4_K_M; timed by its `llama-bench` binary when bench/llama_tools.py has built it, else through
+`llama-cpp-python` when that imports), and, when `onnxruntime_genai` imports (the `test`
 extra installs it), ONNX Runtime GenAI running the same fp32 / 4-bit artifacts (genai-*: its generation
 loop around moeopt's graph). Every configuration is measured in its own process, so each peak RSS is that
 configuration's alone. Writes runtime.json and runtime.png.
@@ -10,10 +11,11 @@ configuration's alone. Writes runtime.json and runtime.png.
     .venv/bin/python bench/runtime.py                       # both models (~1B: builds its artifacts once)
     .venv/bin/python bench/runtime.py --quick               # reference model, short prompt, one repeat
 
-llama.cpp (optional): `pip install llama-cpp-python==0.3.36` compiles llama.cpp from the sdist (80
-minutes of wall time here, at nice 19 beside other jobs; CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF
--DLLAMA_BUILD_EXAMPLES=OFF" shortens it), and the sdist unpacked under ~/.cache/moeopt/bench/llama-src
-(or MOEOPT_LLAMA_SRC) gives convert_hf_to_gguf.py.
+llama.cpp (optional): `python -m bench.llama_tools build` builds llama-bench and llama-quantize into
+~/.cache/moeopt/bench/llama-bin/0.3.36 (or set MOEOPT_LLAMA_BIN); or `pip install llama-cpp-python==0.3.36`
+compiles llama.cpp from the sdist (80 minutes of wall time here, at nice 19 beside other jobs;
+CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" shortens it), and the sdist unpacked
+under ~/.cache/moeopt/bench/llama-src (or MOEOPT_LLAMA_SRC) gives convert_hf_to_gguf.py.
 
 Checkpoints and artifacts are cached under ~/.cache/moeopt/bench (the ~1B model's float artifact is
 ~4 GB); nothing large is written into the repository.
@@ -57,6 +59,10 @@ CONFIGS: dict[str, tuple[str, int]] = {
     "artifact-4bit": (f"quantize{{method=uniform,bits=4,group={GROUP}}}", 0),
     "artifact-4bit-int8act": (f"quantize{{method=uniform,bits=4,group={GROUP}}}", 4),
     "artifact-mixed": (f"quantize{{method=uniform,bits=4,group={GROUP},pin=*:0@8;*:1@3;*:6@2;*:7@2}}", 0),
+    # Q4_K_M's coverage: every linear 4-bit (experts, attention, lm_head as MatMulNBits), int8 activations;
+    # the input embedding stays float (a decoded token reads one row of it, in either runtime).
+    "artifact-4bit-all-int8act": (
+        f"quantize{{method=uniform,bits=4,group={GROUP},non-experts=4,lm-head=true}}", 4),
 }
 LLAMA_TYPES = {"llama.cpp-Q8_0": 7, "llama.cpp-Q4_K_M": 15}  # llama_ftype values
 # ONNX Runtime GenAI running moeopt's artifact (its genai_config.json): label -> the artifact's label.
@@ -103,6 +109,7 @@ def build_artifact(model_name: str, label: str, cache: Path) -> Path:
     if (out / "manifest.json").exists() and (out.parent / f"{label}.info.json").exists():
         return out
     import moeopt
+    from moeopt.errors import VerificationError
     from moeopt.lower import lower
     from moeopt.passes import PassManager
 
@@ -120,16 +127,22 @@ def build_artifact(model_name: str, label: str, cache: Path) -> Path:
         if (dest / "manifest.json").exists() and (dest.parent / f"{other}.info.json").exists():
             continue
         t1 = time.perf_counter()
-        lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes, overwrite=True)  # info.json lost
+        parity: dict[str, Any] = {"parity": "within the manifest's tolerance"}
+        try:
+            lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes, overwrite=True)  # info.json lost
+        except VerificationError as e:  # timed anyway (speed does not depend on it); the JSON says so
+            parity = {"parity": f"FAILED: {e}"}
+            lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes, overwrite=True, verify=False)
         info = {"passes": passes, "accuracy_level": CONFIGS[other][1], "quantize_s": quantize_s,
-                "lower_s": round(time.perf_counter() - t1, 1), **active_bytes(model)}
+                "lower_s": round(time.perf_counter() - t1, 1), **parity, **active_bytes(model)}
         (dest.parent / f"{other}.info.json").write_text(json.dumps(info, indent=1))
     return out
 
 
 def active_bytes(model: Any) -> dict[str, Any]:
-    """Bytes read per decoded token: every non-expert weight once (fp32; the input embedding only as the
-    lm_head when tied) plus top-k experts per layer at their stored size (3-bit is stored as 4-bit codes)."""
+    """Bytes read per decoded token: every non-expert weight once (fp32, or its packed size for the linears
+    the quantize pass lowered to MatMulNBits; the input embedding only as the lm_head when tied) plus top-k
+    experts per layer at their stored size (3-bit is stored as 4-bit codes)."""
     from moeopt.quant.groupwise import matrix_bytes
 
     hf = model.hf
@@ -138,7 +151,12 @@ def active_bytes(model: Any) -> dict[str, Any]:
     emb = hf.get_input_embeddings().weight
     out_emb = hf.get_output_embeddings().weight
     tied = emb.data_ptr() == out_emb.data_ptr()
+    packed = {id(hf.get_submodule(path).weight): q for path, q in getattr(model, "linears", {}).items()}
     non_expert = sum(p.numel() for p in hf.parameters() if id(p) not in expert_ids and (tied or p is not emb))
+    float_non_expert = sum(p.numel() for p in hf.parameters()
+                           if id(p) not in expert_ids and id(p) not in packed and (tied or p is not emb))
+    packed_bytes = sum(q.packed.numel() + q.scales.numel() * q.scales.element_size()
+                       + (0 if q.zero_points is None else q.zero_points.numel()) for q in packed.values())
     total = sum(p.numel() for p in hf.parameters())
     expert_bytes, active_expert_params = 0.0, 0
     for la in model.layers:
@@ -157,7 +175,8 @@ def active_bytes(model: Any) -> dict[str, Any]:
         expert_bytes += k * float(np.mean(per_slot))
         active_expert_params += k * (t.w_in[0].numel() + t.w_out[0].numel())
     return {"params_total": int(total), "params_active": int(non_expert + active_expert_params),
-            "active_bytes_per_token": int(4 * non_expert + expert_bytes)}
+            "active_bytes_per_token": int(4 * float_non_expert + packed_bytes + expert_bytes),
+            "non_expert_packed_bytes": int(packed_bytes), "non_expert_linears_packed": len(packed)}
 
 
 # --- measurements (each in its own process) ----------------------------------------------------------
@@ -278,7 +297,34 @@ def measure_genai(art: Path, prompt_len: int, new: int, repeats: int, threads: i
     return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
 
 
+def measure_llama_bench(gguf: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    """llama.cpp's own timing loop: `llama-bench -p PROMPT -n NEW -t THREADS -r REPEATS -o json`.
+
+    Prefill is its pp test (the prompt as one batch), decode its tg test (NEW single-token steps from an
+    empty context, after its warm-up run); the best sample of each is kept, as for the other rows. Peak RSS
+    is the child's ru_maxrss (it can include this small process's own peak before exec: tens of MB).
+    """
+    tool = find_tool("llama-bench")
+    assert tool is not None
+    cmd = [str(tool), "-m", str(gguf), "-p", str(prompt_len), "-n", str(new), "-t", str(threads),
+           "-r", str(repeats), "-o", "json"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"llama-bench exited {res.returncode}: " + (res.stderr.strip().splitlines() or ["?"])[-1])
+    out: dict[str, Any] = {"tool": "llama-bench", "command": " ".join(cmd[1:]), "bench_wall_s": round(wall, 1)}
+    for test in json.loads(res.stdout):
+        key = "prefill" if test["n_gen"] == 0 else "decode"
+        out[f"{key}_tok_s"] = max(test["samples_ts"])
+        out[f"{key}_tok_s_mean"] = test["avg_ts"]
+        out.setdefault("build_commit", test.get("build_commit"))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return out
+
+
 def measure_llama(gguf: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    """llama.cpp through llama-cpp-python (used when the llama-bench binary is absent)."""
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -320,14 +366,37 @@ def bandwidth_gb_s(mb: int = 512, repeats: int = 5) -> float:
 # --- llama.cpp (optional) ------------------------------------------------------------------------------
 
 
+LLAMA_VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp bench/llama_tools.py builds
+
+
+def find_tool(name: str) -> Path | None:
+    """llama.cpp's executable `name` (e.g. "llama-bench") from $MOEOPT_LLAMA_BIN or the cache folder that
+    bench/llama_tools.py builds into (<cache>/llama-bin/<version>/), else None. Same lookup as
+    bench/llama_tools.find_tool."""
+    dirs = [Path(os.environ["MOEOPT_LLAMA_BIN"])] if os.environ.get("MOEOPT_LLAMA_BIN") else []
+    for d in [*dirs, DEFAULT_CACHE / "llama-bin" / LLAMA_VERSION]:
+        path = d / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _llama_binaries() -> bool:
+    return find_tool("llama-bench") is not None and find_tool("llama-quantize") is not None
+
+
 def llama_status() -> str | None:
-    """None when llama-cpp-python imports, else why the llama.cpp columns are absent."""
+    """None when llama.cpp can be measured (its llama-bench / llama-quantize binaries, else llama-cpp-python)
+    and its converter is found, else why the llama.cpp columns are absent."""
+    if _converter() is None:
+        return "llama.cpp's convert_hf_to_gguf.py was not found (set MOEOPT_LLAMA_SRC)"
+    if _llama_binaries():
+        return None
     try:
         import llama_cpp  # noqa: F401
     except Exception as e:  # not installed, or its shared library failed to load
-        return f"llama-cpp-python is not importable ({type(e).__name__}: {e})"
-    if _converter() is None:
-        return "llama-cpp-python imports but its source's convert_hf_to_gguf.py was not found (set MOEOPT_LLAMA_SRC)"
+        return (f"neither llama-bench/llama-quantize (python -m bench.llama_tools build) nor llama-cpp-python "
+                f"({type(e).__name__}: {e})")
     return None
 
 
@@ -352,9 +421,8 @@ def _converter() -> Path | None:
 
 
 def build_gguf(model_name: str, label: str, cache: Path) -> Path:
-    """GGUF f16 from the HF checkpoint with llama.cpp's converter, then Q8_0 / Q4_K_M by llama_model_quantize."""
-    import llama_cpp
-
+    """GGUF f16 from the HF checkpoint with llama.cpp's converter, then Q8_0 / Q4_K_M by llama-quantize
+    (or llama-cpp-python's llama_model_quantize when the binary is absent)."""
     conv = _converter()
     assert conv is not None
     folder = cache / model_name / "gguf"
@@ -381,7 +449,16 @@ def build_gguf(model_name: str, label: str, cache: Path) -> Path:
             raise RuntimeError("convert_hf_to_gguf failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
         Path(str(f16) + ".tmp").rename(f16)
     out = folder / f"model-{label.split('-', 1)[1]}.gguf"
+    quantize = find_tool("llama-quantize")
+    if not out.exists() and quantize is not None:
+        res = subprocess.run([str(quantize), str(f16), str(out) + ".tmp", label.split("-", 1)[1], "2"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError("llama-quantize failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
+        Path(str(out) + ".tmp").rename(out)
     if not out.exists():
+        import llama_cpp
+
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = LLAMA_TYPES[label]
         params.nthread = 2
@@ -390,6 +467,27 @@ def build_gguf(model_name: str, label: str, cache: Path) -> Path:
             raise RuntimeError(f"llama_model_quantize returned {rc}")
         Path(str(out) + ".tmp").rename(out)
     return out
+
+
+def gguf_active_bytes(gguf: Path) -> dict[str, Any]:
+    """Bytes read per decoded token from the GGUF's own tensor sizes (its gguf-py reader): every tensor once,
+    expert tensors (`*_exps`) at top-k / n_experts of their size, the input embedding (token_embd) left out,
+    as `active_bytes` leaves it out for the artifacts (a token reads one row of it)."""
+    conv = _converter()
+    assert conv is not None
+    sys.path.insert(0, str(conv.parent / "gguf-py"))
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    n = int(reader.fields[f"{arch}.expert_count"].parts[-1][0])
+    k = int(reader.fields[f"{arch}.expert_used_count"].parts[-1][0])
+    active = 0.0
+    for t in reader.tensors:
+        if t.name.startswith("token_embd"):
+            continue
+        active += int(t.n_bytes) * (k / n if "_exps" in t.name else 1.0)
+    return {"active_bytes_per_token": int(active), "active_bytes_source": "gguf tensor sizes"}
 
 
 # --- driver --------------------------------------------------------------------------------------------
@@ -412,7 +510,7 @@ def child_main(args: argparse.Namespace) -> None:
     if kind == "build":
         if label.startswith("llama.cpp"):
             path = build_gguf(model_name, label, args.cache)
-            print(json.dumps({"file_bytes": path.stat().st_size}))
+            print(json.dumps({"file_bytes": path.stat().st_size, **gguf_active_bytes(path)}))
         elif label in GENAI:  # the artifact's own build (cached), run by GenAI
             art = build_artifact(model_name, GENAI[label], args.cache)
             genai_folder(art, ckpt)
@@ -429,7 +527,8 @@ def child_main(args: argparse.Namespace) -> None:
     if label == "pytorch-fp32":
         out = measure_torch(ckpt, *a)
     elif label.startswith("llama.cpp"):
-        out = measure_llama(args.cache / model_name / "gguf" / f"model-{label.split('-', 1)[1]}.gguf", *a)
+        gguf = args.cache / model_name / "gguf" / f"model-{label.split('-', 1)[1]}.gguf"
+        out = measure_llama_bench(gguf, *a) if find_tool("llama-bench") else measure_llama(gguf, *a)
     elif label in GENAI:
         out = measure_genai(genai_folder(args.cache / model_name / GENAI[label], ckpt), *a)
     else:
@@ -451,6 +550,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "threads": args.threads, "bandwidth_gb_s": round(bw, 2),
                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"prompt_tokens": args.prompt, "new_tokens": args.new, "repeats": args.repeats,
+                     "rounds": args.rounds,
                      "batch": 1, "best_of_repeats": True, "group": GROUP},
         "llama_cpp": "measured" if llama_why is None else f"absent: {llama_why}",
         "onnxruntime_genai": "measured" if genai_why is None else f"absent: {genai_why}",
@@ -459,10 +559,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for model_name in args.models:
         labels = ["pytorch-fp32", *CONFIGS] + (list(GENAI) if genai_why is None else []) + (
             list(LLAMA_TYPES) if llama_why is None else [])
+        if args.only:
+            labels = [la for la in labels if la in set(args.only.split(","))]
         rows: dict[str, Any] = {}
         ref_bytes = None
+        built: list[str] = []
         for label in labels:
             row: dict[str, Any] = {}
+            rows[label] = row
             if f"{model_name}:{label}" in args.skip:
                 rows[label] = {"skipped": args.skip_note or "--skip"}
                 continue
@@ -471,10 +575,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["build"] = _child(args, "--child", "build", model_name, label)
                 row["build"]["seconds"] = round(time.perf_counter() - t, 1)
                 if "error" in row["build"]:
-                    rows[label] = row
                     print(f"{model_name:9s} {label:24s} build failed: {row['build']['error']}", flush=True)
                     continue
-            row.update(_child(args, "--child", "measure", model_name, label))
+            built.append(label)
+        # Paired rounds: every configuration once per round, in the same order, so a change of machine load
+        # touches all of them alike; each figure is the median over rounds of the best-of-repeats.
+        for rnd in range(args.rounds):
+            for label in built:
+                m = _child(args, "--child", "measure", model_name, label)
+                m["load_average"] = [round(v, 2) for v in os.getloadavg()]
+                rows[label].setdefault("rounds", []).append(m)
+                print(f"{model_name:9s} round {rnd + 1} {label:24s} " + (
+                    f"prefill {m['prefill_tok_s']:7.1f}  decode {m['decode_tok_s']:6.1f} tok/s  load "
+                    f"{m['load_average'][0]:.1f}" if "decode_tok_s" in m else f"error: {m.get('error')}"), flush=True)
+        for label in built:
+            row = rows[label]
+            rounds = row.pop("rounds")
+            done = [m for m in rounds if "decode_tok_s" in m]
+            if not done:
+                row.update(rounds[-1])
+            else:
+                row.update(done[-1])
+                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+                    row[key] = float(np.median([m[key] for m in done]))
+            if args.rounds > 1:
+                row["rounds"] = rounds
             info = row.get("build", {})
             if "active_bytes_per_token" in info:
                 active = info["active_bytes_per_token"]
@@ -484,7 +609,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 active = int(info["file_bytes"] * ref_bytes["params_active"] / ref_bytes["params_total"])
             else:
                 active = None
-            rows[label] = row
             if active:
                 row["active_bytes_per_token"] = active
                 row["roofline_decode_tok_s"] = bw * 1e9 / active
@@ -510,11 +634,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratio = summary.setdefault(g, {})
                 ratio["decode_vs_moeopt_runtime"] = rows[g]["decode_tok_s"] / rows[a]["decode_tok_s"]
                 ratio["prefill_vs_moeopt_runtime"] = rows[g]["prefill_tok_s"] / rows[a]["prefill_tok_s"]
-        for q in ("artifact-4bit", "artifact-4bit-int8act"):
-            if "llama.cpp-Q4_K_M" in rows and "decode_tok_s" in rows.get(q, {}) and \
-                    "decode_tok_s" in rows["llama.cpp-Q4_K_M"]:
-                summary[q]["decode_vs_llama_cpp_Q4_K_M"] = rows[q]["decode_tok_s"] / rows["llama.cpp-Q4_K_M"][
-                    "decode_tok_s"]
+        q4 = rows.get("llama.cpp-Q4_K_M", {})
+        for q in ("artifact-4bit", "artifact-4bit-int8act", "artifact-4bit-all-int8act"):
+            if "decode_tok_s" in q4 and "decode_tok_s" in rows.get(q, {}):
+                ratio = summary.setdefault(q, {})
+                ratio["decode_vs_llama_cpp_Q4_K_M"] = rows[q]["decode_tok_s"] / q4["decode_tok_s"]
+                ratio["prefill_vs_llama_cpp_Q4_K_M"] = rows[q]["prefill_tok_s"] / q4["prefill_tok_s"]
+                if rows[q].get("active_bytes_per_token") and q4.get("active_bytes_per_token"):
+                    ratio["bytes_per_token_vs_llama_cpp_Q4_K_M"] = (
+                        rows[q]["active_bytes_per_token"] / q4["active_bytes_per_token"])
+                if args.rounds > 1 and all("rounds" in rows[k] for k in (q, "llama.cpp-Q4_K_M")):
+                    pairs = zip(rows[q]["rounds"], q4["rounds"], strict=True)
+                    ratio["decode_vs_llama_cpp_Q4_K_M_per_round"] = [
+                        a["decode_tok_s"] / b["decode_tok_s"] for a, b in pairs
+                        if "decode_tok_s" in a and "decode_tok_s" in b]
         params = ref_bytes or {}
         result["models"][model_name] = {"params_total": params.get("params_total"),
                                         "params_active": params.get("params_active"),
@@ -559,12 +692,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime")
+    ap.add_argument("--name", default="runtime", help="file stem of the JSON / PNG written under --out")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--models", default="reference,1b", help="comma-separated: reference, 1b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=32, help="generated tokens (decode)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best kept)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="paired rounds: every configuration measured once per round, median over rounds kept")
+    ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="reference model only, prompt 16, 8 tokens, 1 repeat")
     ap.add_argument("--no-llama", dest="llama", action="store_false", help="skip the llama.cpp columns")
     ap.add_argument("--llama-note", default="", help="why the llama.cpp columns are skipped (kept in the JSON)")
@@ -584,11 +721,11 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "runtime.json.tmp"
+    tmp = args.out / f"{args.name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out / "runtime.json")
-    plot(result, args.out / "runtime.png")
-    print(f"wrote {args.out / 'runtime.json'} and runtime.png ({result['seconds']:.0f} s)")
+    tmp.replace(args.out / f"{args.name}.json")
+    plot(result, args.out / f"{args.name}.png")
+    print(f"wrote {args.out / args.name}.json and .png ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
