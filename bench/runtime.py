@@ -76,14 +76,18 @@ def checkpoint(name: str, cache: Path) -> Path:
     """The checkpoint folder of `name` ('reference' or '1b'); the random model is built once, seeded."""
     if name == "reference":
         return REFERENCE
-    ckpt = cache / "mixtral-1b"
+    return random_mixtral(cache / "mixtral-1b", BIG)
+
+
+def random_mixtral(ckpt: Path, shape: dict[str, Any]) -> Path:
+    """A random Mixtral of `shape` (seeded, built once) with the reference model's tokenizer, at `ckpt`."""
     if (ckpt / "tokenizer.json").exists():
         return ckpt
     import torch
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(**BIG, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.MixtralConfig(**shape, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     with torch.no_grad():
         model = transformers.MixtralForCausalLM(cfg).float().eval()
         for n, p in model.named_parameters():

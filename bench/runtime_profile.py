@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -44,27 +43,9 @@ GENERATIONS = 3  # profiled generations (after one warm-up)
 
 def checkpoint(cache: Path) -> Path:
     """The random mid-size Mixtral, built once (seeded) as bench/runtime.py builds its ~1B one."""
-    ckpt = cache / "mixtral-mid"
-    if (ckpt / "tokenizer.json").exists():
-        return ckpt
-    import torch
-    import transformers
+    from runtime import random_mixtral  # bench/runtime.py (the script's folder is on sys.path)
 
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(**MID, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    with torch.no_grad():
-        model = transformers.MixtralForCausalLM(cfg).float().eval()
-        for n, p in model.named_parameters():
-            if "gate.weight" in n:  # distinct router preferences, as a trained model has
-                p.normal_(0.0, 0.5)
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy2(REFERENCE / f, tmp / f)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
-    return ckpt
+    return random_mixtral(cache / "mixtral-mid", MID)
 
 
 def artifact(cache: Path, attention: str, accuracy_level: int = ACCURACY_LEVEL) -> Path:
