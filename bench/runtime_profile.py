@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from runtime import DEFAULT_CACHE, REPO, random_mixtral  # bench/runtime.py (script folder on sys.path)
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO / "moeopt" / "assets" / "reference-moe"
-DEFAULT_CACHE = Path(os.environ.get("MOEOPT_BENCH_CACHE", Path.home() / ".cache" / "moeopt" / "bench"))
 MID: dict[str, Any] = {
     "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
     "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 8192,
@@ -43,8 +41,6 @@ GENERATIONS = 3  # profiled generations (after one warm-up)
 
 def checkpoint(cache: Path) -> Path:
     """The random mid-size Mixtral, built once (seeded) as bench/runtime.py builds its ~1B one."""
-    from runtime import random_mixtral  # bench/runtime.py (the script's folder is on sys.path)
-
     return random_mixtral(cache / "mixtral-mid", MID)
 
 

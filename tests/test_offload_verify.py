@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from moeopt.runtime.expert_store import ExpertStore
 from moeopt.runtime.offload_format import OffloadIndex
 from moeopt.runtime.packed_frames import frame_pool, frame_views
 from moeopt.runtime.verify import check_artifact
+from tests.test_cli import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFLOAD = FIXTURES / "tiny-artifact-offload"
@@ -110,32 +110,17 @@ def test_start_reads_no_record_and_a_damaged_one_fails_when_first_needed(tmp_pat
     _one_line(e)
 
 
-def _cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from moeopt.cli import main
-
-    argv, sys.argv = sys.argv, ["moeopt", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_verify_command_checks_every_byte(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _cli("verify", str(OFFLOAD), capsys=capsys)
+    code, out, err = run_cli("verify", str(OFFLOAD), capsys=capsys)
     assert code == 0 and err == "" and len(out.splitlines()) == 1, (out, err)
     assert "ok: 11 files" in out and "6 expert records match their crc32" in out
-    code, out, _ = _cli("verify", str(RESIDENT), capsys=capsys)
+    code, out, _ = run_cli("verify", str(RESIDENT), capsys=capsys)
     assert code == 0 and "ok: 5 files" in out and "expert records" not in out
 
     art, index = _copy(tmp_path)
     key = sorted(index.experts)[-1]
     _flip(art, index, key)
-    code, out, err = _cli("verify", str(art), capsys=capsys)
+    code, out, err = run_cli("verify", str(art), capsys=capsys)
     lines = out.splitlines()
     assert code == 2 and len(err.strip().splitlines()) == 1 and "2 problems found" in err, (out, err)
     assert lines == [f"{art / 'experts.bin'}: layer {key[0]} slot {key[1]} (record at byte "
@@ -151,7 +136,7 @@ def test_verify_command_checks_every_byte(tmp_path: Path, capsys: pytest.Capture
     blob[len(blob) // 2] ^= 1
     data.write_bytes(bytes(blob))
     (res / "tokenizer.json").unlink()
-    code, out, err = _cli("verify", str(res), capsys=capsys)
+    code, out, err = run_cli("verify", str(res), capsys=capsys)
     assert code == 2 and sorted(out.splitlines()) == [f"{data}: sha256 differs from the manifest",
                                                       f"{res / 'tokenizer.json'}: missing"], out
 
@@ -168,7 +153,7 @@ def test_an_artifact_without_checksums_hashes_its_expert_file_at_the_start(tmp_p
     index = OffloadIndex.from_manifest(manifest)
     assert not index.checksummed
     OffloadSession(art, source=cache_source(index.cold_bytes(), "lru")).close()
-    code, out, _ = _cli("verify", str(art), capsys=capsys)
+    code, out, _ = run_cli("verify", str(art), capsys=capsys)
     assert code == 0 and "6 expert records have no crc32" in out, out
     _flip(art, index, sorted(index.experts)[0])
     with pytest.raises(BadInputError, match=r"experts\.bin: corrupted \(sha256"):
