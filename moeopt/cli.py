@@ -30,9 +30,20 @@ _STATE = {"debug": False}
 Overwrite = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
 
 
+DISTRIBUTED_COMMANDS = ("convert", "lower")  # the commands that split their work over torchrun's ranks
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False) -> None:
+def _main(
+    ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+) -> None:
     _STATE["debug"] = debug
+    from moeopt.distributed import launched_world
+
+    if launched_world() > 1 and ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+        # Every rank would do the whole job and write the same files at once.
+        raise BadInputError(f"'{ctx.invoked_subcommand}' does not run under torchrun; only "
+                            f"{' and '.join(DISTRIBUTED_COMMANDS)} split their work over ranks")
 
 
 @app.command()
@@ -100,10 +111,27 @@ def convert(
     data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Run a pipeline on a model and save the result."""
+    """Run a pipeline on a model and save the result.
+
+    Under `torchrun --nproc-per-node P -m moeopt convert ...` the P ranks split the calibration batches and
+    the per-expert work (see moeopt.distributed) and rank 0 alone writes the output.
+    """
+    from moeopt import distributed
+
+    with distributed.session():
+        _convert(model, out, passes_text, verify_each, print_ir_after, timing, stats, dtype, reproduce,
+                 reproducer_dir, data, overwrite)
+
+
+def _convert(
+    model: str, out: Path | None, passes_text: str, verify_each: bool, print_ir_after: str, timing: bool,
+    stats: bool, dtype: str, reproduce: Path | None, reproducer_dir: Path | None, data: Path | None,
+    overwrite: bool,
+) -> None:
     import torch
 
     import moeopt
+    from moeopt import distributed
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.manager import read_reproducer
 
@@ -121,20 +149,25 @@ def convert(
     if out is not None:  # before the minutes of loading and passes
         check_out_dir(out, overwrite=overwrite)
     names = [n.strip() for n in print_ir_after.split(",") if n.strip()]
+    main = distributed.is_main()  # other ranks of a torchrun job write nothing and print nothing
     pm = PassManager(  # parse the pipeline before loading: a typo costs nothing
-        passes_text, verify_each=verify_each, print_ir_after=names, timing=timing,
-        reproducer_dir=reproducer_dir if reproducer_dir is not None else (out.parent if out else None),
+        passes_text, verify_each=verify_each, print_ir_after=names if main else (), timing=timing,
+        reproducer_dir=(reproducer_dir if reproducer_dir is not None else (out.parent if out else None))
+        if main else None,
         ctx=PassContext(data_root=data),
     )
     m = moeopt.load(model)
     report = pm.run(m, source=str(model))
-    if timing:
+    if timing and main:
         print(report.timing_table())
-    if stats:
+    if stats and main:
         print(report.stats_table())
     if out is not None:
-        report.model.save(out, dtype=dtypes[dtype], overwrite=overwrite)
-        print(f"wrote {out} ({report.pipeline})")
+        final = out
+        distributed.on_main(lambda: report.model.save(final, dtype=dtypes[dtype], overwrite=overwrite))
+        if main:
+            ranks = f" on {distributed.world()} ranks" if distributed.world() > 1 else ""
+            print(f"wrote {out} ({report.pipeline}){ranks}")
 
 
 @app.command()

@@ -50,3 +50,9 @@ class PassError(MoeOptError):
     def __init__(self, pass_name: str, message: str) -> None:
         self.pass_name = pass_name
         super().__init__(f"pass '{pass_name}': {message}")
+
+
+class DistributedError(MoeOptError):
+    """A distributed run (torchrun) could not start, or a rank lost contact with the others."""
+
+    kind = "distributed"

@@ -9,12 +9,14 @@ per dataset ("app") when several are given, and combined.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from moeopt import distributed
 from moeopt.errors import BadInputError
 from moeopt.ir.compute import RoutingTrace
 from moeopt.ir.layer import MoELayer
@@ -65,6 +67,25 @@ class LayerStats:
         have = sum(int(s.shape[0]) for s in self.sample)
         if with_inputs and have < SAMPLE_TOKENS:
             self.sample.append(trace.hidden[: SAMPLE_TOKENS - have].detach().float().clone())
+
+    def all_reduce_(self) -> None:
+        """Sum these statistics over the ranks of a distributed run (`moeopt.distributed`), in place.
+
+        Each rank's sample holds the first inputs of its contiguous shard, so the ranks' samples in rank
+        order, cut to SAMPLE_TOKENS rows, are the rows one process keeps.
+        """
+        if distributed.world() == 1:
+            return
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64)
+        distributed.all_reduce_([tokens, self.counts, self.prob_sum, self.swap_sum, self.coact, self.logit_sum,
+                                 self.logit_gram])
+        self.tokens = int(tokens.item())
+        sample, have = [], 0
+        for chunk in (c for part in distributed.all_gather(self.sample) for c in part):
+            if have < SAMPLE_TOKENS:
+                sample.append(chunk[: SAMPLE_TOKENS - have])
+                have += int(sample[-1].shape[0])
+        self.sample = sample
 
     def merged(self, other: LayerStats) -> LayerStats:
         out = LayerStats(self.num_experts)
@@ -134,12 +155,12 @@ def collect(model: MoEModel, sets: list[CalibSet], *, progress: bool = True) -> 
         for layer in model.layers:
             layer.observers.append(observe)
         try:
-            with torch.no_grad():
-                for batch in tqdm(cs.batches, desc=f"importance[{cs.name}]", disable=not progress, leave=False):
-                    model.hf(input_ids=batch, use_cache=False)
+            distributed.local(functools.partial(_forwards, model, cs, f"importance[{cs.name}]", progress))
         finally:
             for layer in model.layers:
                 layer.observers.remove(observe)
+        for st in stats:
+            st.all_reduce_()
         per_app[cs.name] = stats
     combined = [
         _merge_all([per_app[name][i] for name in per_app]) for i in range(len(model.layers))
@@ -177,15 +198,25 @@ def estimate_with_predictor(model: MoEModel, sets: list[CalibSet], *, progress: 
 
         first.observers.append(observe)
         try:
-            with torch.no_grad():
-                for batch in tqdm(cs.batches, desc=f"importance~[{cs.name}]", disable=not progress, leave=False):
-                    with contextlib.suppress(_StopForward):
-                        model.hf(input_ids=batch, use_cache=False)
+            distributed.local(functools.partial(_forwards, model, cs, f"importance~[{cs.name}]", progress,
+                                                _StopForward))
         finally:
             first.observers.remove(observe)
+        for st in stats:
+            st.all_reduce_()
         per_app[cs.name] = stats
     combined = [_merge_all([per_app[name][i] for name in per_app]) for i in range(len(model.layers))]
     return Importance(per_app, combined)
+
+
+def _forwards(
+    model: MoEModel, cs: CalibSet, desc: str, progress: bool, stop: type[Exception] | None = None
+) -> None:
+    """Run the model on this rank's share of the set's batches (all of them in one process)."""
+    with torch.no_grad():
+        for batch in tqdm(distributed.shard(cs.batches), desc=desc, disable=not progress, leave=False):
+            with contextlib.suppress(*(() if stop is None else (stop,))):
+                model.hf(input_ids=batch, use_cache=False)
 
 
 def _merge_all(items: list[LayerStats]) -> LayerStats:

@@ -57,6 +57,12 @@ class Lower(Pass):
         return int(raw)
 
     def call(self, model: MoEModel, ctx: PassContext) -> PassResult:
+        from moeopt import distributed
+
+        stats = distributed.on_main(lambda: self._write(model, ctx))  # rank 0 alone writes the artifact
+        return PassResult(model, False, stats=stats or {})
+
+    def _write(self, model: MoEModel, ctx: PassContext) -> dict[str, float]:
         from moeopt.lower import lower
 
         history = " | ".join([*model.history, self.text()])
@@ -71,9 +77,9 @@ class Lower(Pass):
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)
         graphs = [manifest["graph"], *([manifest["encoder"]] if manifest.get("encoder") else [])]
-        return PassResult(model, False, stats={
+        return {
             "moe-nodes": sum(g["moe_nodes"] for g in graphs),
             "plain-op-layers": sum(g["dense_moe_layers"] for g in graphs),
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
             **({"parity-measured": manifest["parity_measured"]} if manifest.get("verified") else {}),
-        })
+        }

@@ -8,10 +8,13 @@ the merged slot, where they add to the hot expert's. `align=none` is the no-alig
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from moeopt import distributed
 from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import ExpertTable, SlotInfo
@@ -84,6 +87,12 @@ def merge_slots(
     return w_in, w_out, b_in, b_out
 
 
+def _merge_job(
+    table: ExpertTable, method: str, job: tuple[int, list[int], list[float]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    return merge_slots(table, job[0], job[1], job[2], method)
+
+
 def _weights(ctx: PassContext, imp: Importance | None, layer: int, kind: str) -> torch.Tensor | None:
     """(E,) merge weight of every original expert of `layer` by `kind`; None for uniform weights."""
     if kind == "uniform":
@@ -130,15 +139,18 @@ class Merge(Pass):
             new_bout = None if t.b_out is None else t.b_out.clone()
             infos = list(t.slots)
             drop: set[int] = set()
+            jobs: list[tuple[int, list[int], list[float]]] = []  # (hot slot, moderate slots, weights)
             for h, mods in groups.items():
-                hs, ms = int(t.slot_of[h]), [int(t.slot_of[m]) for m in mods]
                 members = [h, *mods]
                 # A slot's weight is the importance of every expert already routed to it.
                 wts = [1.0 if score is None else float(sum(score[e] for e in t.slots[int(t.slot_of[x])].members))
                        for x in members]
-                if sum(wts) <= 0:
-                    wts = [1.0] * len(members)
-                wi, wo, bi, bo = merge_slots(t, hs, ms, wts, self.opts["align"])
+                jobs.append((int(t.slot_of[h]), [int(t.slot_of[m]) for m in mods],
+                             wts if sum(wts) > 0 else [1.0] * len(members)))
+            # Distributed: each hot expert's alignment and average on one rank, results all-gathered.
+            results = distributed.map_items(jobs, functools.partial(_merge_job, t, str(self.opts["align"])))
+            for (h, mods), (hs, ms, wts), (wi, wo, bi, bo) in zip(groups.items(), jobs, results, strict=True):
+                members = [h, *mods]
                 new_in[hs], new_out[hs] = wi, wo
                 if new_bin is not None and bi is not None:
                     new_bin[hs] = bi

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from moeopt import distributed
 from moeopt.errors import BadInputError, InfeasibleBudgetError
 from moeopt.ir.model import MoEModel
 from moeopt.passes.base import Pass, PassContext, PassResult
@@ -47,7 +48,7 @@ from moeopt.quant import linears
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
 from moeopt.quant.expert_gptq import ExpertGPTQ, RTNFallbackWarning, collect_hessians
-from moeopt.quant.groupwise import BITS, GROUPS
+from moeopt.quant.groupwise import BITS, GROUPS, Quantized, quantize
 from moeopt.quant.report import QuantReport
 from moeopt.quant.sensitivity import Sensitivity, measure
 
@@ -173,10 +174,15 @@ class Quantize(Pass):
                 raise InfeasibleBudgetError(f"uniform {o['bits']}-bit needs {total(items, picks)[0]:,} "
                                             f"{'bit-params' if by_avg else 'B'}, over the budget {capacity:,}")
         bits: list[list[int | None]] = [[None] * layer.table.num_slots for layer in model.layers]
-        for it, p in zip(items[:experts], picks[:experts], strict=True):
-            bits[it.layer][it.slot] = it.choices[p].bits
-            quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym,
-                          None if gq is None else functools.partial(gq.matrix, it.layer, it.slot))
+        chosen = [(it.layer, it.slot, it.choices[p].bits) for it, p in zip(items[:experts], picks[:experts],
+                                                                             strict=True)]
+        packed = shared_slot_matrices(model, chosen, group, sym, gq)
+        for k, (li, s, b) in enumerate(chosen):
+            bits[li][s] = b
+            quantizer = None if gq is None else functools.partial(gq.matrix, li, s)
+            if packed is not None:
+                quantizer = functools.partial(_lookup, packed[k])
+            quantize_slot(model.layers[li].table, s, b, group, sym, quantizer)
         for path, it, p in zip(widths, items[experts:], picks[experts:], strict=True):
             widths[path] = it.choices[p].bits
         n_linears = linears.quantize_linears(model, widths, group, sym, algo=str(o["algo"]), hessians=hessians,
@@ -309,6 +315,39 @@ def calibration_batches(
     n = max(1, max_tokens // seq_len)
     ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
     return list(ids.split(8))
+
+
+def shared_slot_matrices(
+    model: MoEModel, chosen: list[tuple[int, int, int | None]], group: int, sym: bool, gq: ExpertGPTQ | None
+) -> list[dict[str, Quantized] | None] | None:
+    """Distributed runs: each chosen (layer, slot, bits)'s packed matrices, computed on one rank and
+    all-gathered (None in one process, where `quantize_slot` computes them in place).
+
+    Slot i goes to rank i % P, the rank that measured its GPTQ sensitivity and cached its matrices. The
+    packed form is what `quantize_slot` would compute (`dequantize(quantize(w))` is bit-identical to its
+    round-to-nearest path), so every rank stores the same bytes as one process.
+    """
+    if distributed.world() == 1:
+        return None
+
+    def one(c: tuple[int, int, int | None]) -> dict[str, Quantized] | None:
+        li, s, b = c
+        if b is None:
+            return None
+        if gq is not None:
+            return {n: gq.matrix(li, s, n, b) for n in ("w_in", "w_out")}
+        t = model.layers[li].table
+        return {n: quantize(getattr(t, n)[s], b, group, sym) for n in ("w_in", "w_out")}
+
+    packed = distributed.map_items(chosen, one)
+    if gq is not None:  # GPTQ's fallbacks happened on the ranks that ran it: every rank reports them all
+        gq.singular.update(*distributed.all_gather(gq.singular))
+    return packed
+
+
+def _lookup(packed: dict[str, Quantized] | None, name: str, bits: int) -> Quantized:
+    assert packed is not None
+    return packed[name]
 
 
 def gptq_fallbacks(gq: ExpertGPTQ, bits: list[list[int | None]], ctx: PassContext) -> int:

@@ -18,6 +18,7 @@ cross-entropy of the calibration tokens. Cost: one evaluation per kept expert pl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moeopt import distributed
 from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.passes.base import ALL, Pass, PassContext, PassResult
@@ -129,29 +131,33 @@ def measure(model: MoEModel, sets: list[_Labelled | _Text], *, progress: bool = 
     """Leave-one-out loss rise of every kept expert (a slot's members are masked together)."""
     per_app: dict[str, list[torch.Tensor]] = {}
     losses: dict[str, float] = {}
-    total = sum(layer.table.num_slots for layer in model.layers) * len(sets)
-    bar = tqdm(total=total, desc="sensitivity", disable=not progress, leave=False)
+    work = [(li, s) for li, layer in enumerate(model.layers) for s in range(layer.table.num_slots)]
+    mine = len(range(distributed.rank(), len(work), distributed.world()))  # slots this rank masks
+    bar = tqdm(total=mine * len(sets), desc="sensitivity", disable=not progress, leave=False)
+
+    def rise(ds: _Labelled | _Text, base: float, cell: tuple[int, int]) -> float:
+        layer = model.layers[cell[0]]
+        t = layer.table
+        members = list(t.slots[cell[1]].members)
+        saved = t.keep_mask.clone()
+        bar.update(1)
+        try:
+            t.keep_mask[members] = False
+            if int(t.keep_mask.sum()) < layer.router.top_k:
+                return float("inf")  # cannot be removed: the layer would route nowhere
+            return ds.loss(model) - base
+        finally:
+            t.keep_mask.copy_(saved)
+
     with torch.no_grad():
         for ds in sets:
             base = ds.loss(model)
             losses[ds.name] = base
-            rises = []
-            for layer in model.layers:
-                t = layer.table
-                rise = torch.zeros(t.num_experts, dtype=torch.float64)
-                for info in t.slots:
-                    members = list(info.members)
-                    saved = t.keep_mask.clone()
-                    bar.update(1)
-                    try:
-                        t.keep_mask[members] = False
-                        if int(t.keep_mask.sum()) < layer.router.top_k:
-                            rise[members] = float("inf")  # cannot be removed: the layer would route nowhere
-                            continue
-                        rise[members] = ds.loss(model) - base
-                    finally:
-                        t.keep_mask.copy_(saved)
-                rises.append(rise)
+            # Distributed: slot i is masked on rank i % P (each evaluation is one process's, bit for bit).
+            values = distributed.map_items(work, functools.partial(rise, ds, base))
+            rises = [torch.zeros(layer.table.num_experts, dtype=torch.float64) for layer in model.layers]
+            for (li, s), v in zip(work, values, strict=True):
+                rises[li][list(model.layers[li].table.slots[s].members)] = v
             per_app[ds.name] = rises
     bar.close()
     layers = [torch.stack([per_app[n][i] for n in per_app]).mean(0) for i in range(len(model.layers))]

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeopt import distributed
 from moeopt.ir.compute import RoutingTrace, expert_hidden
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
-from moeopt.quant.gptq import GPTQFallbackWarning, Hessian, gptq
+from moeopt.quant.gptq import GPTQFallbackWarning, Hessian, all_reduce_hessians, gptq
 from moeopt.quant.groupwise import Quantized, dequantize, quantize
 from moeopt.quant.sensitivity import run_observed
 
@@ -87,7 +88,17 @@ def collect_hessians(
             b_in = None if t.b_in is None else t.b_in[s].float()
             cell.w_out.add(expert_hidden(xs, t.w_in[s].float(), b_in, spec.act, spec.glu, spec))
 
-    tokens = run_observed(model, batches, observe)
+    # Distributed (moeopt.distributed): each rank runs its share of the batches, the sums are all-reduced.
+    tokens = distributed.local(lambda: run_observed(model, distributed.shard(batches), observe))
+    if distributed.world() > 1:
+        cells = [c for row in out for c in row]
+        counts = torch.tensor([float(c.routed) for c in cells] + [float(tokens)], dtype=torch.float64)
+        distributed.all_reduce_([counts])
+        for c, n in zip(cells, counts.tolist(), strict=False):
+            c.routed = int(n)
+        tokens = int(counts[-1].item())
+        for row in out:  # layer by layer: one layer's Hessians in the collective's buffer at a time
+            all_reduce_hessians([h for c in row for h in (c.w_in, c.w_out)])
     return out, tokens
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -80,6 +81,23 @@ class Hessian:
         if self.count == 0:
             return torch.zeros(self.cols, self.cols)
         return (self._sum * (2.0 / self.count)).float()
+
+
+def all_reduce_hessians(hessians: Sequence[Hessian]) -> None:
+    """Sum Hessians (their float64 sums and row counts) over the ranks of a distributed run, in place.
+
+    Each rank accumulated the rows of its share of the calibration batches; a Hessian listed twice (one
+    shared by several slots) is summed once. One collective for all of them (`moeopt.distributed`).
+    """
+    from moeopt import distributed
+
+    if distributed.world() == 1:
+        return
+    unique = list({id(h): h for h in hessians}.values())
+    counts = torch.tensor([float(h.count) for h in unique], dtype=torch.float64)
+    distributed.all_reduce_([*(h._sum for h in unique), counts])
+    for h, c in zip(unique, counts.tolist(), strict=True):
+        h.count = int(c)
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeopt import distributed
 from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import QuantizedMatrix
@@ -196,11 +197,19 @@ def collect_hessians(model: MoEModel, batches: Iterable[torch.Tensor], paths: Se
 
     handles = [linear(model, p).register_forward_hook(hook(p)) for p in paths]
     try:
-        calibration_forwards(model, batches)
+        distributed.local(lambda: calibration_forwards(model, distributed.shard(list(batches))))
     finally:
         for h in handles:
             h.remove()
-    return {p: sums[p] / rows[p] for p in paths if p in sums}
+    if distributed.world() > 1:  # each rank saw its share of the batches: sum the float32 sums in float64
+        for p in paths:
+            k = linear(model, p).in_features
+            sums.setdefault(p, torch.zeros(k, k))
+            rows.setdefault(p, 0)
+        counts = torch.tensor([float(rows[p]) for p in paths], dtype=torch.float64)
+        distributed.all_reduce_([*(sums[p] for p in paths), counts])
+        rows = {p: int(n) for p, n in zip(paths, counts.tolist(), strict=True) if n > 0}
+    return {p: sums[p] / rows[p] for p in paths if p in sums and p in rows}
 
 
 def errors(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeopt import distributed
 from moeopt.ir.compute import RoutingTrace, _dense
 from moeopt.ir.layer import MoELayer, Observer
 from moeopt.ir.model import MoEModel
@@ -120,7 +121,9 @@ def collect_inputs(
                 xs[layer.index][s].append(trace.hidden[rows].detach().float())
                 ws[layer.index][s].append(torch.where(hit, trace.weights, 0.0).sum(-1)[rows].detach().float())
 
-    tokens = run_observed(model, batches, observe)
+    tokens = distributed.local(lambda: run_observed(model, distributed.shard(list(batches)), observe))
+    if distributed.world() > 1:
+        return _gather_inputs(model, xs, ws, tokens, max_rows, seed)
     gen = torch.Generator().manual_seed(seed)
     out: list[list[SlotInputs]] = []
     for li, layer in enumerate(model.layers):
@@ -136,6 +139,49 @@ def collect_inputs(
             per_slot.append(SlotInputs(x, w, n))
         out.append(per_slot)
     return out, tokens
+
+
+def _gather_inputs(
+    model: MoEModel, xs: list[list[list[torch.Tensor]]], ws: list[list[list[torch.Tensor]]], tokens: int,
+    max_rows: int, seed: int,
+) -> tuple[list[list[SlotInputs]], int]:
+    """Distributed `collect_inputs`: the rows one process would keep, from the ranks' shards.
+
+    Ranks hold contiguous shards, so rank r's rows of a slot are rows [off_r, off_r + n_r) of the single-
+    process concatenation. Every rank replays the same subsampling (same generator, same totals) and
+    sends only the kept rows it holds; all-gathered, they are placed where one process would have them.
+    """
+    local = [[(torch.cat(xs[li][s]) if xs[li][s] else torch.zeros(0, lay.table.spec.hidden),
+               torch.cat(ws[li][s]) if ws[li][s] else torch.zeros(0)) for s in range(lay.table.num_slots)]
+             for li, lay in enumerate(model.layers)]
+    sizes = distributed.all_gather([[int(x.shape[0]) for x, _ in row] for row in local])  # [rank][layer][slot]
+    me = distributed.rank()
+    gen = torch.Generator().manual_seed(seed)
+    keeps: list[list[torch.Tensor]] = []
+    picked: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []  # (positions, x, w) held here
+    for li, row in enumerate(local):
+        keeps.append([])
+        picked.append([])
+        for s, (x, w) in enumerate(row):
+            n = sum(r[li][s] for r in sizes)
+            keep = torch.randperm(n, generator=gen)[:max_rows] if n > max_rows else torch.arange(n)
+            off = sum(r[li][s] for r in sizes[:me])
+            pos = ((keep >= off) & (keep < off + x.shape[0])).nonzero().flatten()  # places in `keep` held here
+            keeps[-1].append(keep)
+            picked[-1].append((pos, x[keep[pos] - off], w[keep[pos] - off]))
+    parts = distributed.all_gather(picked)
+    out: list[list[SlotInputs]] = []
+    for li, layer in enumerate(model.layers):
+        per_slot = []
+        for s, keep in enumerate(keeps[li]):
+            x = torch.zeros(len(keep), layer.table.spec.hidden)  # (kept, H)
+            w = torch.zeros(len(keep))
+            for part in parts:
+                pos, px, pw = part[li][s]
+                x[pos], w[pos] = px, pw
+            per_slot.append(SlotInputs(x, w, sum(r[li][s] for r in sizes)))
+        out.append(per_slot)
+    return out, sum(int(t) for t in distributed.all_gather(tokens))
 
 
 # (layer index, slot, "w_in" | "w_out", bits) -> the dequantized matrix the model would compute with
@@ -182,17 +228,25 @@ def measure(
     errors: list[list[dict[int | None, float]]] = []
     freq: list[list[float]] = []
     work = [(li, s) for li, layer in enumerate(model.layers) for s in range(layer.table.num_slots)]
-    it: Iterable[tuple[int, int]] = work
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(work, desc="quantize: sensitivity", unit="expert", leave=False)
     for li, layer in enumerate(model.layers):
         errors.append([{} for _ in range(layer.table.num_slots)])
         freq.append([inputs[li][s].routed / max(tokens, 1) for s in range(layer.table.num_slots)])
     energy = [0.0] * len(model.layers)
-    for li, s in it:
-        errors[li][s], e = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens,
-                                         quantizer)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(range(distributed.rank(), len(work), distributed.world())), desc="quantize: sensitivity",
+               unit="expert", leave=False, disable=not progress)
+
+    def one(cell: tuple[int, int]) -> tuple[dict[int | None, float], float]:
+        li, s = cell
+        res = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens, quantizer)
+        bar.update(1)
+        return res
+
+    # Distributed: slot i on rank i % P (the quantize pass stores each slot on the rank that measured it).
+    with bar:
+        results = distributed.map_items(work, one)
+    for (li, s), (err, e) in zip(work, results, strict=True):
+        errors[li][s] = err
         energy[li] += e
     return Sensitivity(group, symmetric, tokens, errors, freq, source, energy, algo)

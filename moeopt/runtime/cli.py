@@ -31,8 +31,23 @@ def lower_cmd(
                                          "against the model in PyTorch before it is renamed into place, and "
                                          "refuse it beyond its parity tolerance")] = True,
 ) -> None:
-    """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer), verified."""
+    """Lower a model to an ONNX Runtime artifact (model.onnx + manifest.json + tokenizer), verified.
+
+    Under torchrun the ranks split the work of --passes (see moeopt.distributed); rank 0 alone lowers.
+    """
+    from moeopt import distributed
+
+    with distributed.session():
+        _lower(model, out, target, threads, opt_level, passes_text, experts, hot, prefetch_top, overwrite, attention,
+               verify)
+
+
+def _lower(
+    model: str, out: Path, target: str, threads: int, opt_level: str, passes_text: str, experts: str, hot: str,
+    prefetch_top: int, overwrite: bool, attention: str, verify: bool,
+) -> None:
     import moeopt
+    from moeopt import distributed
     from moeopt.passes import PassContext, PassManager
     from moeopt.passes.lower import Lower
 
@@ -49,8 +64,9 @@ def lower_cmd(
         m = pm.run(m, source=model).model
     result = lower.run(m, PassContext())
     measured = result.stats.get("parity-measured")
-    print(f"wrote {out}" + (f" (verified: max |logit diff| {measured:.3g})" if measured is not None
-                            else " (not verified: --no-verify)"))
+    if distributed.is_main():
+        print(f"wrote {out}" + (f" (verified: max |logit diff| {measured:.3g})" if measured is not None
+                                else " (not verified: --no-verify)"))
 
 
 def run_cmd(
