@@ -110,14 +110,20 @@ def convert(
     reproducer_dir: Annotated[Path | None, typer.Option(help="where a failing run writes its reproducer")] = None,
     data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
     overwrite: Overwrite = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="run on N local ranks (torch.distributed, gloo): "
+                                       "they split the calibration batches and the per-expert work, rank 0 "
+                                       "writes; as `torchrun --standalone --nproc-per-node N -m moeopt convert`"
+                                       )] = 1,
 ) -> None:
     """Run a pipeline on a model and save the result.
 
-    Under `torchrun --nproc-per-node P -m moeopt convert ...` the P ranks split the calibration batches and
-    the per-expert work (see moeopt.distributed) and rank 0 alone writes the output.
+    Under `torchrun --nproc-per-node P -m moeopt convert ...` (or with `--nproc P`) the P ranks split the
+    calibration batches and the per-expert work (see moeopt.distributed) and rank 0 alone writes the output.
     """
     from moeopt import distributed
 
+    if nproc > 1 and not distributed.launched():  # the ranks run this same command line, under the launcher
+        sys.exit(distributed.launch_local(nproc, sys.argv[1:]))
     with distributed.session():
         _convert(model, out, passes_text, verify_each, print_ir_after, timing, stats, dtype, reproduce,
                  reproducer_dir, data, overwrite)

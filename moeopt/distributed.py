@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -112,6 +113,49 @@ def session() -> Iterator[bool]:
         yield True
     finally:
         dist.destroy_process_group()
+
+
+def launch_local(nproc: int, argv: Sequence[str]) -> int:
+    """Run `python -m moeopt ARGV` as `nproc` ranks on this machine; returns the exit status for the caller.
+
+    torch.distributed's elastic launcher does what `torchrun --standalone --nproc-per-node N` does (a
+    local c10d rendezvous on a free port, no restarts); the ranks see torchrun's environment, so the
+    same command line runs distributed in them. Each rank prints its own one-line error; the launcher's
+    logging and its ChildFailedError report are replaced by the status: 2 when a rank failed on purpose
+    (or was killed), otherwise the failing rank's own.
+    """
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    import moeopt
+
+    here = str(Path(moeopt.__file__).resolve().parents[1])  # the ranks import this moeopt, not another install
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does, but sharing the cores instead of 1 each
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"moeopt-{uuid.uuid4().hex}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)("-m", "moeopt", *argv)
+    except ChildFailedError as e:
+        codes = {r: f.exitcode for r, f in e.failures.items()}
+        if 2 in codes.values():
+            return 2
+        r, code = min(codes.items())
+        if code < 0:
+            print(f"moeopt: error: rank {r} was killed by signal {-code}", file=sys.stderr)
+            return 2
+        return code
+    finally:
+        quiet.setLevel(level)
+    return 0
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -133,3 +133,20 @@ def test_single_process_helpers_are_the_plain_code() -> None:
     t = torch.ones(2)
     distributed.all_reduce_([t])
     assert t.tolist() == [1.0, 1.0]
+
+
+def test_nproc_error_is_one_line_per_rank_and_exit_2(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for k in distributed.ENV:
+        env.pop(k, None)
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "moeopt", "convert", str(tmp_path / "no-model"), "-o", str(out), "--passes",
+         "importance,nosuchpass", "--nproc", "2"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(x.startswith("moeopt: error: ") and "nosuchpass" in x for x in lines), lines
+    assert run.stdout == "" and list(tmp_path.iterdir()) == []  # the launcher's report is not shown; nothing written
