@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="rounds of the three configs (interleaved)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--work", type=Path, default=Path("/tmp/moeopt-bench-dist"))
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     p.add_argument("--label", default="default")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
@@ -126,9 +127,12 @@ def main() -> None:
     ckpt = random_mixtral(args.cache / name, sh)
     args.work.mkdir(parents=True, exist_ok=True)
     passes = pipeline(calibration(args.work, args.tokens), args)
+    configs = [c for c in args.configs.split(",") if c]
+    if not set(configs) <= set(CONFIGS) or "1proc-1thread" not in configs or "2ranks-1thread" not in configs:
+        raise SystemExit(f"--configs: a subset of {', '.join(CONFIGS)} with 1proc-1thread and 2ranks-1thread")
     runs = []
     for r in range(args.repeats):
-        for config in CONFIGS:
+        for config in configs:
             res = run(config, ckpt, args.work / config, passes)
             res["round"] = r
             print(json.dumps({k: v for k, v in res.items() if k != "command"}), flush=True)
@@ -140,20 +144,21 @@ def main() -> None:
     def best_pass(config: str, name: str) -> float:
         return min(x["passes_s"].get(name, float("nan")) for x in runs if x["config"] == config)
 
-    base = best("1proc-1thread")
-    summary = {
-        "speedup_wall_vs_1thread": round(base / best("2ranks-1thread"), 3),
-        "speedup_wall_vs_2threads": round(best("1proc-2threads") / best("2ranks-1thread"), 3),
-        "speedup_passes_vs_1thread": round(best_pass("1proc-1thread", "total") / best_pass("2ranks-1thread",
-                                                                                          "total"), 3),
-        "speedup_passes_vs_2threads": round(best_pass("1proc-2threads", "total") / best_pass("2ranks-1thread",
-                                                                                            "total"), 3),
-        "per_pass_speedup_vs_1thread": {
-            n: round(best_pass("1proc-1thread", n) / best_pass("2ranks-1thread", n), 3)
-            for n in runs[0]["passes_s"] if n != "total"},
-        "weights_equal_2ranks_vs_1thread": len({x["weights_sha256"] for x in runs
-                                                 if x["config"] in ("1proc-1thread", "2ranks-1thread")}) == 1,
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3)
+
+    one, two = "1proc-1thread", "2ranks-1thread"
+    summary: dict[str, Any] = {
+        "speedup_wall": ratio(best(one), best(two)),
+        "speedup_passes": ratio(best_pass(one, "total"), best_pass(two, "total")),
+        "per_pass_speedup": {n: ratio(best_pass(one, n), best_pass(two, n)) for n in runs[0]["passes_s"]
+                             if n != "total"},
+        "cpu_s": {c: best(c, "cpu_s") for c in configs},
+        "weights_equal_2ranks_vs_1thread": len({x["weights_sha256"] for x in runs if x["config"] in (one, two)}) == 1,
     }
+    if "1proc-2threads" in configs:
+        summary["speedup_wall_vs_2threads"] = ratio(best("1proc-2threads"), best(two))
+        summary["speedup_passes_vs_2threads"] = ratio(best_pass("1proc-2threads", "total"), best_pass(two, "total"))
     result = {
         "label": args.label, "model": {"shape": sh, "checkpoint": str(ckpt)}, "pipeline": passes,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -103,7 +103,7 @@ def session() -> Iterator[bool]:
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     try:
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"could not join the process group ({type(e).__name__}: {e})") from e
@@ -165,12 +165,6 @@ def shard(items: Sequence[T]) -> list[T]:
     """
     n, p, r = len(items), world(), rank()
     return list(items[n * r // p : n * (r + 1) // p])
-
-
-def span(n: int) -> tuple[int, int]:
-    """[lo, hi) of this rank's share of n items, as `shard` cuts them."""
-    p, r = world(), rank()
-    return n * r // p, n * (r + 1) // p
 
 
 def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
