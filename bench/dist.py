@@ -10,8 +10,8 @@ expert) three ways, each a fresh process tree timed from outside:
 
 Each records the wall time (process start, imports, load and save included), the CPU seconds of the
 process tree, rank 0's per-pass times (`--timing`), the load average before and after (the machine is
-shared: compare runs taken at similar load only), and the sha256 of the written weights (the 2-rank
-file equals the 1-thread process's when float summation order does not move a rounding).
+shared: compare runs taken at similar load only), and the sha256 of the written weights (header keys
+sorted; the 2-rank file equals the 1-thread process's when float summation order moves no rounding).
 
     .venv/bin/python bench/dist.py                       # default shape, results in bench/results/dist/
     .venv/bin/python bench/dist.py --layers 2 --repeats 1 --label smoke
@@ -81,6 +81,14 @@ def pass_times(stdout: str) -> dict[str, float]:
     return out
 
 
+def tensors_digest(path: Path) -> str:
+    """sha256 of a safetensors file with its header's keys sorted (the writer orders `__metadata__` by a
+    per-process hash, so two processes' saves of equal tensors differ in those bytes alone)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True).encode() + data[8 + n :]).hexdigest()
+
+
 def run(config: str, ckpt: Path, dest: Path, passes: str) -> dict[str, Any]:
     threads = "2" if config == "1proc-2threads" else "1"
     env = {**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
@@ -97,7 +105,7 @@ def run(config: str, ckpt: Path, dest: Path, passes: str) -> dict[str, Any]:
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    weights = hashlib.sha256((dest / "model.safetensors").read_bytes()).hexdigest()
+    weights = tensors_digest(dest / "model.safetensors")
     return {
         "config": config, "wall_s": round(wall, 2),
         "cpu_s": round(ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, 2),
