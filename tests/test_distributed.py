@@ -2,8 +2,7 @@
 
 The torchrun test runs a pipeline that uses every sharded path (importance and GPTQ Hessians over the
 ranks' calibration shards, the quantize sensitivity's inputs gathered, per-expert loss sensitivity, merge
-alignment, GPTQ sensitivity and packing by expert) and compares the files' sha256 with an in-process run
-(safetensors headers with their keys sorted: see `digests`).
+alignment, GPTQ sensitivity and packing by expert) and compares the files' sha256 with an in-process run.
 The helper test spawns 2 gloo ranks and checks the error agreement: a failure on one rank is the same
 one-line error on every rank.
 """
@@ -48,17 +47,9 @@ def tiny_moe(folder: Path) -> tuple[Path, Path]:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file; a safetensors header's JSON is read with sorted keys first, because the
-    safetensors writer orders `__metadata__` by a per-process hash (two saves of the same tensors by one
-    process and by another differ in those bytes alone, with or without torch.distributed)."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        data = p.read_bytes()
-        if p.suffix == ".safetensors":
-            n = int.from_bytes(data[:8], "little")
-            data = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True).encode() + data[8 + n :]
-        out[p.name] = hashlib.sha256(data).hexdigest()
-    return out
+    """sha256 of every file, raw bytes (moeopt's safetensors headers are the same from process to process:
+    see `moeopt.ir.checkpoint.ST_METADATA`)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def test_torchrun_two_ranks_write_one_process_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,10 +79,10 @@ def save_checkpoint(
             meta["linears"] = {path: q.meta() for path, q in model.linears.items()}
             packed = {f"{path}.{name}": t.detach().contiguous() for path, q in model.linears.items()
                       for name, t in q.named_buffers() if t is not None}
-            save_file(packed, str(tmp / LINEARS_FILE), metadata={"format": "pt", "producer": "moeopt"})
+            save_file(packed, str(tmp / LINEARS_FILE), metadata=ST_METADATA)
         if model.predictor is not None:
             pred = {k: v.detach().float().contiguous() for k, v in model.predictor.state_dict().items()}
-            save_file(pred, str(tmp / PREDICTOR_FILE), metadata={"format": "pt", "producer": "moeopt"})
+            save_file(pred, str(tmp / PREDICTOR_FILE), metadata=ST_METADATA)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if model.source_dir is not None:
             for name in TOKENIZER_FILES:
@@ -93,6 +93,11 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# One key only: safetensors (0.8) serializes __metadata__ from a hash map whose order changes from process to
+# process, so two keys made two runs' bytes differ (measured: 6 of 12 processes wrote each order).
+ST_METADATA = {"format": "pt"}
 
 
 def _save_shards(sources: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path, shard_bytes: int) -> None:
@@ -114,7 +119,7 @@ def _save_shards(sources: dict[str, torch.Tensor], dtype: torch.dtype, folder: P
     for name, keys in zip(names, groups, strict=True):
         tensors = {k: (sources[k].to(dtype) if sources[k].is_floating_point() else sources[k]).detach().contiguous()
                    for k in keys}
-        save_file(tensors, str(folder / name), metadata={"format": "pt", "producer": "moeopt"})
+        save_file(tensors, str(folder / name), metadata=ST_METADATA)
         del tensors
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(nbytes(t) for t in sources.values())},
