@@ -26,6 +26,7 @@ from moeopt.lower.genai import write_genai_files
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
+from moeopt.lower.onnx_quant import kernel_routing as kernel_routing_why
 from moeopt.lower.parity import measure_parity, record_parity
 from moeopt.lower.profiles import TargetProfile, profile
 from moeopt.lower.seq2seq import export_seq2seq
@@ -50,6 +51,7 @@ def lower(
     overwrite: bool = False,
     verify: bool = True,
     attention: str = "auto",
+    kernel_routing: bool = True,
 ) -> Path:
     """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
 
@@ -79,6 +81,9 @@ def lower(
             exported), "gqa" (insist) or "export" (the attention as torch.export traces it). Recorded as
             the manifest's ``graph.attention``. Resident decoder-only artifacts only: offload and
             encoder-decoder artifacts keep the exported attention.
+        kernel_routing: resident artifacts: a layer whose experts are one QMoE node routes in that node
+            from the router logits where that is the same function (`onnx_quant.kernel_routing`; recorded
+            per layer as ``routing``: "qmoe" or "graph"); False keeps the graph's router everywhere.
 
     Raises:
         VerificationError: the artifact differs from the model by more than its tolerance (nothing is
@@ -88,7 +93,7 @@ def lower(
         raise BadInputError(f"experts must be resident or offload, got '{experts}'")
     out = Path(out)
     prof = profile(target, threads)  # a bad target fails before the minute of export
-    quant = QuantSettings(accuracy_level, exact=experts == "resident")
+    quant = QuantSettings(accuracy_level, exact=experts == "resident", kernel_routing=kernel_routing)
     check_lowerable(model.layers)
     check_layers(model.layers)
     if experts == "offload" or getattr(model.config, "is_encoder_decoder", False):
@@ -122,6 +127,9 @@ def lower(
         manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize,
                                   quant=quant)
         manifest["graph"]["ops"] = contrib_ops(*(tmp / g for g in graphs))
+        if offload is None and encoder is None:
+            for meta, layer in zip(manifest["layers"], model.layers, strict=True):
+                meta["routing"] = "graph" if kernel_routing_why(layer, quant) else "qmoe"
         if offload is not None:  # no single graph: the runtime drives the segments (moeopt.runtime.offload)
             manifest["graph"]["file"] = None
             manifest["offload"] = offload
