@@ -30,6 +30,7 @@ from moeopt.lower.onnx_quant import kernel_routing as kernel_routing_why
 from moeopt.lower.parity import measure_parity, record_parity
 from moeopt.lower.profiles import TargetProfile, profile
 from moeopt.lower.seq2seq import export_seq2seq
+from moeopt.lower.tolerance import parity_tolerance as tolerance_rule
 from moeopt.outdir import atomic_dir, commit_dir
 from moeopt.runtime.manifest import FORMAT, MANIFEST, MODEL_FILE, PARITY_FILE, VERSION, hash_files
 
@@ -140,7 +141,11 @@ def lower(
             manifest["quant"] = {"accuracy_level": quant.accuracy_level}
         if model.linears:
             manifest["quant"]["linears"] = {path: q.meta() for path, q in model.linears.items()}
-        tolerance = parity_tolerance(model, quant)
+        if encoder is None:  # measured error model on the parity probe (`moeopt.lower.tolerance`)
+            tolerance, manifest["parity_rule"] = tolerance_rule(model, quant, tmp / PARITY_FILE)
+        else:  # encoder-decoder: no recorded probe; the fixed rule
+            tolerance = parity_tolerance(model, quant)
+            manifest["parity_rule"] = {"kind": "fixed"}
         manifest["parity_tolerance"] = tolerance
         manifest["parity_measured"], manifest["verified"] = None, False
         if encoder is not None:  # encoder-decoder: the decoder is "graph", the encoder runs once per prompt
@@ -164,6 +169,8 @@ def lower(
     return out
 
 
+# The fixed rule, for artifacts without a parity probe (encoder-decoder); decoder-only artifacts are held to
+# `moeopt.lower.tolerance.parity_tolerance` (these figures as its floor, raised by an error model).
 # Max |logit diff| against parity.npz (PyTorch, dequantized weights) that a runtime may show. Measured on the
 # reference model: float 1.2e-5 and 4-bit with fp32 activations 1.1e-5 (x86-64 and aarch64 under qemu); on
 # the tests' tiny artifacts (float, 2/3/4-bit, offload, encoder-decoder) at most 1.3e-6; int8 activations
