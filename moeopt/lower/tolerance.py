@@ -16,18 +16,26 @@
 
 So the tolerance is measured, not guessed: PyTorch runs the probe again with the kernels' numerics
 SIMULATED at every matmul site (`simulated_diff`): int8 rounding of each activation block as the int8
-kernels do it (symmetric, amax / 127 per block of the weight's block size), and, for exact artifacts,
-a relative perturbation of 2**-24 * sqrt(K) at each input of a length-K dot product (what another fp32
-summation order does to it). The max |logit diff| this produces, D, is that model's own error of that
-kind on that probe; a correct artifact shows a different realisation of the same error, so
+kernels do it (symmetric, amax / 127 per block of the weight's block size, on fc1's and fc2's inputs of
+each int8 expert and on each int8 linear), and, for exact artifacts, a relative perturbation of
+2**-24 * sqrt(K) at each input of a length-K dot product (what another fp32 summation order does to it).
+The max |logit diff| this produces, D, is that model's own error of that kind on that probe; a correct
+artifact shows (a realisation of) the same error, so
 
     tolerance = max(FLOOR, FACTOR * D)
 
-with FLOOR = 1e-3 (the former exact tolerance, kept: tiny models stay held to it) and FACTOR 3 for int8
-activations, 10 for fp32 order (measured ratios artifact / D below). Faults are still caught: a changed
-router weight moves the reference model's logits by 8e-3 (8x its floor, tests/test_lower_verify.py); a
-wrong layout, expert order or scale moves them by O(max |logit|), far over FACTOR * D unless the model's
-int8 error is itself that large - in which case the manifest says so (``parity_rule``).
+FLOOR = 1e-3 is the former exact tolerance, kept: small healthy models stay held to it.
+Measured artifact / D (max |logit diff| of the artifact against PyTorch, over D):
+- int8 (FACTOR 3): 1.000 on the reference model at accuracy level 4 (0.0631 / 0.0631) and on tiny
+  Mixtrals (4-bit experts and linears at level 4; offload 8-bit QMoE: 0.85-0.99): the simulation rounds
+  as MLAS does, and only chaotic amplification on deep models (a rounding step flipped by fp32 order,
+  then a routing choice) separates the two realisations.
+- fp32 order (FACTOR 4): 0.55-0.7 on the reference model, 0.2-0.3 on the split SmolLM2, < 0.23 on its
+  2-bit RTN version (D = 4.4e-3, a model whose own full-recompute and one-pass logits differ by 2.9e-4).
+Faults are still caught: a changed router weight moves the reference model's logits by 8e-3, over its
+floor (tests/test_lower_verify.py), and a tiny int8 artifact's by more than twice its tolerance
+(tests/test_tolerance_rule.py); a wrong layout, expert order or scale moves logits by O(max |logit|).
+The manifest records the rule next to the number (``parity_rule``: kind, D, factor, floor, int8 sites).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from moeopt.lower.onnx_quant import NBITS_BLOCKS, QuantSettings, _block, int8_ac
 
 FLOOR = 1e-3
 FACTOR_INT8 = 3.0
-FACTOR_FP32 = 10.0
+FACTOR_FP32 = 4.0
 FP32_EPS = 2.0**-24
 
 Perturb = Callable[[torch.Tensor], torch.Tensor]
