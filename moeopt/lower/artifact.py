@@ -26,9 +26,11 @@ from moeopt.lower.genai import write_genai_files
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
+from moeopt.lower.onnx_quant import kernel_routing as kernel_routing_why
 from moeopt.lower.parity import measure_parity, record_parity
 from moeopt.lower.profiles import TargetProfile, profile
 from moeopt.lower.seq2seq import export_seq2seq
+from moeopt.lower.tolerance import parity_tolerance as tolerance_rule
 from moeopt.outdir import atomic_dir, commit_dir
 from moeopt.runtime.manifest import FORMAT, MANIFEST, MODEL_FILE, PARITY_FILE, VERSION, hash_files
 
@@ -50,6 +52,7 @@ def lower(
     overwrite: bool = False,
     verify: bool = True,
     attention: str = "auto",
+    kernel_routing: bool = True,
 ) -> Path:
     """Lower an MoEModel to an ONNX Runtime artifact folder at `out`.
 
@@ -79,6 +82,9 @@ def lower(
             exported), "gqa" (insist) or "export" (the attention as torch.export traces it). Recorded as
             the manifest's ``graph.attention``. Resident decoder-only artifacts only: offload and
             encoder-decoder artifacts keep the exported attention.
+        kernel_routing: resident artifacts: a layer whose experts are one QMoE node routes in that node
+            from the router logits where that is the same function (`onnx_quant.kernel_routing`; recorded
+            per layer as ``routing``: "qmoe" or "graph"); False keeps the graph's router everywhere.
 
     Raises:
         VerificationError: the artifact differs from the model by more than its tolerance (nothing is
@@ -88,7 +94,7 @@ def lower(
         raise BadInputError(f"experts must be resident or offload, got '{experts}'")
     out = Path(out)
     prof = profile(target, threads)  # a bad target fails before the minute of export
-    quant = QuantSettings(accuracy_level, exact=experts == "resident")
+    quant = QuantSettings(accuracy_level, exact=experts == "resident", kernel_routing=kernel_routing)
     check_lowerable(model.layers)
     check_layers(model.layers)
     if experts == "offload" or getattr(model.config, "is_encoder_decoder", False):
@@ -122,6 +128,9 @@ def lower(
         manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize,
                                   quant=quant)
         manifest["graph"]["ops"] = contrib_ops(*(tmp / g for g in graphs))
+        if offload is None and encoder is None:
+            for meta, layer in zip(manifest["layers"], model.layers, strict=True):
+                meta["routing"] = "graph" if kernel_routing_why(layer, quant) else "qmoe"
         if offload is not None:  # no single graph: the runtime drives the segments (moeopt.runtime.offload)
             manifest["graph"]["file"] = None
             manifest["offload"] = offload
@@ -132,7 +141,11 @@ def lower(
             manifest["quant"] = {"accuracy_level": quant.accuracy_level}
         if model.linears:
             manifest["quant"]["linears"] = {path: q.meta() for path, q in model.linears.items()}
-        tolerance = parity_tolerance(model, quant)
+        if encoder is None:  # measured error model on the parity probe (`moeopt.lower.tolerance`)
+            tolerance, manifest["parity_rule"] = tolerance_rule(model, quant, tmp / PARITY_FILE)
+        else:  # encoder-decoder: no recorded probe; the fixed rule
+            tolerance = parity_tolerance(model, quant)
+            manifest["parity_rule"] = {"kind": "fixed"}
         manifest["parity_tolerance"] = tolerance
         manifest["parity_measured"], manifest["verified"] = None, False
         if encoder is not None:  # encoder-decoder: the decoder is "graph", the encoder runs once per prompt
@@ -156,6 +169,8 @@ def lower(
     return out
 
 
+# The fixed rule, for artifacts without a parity probe (encoder-decoder); decoder-only artifacts are held to
+# `moeopt.lower.tolerance.parity_tolerance` (these figures as its floor, raised by an error model).
 # Max |logit diff| against parity.npz (PyTorch, dequantized weights) that a runtime may show. Measured on the
 # reference model: float 1.2e-5 and 4-bit with fp32 activations 1.1e-5 (x86-64 and aarch64 under qemu); on
 # the tests' tiny artifacts (float, 2/3/4-bit, offload, encoder-decoder) at most 1.3e-6; int8 activations

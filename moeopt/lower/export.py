@@ -145,8 +145,9 @@ def onnx_export(
     ir_model = program.model
     folded = graph_passes.fold_weight_layout(ir_model)
     onnx_linears.replace_linears(ir_model, model)  # quantized non-expert linears -> MatMulNBits
-    if fuse_norms:
+    if fuse_norms:  # GroupQueryAttention graphs
         graph_passes.fuse_rms_norm(ir_model)
+        graph_passes.fuse_qkv(ir_model)
     graph_passes.name_dynamic_dims(ir_model, dim_names)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     data = onnx_path.with_name(onnx_path.name + ".data")

@@ -4,6 +4,8 @@
   gate/up interleave) are computed once here, so the saved weights are in the layout the kernels read
   and a session does not constant-fold (and briefly hold two copies of) every expert at load.
 - `name_dynamic_dims`: readable names (batch, sequence, past_sequence ...) for the symbolic dims.
+- `fuse_qkv`: the q, k, v projections feeding a GroupQueryAttention node become one MatMulNBits (or
+  MatMul) with their weights stacked, read by the node as packed QKV.
 """
 
 from __future__ import annotations
@@ -219,3 +221,78 @@ def _drop_unused_initializers(graph: ir.Graph) -> None:
     for name, v in list(graph.initializers.items()):
         if not v.uses() and v not in graph.outputs and v not in graph.inputs:
             del graph.initializers[name]
+
+
+def _qkv_key(node: ir.Node | None) -> tuple[object, ...] | None:
+    """What two q/k/v projections must share to be stacked: kind, input, K/bits/block/level, zero points."""
+    if node is None or len(node.outputs[0].uses()) != 1 or node.outputs[0].is_graph_output():
+        return None
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.inputs) in (3, 4):
+        consts = [_const(v) for v in node.inputs[1:]]
+        if any(c is None for c in consts):
+            return None
+        attrs = tuple(node.attributes[k].as_int() if k in node.attributes else None
+                      for k in ("K", "bits", "block_size", "accuracy_level"))
+        return ("MatMulNBits", node.inputs[0], attrs, len(node.inputs))
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        w = _const(node.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        return ("MatMul", node.inputs[0], (w.shape[0], w.dtype.str), 2)
+    return None
+
+
+def fuse_qkv(model: ir.Model) -> int:
+    """q, k, v projections (MatMulNBits of one format, or MatMul with constant weights) reading the same
+    input and read only by a GroupQueryAttention node become ONE projection whose output rows are q's,
+    then k's, then v's, passed as the node's packed QKV (its key and value inputs left empty). Exact:
+    every output column is the same dot product as before (MatMulNBits quantizes the shared input per
+    block along K alike for all three). Two kernel launches fewer per layer, and one larger GEMV keeps
+    the threads busier than three small ones. Returns how many layers were fused.
+    """
+    graph = model.graph
+    fused = 0
+    for gqa in list(graph):
+        if gqa.op_type != "GroupQueryAttention" or gqa.domain != "com.microsoft" or len(gqa.inputs) < 3:
+            continue
+        projs = [v.producer() if v is not None else None for v in gqa.inputs[:3]]
+        keys = [_qkv_key(p) for p in projs]
+        if keys[0] is None or len(set(keys)) != 1 or len(set(map(id, projs))) != 3:
+            continue
+        nodes = [p for p in projs if p is not None]
+        q = nodes[0]
+        name = (q.name or "qkv") + ".qkv"
+
+        if q.op_type == "MatMulNBits":
+            stacked = [_stack(nodes, i, 0) for i in range(1, len(q.inputs))]  # B (N, kb, blob); scales, zp by row
+            n = sum(p.attributes["N"].as_int() for p in nodes)
+            attrs = {key: (n if key == "N" else a.value) for key, a in q.attributes.items()}
+            inits = [_new_initializer(graph, f"{name}.{suffix}", arr)
+                     for suffix, arr in zip(("B", "scales", "zero_points"), stacked, strict=False)]
+            node = ir.node("MatMulNBits", [q.inputs[0], *inits], domain="com.microsoft", attributes=attrs)
+        else:
+            node = ir.node("MatMul", [q.inputs[0], _new_initializer(graph, f"{name}.weight", _stack(nodes, 1, 1))])
+        graph.insert_before(q, node)
+        if q.outputs[0].dtype is not None:
+            node.outputs[0].dtype = q.outputs[0].dtype
+        gqa.replace_input_with(0, node.outputs[0])
+        gqa.replace_input_with(1, None)
+        gqa.replace_input_with(2, None)
+        for p in nodes:
+            graph.remove(p, safe=True)
+        fused += 1
+    _drop_unused_initializers(graph)
+    return fused
+
+
+def _stack(nodes: list[ir.Node], i: int, axis: int) -> np.ndarray:
+    """The constant input `i` of each node, concatenated along `axis`."""
+    return np.concatenate([_const(p.inputs[i]) for p in nodes], axis=axis)  # type: ignore[misc]
+
+
+def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    a = np.ascontiguousarray(array)
+    tensor = ir.tensor(a, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(a.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value

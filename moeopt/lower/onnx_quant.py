@@ -61,7 +61,7 @@ QMOE_BLOCKS = (256, 128, 64, 32, 16)
 NBITS_BLOCKS = (128, 64, 32, 16)
 NATIVE_BITS = (2, 4, 8)  # what both kernels read; 3-bit is widened to 4
 
-STATS: dict[str, int] = {"qmoe-nodes": 0, "float-groups": 0, "matmulnbits-groups": 0}
+STATS: dict[str, int] = {"qmoe-nodes": 0, "float-groups": 0, "matmulnbits-groups": 0, "kernel-routed-layers": 0}
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,14 @@ class QuantSettings:
         computing those experts on every token. On real weights the int8-activation QMoE misses PyTorch
         by whole logits (split SmolLM2: 2.07 at 8 bits, 9.55 at 2 bits in blocks of 64). Off for offload
         artifacts, whose expert file holds QMoE records.
+    kernel_routing: let a layer's single QMoE node route from the router logits itself where that is
+        the same function (`kernel_routing`), instead of the graph's canonical router feeding it dense
+        per-slot weights: ~17 fewer nodes per layer, which is most of the nodes of a decode step.
     """
 
     accuracy_level: int = 0
     exact: bool = False
+    kernel_routing: bool = True
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -185,6 +189,44 @@ def plan(layer: Any, settings: QuantSettings | None = None) -> list[Group]:
             groups.append(Group(tuple(slots), bits, "com.microsoft.QMoE", block, stored,
                                 intermediate=inter if inter != spec.intermediate else None))
     return groups
+
+
+def kernel_routing(layer: Any, settings: QuantSettings | None = None) -> str:
+    """Why the layer's experts cannot be one QMoE node that routes from the router logits ("" = they can).
+
+    QMoE given only `router_probs` (no `router_weights`) picks the top-k logits and weights them by the
+    softmax over those k logits: for softmax routing renormalised over the chosen experts (Mixtral:
+    softmax, top-k, divide by the sum) and for top-k-then-softmax routing (GraniteMoE) that is the same
+    function, so the canonical router (softmax, TopK, gathers, slot scatter: ~17 nodes per layer) is
+    not needed. Only with one QMoE node over every slot, slots = experts in order, nothing pruned, no
+    score bias, group limit, capacity or scale. Ties: QMoE breaks exactly equal logits by the higher
+    index, torch by its own order (`onnx_routing.tie_order`); equal logits need equal router rows (an
+    untrained router: zeros), so routers with two equal rows keep the graph's router.
+    Measured: the ~1B random Mixtral at accuracy level 0 within 2.5e-5 of the graph-routed artifact.
+    """
+    settings = settings or _SETTINGS.get() or QuantSettings()
+    if not settings.kernel_routing:
+        return "kernel routing is off"
+    t, r = layer.table, layer.router
+    if not len(t.quantized):
+        return "float experts"
+    groups = plan(layer, settings)
+    if len(groups) != 1 or groups[0].op != "com.microsoft.QMoE":
+        return "the experts are not one QMoE node"
+    same = (r.score_fn == "softmax" and r.norm == "sum") or (r.score_fn == "topk_softmax" and r.norm in ("none", "sum"))
+    if not same or r.scale != 1.0:
+        return f"routing {r.score_fn}/{r.norm} (scale {r.scale:g}) is not QMoE's softmax over the top-k logits"
+    if r.has_score_bias or r.n_group > 1 or r.capacity is not None or r.top_k > MOE_MAX_K:
+        return "score bias, group-limited choice, capacity or k over QMoE's limit"
+    if t.num_slots != r.num_experts or not bool(t.keep_mask.all()) or \
+            not torch.equal(t.slot_of, torch.arange(r.num_experts, dtype=t.slot_of.dtype)):
+        return "pruned or merged experts (slots are not the experts in order)"
+    rows = layer.router_weight.detach().float()
+    if layer.router_bias is not None:
+        rows = torch.cat([rows, layer.router_bias.detach().float()[:, None]], dim=1)
+    if torch.unique(rows, dim=0).shape[0] != rows.shape[0]:
+        return "two router rows are equal (ties would be broken differently)"
+    return ""
 
 
 def check_layers(layers: Sequence[Any]) -> None:
@@ -350,7 +392,8 @@ def qmoe_biases(table: Any, g: Group, kernel_spec: ExpertSpec) -> tuple[torch.Te
     return b1, b2
 
 
-def _qmoe(x2: Value, sw: Value, layer: Any, g: Group, settings: QuantSettings) -> Value:
+def _qmoe(x2: Value, sw: Value | None, layer: Any, g: Group, settings: QuantSettings,
+          logits: Value | None = None) -> Value:
     t, spec = layer.table, layer.table.spec
     view = _ort_table(t, g)
     packed = qmoe_group(view, list(g.slots))
@@ -360,17 +403,30 @@ def _qmoe(x2: Value, sw: Value, layer: Any, g: Group, settings: QuantSettings) -
     b2 = None if bias_out is None else _const(bias_out, f"{name}.fc2_bias")
     z1 = None if packed.fc1_zero_points is None else _const(packed.fc1_zero_points, f"{name}.fc1_zero_points")
     z2 = None if packed.fc2_zero_points is None else _const(packed.fc2_zero_points, f"{name}.fc2_zero_points")
-    w = _group_weights(sw, g.slots, t.num_slots)
     attrs = packed.attributes(spec.glu)  # expert_weight_bits: the width after widening (g.stored_bits)
     STATS["qmoe-nodes"] += 1
+    if logits is not None:  # the kernel routes (`kernel_routing`): softmax over the top-k logits
+        probs, weights, norm = logits, None, 1
+    else:
+        assert sw is not None
+        probs = weights = _group_weights(sw, g.slots, t.num_slots)
+        norm = 0
     return _QMOE(
-        x2, w, _const(packed.fc1, f"{name}.fc1"), _const(packed.fc1_scales, f"{name}.fc1_scales"), b1,
+        x2, probs, _const(packed.fc1, f"{name}.fc1"), _const(packed.fc1_scales, f"{name}.fc1_scales"), b1,
         _const(packed.fc2, f"{name}.fc2"), _const(packed.fc2_scales, f"{name}.fc2_scales"), b2, None, None, None,
-        z1, z2, None, w,
+        z1, z2, None, weights,
         k=min(layer.router.top_k, len(g.slots)), activation_type="swiglu" if spec.glu else QMOE_MLP_ACTS[spec.act],
-        normalize_routing_weights=0, **{"activation_alpha": 1.0, "activation_beta": 0.0, **swiglu_attrs(spec)},
+        normalize_routing_weights=norm, **{"activation_alpha": 1.0, "activation_beta": 0.0, **swiglu_attrs(spec)},
         accuracy_level=settings.accuracy_level, **attrs,
     )
+
+
+def qmoe_from_logits(x2: Value, logits: Value, layer: Any) -> Value:
+    """(N, H) tokens, (N, E) router logits -> (N, H): one QMoE node that routes itself (see `kernel_routing`)."""
+    settings = _SETTINGS.get() or QuantSettings()
+    (g,) = plan(layer, settings)
+    STATS["kernel-routed-layers"] += 1
+    return _qmoe(x2, None, layer, g, settings, logits=logits)
 
 
 def _nbits_matmul(x: Value, q: Any, bias: Value | None, name: str, settings: QuantSettings) -> Value:

@@ -18,7 +18,7 @@ from onnxscript import BOOL, FLOAT, INT64, opset18
 from moeopt.ir.compute import shared_tensor_names
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.ops import parse_config
-from moeopt.lower import offload_graph, onnx_experts, onnx_routing
+from moeopt.lower import offload_graph, onnx_experts, onnx_quant, onnx_routing
 from moeopt.lower.onnx_routing import const_i
 
 op: Any = opset18  # untyped on purpose: onnxscript's per-op stubs do not fit traced values
@@ -71,19 +71,23 @@ def moe_layer_onnx(
     offload = offload_graph.active() and layer is not None  # cold slots go to the runtime (offload mode)
     if offload:
         keep_mask = offload_graph.keep_mask_input(keep_mask, layer)
-    weights, index = onnx_routing.route(logits, router, keep_mask, score_bias)
-    batch = op.Slice(op.Shape(x), const_i(0), const_i(1))
-    weights = onnx_routing.apply_capacity(weights, index, batch, router)
-    num_slots = _static_dim(w_in, 0)
-    sw = onnx_routing.slot_weights(weights, index, slot_of, num_slots)  # (N, S)
-    if offload:
-        out = offload_graph.split_experts(x2, sw, logits, layer)
+    if not offload and layer is not None and not onnx_quant.kernel_routing(layer):
+        # one QMoE node routes from the logits itself: the canonical router below is the same function
+        out = onnx_quant.qmoe_from_logits(x2, logits, layer)
     else:
-        out = onnx_experts.routed_experts(
-            x2, sw, w_in, w_out, b_in, b_out, experts, router.top_k, num_slots, layer
-        )
-    if layer is None or not len(layer.table.quantized):  # quantized layers are counted by onnx_quant (QMoE ...)
-        STATS["moe-nodes" if onnx_experts.uses_moe_op(experts, router.top_k, num_slots) else "dense-layers"] += 1
+        weights, index = onnx_routing.route(logits, router, keep_mask, score_bias)
+        batch = op.Slice(op.Shape(x), const_i(0), const_i(1))
+        weights = onnx_routing.apply_capacity(weights, index, batch, router)
+        num_slots = _static_dim(w_in, 0)
+        sw = onnx_routing.slot_weights(weights, index, slot_of, num_slots)  # (N, S)
+        if offload:
+            out = offload_graph.split_experts(x2, sw, logits, layer)
+        else:
+            out = onnx_experts.routed_experts(
+                x2, sw, w_in, w_out, b_in, b_out, experts, router.top_k, num_slots, layer
+            )
+        if layer is None or not len(layer.table.quantized):  # quantized layers are counted by onnx_quant (QMoE ...)
+            STATS["moe-nodes" if onnx_experts.uses_moe_op(experts, router.top_k, num_slots) else "dense-layers"] += 1
     pos = 0
     for spec in shared_specs:
         n = len(shared_tensor_names(spec))

@@ -39,6 +39,9 @@ class Lower(Pass):
         Option("attention", "choice", "auto", "resident decoder graphs: gqa = one com.microsoft.GroupQueryAttention "
                "per layer (cache updated in place, fused RMSNorm; Mixtral-style attention), export = as traced, "
                "auto = gqa where it applies", choices=("auto", "gqa", "export")),
+        Option("kernel-routing", "bool", True, "resident artifacts: a layer whose quantized experts are one QMoE "
+               "node routes inside it from the router logits where that is the same function (softmax "
+               "renormalised over the top-k; ~17 fewer nodes per layer); false keeps the graph's router"),
         Option("prefetch-top", "int", 0, "offload: experts each hint output names, best first (0: the router's "
                "top_k)", min=0),
     )
@@ -72,7 +75,7 @@ class Lower(Pass):
             accuracy_level=self.opts["accuracy-level"], experts=self.opts["experts"], hot=self.hot_slots(),
             prefetch={"auto": None, "true": True, "false": False}[self.opts["prefetch"]],
             prefetch_top=self.opts["prefetch-top"] or None, overwrite=self.opts["overwrite"],
-            verify=self.opts["verify"], attention=self.opts["attention"],
+            verify=self.opts["verify"], attention=self.opts["attention"], kernel_routing=self.opts["kernel-routing"],
         )
         ctx.log(f"lower: wrote {path}")
         manifest = read_manifest(path, verify=False)
