@@ -156,14 +156,15 @@ def child(args: argparse.Namespace) -> None:
     manifest = read_manifest(art, verify=False)
     index = OffloadIndex.from_manifest(manifest)
     plan = manifest.get("plan") or {}
+    keep = args.page_cache == "keep"
     if args.mode == "resident":
         source = None
     elif args.mode == "on-demand":
-        source = offload_source(art, str(index.min_budget()), "on-demand", "auto")
+        source = offload_source(art, str(index.min_budget()), "on-demand", "auto", keep)
     elif args.mode == "plan":
-        source = offload_source(art, "", "", "auto")
+        source = offload_source(art, "", "", "auto", keep)
     else:  # budget: the all-cold artifact at this expert cache
-        source = offload_source(art, str(args.budget), "", "auto")
+        source = offload_source(art, str(args.budget), "", "auto", keep)
     sess = OffloadSession(art, source=source, threads=args.threads)
     opened = time.time()
     r_open = _read_bytes()
@@ -185,7 +186,7 @@ def child(args: argparse.Namespace) -> None:
     gen = sess.generate(prompt, max_new_tokens=args.new, stop_tokens=[], on_token=on_token)
     r_end = _read_bytes()
     out = {
-        "mode": args.mode, "artifact": str(art), "threads": args.threads,
+        "mode": args.mode, "page_cache": args.page_cache, "artifact": str(art), "threads": args.threads,
         "source": type(sess.source).__name__, "policy": getattr(sess.source, "policy_name", None),
         "cache_bytes": args.budget if args.mode == "budget" else (
             index.min_budget() if args.mode == "on-demand" else plan.get("cache_bytes")),
@@ -220,9 +221,11 @@ def _parse_result(stdout: str) -> dict[str, Any] | None:
     return None
 
 
-def run_moeopt(args: argparse.Namespace, art: Path, mode: str, limit: int | None, budget: int = 0) -> dict[str, Any]:
+def run_moeopt(args: argparse.Namespace, art: Path, mode: str, limit: int | None, budget: int = 0,
+               page_cache: str = "keep") -> dict[str, Any]:
     """One moeopt child in a group at `limit` (None: no limit, 64 GiB), its artifact's page cache dropped."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", "--artifact", str(art), "--mode", mode,
+           "--page-cache", page_cache,
            "--budget", str(budget), "--prompt", str(args.prompt), "--new", str(args.new),
            "--threads", str(args.threads), "--launch", repr(time.time())]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -321,22 +324,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["base_bytes"]["llama_repack0_vm_hwm"] = lb.get("max_rss_bytes")
     print(json.dumps(result["base_bytes"]), flush=True)
     limits = [memlimit.parse_size(s) for s in args.limits.split(",")]
+    from moeopt.runtime.manifest import read_manifest
+    from moeopt.runtime.offload_format import OffloadIndex
+
+    min_budget = OffloadIndex.from_manifest(read_manifest(hot0, verify=False)).min_budget()
     margin = memlimit.parse_size(args.margin)
     for lim in limits:
         planned = artifact_dir(args, lim)
         rows: list[dict[str, Any]] = []
-        if (planned / "manifest.json").exists():
-            rows.append(run_moeopt(args, planned, "plan", lim))
-        else:
-            budget = lim - int(base.get("vm_hwm_bytes") or 0) - margin
-            rows.append(run_moeopt(args, hot0, "budget", lim, budget)
-                        | {"budget_rule": f"limit - base VmHWM - {args.margin}"})
-        rows.append(run_moeopt(args, hot0, "on-demand", lim))
+        for pc in ("keep", "drop") if args.page_cache == "both" else (args.page_cache,):
+            if (planned / "manifest.json").exists():
+                rows.append(run_moeopt(args, planned, "plan", lim, page_cache=pc))
+            else:
+                budget = max(min_budget, lim - int(base.get("vm_hwm_bytes") or 0) - margin)
+                rows.append(run_moeopt(args, hot0, "budget", lim, budget, pc)
+                            | {"budget_rule": f"max(min budget, limit - on-demand VmHWM - {args.margin})"})
+            rows.append(run_moeopt(args, hot0, "on-demand", lim, page_cache=pc))
         if not args.no_llama:
             for repack in (0, 1) if args.llama_repack == "both" else (int(args.llama_repack),):
                 rows.append(run_llama(args, lim, repack))
         for r in rows:
             r["limit"] = lim
+            r["label"] = label(r)
             if "tokens" in r:
                 r["tokens_identical"] = r["tokens"] == ref.get("tokens")
             print(json.dumps({k: r.get(k) for k in ("limit", "mode", "decode_tok_s", "prefill_tok_s", "ttft_s",
@@ -349,6 +358,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def label(row: dict[str, Any]) -> str:
+    """The series a run belongs to in the plot and the table."""
+    mode = str(row.get("mode", "?"))
+    if mode.startswith("llama"):
+        return mode
+    return f"moeopt-{mode}" + ("" if row.get("page_cache", "keep") == "keep" else "-no-page-cache")
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -356,10 +373,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    modes = sorted({r.get("mode", "?") for r in result["runs"] if r.get("limit")})
+    modes = sorted({label(r) for r in result["runs"] if r.get("limit")})
     for mode in modes:
         pts = sorted((r["limit"] / 2**20, r.get("decode_tok_s") or 0.0) for r in result["runs"]
-                     if r.get("limit") and r["mode"] == mode)
+                     if r.get("limit") and label(r) == mode)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
     for r in result["runs"]:
         if r.get("limit") is None and r.get("decode_tok_s"):
@@ -405,6 +422,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--page-cache", choices=("keep", "drop", "both"), default="keep",
+                    help="moeopt: keep the expert file's pages after a read, or drop them (--no-page-cache)")
     ap.add_argument("--llama-repack", choices=("0", "1", "both"), default="both")
     ap.add_argument("--out", type=Path, default=OUT)
     # child
