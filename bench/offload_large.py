@@ -367,24 +367,32 @@ def label(row: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Decode tok/s against the limit (log scale), one line per engine; OOM-killed or failed runs as x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    modes = sorted({label(r) for r in result["runs"] if r.get("limit")})
-    for mode in modes:
-        pts = sorted((r["limit"] / 2**20, r.get("decode_tok_s") or 0.0) for r in result["runs"]
-                     if r.get("limit") and label(r) == mode)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    runs = [r for r in result["runs"] if r.get("limit")]
+    floor = min([r["decode_tok_s"] for r in runs if r.get("decode_tok_s")] or [0.1]) / 2
+    for i, mode in enumerate(sorted({label(r) for r in runs})):
+        color = f"C{i}"
+        rows = sorted((r for r in runs if label(r) == mode), key=lambda r: r["limit"])
+        ok = [(r["limit"] / 2**20, r["decode_tok_s"]) for r in rows if r.get("decode_tok_s")]
+        bad = [r["limit"] / 2**20 for r in rows if not r.get("decode_tok_s")]
+        ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", color=color, label=mode)
+        if bad:
+            ax.scatter(bad, [floor] * len(bad), marker="x", color=color)
     for r in result["runs"]:
-        if r.get("limit") is None and r.get("decode_tok_s"):
+        if r.get("limit") is None and r.get("mode") == "resident" and r.get("decode_tok_s"):
             ax.axhline(r["decode_tok_s"], ls=":", lw=0.8, color="grey")
-            ax.annotate(f"{r['mode']} (no limit)", (ax.get_xlim()[0], r["decode_tok_s"]), fontsize=7, color="grey")
+            ax.annotate("moeopt all resident, no limit", (ax.get_xlim()[0], r["decode_tok_s"]), fontsize=7,
+                        color="grey", va="bottom")
     ax.axvline(result["model"]["gguf_bytes"] / 2**20, ls="--", color="k", lw=0.8)
-    ax.set_xlabel("memory limit of the cgroup (MiB; dashed: the Q4_K_M file)")
-    ax.set_ylabel("decode tokens/s (0: OOM-killed)")
+    ax.set_yscale("log")
+    ax.set_xlabel("memory limit of the cgroup, page cache included (MiB; dashed: the Q4_K_M file)")
+    ax.set_ylabel("decode tokens/s (x: OOM-killed or refused)")
     ax.set_title("Below the 4-bit model's size: moeopt offload vs llama.cpp mmap")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -404,7 +412,7 @@ def run_main(args: argparse.Namespace) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("build", "run", "child"))
+    ap.add_argument("stage", choices=("build", "run", "child", "plot"))
     ap.add_argument("--ckpt", type=Path, help="checkpoint (default: bench/runtime.py's ~1B random Mixtral)")
     ap.add_argument("--name", default="1b", help="folder name of this model's artifacts under <cache>/offload-large")
     ap.add_argument("--artifact", type=Path, help="a prebuilt all-cold offload artifact")
@@ -435,7 +443,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = make_parser().parse_args()
-    if args.stage == "build":
+    if args.stage == "plot":
+        src = args.out / f"{args.name}.json"
+        plot(json.loads(src.read_text()), src.with_suffix(".png"))
+    elif args.stage == "build":
         build(args)
     elif args.stage == "run":
         run_main(args)
