@@ -157,14 +157,15 @@ def child(args: argparse.Namespace) -> None:
     index = OffloadIndex.from_manifest(manifest)
     plan = manifest.get("plan") or {}
     keep = args.page_cache == "keep"
+    guard = args.min_precision or None
     if args.mode == "resident":
         source = None
     elif args.mode == "on-demand":
         source = offload_source(art, str(index.min_budget()), "on-demand", "auto", keep)
     elif args.mode == "plan":
-        source = offload_source(art, "", "", "auto", keep)
+        source = offload_source(art, "", "", "auto", keep, guard)
     else:  # budget: the all-cold artifact at this expert cache
-        source = offload_source(art, str(args.budget), "", "auto", keep)
+        source = offload_source(art, str(args.budget), "", "auto", keep, guard)
     sess = OffloadSession(art, source=source, threads=args.threads)
     opened = time.time()
     r_open = _read_bytes()
@@ -186,7 +187,8 @@ def child(args: argparse.Namespace) -> None:
     gen = sess.generate(prompt, max_new_tokens=args.new, stop_tokens=[], on_token=on_token)
     r_end = _read_bytes()
     out = {
-        "mode": args.mode, "page_cache": args.page_cache, "artifact": str(art), "threads": args.threads,
+        "mode": args.mode, "page_cache": args.page_cache, "min_precision": guard, "artifact": str(art),
+        "threads": args.threads,
         "source": type(sess.source).__name__, "policy": getattr(sess.source, "policy_name", None),
         "cache_bytes": args.budget if args.mode == "budget" else (
             index.min_budget() if args.mode == "on-demand" else plan.get("cache_bytes")),
@@ -222,10 +224,10 @@ def _parse_result(stdout: str) -> dict[str, Any] | None:
 
 
 def run_moeopt(args: argparse.Namespace, art: Path, mode: str, limit: int | None, budget: int = 0,
-               page_cache: str = "keep") -> dict[str, Any]:
+               page_cache: str = "keep", min_precision: float = 0.0) -> dict[str, Any]:
     """One moeopt child in a group at `limit` (None: no limit, 64 GiB), its artifact's page cache dropped."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", "--artifact", str(art), "--mode", mode,
-           "--page-cache", page_cache,
+           "--page-cache", page_cache, "--min-precision", str(min_precision),
            "--budget", str(budget), "--prompt", str(args.prompt), "--new", str(args.new),
            "--threads", str(args.threads), "--launch", repr(time.time())]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -333,12 +335,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         planned = artifact_dir(args, lim)
         rows: list[dict[str, Any]] = []
         for pc in ("keep", "drop") if args.page_cache == "both" else (args.page_cache,):
-            if (planned / "manifest.json").exists():
-                rows.append(run_moeopt(args, planned, "plan", lim, page_cache=pc))
-            else:
-                budget = max(min_budget, lim - int(base.get("vm_hwm_bytes") or 0) - margin)
-                rows.append(run_moeopt(args, hot0, "budget", lim, budget, pc)
-                            | {"budget_rule": f"max(min budget, limit - on-demand VmHWM - {args.margin})"})
+            for guard in (0.0, args.guard) if args.guard else (0.0,):
+                if (planned / "manifest.json").exists():
+                    rows.append(run_moeopt(args, planned, "plan", lim, page_cache=pc, min_precision=guard))
+                else:
+                    budget = max(min_budget, lim - int(base.get("vm_hwm_bytes") or 0) - margin)
+                    rows.append(run_moeopt(args, hot0, "budget", lim, budget, pc, guard)
+                                | {"budget_rule": f"max(min budget, limit - on-demand VmHWM - {args.margin})"})
             rows.append(run_moeopt(args, hot0, "on-demand", lim, page_cache=pc))
         if not args.no_llama:
             for repack in (0, 1) if args.llama_repack == "both" else (int(args.llama_repack),):
@@ -363,7 +366,8 @@ def label(row: dict[str, Any]) -> str:
     mode = str(row.get("mode", "?"))
     if mode.startswith("llama"):
         return mode
-    return f"moeopt-{mode}" + ("" if row.get("page_cache", "keep") == "keep" else "-no-page-cache")
+    return (f"moeopt-{mode}" + (f"-min-precision{row['min_precision']:g}" if row.get("min_precision") else "")
+            + ("" if row.get("page_cache", "keep") == "keep" else "-no-page-cache"))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -433,11 +437,14 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-cache", choices=("keep", "drop", "both"), default="keep",
                     help="moeopt: keep the expert file's pages after a read, or drop them (--no-page-cache)")
     ap.add_argument("--llama-repack", choices=("0", "1", "both"), default="both")
+    ap.add_argument("--guard", type=float, default=0.5, help="also run the budgeted cache with the graph "
+                    "prefetcher stopped below this precision (moeopt run --prefetch-min-precision; 0: not)")
     ap.add_argument("--out", type=Path, default=OUT)
     # child
     ap.add_argument("--mode", choices=("resident", "on-demand", "plan", "budget"))
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--launch", type=float, default=0.0)
+    ap.add_argument("--min-precision", type=float, default=0.0)
     return ap
 
 
