@@ -2,15 +2,18 @@
 a memory cgroup below the 4-bit model's size (`memlimit.py`: the page cache counts against the limit, as
 on a board with that much RAM), the page cache of the model files dropped before each run.
 
-    PYTHONPATH=. .venv/bin/python bench/offload_large.py build                      # artifacts, GGUF (once)
-    PYTHONPATH=. .venv/bin/python bench/offload_large.py run --limits 470MiB,314MiB,190MiB
+    PYTHONPATH=. .venv/bin/python bench/offload_large.py build                      # artifact (once, ~30 min)
+    PYTHONPATH=. .venv/bin/python bench/offload_large.py run --limits 448MiB,300MiB,180MiB --margin 64MiB
 
 Engines, each in its own process inside the group, at each limit:
 
-- ``moeopt-plan``: the offload artifact lowered with ``plan{budget=B}`` at that limit (B = the limit less
-  the runtime's own footprint, measured: `--base`) when ``build --plan-limits`` made it, run as
-  `moeopt run` opens it (the plan's cache size and policy, the in-graph prefetcher); else the all-cold
-  artifact with an expert cache of B under the default policy and prefetcher (``moeopt run --budget B``);
+- ``moeopt-plan``: the offload artifact lowered with ``plan{budget=B}`` at that limit, when ``build
+  --plan-limits L1,L2 --base BYTES`` made it (B = limit - base, the runtime's own footprint), run as
+  `moeopt run` opens it (the plan's cache size and policy, the in-graph prefetcher);
+- ``moeopt-budget`` otherwise: the all-cold artifact as ``moeopt run --budget B`` opens it (LFU, the
+  in-graph prefetcher), B = max(the smallest cache, limit - the on-demand run's VmHWM - ``--margin``);
+  ``moeopt-budget-min-precision0.5`` is the same with ``--prefetch-min-precision 0.5`` (``--guard``):
+  the prefetcher stops once fewer than half its prefetches were used;
 - ``moeopt-on-demand``: the all-cold artifact at its smallest cache, every chosen expert read when
   the router picks it (EdgeMoE's baseline);
 - ``llama.cpp``: the same weights as GGUF Q4_K_M (its converter, then `llama-quantize`), `llama-bench`
