@@ -577,3 +577,33 @@ cache._put(lambda: (time.sleep(0.5), Path({str(done)!r}).write_text("ok")), 0)
                          cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr[-500:]
     assert done.read_text() == "ok"
+
+
+def test_graph_hints_stop_when_too_few_prefetches_are_used(one_fmt: tuple[Path, OffloadIndex]) -> None:
+    """min_precision: after `warmup` prefetches of which too few were used, hints are ignored (a wasted
+    prefetch costs what a miss costs, bench/offload_large.py); without it the same hints keep reading."""
+    folder, index = one_fmt
+    size = index.formats["q4"].expert_bytes
+    for guard, issued in ((None, 4), (0.5, 2)):
+        with ExpertCache(folder, index, 3 * size, prefetcher=GraphHints(min_precision=guard, warmup=2)) as cache:
+            cache.hint(1, [2, 3])
+            cache.wait_idle()
+            cache.routed(1, [0])  # the router chose another expert: both prefetches were wasted
+            cache.acquire(1, [0])
+            cache.release()
+            cache.hint(2, [0, 1])
+            cache.wait_idle()
+            c = cache.counters
+            assert (c.prefetch_issued, c.prefetch_used) == (issued, 0), guard
+            assert ({(2, 0), (2, 1)} <= cache.resident()) == (guard is None), guard
+    with ExpertCache(folder, index, 3 * size, prefetcher=GraphHints(min_precision=0.5, warmup=2)) as cache:
+        cache.hint(1, [2, 3])
+        cache.wait_idle()
+        cache.routed(1, [2, 3])
+        cache.acquire(1, [2, 3])  # both used: prefetching goes on
+        cache.release()
+        cache.hint(2, [0])
+        cache.wait_idle()
+        assert cache.counters.prefetch_issued == 3 and (2, 0) in cache.resident()
+    with pytest.raises(BadInputError, match="min_precision"):
+        GraphHints(min_precision=1.5)

@@ -195,3 +195,24 @@ def test_verify_runs_without_torch() -> None:
 
     res = no_torch("verify", str(OFFLOAD))
     assert res.returncode == 0 and "6 expert records match their crc32" in res.stdout, res.stderr
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+def test_moeopt_run_no_page_cache_leaves_no_expert_pages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`moeopt run --no-page-cache` reaches the store: under a memory limit that counts the page cache
+    (bench/offload_large.py), the expert file's cached pages pushed out the runtime's own pages and a
+    decode step read more than its experts from disk. The default still keeps them."""
+    art, index = _copy(tmp_path)
+    path = art / index.file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for flag, cached in (("--no-page-cache", False), ("--page-cache", True)):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert _cached_bytes(path) == 0
+            code, _out, err = run_cli("run", str(art), "--ids", "1,2,3", "--max-new-tokens", "4", "--budget",
+                                     str(index.cold_bytes()), "--policy", "lru", flag, capsys=capsys)
+            assert code == 0, err
+            assert (_cached_bytes(path) > 0) == cached, (flag, _cached_bytes(path))
+    finally:
+        os.close(fd)

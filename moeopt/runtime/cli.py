@@ -86,12 +86,18 @@ def run_cmd(
                                         "(default: the plan's, else lfu)")] = "",
     prefetch: Annotated[str, typer.Option(help="offload: auto (the graph's predictor hints when it has them), "
                                           "graph, stats (EdgeMoE table learned online) or none")] = "auto",
+    page_cache: Annotated[bool, typer.Option("--page-cache/--no-page-cache", help="offload: keep the expert "
+                                             "file's pages in the page cache after a read (--no-page-cache "
+                                             "drops them: for memory limits that count the page cache)")] = True,
+    prefetch_min_precision: Annotated[float | None, typer.Option(
+        help="offload, graph prefetch: stop prefetching once fewer than this share of the prefetches "
+             "were used (after 64)")] = None,
 ) -> None:
     """Generate from an artifact with the KV cache, printing tokens as they come and the tokens/s."""
     from moeopt.runtime import Sampler, open_artifact
 
     sampler = Sampler(sample, temperature, top_k, top_p, seed)
-    source = offload_source(artifact, budget, policy, prefetch)
+    source = offload_source(artifact, budget, policy, prefetch, page_cache, prefetch_min_precision)
     sess = open_artifact(artifact, threads=threads, **({"source": source} if source is not None else {}))
     try:
         _generate(sess, artifact, prompt, ids, max_new_tokens, sampler)
@@ -149,8 +155,13 @@ def _generate(sess: Any, artifact: Path, prompt: str, ids: str, max_new_tokens: 
                 f"{i}: {la['misses']} / {la['stall_seconds'] * 1000:.0f} ms" for i, la in c["layers"].items()) + "]")
 
 
-def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> Any:
+def offload_source(artifact: Path, budget: str, policy: str, prefetch: str, page_cache: bool = True,
+                   min_precision: float | None = None) -> Any:
     """The expert source `moeopt run` opens an offload artifact with (None: the artifact's default).
+
+    `page_cache` False drops each expert record's pages from the page cache once read (`ExpertStore`):
+    under a memory limit that counts the page cache (a board, a memory cgroup) the expert file's cached
+    pages otherwise push out the pages the runtime itself runs from (its libraries, the segments' weights).
 
     Raises:
         BadInputError: offload options on a resident artifact, an unknown policy or prefetcher, or a
@@ -192,10 +203,10 @@ def offload_source(artifact: Path, budget: str, policy: str, prefetch: str) -> A
                             "predictor pass, or use --prefetch stats")
     prefetcher: Prefetcher | None = None
     if prefetch == "graph":
-        prefetcher = GraphHints()
+        prefetcher = GraphHints(min_precision=min_precision)
     elif prefetch == "stats":
         prefetcher = StatsTable()
-    return cache_source(nbytes, policy, prefetcher)
+    return cache_source(nbytes, policy, prefetcher, page_cache=page_cache)
 
 
 def _tokenizer(artifact: Path, manifest: dict[str, Any]) -> Any:

@@ -185,6 +185,9 @@ class ExpertCache:
         eviction, and their reads are cancelled if they have not started."""
         if self.prefetcher is None or not self.prefetcher.graph_hints:
             return
+        wanted = getattr(self.prefetcher, "wanted", None)
+        if wanted is not None and not wanted(self.counters.prefetch_issued, self.counters.prefetch_used):
+            return
         depth = getattr(self.prefetcher, "depth", None)
         if depth is not None:
             with self._cond:  # 0: the layer the driver runs next
