@@ -99,9 +99,21 @@ def convert(
     reproducer_dir: Annotated[Path | None, typer.Option(help="where a failing run writes its reproducer")] = None,
     data: Annotated[Path | None, typer.Option(help="data root for calib=app:NAME (default: prepared data)")] = None,
     overwrite: Overwrite = False,
+    stream: Annotated[bool, typer.Option("--stream", help="compile one decoder layer at a time (checkpoints larger "
+                                         "than memory): -o is the offload artifact; see moeopt.stream")] = False,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", help="--stream: keep per-layer results here; a "
+                                                  "killed run started again with the same command resumes")] = None,
+    report_path: Annotated[Path | None, typer.Option("--report", help="--stream: write per-layer seconds and bytes "
+                                                     "read as JSON here")] = None,
 ) -> None:
-    """Run a pipeline on a model and save the result."""
+    """Run a pipeline on a model and save the result (with --stream: compile it layer by layer to an artifact)."""
     import torch
+
+    if stream:
+        _convert_streamed(model, out, passes_text, work_dir, overwrite, data, report_path)
+        return
+    if work_dir is not None or report_path is not None:
+        raise BadInputError("--work-dir and --report belong to --stream")
 
     import moeopt
     from moeopt.passes import PassContext, PassManager
@@ -135,6 +147,20 @@ def convert(
     if out is not None:
         report.model.save(out, dtype=dtypes[dtype], overwrite=overwrite)
         print(f"wrote {out} ({report.pipeline})")
+
+
+def _convert_streamed(model: str, out: Path | None, passes_text: str, work_dir: Path | None, overwrite: bool,
+                      data: Path | None, report_path: Path | None) -> None:
+    from moeopt.stream import stream_compile
+
+    if not model or out is None:
+        raise BadInputError("convert --stream needs a MODEL folder and -o OUT (the artifact folder)")
+    rep = stream_compile(model, passes_text, out, work_dir=work_dir, overwrite=overwrite, data_root=data,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    if report_path is not None:
+        report_path.write_text(json.dumps(rep.to_dict(), indent=1))
+    print(f"wrote {out} (streamed: {len(rep.layers)} layers computed, {rep.resumed_layers} resumed, "
+          f"{rep.bytes_read / 2**30:.2f} GiB read, {rep.seconds['total']:.1f} s)")
 
 
 @app.command()
