@@ -138,7 +138,7 @@ def stream_compile(
     try:
         states = _sweep(sk, plan, sets, work, quant, report, say)
         report.seconds["layers"] = round(time.perf_counter() - t_start, 2)
-        _lower(sk, plan, states, work, out, quant, overwrite, report, say, consume=temp_work)
+        _lower(sk, plan, states, work, out, quant, overwrite, report, say)
     finally:
         if temp_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -396,8 +396,13 @@ def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan, *, d
 # -- the lowering -------------------------------------------------------------------------------------
 
 
-def _expert_writer(states: list[dict[str, Any]], work: Path, consume: bool) -> Any:
-    """experts.bin from the layer files in order, formats named as `write_experts` names them."""
+def _expert_writer(states: list[dict[str, Any]], work: Path) -> Any:
+    """experts.bin from the layer files in order, formats named as `write_experts` names them.
+
+    Each layer file is deleted once appended, so the disk holds the layer files or experts.bin, not both
+    (a checkpoint larger than RAM has an expert file to match); a run killed from here on recomputes the
+    layers whose files are gone (their json stays, `_done` checks the file).
+    """
 
     def write(folder: Path, hot: dict[int, tuple[int, ...]]) -> tuple[dict[str, ColdFormat], list[dict[str, Any]], int]:
         formats: dict[str, ColdFormat] = {}
@@ -420,8 +425,7 @@ def _expert_writer(states: list[dict[str, Any]], work: Path, consume: bool) -> A
                 data = _layer_files(work, i)[1]
                 with data.open("rb") as src:
                     shutil.copyfileobj(src, f, 16 << 20)
-                if consume:  # a temporary work folder: free the disk as the artifact's file grows
-                    data.unlink()
+                data.unlink()
             if f.tell() != offset:
                 raise RuntimeError(f"experts.bin: {f.tell()} bytes written, the records need {offset}")
         for fmt in formats.values():
@@ -432,7 +436,7 @@ def _expert_writer(states: list[dict[str, Any]], work: Path, consume: bool) -> A
 
 
 def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], work: Path, out: Path,
-           quant: QuantSettings, overwrite: bool, report: StreamReport, say: Log, *, consume: bool) -> None:
+           quant: QuantSettings, overwrite: bool, report: StreamReport, say: Log) -> None:
     model = sk.model
     lo = plan.lower.opts
     prof = profile(lo["target"], lo["threads"])
@@ -446,7 +450,7 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
         sk.load_top()
         with quant_settings(quant), onnx_linears.matches() as matched:
             info, offload = export_offload(model, tmp, hot=plan.hot(), quant=quant, kv_cache=True, prefetch=False,
-                                           experts=_expert_writer(states, work, consume))
+                                           experts=_expert_writer(states, work))
         onnx_linears.check_matched(model, matched)
         for i in range(len(model.layers)):
             sk.drop_dense(i)

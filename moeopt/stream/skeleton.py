@@ -132,17 +132,27 @@ class StreamSkeleton:
             if p is not None:
                 mod._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
-    def expert(self, i: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e of layer i in float32: w_in (2I, H) gate rows then up rows, w_out (H, I)."""
+    def expert(self, i: int, e: int, w_in: torch.Tensor | None = None,
+               w_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e of layer i in float32: w_in (2I, H) gate rows then up rows, w_out (H, I), written into the
+        given tensors (or new ones). Each stored tensor is upcast as it is copied: no float32 copy of a
+        whole tensor is made besides the destination."""
         bp, r = self.block[i], self.reader
+        shape_in, shape_out = self.slot_shapes[i]
+        w_in = torch.empty(shape_in, dtype=F32) if w_in is None else w_in
+        w_out = torch.empty(shape_out, dtype=F32) if w_out is None else w_out
         if r.has(f"{bp}.experts.{e}.w1.weight"):
-            gate = r.read(f"{bp}.experts.{e}.w1.weight", F32)
-            up = r.read(f"{bp}.experts.{e}.w3.weight", F32)
-            return torch.cat([gate, up]), r.read(f"{bp}.experts.{e}.w2.weight", F32)
-        if r.has(f"{bp}.experts.gate_up_proj"):
-            return r.read(f"{bp}.experts.gate_up_proj", F32, row=e), r.read(f"{bp}.experts.down_proj", F32, row=e)
-        raise UnsupportedModelError(f"{self.path}: no expert tensors for layer {i} expert {e} "
-                                    f"({bp}.experts.{e}.w1.weight)")
+            inter = shape_in[0] // 2
+            w_in[:inter].copy_(r.read(f"{bp}.experts.{e}.w1.weight"))
+            w_in[inter:].copy_(r.read(f"{bp}.experts.{e}.w3.weight"))
+            w_out.copy_(r.read(f"{bp}.experts.{e}.w2.weight"))
+        elif r.has(f"{bp}.experts.gate_up_proj"):
+            w_in.copy_(r.read(f"{bp}.experts.gate_up_proj", row=e))
+            w_out.copy_(r.read(f"{bp}.experts.down_proj", row=e))
+        else:
+            raise UnsupportedModelError(f"{self.path}: no expert tensors for layer {i} expert {e} "
+                                        f"({bp}.experts.{e}.w1.weight)")
+        return w_in, w_out
 
     def load_experts(self, i: int, slots: list[SlotInfo]) -> None:
         """Layer i's table with these slots (each its own expert, members[0]), weights read from the shards."""
@@ -152,10 +162,7 @@ class StreamSkeleton:
         w_in = torch.empty((len(slots), *shape_in), dtype=F32)
         w_out = torch.empty((len(slots), *shape_out), dtype=F32)
         for s, info in enumerate(slots):
-            a, b = self.expert(i, info.members[0])
-            w_in[s].copy_(a)
-            w_out[s].copy_(b)
-            del a, b
+            self.expert(i, info.members[0], w_in[s], w_out[s])
         t.set_slots(w_in, w_out, slots)
 
     def drop_experts(self, i: int, slots: list[SlotInfo], quantized: dict[str, dict[str, Any]], *,
