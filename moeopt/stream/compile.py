@@ -198,16 +198,14 @@ def _layer_files(work: Path, i: int) -> tuple[Path, Path, Path]:
     return work / f"layer-{i:05d}.json", work / f"layer-{i:05d}.bin", work / f"hidden-{i:05d}.pt"
 
 
-def _done(work: Path, i: int, need_hidden: bool) -> dict[str, Any] | None:
+def _done(work: Path, i: int) -> dict[str, Any] | None:
     """Layer i's saved state if its files are whole, else None (the layer is computed again)."""
-    meta, data, hidden = _layer_files(work, i)
+    meta, data, _ = _layer_files(work, i)
     try:
         state: dict[str, Any] = json.loads(meta.read_text())
     except (OSError, ValueError):
         return None
     if not data.exists() or data.stat().st_size != state["bytes"]:
-        return None
-    if need_hidden and not hidden.exists() and not (work / f"hidden-{i + 1:05d}.pt").exists():
         return None
     return state
 
@@ -221,9 +219,11 @@ def _sweep(sk: StreamSkeleton, plan: StreamPlan, sets: list[CalibSet], work: Pat
     need_hidden = plan.importance is not None
     states: list[dict[str, Any]] = []
     first = 0
-    while first < n and (st := _done(work, first, need_hidden)) is not None:
+    while first < n and (st := _done(work, first)) is not None:
         states.append(st)
         first += 1
+    if need_hidden and 0 < first < n and not _layer_files(work, first - 1)[2].exists():
+        states, first = [], 0  # the inputs of the first missing layer are gone (a kill during the export)
     for st in states:  # done layers: weightless stand-ins, as the export needs them
         sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
     report.resumed_layers = first
