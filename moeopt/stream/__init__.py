@@ -4,7 +4,8 @@
 lower{experts=offload,hot=0}' -o OUT --stream [--work-dir DIR]`:
 
 - `reader.LazyCheckpoint`: each tensor read from its shard when needed, in its stored dtype;
-- `skeleton.StreamSkeleton`: the IR skeleton (meta weights) whose layers are filled and emptied one at a time;
+- `skeleton.StreamSkeleton`: the IR skeleton (meta weights) whose layers are filled and emptied one at a time,
+  experts read one at a time where a forward needs them (`skeleton.LazySlots`);
 - `plan.stream_plan`: which passes and options stream (others refused with one line);
 - `compile.stream_compile`: the per-layer sweep, the export from weightless expert stand-ins, experts.bin
   from the per-layer record files, the streamed parity check, and resuming from a work folder.

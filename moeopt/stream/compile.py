@@ -2,15 +2,16 @@
 
 A checkpoint larger than memory is compiled one decoder layer at a time (see `moeopt.stream` for the
 design). Sweep 1, per layer i: read its weights from the shards (`LazyCheckpoint`), run the calibration
-hidden states through it with routing observers (`importance`), rank and drop experts (`prune`), re-read
-the kept experts and quantize them (`quantize{method=uniform}`, RTN), write their cold records to
+hidden states through it with routing observers (`importance`; each expert read when the forward reaches
+it), rank and drop experts (`prune`), re-read the kept experts one at a time and quantize them
+(`quantize{method=uniform}`, RTN), keep the hot slots' packed matrices (`hot-i.pt`), write the cold records to
 `WORK/layer-i.bin` and what the rest of the compile needs about the layer to `WORK/layer-i.json` (slots,
 packed formats, record groups and crc32s), then release the layer. Its outputs are the next layer's inputs
-(`WORK/hidden-i.pt`). Then the export: the graph of the non-expert weights, every expert a weightless
-stand-in (`skeleton.husk`), cut into segments; experts.bin is the layer files in order. Then the parity
-check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe (onnxruntime), and one
-streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each layer re-read and re-quantized,
-its RTN codes are deterministic) gives the reference logits written to parity.npz.
+(`WORK/hidden-i.pt`). Then the export: the graph of the non-expert weights and the hot slots, every cold
+expert a weightless stand-in (`skeleton.husk`), cut into segments; experts.bin is the layer files in order.
+Then the parity check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe
+(onnxruntime), and one streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each expert
+re-read and re-quantized when reached, RTN is deterministic) gives the reference logits in parity.npz.
 
 Resume: a layer whose json and bin are in the work folder is not recomputed; the work folder records the
 source checkpoint (config, shard sizes), the per-layer pipeline and the calibration tokens' hash, and
@@ -20,6 +21,7 @@ with the same artifact bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -139,6 +141,12 @@ def stream_compile(
         states = _sweep(sk, plan, sets, work, quant, report, say)
         report.seconds["layers"] = round(time.perf_counter() - t_start, 2)
         _lower(sk, plan, states, work, out, quant, overwrite, report, say)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        keep = "" if temp_work else f"; {work} keeps the finished layers, the same command resumes"
+        raise BadInputError(f"no space left on device writing {e.filename or work}: nothing was written to "
+                            f"{out}{keep}") from e
     finally:
         if temp_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -198,6 +206,10 @@ def _layer_files(work: Path, i: int) -> tuple[Path, Path, Path]:
     return work / f"layer-{i:05d}.json", work / f"layer-{i:05d}.bin", work / f"hidden-{i:05d}.pt"
 
 
+def _hot_file(work: Path, i: int) -> Path:
+    return work / f"hot-{i:05d}.pt"
+
+
 def _done(work: Path, i: int) -> dict[str, Any] | None:
     """Layer i's saved state if its files are whole, else None (the layer is computed again)."""
     meta, data, _ = _layer_files(work, i)
@@ -206,6 +218,8 @@ def _done(work: Path, i: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not data.exists() or data.stat().st_size != state["bytes"]:
+        return None
+    if state["hot"] and not _hot_file(work, i).exists():
         return None
     return state
 
@@ -269,7 +283,7 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
     stats: dict[str, Any] = {}
     combined: LayerStats | None = None
     if plan.importance is not None:
-        sk.load_experts(i, slots)
+        sk.lazy_experts(i, slots)
         per_set: list[LayerStats] = []
         outs: list[list[torch.Tensor]] = []
         for hs in hidden:
@@ -319,6 +333,12 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
                            "parts": [[p.name, list(p.shape), p.dtype] for p in g.parts], "crcs": crcs})
             del g
     os.replace(tmp, data)
+    if hot:  # the graph holds these: their packed matrices are kept for the export
+        packed = {key: [q.packed, q.scales, q.zero_points] for key, q in t.quantized.items()
+                  if int(key.split("_", 1)[0]) in hot}
+        path = _hot_file(work, i)
+        torch.save(packed, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)
     qmeta = quantized_meta(moe)
     state: dict[str, Any] = {"layer": i, "slots": [s.to_dict() for s in t.slots], "quantized": qmeta,
              "hot": list(hot), "groups": groups, "bytes": size, "stats": stats}
@@ -367,30 +387,36 @@ def _bits(plan: StreamPlan) -> int | None:
     return None if plan.quantize is None else parse_bits(str(plan.quantize.opts["bits"]))
 
 
-def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan, *, dequantized: bool = False) -> None:
+def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan) -> None:
     """Uniform RTN quantization of layer i's slots, as `quantize{method=uniform}` (`quantize_slot`) does it,
-    each expert read, quantized and dropped in turn. With `dequantized`, the table holds the dequantized
-    float weights (the reference numerics) instead of weightless stand-ins."""
+    each expert read, quantized and dropped in turn (the layer's float table is never held)."""
     assert plan.quantize is not None
     o = plan.quantize.opts
     group, sym = int(o["group"]), bool(o["symmetric"])
     t = sk.model.layers[i].table
-    if dequantized:
-        shape_in, shape_out = sk.slot_shapes[i]
-        t.w_in = torch.nn.Parameter(torch.empty((t.num_slots, *shape_in)), requires_grad=False)
-        t.w_out = torch.nn.Parameter(torch.empty((t.num_slots, *shape_out)), requires_grad=False)
     for s, info in enumerate(t.slots):
         w_in, w_out = sk.expert(i, info.members[0])
         for name, w in (("w_in", w_in), ("w_out", w_out)):
-            q, deq = quantize_dequantize(w, bits, group, sym)
+            q, _ = quantize_dequantize(w, bits, group, sym)
             t.quantized[f"{s}_{name}"] = QuantizedMatrix(q.rows, q.cols, bits, group, sym, q.packed, q.scales,
                                                          q.zero_points)
-            if dequantized:
-                with torch.no_grad():
-                    getattr(t, name)[s] = deq.to(torch.float32)
-            del q, deq
+            del q
         t.with_slot_info(s, bits=bits)
         del w_in, w_out
+
+
+def _dequantized(sk: StreamSkeleton, i: int, slots: list[SlotInfo], bits: int,
+                 plan: StreamPlan) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Slot s of layer i as the quantized model holds it: the dequantized RTN values `quantize_slot`
+    writes back (the reference numerics), made one slot at a time."""
+    assert plan.quantize is not None
+    group, sym = int(plan.quantize.opts["group"]), bool(plan.quantize.opts["symmetric"])
+
+    def make(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_in, w_out = sk.expert(i, slots[s].members[0])
+        return quantize_dequantize(w_in, bits, group, sym)[1], quantize_dequantize(w_out, bits, group, sym)[1]
+
+    return make
 
 
 # -- the lowering -------------------------------------------------------------------------------------
@@ -447,6 +473,14 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
         t0 = time.perf_counter()
         for i in range(len(model.layers)):
             sk.load_dense(i)
+        for st in states:  # hot slots: their packed matrices, which the graph holds
+            if st["hot"]:
+                t = model.layers[st["layer"]].table
+                for key, (packed, scales, zp) in torch.load(_hot_file(work, st["layer"]), weights_only=True).items():
+                    old = t.quantized[key]
+                    assert isinstance(old, QuantizedMatrix)
+                    t.quantized[key] = QuantizedMatrix(old.rows, old.cols, old.bits, old.group_size, old.symmetric,
+                                                       packed, scales, zp)
         sk.load_top()
         with quant_settings(quant), onnx_linears.matches() as matched:
             info, offload = export_offload(model, tmp, hot=plan.hot(), quant=quant, kv_cache=True, prefetch=False,
@@ -545,12 +579,7 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
         sk.load_dense(i)
         slots = [SlotInfo.from_dict(d) for d in st["slots"]]
         bits = _bits(plan)
-        if bits is not None:
-            sk.drop_experts(i, slots, {}, release=False)
-            sk.reader.acquire(i)
-            _quantize_each(sk, i, bits, plan, dequantized=True)
-        else:
-            sk.load_experts(i, slots)
+        sk.lazy_experts(i, slots, None if bits is None else _dequantized(sk, i, slots, bits, plan))
         h = sk.forward_layer(i, h)
         sk.drop_experts(i, slots, st["quantized"])
         sk.drop_dense(i)

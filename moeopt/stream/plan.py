@@ -122,8 +122,8 @@ def _check(found: dict[str, Pass]) -> None:
         raise _refuse("lower", "prefetch=true", "the streamed compile has no routing predictor")
     if lo["attention"] == "gqa":
         raise _refuse("lower", "attention=gqa", "offload artifacts keep the exported attention")
-    if str(lo["hot"]).strip() != "0":
-        raise _refuse("lower", f"hot={lo['hot']}", "hot experts in the graph are not streamed yet; give hot=0 "
-                      "(every expert in experts.bin, the graph holds the non-expert weights)")
+    if str(lo["hot"]).strip() != "0" and (q is None or str(q.opts["bits"]).lower() in ("float", "fp16", "16")):
+        raise _refuse("lower", f"hot={lo['hot']}", "hot float experts would need their float weights in the graph; "
+                      "quantize them (quantize{method=uniform,bits=N}) or give hot=0")
     if not lo["kv-cache"]:
         raise _refuse("lower", "kv-cache=false", "the streamed parity check drives the KV-cache path")

@@ -10,6 +10,7 @@ one-line reason; they load in memory as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,29 @@ def husk(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor of `shape` that holds no memory (one zero, broadcast): the stand-in for weights that the
     export traces but never lowers (cold slots, whose records are already in the expert file)."""
     return torch.zeros((), dtype=dtype).expand(shape)
+
+
+class LazySlots:
+    """Stands for a layer's stacked slot weights (S, ...) where only `x[s]` is ever read (`routed_experts`
+    runs one slot at a time, in ascending order): slot s is made by `make(s) -> (w_in, w_out)` when first
+    indexed and the previous slot is dropped, so a layer's forward holds one expert in float32, not all.
+    The values are those of the stacked table, so the forward computes the same bits."""
+
+    def __init__(self, make: Callable[[int], tuple[torch.Tensor, torch.Tensor]], part: int,
+                 shared: dict[str, Any] | None = None) -> None:
+        self.make, self.part = make, part
+        self.shared: dict[str, Any] = shared if shared is not None else {}
+
+    def __getitem__(self, s: int) -> torch.Tensor:
+        if self.shared.get("slot") != s:
+            self.shared.clear()  # drop the previous slot before making this one
+            self.shared["slot"], self.shared["w"] = s, self.make(s)
+        return self.shared["w"][self.part]  # type: ignore[no-any-return]
+
+    @staticmethod
+    def pair(make: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[LazySlots, LazySlots]:
+        shared: dict[str, Any] = {}
+        return LazySlots(make, 0, shared), LazySlots(make, 1, shared)
 
 
 class StreamSkeleton:
@@ -164,6 +188,17 @@ class StreamSkeleton:
         for s, info in enumerate(slots):
             self.expert(i, info.members[0], w_in[s], w_out[s])
         t.set_slots(w_in, w_out, slots)
+
+    def lazy_experts(self, i: int, slots: list[SlotInfo],
+                     make: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Layer i's table with these slots, each read (or made by `make(s)`) only when the forward reaches
+        it (see `LazySlots`): for forwards, which read one slot at a time."""
+        t = self.model.layers[i].table
+        n = len(slots)
+        t.set_slots(torch.empty((n, 0)), torch.empty((n, 0)), slots)
+        self.reader.acquire(i)
+        w_in, w_out = LazySlots.pair(make or (lambda s: self.expert(i, slots[s].members[0])))
+        t._parameters["w_in"], t._parameters["w_out"] = w_in, w_out  # type: ignore[assignment]
 
     def drop_experts(self, i: int, slots: list[SlotInfo], quantized: dict[str, dict[str, Any]], *,
                      release: bool = True) -> None:
