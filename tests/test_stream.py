@@ -230,3 +230,23 @@ def test_pipeline_that_cannot_stream(ckpt: Path, tmp_path: Path, passes: str, fr
     code, _, err = _cli(capsys, ckpt, out, passes=passes.replace("calib=C", f"calib={_calib(ckpt)}"))
     _one_line_exit_2(code, err, fragment)
     _nothing_written(out)
+
+
+def test_resume_without_inputs_starts_over(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed during the export has appended (deleted) some layer files; the inputs of the first
+    missing layer are gone too, so the next run recomputes from layer 0, to the same layer results.
+    (Stopped after the last layer each time: no export, a few seconds.)"""
+    work = tmp_path / "work"
+    monkeypatch.setenv(FAIL_ENV, str(LAYERS - 1))
+    with pytest.raises(InjectedFailure):
+        stream_compile(ckpt, pipeline(_calib(ckpt)), tmp_path / "art", work_dir=work)
+    first = {p.name: json.loads(p.read_text())["groups"] for p in work.glob("layer-*.json")}
+    (work / "layer-00001.bin").unlink()  # as the expert-file assembly does
+    assert not (work / "hidden-00000.pt").exists()
+    seen: list[frozenset[int]] = []
+    with pytest.raises(InjectedFailure):
+        stream_compile(ckpt, pipeline(_calib(ckpt)), tmp_path / "art", work_dir=work, hooks=[seen.append])
+    assert set().union(*seen) == set(range(LAYERS))  # layer 0 recomputed, not resumed
+    again = {p.name: json.loads(p.read_text())["groups"] for p in work.glob("layer-*.json")}
+    assert again == first and len(first) == LAYERS
+    assert (work / "layer-00001.bin").exists() and not (tmp_path / "art").exists()
