@@ -356,8 +356,14 @@ def compile_summary(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         rep = json.loads(compile_report(folder).read_text())
     except (OSError, ValueError):
         return out
-    secs = [lay["seconds"] for lay in rep["layers"]]
     out["report"] = rep
+    work = compile_out(folder).with_name(compile_out(folder).name + ".work")
+    layers = []  # every layer's own record (a resumed run's report lists only the layers it computed)
+    for f in sorted(work.glob("layer-*.json")):
+        st = json.loads(f.read_text())
+        layers.append({"layer": st["layer"], "seconds": st["seconds"], "bytes_read": st["bytes_read"]})
+    out["layers"] = layers or rep["layers"]
+    secs = [lay["seconds"] for lay in out["layers"]]
     if secs:
         out["layer_seconds_min_max"] = [min(secs), max(secs)]
         out["layer_seconds_spread"] = round(max(secs) / min(secs) - 1, 3)
