@@ -22,6 +22,7 @@ with the same artifact bytes.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -568,6 +569,8 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
         if close is not None:
             close()
         del sess
+    del stepper, past, logits  # the stepper holds the session (its graphs' weights) until released
+    gc.collect()
     tokens = np.stack(toks, axis=1)  # (1, S)
     ort_logits = np.stack(got, axis=1)  # (1, S, V)
     seq = torch.from_numpy(np.concatenate([prompt, tokens[:, :-1]], axis=1))
