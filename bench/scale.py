@@ -19,9 +19,12 @@ accumulate; `after` prints its ratio to `before`):
     .venv/bin/python bench/scale.py --model 8x7b --layers 10 --label after --steps inspect,compile
     .venv/bin/python bench/scale.py --model 8x7b --layers 10 --generate-only
 
-`--label` names the code state measured (e.g. `before` on the code preceding lazy weights). The full
-compile of the big model (`importance,prune,merge,quantize{bits=4},lower{experts=offload}`) needs the
-layer-sequential pipeline (issue 32, item 2) and is recorded as skipped with that reason.
+`--label` names the code state measured (e.g. `before` on the code preceding lazy weights). The `compile`
+step runs the streamed compile (`moeopt convert --stream`, issue 32 items 1-3) of COMPILE_PIPELINE on the
+checkpoint, with a work folder beside the artifact (a killed run started again resumes at its next layer;
+calibration: seeded random token ids, the synthetic checkpoint has no tokenizer) into
+CACHE/out/<checkpoint>-offload-q4, and records its per-layer seconds and bytes read (`--report`) beside
+the peak RSS. `merge` is not in the pipeline: it does not stream yet (moeopt.stream.plan says why).
 """
 
 from __future__ import annotations
@@ -58,7 +61,30 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
     },
 }
-COMPILE_PIPELINE = "importance{calib=app:news-topic},prune{keep=0.75},merge,quantize{bits=4},lower{experts=offload}"
+COMPILE_PIPELINE = ("importance{{calib={calib},seq-len=128,max-tokens=512}},prune{{keep=0.75}},"
+                    "quantize{{method=uniform,bits=4}},lower{{experts=offload,hot=0,verify={verify}}}")
+CALIB_SEQS = 4  # x 128 tokens of seeded random ids
+
+
+def calibration_file(vocab: int, seed: int = SEED) -> Path:
+    """Seeded random token ids as calibration JSONL ({"ids": [...]} records): the checkpoint has no tokenizer."""
+    import random
+
+    path = CACHE / f"calib-ids-v{vocab}-seed{seed}.jsonl"
+    if not path.exists():
+        rng = random.Random(seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(json.dumps({"ids": [rng.randrange(vocab) for _ in range(128)]})
+                                  for _ in range(CALIB_SEQS)) + "\n")
+    return path
+
+
+def compile_out(folder: Path) -> Path:
+    return CACHE / "out" / f"{folder.name}-offload-q4"
+
+
+def compile_report(folder: Path) -> Path:
+    return CACHE / "out" / f"{folder.name}-offload-q4.report.json"
 
 
 def config_for(name: str, layers: int | None) -> dict[str, Any]:
@@ -242,7 +268,7 @@ def _moeopt() -> list[str]:
     return [sys.executable, "-c", "from moeopt.cli import main; main()"]
 
 
-def iter_commands(folder: Path, steps: list[str]) -> Iterator[tuple[str, list[str]]]:
+def iter_commands(folder: Path, steps: list[str], verify: bool = True) -> Iterator[tuple[str, list[str]]]:
     if "inspect" in steps:
         yield "inspect", [*_moeopt(), "inspect", str(folder)]
     if "load" in steps:  # the whole-model `moeopt.load` (weights, per-layer checks, cache check)
@@ -251,6 +277,13 @@ def iter_commands(folder: Path, steps: list[str]) -> Iterator[tuple[str, list[st
     if "verify" in steps:
         yield "verify", [*_moeopt(), "convert", str(folder), "--passes", "verify", "-o",
                          str(CACHE / "out" / f"{folder.name}-verify"), "--overwrite"]
+    if "compile" in steps:  # the streamed compile: one decoder layer at a time
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        pipeline = COMPILE_PIPELINE.format(calib=calibration_file(vocab), verify=str(verify).lower())
+        compile_report(folder).unlink(missing_ok=True)
+        yield "compile", [*_moeopt(), "convert", str(folder), "--passes", pipeline, "-o", str(compile_out(folder)),
+                          "--stream", "--overwrite", "--report", str(compile_report(folder)),
+                          "--work-dir", str(compile_out(folder).with_name(compile_out(folder).name + ".work"))]
 
 
 def main() -> None:
@@ -261,6 +294,8 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="code state measured: before / after")
     ap.add_argument("--steps", default="inspect", help="comma-separated: inspect, load, verify, compile")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--no-verify", action="store_true", help="compile: skip the artifact's parity check (the "
+                    "streamed PyTorch reference re-reads and re-quantizes every layer: about half the time again)")
     ap.add_argument("--code", type=Path, default=REPO, help="moeopt source tree measured (PYTHONPATH)")
     args = ap.parse_args()
     layers = args.layers if args.layers is not None else (10 if args.model == "8x7b" else None)
@@ -286,14 +321,12 @@ def main() -> None:
                  "would be killed for memory and take other jobs with it")
     env = {**os.environ, "PYTHONPATH": str(args.code), "OMP_NUM_THREADS": "1"}
     result["code"] = str(args.code)
-    for label, cmd in iter_commands(folder, steps):
+    for label, cmd in iter_commands(folder, steps, verify=not args.no_verify):
         print(f"scale: {label} ...", flush=True)
         result["runs"][label] = r = measured(cmd, args.code, env)
         print(f"scale: {label}: rc {r['rc']}, peak RSS {r['peak_rss_gib']} GiB, {r['wall_s']} s", flush=True)
-    if "compile" in steps:
-        result["runs"]["compile"] = {"skipped": True, "pipeline": COMPILE_PIPELINE,
-                                     "reason": "needs the layer-sequential pipeline (issue 32 item 2): a whole-"
-                                               "model load of this checkpoint does not fit in RAM"}
+        if label == "compile":
+            r.update(compile_summary(folder, cfg))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.model}-L{cfg['num_hidden_layers']}-{args.label}.json"
     if out.exists():  # steps measured in separate invocations of one label accumulate
@@ -311,6 +344,33 @@ def main() -> None:
             if r.get("peak_rss_gib") and b.get("peak_rss_gib"):
                 print(f"scale: {step}: peak RSS {b['peak_rss_gib']} -> {r['peak_rss_gib']} GiB "
                       f"({b['peak_rss_gib'] / r['peak_rss_gib']:.1f}x less), wall {b['wall_s']} -> {r['wall_s']} s")
+
+
+def compile_summary(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The streamed compile's own report (per-layer seconds, bytes read), its artifact, and the targets:
+    peak RSS <= 2 x one decoder layer's bf16 bytes + 2 GB; per-layer time flat within 20%."""
+    layer_bytes = 2 * sum(_numel(s) for _, s in layer_tensors(cfg, 0))
+    out: dict[str, Any] = {"streamed": True, "artifact": str(compile_out(folder)), "layer_bytes_bf16": layer_bytes,
+                           "rss_target_gib": round((2 * layer_bytes + 2e9) / 2**30, 2)}
+    try:
+        rep = json.loads(compile_report(folder).read_text())
+    except (OSError, ValueError):
+        return out
+    out["report"] = rep
+    work = compile_out(folder).with_name(compile_out(folder).name + ".work")
+    layers = []  # every layer's own record (a resumed run's report lists only the layers it computed)
+    for f in sorted(work.glob("layer-*.json")):
+        st = json.loads(f.read_text())
+        layers.append({"layer": st["layer"], "seconds": st["seconds"], "bytes_read": st["bytes_read"]})
+    out["layers"] = layers or rep["layers"]
+    secs = [lay["seconds"] for lay in out["layers"]]
+    if secs:
+        out["layer_seconds_min_max"] = [min(secs), max(secs)]
+        out["layer_seconds_spread"] = round(max(secs) / min(secs) - 1, 3)
+    art = compile_out(folder)
+    if art.exists():
+        out["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+    return out
 
 
 def _ram_bytes() -> int:

@@ -114,14 +114,27 @@ def convert(
                                        "they split the calibration batches and the per-expert work, rank 0 "
                                        "writes; as `torchrun --standalone --nproc-per-node N -m moeopt convert`"
                                        )] = 1,
+    stream: Annotated[bool, typer.Option("--stream", help="compile one decoder layer at a time (checkpoints larger "
+                                         "than memory): -o is the offload artifact; see moeopt.stream")] = False,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", help="--stream: keep per-layer results here; a "
+                                                  "killed run started again with the same command resumes")] = None,
+    report_path: Annotated[Path | None, typer.Option("--report", help="--stream: write per-layer seconds and bytes "
+                                                     "read as JSON here")] = None,
 ) -> None:
-    """Run a pipeline on a model and save the result.
+    """Run a pipeline on a model and save the result (with --stream: compile it layer by layer to an artifact).
 
     Under `torchrun --nproc-per-node P -m moeopt convert ...` (or with `--nproc P`) the P ranks split the
     calibration batches and the per-expert work (see moeopt.distributed) and rank 0 alone writes the output.
     """
     from moeopt import distributed
 
+    if stream:
+        if nproc > 1 or distributed.launched():
+            raise BadInputError("--stream runs in one process: drop --nproc / torchrun")
+        _convert_streamed(model, out, passes_text, work_dir, overwrite, data, report_path)
+        return
+    if work_dir is not None or report_path is not None:
+        raise BadInputError("--work-dir and --report belong to --stream")
     if nproc > 1 and not distributed.launched():  # the ranks run this same command line, under the launcher
         sys.exit(distributed.launch_local(nproc, sys.argv[1:]))
     with distributed.session():
@@ -174,6 +187,20 @@ def _convert(
         if main:
             ranks = f" on {distributed.world()} ranks" if distributed.world() > 1 else ""
             print(f"wrote {out} ({report.pipeline}){ranks}")
+
+
+def _convert_streamed(model: str, out: Path | None, passes_text: str, work_dir: Path | None, overwrite: bool,
+                      data: Path | None, report_path: Path | None) -> None:
+    from moeopt.stream import stream_compile
+
+    if not model or out is None:
+        raise BadInputError("convert --stream needs a MODEL folder and -o OUT (the artifact folder)")
+    rep = stream_compile(model, passes_text, out, work_dir=work_dir, overwrite=overwrite, data_root=data,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    if report_path is not None:
+        report_path.write_text(json.dumps(rep.to_dict(), indent=1))
+    print(f"wrote {out} (streamed: {len(rep.layers)} layers computed, {rep.resumed_layers} resumed, "
+          f"{rep.bytes_read / 2**30:.2f} GiB read, {rep.seconds['total']:.1f} s)")
 
 
 @app.command()

@@ -9,7 +9,7 @@ pool/frame contract are in `moeopt.runtime.offload_format`.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,57 @@ def _format_name(op: str, attrs: dict[str, Any], taken: set[str]) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class ColdGroup:
+    """One storage group of a layer's cold slots, as its records are written: per-slot arrays and the
+    format key (op, node attributes, parts) that names its pool format."""
+
+    op: str
+    attrs: tuple[tuple[str, Any], ...]
+    parts: tuple[Part, ...]
+    k: int  # the layer's router top-k
+    slots: tuple[int, ...]
+    arrays: dict[str, np.ndarray]  # part -> (len(slots), ...)
+
+    @property
+    def record_bytes(self) -> int:
+        return PoolFormat("", self.op, "", self.parts, PAGE).record_bytes
+
+    def records(self) -> Iterator[tuple[int, bytes, int]]:
+        """(slot, the record's bytes without padding, crc32) per slot, in slot order, one at a time."""
+        for i, slot in enumerate(self.slots):
+            data = b"".join(a[i].tobytes() for a in self.arrays.values())
+            yield int(slot), data, zlib.crc32(data)
+
+
+def cold_records(layer: Any, hot: Sequence[int], quant: QuantSettings) -> list[ColdGroup]:
+    """The cold groups of one layer with their arrays (what `write_experts` writes for it, in order)."""
+    out = []
+    for g in cold_groups(layer, hot):
+        op = g.op
+        arrays, attrs = _qmoe_parts(layer, g) if op == "com.microsoft.QMoE" else _moe_parts(layer, g)
+        if op == "com.microsoft.QMoE":
+            attrs["accuracy_level"] = quant.accuracy_level
+        parts = tuple(Part(n, tuple(int(d) for d in a.shape[1:]), str(a.dtype)) for n, a in arrays.items())
+        out.append(ColdGroup(op, tuple(sorted(attrs.items())), parts, int(layer.router.top_k), tuple(g.slots),
+                             arrays))
+    return out
+
+
+def register_format(formats: dict[str, ColdFormat], keys: dict[tuple[Any, ...], str], op: str,
+                    attrs: tuple[tuple[str, Any], ...], parts: tuple[Part, ...], k: int) -> str:
+    """The pool format name of a group's key, registering it (or widening its k) in `formats`."""
+    key = (op, attrs, parts)
+    if key not in keys:
+        keys[key] = _format_name(op, dict(attrs), set(formats))
+    name = keys[key]
+    fmt = formats.get(name)
+    if fmt is None or fmt.k < k:
+        pool = PoolFormat(name, op, f"cold_{name}.onnx", parts, PAGE)
+        formats[name] = ColdFormat(pool, attrs, max(k, fmt.k if fmt else 0))
+    return name
+
+
 def write_experts(model: Any, hot: dict[int, tuple[int, ...]], folder: Path,
                   quant: QuantSettings) -> tuple[dict[str, ColdFormat], list[dict[str, Any]], int]:
     """Write every cold expert to `folder/experts.bin` (page-aligned records, in (layer, slot) order), each
@@ -104,30 +155,13 @@ def write_experts(model: Any, hot: dict[int, tuple[int, ...]], folder: Path,
     offset = 0
     with (folder / EXPERTS_FILE).open("wb") as f:
         for layer in model.layers:
-            for g in cold_groups(layer, hot[layer.index]):
-                op = g.op
-                arrays, attrs = _qmoe_parts(layer, g) if op == "com.microsoft.QMoE" else _moe_parts(layer, g)
-                if op == "com.microsoft.QMoE":
-                    attrs["accuracy_level"] = quant.accuracy_level
-                parts = tuple(Part(n, tuple(int(d) for d in a.shape[1:]), str(a.dtype)) for n, a in arrays.items())
-                key = (op, tuple(sorted(attrs.items())), parts)
-                if key not in keys:
-                    keys[key] = _format_name(op, attrs, set(formats))
-                name = keys[key]
-                fmt = formats.get(name)
-                k = int(layer.router.top_k)
-                if fmt is None or fmt.k < k:
-                    pool = PoolFormat(name, op, f"cold_{name}.onnx", parts, PAGE)
-                    formats[name] = ColdFormat(pool, tuple(sorted(attrs.items())), max(k, fmt.k if fmt else 0))
+            for g in cold_records(layer, hot[layer.index], quant):
+                name = register_format(formats, keys, g.op, g.attrs, g.parts, g.k)
                 record = formats[name].pool.record_bytes
-                for i, slot in enumerate(g.slots):
+                for slot, data, crc in g.records():
                     f.seek(offset)
-                    crc = 0
-                    for a in arrays.values():
-                        data = a[i].tobytes()
-                        f.write(data)
-                        crc = zlib.crc32(data, crc)
-                    entries.append({"layer": int(layer.index), "slot": int(slot), "format": name, "offset": offset,
+                    f.write(data)
+                    entries.append({"layer": int(layer.index), "slot": slot, "format": name, "offset": offset,
                                     "crc32": crc})
                     offset += record
         f.truncate(offset)  # the last record's padding too: every record is whole pages

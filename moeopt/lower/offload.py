@@ -10,7 +10,7 @@ reads, plus ``segments`` (file, inputs, outputs), ``layers`` (value names per Mo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from moeopt.errors import BadInputError, UnsupportedModelError
 from moeopt.ir.model import MoEModel
-from moeopt.lower.expert_file import offload_section, write_experts
+from moeopt.lower.expert_file import ColdFormat, offload_section, write_experts
 from moeopt.lower.export import ExportedDecoder, export_decoder
 from moeopt.lower.offload_graph import check_offloadable, expose_markers, offload_layers, value_names
 from moeopt.lower.onnx_quant import QuantSettings
@@ -34,6 +34,8 @@ from moeopt.lower.prefetch import (
 from moeopt.lower.segments import partition
 
 FULL = "full.onnx"  # the whole offload graph, before it is cut (removed from the artifact)
+# (folder, hot slots per layer) -> (formats, expert entries, file bytes), as `write_experts` returns them
+ExpertWriter = Callable[[Path, dict[int, tuple[int, ...]]], tuple[dict[str, ColdFormat], list[dict[str, Any]], int]]
 
 
 def choose_hot(model: MoEModel, hot: int | None) -> dict[int, tuple[int, ...]]:
@@ -68,9 +70,12 @@ def choose_hot(model: MoEModel, hot: int | None) -> dict[int, tuple[int, ...]]:
 
 def export_offload(
     model: MoEModel, folder: Path, *, hot: int | None, quant: QuantSettings, kv_cache: bool, prefetch: bool | None,
-    prefetch_top: int | None = None,
+    prefetch_top: int | None = None, experts: ExpertWriter | None = None,
 ) -> tuple[ExportedDecoder, dict[str, Any]]:
     """Write the segments, the cold graphs and experts.bin into `folder`; returns (export info, offload section).
+
+    `experts(folder, hot)` writes experts.bin and the cold graphs instead of `write_experts` (the streamed
+    compile assembles them from per-layer files: `moeopt.stream`).
 
     Raises:
         UnsupportedModelError: encoder-decoder models; cold slots that lower to MatMulNBits or plain ops.
@@ -95,7 +100,10 @@ def export_offload(
     del ir_model
     for name in (FULL, FULL + ".data"):
         (folder / name).unlink(missing_ok=True)
-    formats, entries, nbytes = write_experts(model, hot_slots, folder, quant)
+    if experts is None:
+        formats, entries, nbytes = write_experts(model, hot_slots, folder, quant)
+    else:
+        formats, entries, nbytes = experts(folder, hot_slots)
     section = offload_section(formats, entries, nbytes, model, hot_slots)
     section["segments"] = [s.to_dict() for s in segs]
     section["layers"] = [value_names(i) for i in range(len(model.layers))]

@@ -1,0 +1,53 @@
+"""The parity check of a streamed artifact compiled with `lower{verify=false}` (`bench/scale.py --no-verify`).
+
+Runs what `moeopt convert --stream` runs when verify is on (`moeopt.stream.compile._parity`): the artifact's
+greedy tokens on the parity probe in onnxruntime, then one streamed teacher-forced PyTorch forward over
+prompt + tokens, each layer's experts re-read and re-quantized one at a time from the checkpoint as the
+work folder's layer states say. Writes parity.npz into the artifact and records it in the manifest
+(``parity``, ``parity_measured``, ``verified`` against ``parity_tolerance``, the file's sha256):
+
+    .venv/bin/python bench/scale_verify.py CHECKPOINT ARTIFACT WORK_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    import torch
+
+    from moeopt.ir.table import SlotInfo
+    from moeopt.runtime.manifest import MANIFEST, PARITY_FILE
+    from moeopt.stream.compile import _parity
+    from moeopt.stream.plan import stream_plan
+    from moeopt.stream.reader import LazyCheckpoint
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    torch.set_num_threads(1)
+    src, art, work = (Path(a) for a in sys.argv[1:4])
+    manifest = json.loads((art / MANIFEST).read_text())
+    plan = stream_plan(manifest["pipeline"], art)
+    sk = StreamSkeleton(src, LazyCheckpoint(src))
+    states = [json.loads(p.read_text()) for p in sorted(work.glob("layer-*.json"))]
+    for st in states:
+        sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    t0 = time.perf_counter()
+    measured = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), print)
+    data = (art / PARITY_FILE).read_bytes()
+    manifest["files"][PARITY_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["parity"] = PARITY_FILE
+    manifest["parity_measured"] = measured
+    manifest["verified"] = bool(measured <= manifest["parity_tolerance"])
+    (art / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    print(json.dumps({"parity_measured": measured, "parity_tolerance": manifest["parity_tolerance"],
+                      "verified": manifest["verified"], "seconds": round(time.perf_counter() - t0, 1),
+                      "bytes_read": sk.reader.bytes_read}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,594 @@
+"""The streamed compile: `moeopt convert CKPT --passes '...' -o OUT --stream [--work-dir DIR]`.
+
+A checkpoint larger than memory is compiled one decoder layer at a time (see `moeopt.stream` for the
+design). Sweep 1, per layer i: read its weights from the shards (`LazyCheckpoint`), run the calibration
+hidden states through it with routing observers (`importance`; each expert read when the forward reaches
+it), rank and drop experts (`prune`), re-read the kept experts one at a time and quantize them
+(`quantize{method=uniform}`, RTN), keep the hot slots' packed matrices (`hot-i.pt`), write the cold records to
+`WORK/layer-i.bin` and what the rest of the compile needs about the layer to `WORK/layer-i.json` (slots,
+packed formats, record groups and crc32s), then release the layer. Its outputs are the next layer's inputs
+(`WORK/hidden-i.pt`). Then the export: the graph of the non-expert weights and the hot slots, every cold
+expert a weightless stand-in (`skeleton.husk`), cut into segments; experts.bin is the layer files in order.
+Then the parity check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe
+(onnxruntime), and one streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each expert
+re-read and re-quantized when reached, RTN is deterministic) gives the reference logits in parity.npz.
+
+Resume: a layer whose json and bin are in the work folder is not recomputed; the work folder records the
+source checkpoint (config, shard sizes), the per-layer pipeline and the calibration tokens' hash, and
+refuses a run of another model or pipeline. Killed and restarted with the same command, the run finishes
+with the same artifact bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeopt.errors import BadInputError, VerificationError
+from moeopt.ir.compute import RoutingTrace
+from moeopt.ir.layer import MoELayer
+from moeopt.ir.table import QuantizedMatrix, SlotInfo
+from moeopt.lower import onnx_linears
+from moeopt.lower.artifact import (
+    _copy_tokenizer,
+    build_manifest,
+    contrib_ops,
+    optimize_offline,
+    parity_tolerance,
+)
+from moeopt.lower.expert_file import ColdFormat, cold_records, register_format, write_cold_graph
+from moeopt.lower.offload import choose_hot, export_offload
+from moeopt.lower.onnx_experts import check_lowerable
+from moeopt.lower.onnx_quant import QuantSettings, check_layers, quant_settings
+from moeopt.lower.parity import PROMPT_LEN, STEPS, _probe
+from moeopt.lower.profiles import profile
+from moeopt.outdir import atomic_dir, check_out_dir, commit_dir
+from moeopt.passes.base import PassContext
+from moeopt.passes.calib import CalibSet
+from moeopt.passes.importance import LayerStats, _merge_all, calibration_sets
+from moeopt.passes.prune import classify, classify_by_thresholds
+from moeopt.quant.groupwise import quantize_dequantize
+from moeopt.runtime.manifest import MANIFEST, PARITY_FILE, hash_files
+from moeopt.runtime.offload_format import EXPERTS_FILE, Part
+from moeopt.stream.plan import StreamPlan, stream_plan
+from moeopt.stream.reader import LazyCheckpoint
+from moeopt.stream.skeleton import StreamSkeleton, quantized_meta
+
+WORK_FORMAT = "moeopt-stream-work"
+WORK_VERSION = 1
+JOB = "job.json"
+FAIL_ENV = "MOEOPT_STREAM_FAIL_AFTER_LAYER"  # tests: stop the run (as a kill would) after this layer is saved
+RESIDENT_VERIFY_MAX = 1 << 30  # experts.bin up to this size is read whole for the parity run; above, an LRU cache
+VERIFY_CACHE_BYTES = 1536 << 20
+
+
+class InjectedFailure(RuntimeError):
+    """The run was stopped on purpose after a layer (FAIL_ENV), to test resuming."""
+
+
+@dataclass
+class StreamReport:
+    """What a streamed compile did: per layer seconds and bytes read (recomputed layers only), totals."""
+
+    out: str
+    pipeline: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    resumed_layers: int = 0
+    bytes_read: int = 0
+    peak_live_layers: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    parity_measured: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+Log = Callable[[str], None]
+
+
+def stream_compile(
+    src: str | Path, pipeline: str, out: str | Path, *, work_dir: str | Path | None = None,
+    overwrite: bool = False, data_root: Path | None = None, log: Log | None = None,
+    hooks: list[Callable[[frozenset[int]], None]] | None = None,
+) -> StreamReport:
+    """Compile checkpoint `src` with `pipeline` into the offload artifact `out`, one decoder layer at a time.
+
+    Args:
+        work_dir: keeps per-layer results, so that a killed run restarted with the same command resumes;
+            None: a temporary folder beside `out`, removed at the end.
+        hooks: called with the set of decoder layers whose experts are materialised, after each change.
+
+    Raises:
+        BadInputError: the checkpoint (missing or truncated shard), the pipeline (a pass that cannot stream)
+            or the work folder (another model's or pipeline's) is refused before anything is written to `out`.
+        VerificationError: the artifact misses the streamed PyTorch reference by more than its tolerance.
+    """
+    say = log or (lambda _m: None)
+    t_start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    plan = stream_plan(pipeline, out)
+    check_out_dir(out, overwrite=overwrite)
+    reader = LazyCheckpoint(src)
+    reader.hooks.extend(hooks or [])
+    sk = StreamSkeleton(src, reader)
+    model = sk.model
+    ctx = PassContext(data_root=data_root)
+    for p in (plan.prune, plan.quantize):
+        if p is not None:
+            p.requires(model, ctx)
+    sets: list[CalibSet] = []
+    if plan.importance is not None:
+        o = plan.importance.opts
+        sets = calibration_sets(model, tuple(o["calib"]), o["seq-len"], o["max-tokens"], data_root)
+    report = StreamReport(str(out), plan.text)
+    temp_work = work_dir is None
+    work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work-{uuid.uuid4().hex[:8]}"
+    _open_work(work, _fingerprint(src, reader, plan, sets))
+    quant = QuantSettings(int(plan.lower.opts["accuracy-level"]), exact=False)
+    try:
+        states = _sweep(sk, plan, sets, work, quant, report, say)
+        report.seconds["layers"] = round(time.perf_counter() - t_start, 2)
+        _lower(sk, plan, states, work, out, quant, overwrite, report, say)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        keep = "" if temp_work else f"; {work} keeps the finished layers, the same command resumes"
+        raise BadInputError(f"no space left on device writing {e.filename or work}: nothing was written to "
+                            f"{out}{keep}") from e
+    finally:
+        if temp_work:
+            shutil.rmtree(work, ignore_errors=True)
+    report.bytes_read = reader.bytes_read
+    report.peak_live_layers = reader.peak_live
+    report.seconds["total"] = round(time.perf_counter() - t_start, 2)
+    return report
+
+
+# -- the work folder ----------------------------------------------------------------------------------
+
+
+def _fingerprint(src: Path, reader: LazyCheckpoint, plan: StreamPlan, sets: list[CalibSet]) -> dict[str, Any]:
+    h = hashlib.sha256()
+    for cs in sets:
+        h.update(cs.name.encode())
+        for b in cs.batches:
+            h.update(b.numpy().tobytes())
+    shards = sorted({(t.shard.name, t.shard.stat().st_size) for t in reader.tensors.values()})
+    return {
+        "format": WORK_FORMAT, "version": WORK_VERSION, "source": str(src.resolve()),
+        "config_sha256": hashlib.sha256((src / "config.json").read_bytes()).hexdigest(),
+        "shards": [list(s) for s in shards], "pipeline": plan.layer_text(), "calibration_sha256": h.hexdigest(),
+    }
+
+
+def _open_work(work: Path, job: dict[str, Any]) -> None:
+    """Create the work folder, or accept an existing one made by the same job; refuse any other."""
+    if work.exists() and not work.is_dir():
+        raise BadInputError(f"--work-dir {work}: exists and is not a folder")
+    if work.exists() and any(work.iterdir()):
+        try:
+            have = json.loads((work / JOB).read_text())
+        except (OSError, ValueError):
+            raise BadInputError(f"--work-dir {work}: not empty and not a streamed compile's work folder (no "
+                                f"{JOB}); give an empty or new folder") from None
+        if not isinstance(have, dict) or have.get("format") != WORK_FORMAT:
+            raise BadInputError(f"--work-dir {work}: not a streamed compile's work folder; give an empty or new one")
+        for key, what in (("version", "work folder version"), ("source", "source checkpoint"),
+                          ("config_sha256", "checkpoint config"), ("shards", "checkpoint shards"),
+                          ("pipeline", "pipeline"), ("calibration_sha256", "calibration data")):
+            if have.get(key) != job[key]:
+                raise BadInputError(f"--work-dir {work}: made by another job (its {what} differs: "
+                                    f"{str(have.get(key))[:60]!r} vs {str(job[key])[:60]!r}); give a new folder")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(work / JOB, job)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _layer_files(work: Path, i: int) -> tuple[Path, Path, Path]:
+    return work / f"layer-{i:05d}.json", work / f"layer-{i:05d}.bin", work / f"hidden-{i:05d}.pt"
+
+
+def _hot_file(work: Path, i: int) -> Path:
+    return work / f"hot-{i:05d}.pt"
+
+
+def _done(work: Path, i: int) -> dict[str, Any] | None:
+    """Layer i's saved state if its files are whole, else None (the layer is computed again)."""
+    meta, data, _ = _layer_files(work, i)
+    try:
+        state: dict[str, Any] = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not data.exists() or data.stat().st_size != state["bytes"]:
+        return None
+    if state["hot"] and not _hot_file(work, i).exists():
+        return None
+    return state
+
+
+# -- sweep 1: layer by layer ------------------------------------------------------------------------------
+
+
+def _sweep(sk: StreamSkeleton, plan: StreamPlan, sets: list[CalibSet], work: Path, quant: QuantSettings,
+           report: StreamReport, say: Log) -> list[dict[str, Any]]:
+    n = len(sk.model.layers)
+    need_hidden = plan.importance is not None
+    states: list[dict[str, Any]] = []
+    first = 0
+    while first < n and (st := _done(work, first)) is not None:
+        states.append(st)
+        first += 1
+    if need_hidden and 0 < first < n and not _layer_files(work, first - 1)[2].exists():
+        states, first = [], 0  # the inputs of the first missing layer are gone (a kill during the export)
+    for st in states:  # done layers: weightless stand-ins, as the export needs them
+        sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    report.resumed_layers = first
+    if first:
+        say(f"stream: layers 0..{first - 1} resumed from {work}")
+    hidden: list[list[torch.Tensor]] = []
+    if need_hidden:
+        if first == 0:
+            sk.load_top(embed=True, head=False)
+            hidden = [[sk.embed(b) for b in cs.batches] for cs in sets]
+            sk.drop_top()
+        elif first < n:
+            hidden = torch.load(_layer_files(work, first - 1)[2], weights_only=True)
+    fail_after = os.environ.get(FAIL_ENV)
+    for i in range(first, n):
+        t0, b0 = time.perf_counter(), sk.reader.bytes_read
+        state, hidden = _layer(sk, i, plan, sets, hidden, work, quant)
+        state["seconds"] = round(time.perf_counter() - t0, 2)
+        state["bytes_read"] = sk.reader.bytes_read - b0
+        meta, _, hid = _layer_files(work, i)
+        if need_hidden and i + 1 < n:
+            torch.save(hidden, hid.with_name(hid.name + ".tmp"))
+            os.replace(hid.with_name(hid.name + ".tmp"), hid)
+        _write_json(meta, state)  # last: the layer counts as done once this exists
+        if i > 0:
+            _layer_files(work, i - 1)[2].unlink(missing_ok=True)
+        states.append(state)
+        report.layers.append({"layer": i, "seconds": state["seconds"], "bytes_read": state["bytes_read"]})
+        say(f"stream: layer {i + 1}/{n} in {state['seconds']:.1f} s, {state['bytes_read'] / 2**30:.2f} GiB read")
+        if fail_after is not None and i == int(fail_after):
+            raise InjectedFailure(f"stopped after layer {i} ({FAIL_ENV}={fail_after})")
+    return states
+
+
+def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], hidden: list[list[torch.Tensor]],
+           work: Path, quant: QuantSettings) -> tuple[dict[str, Any], list[list[torch.Tensor]]]:
+    """Layer i through the per-layer passes; its cold records written; the next layer's inputs returned."""
+    moe: MoELayer = sk.model.layers[i]
+    t = moe.table
+    e_count = t.num_experts
+    sk.load_dense(i)
+    slots = [SlotInfo((e,)) for e in range(e_count)]
+    stats: dict[str, Any] = {}
+    combined: LayerStats | None = None
+    if plan.importance is not None:
+        sk.lazy_experts(i, slots)
+        per_set: list[LayerStats] = []
+        outs: list[list[torch.Tensor]] = []
+        for hs in hidden:
+            st = LayerStats(e_count)
+
+            def observe(_layer: MoELayer, trace: RoutingTrace, st: LayerStats = st) -> None:
+                st.add(trace)
+
+            moe.observers.append(observe)
+            try:
+                outs.append([sk.forward_layer(i, h) for h in hs])
+            finally:
+                moe.observers.remove(observe)
+            per_set.append(st)
+        hidden = outs
+        combined = _merge_all(per_set)
+        freq = combined.freq
+        slots = [SlotInfo(s.members, importance=float(sum(freq[e] for e in s.members))) for s in t.slots]
+        t.set_slots(torch.empty((e_count, 0)), torch.empty((e_count, 0)), slots)  # release the weights
+        sk.reader.release(i)
+        stats["tokens"] = combined.tokens
+    if plan.prune is not None:
+        keep = _prune(plan, moe, slots, combined)
+        stats["experts-removed"] = len(slots) - len(keep)
+        slots = [slots[s] for s in keep]
+    bits = _bits(plan)
+    if bits is not None:  # expert by expert: the layer's float table is never held
+        sk.drop_experts(i, slots, {}, release=False)
+        sk.reader.acquire(i)
+        _quantize_each(sk, i, bits, plan)
+    else:
+        sk.load_experts(i, slots)
+    hot = choose_hot(_OneLayer(moe), plan.hot())[i]  # type: ignore[arg-type]
+    groups = []
+    data = _layer_files(work, i)[1]
+    tmp = data.with_name(data.name + ".tmp")
+    size = 0
+    with tmp.open("wb") as f:
+        for g in cold_records(moe, hot, quant):
+            rb, crcs = g.record_bytes, []
+            for _slot, blob, crc in g.records():
+                f.write(blob)
+                f.write(b"\0" * (rb - len(blob)))
+                size += rb
+                crcs.append(crc)
+            groups.append({"op": g.op, "attrs": [list(a) for a in g.attrs], "k": g.k, "slots": list(g.slots),
+                           "parts": [[p.name, list(p.shape), p.dtype] for p in g.parts], "crcs": crcs})
+            del g
+    os.replace(tmp, data)
+    if hot:  # the graph holds these: their packed matrices are kept for the export
+        packed = {key: [q.packed, q.scales, q.zero_points] for key, q in t.quantized.items()
+                  if int(key.split("_", 1)[0]) in hot}
+        path = _hot_file(work, i)
+        torch.save(packed, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+    qmeta = quantized_meta(moe)
+    state: dict[str, Any] = {"layer": i, "slots": [s.to_dict() for s in t.slots], "quantized": qmeta,
+             "hot": list(hot), "groups": groups, "bytes": size, "stats": stats}
+    sk.drop_experts(i, list(t.slots), qmeta)
+    sk.drop_dense(i)
+    return state, hidden
+
+
+class _OneLayer:
+    """A model with one layer, as `choose_hot` reads it."""
+
+    plan = None
+
+    def __init__(self, layer: MoELayer) -> None:
+        self.layers = [layer]
+
+
+def _prune(plan: StreamPlan, moe: MoELayer, slots: list[SlotInfo], stats: LayerStats | None) -> list[int]:
+    """The kept slots of one layer, as `prune` keeps them (`prune.rank_experts` + `classify`)."""
+    assert plan.prune is not None
+    o = plan.prune.opts
+    method = "importance" if o["method"] == "frequency" else o["method"]
+    score = "freq" if o["method"] == "frequency" else o["score"]
+    owners = [s.members[0] for s in slots]
+    if method == "random":
+        g = torch.Generator().manual_seed(o["seed"] * 100_003 + moe.index)
+        ranked = [owners[i] for i in torch.randperm(len(owners), generator=g).tolist()]
+    else:
+        assert stats is not None
+        values = stats.freq if score == "freq" else stats.prob
+        ranked = sorted(owners, key=lambda e: (-float(values[e]), e))
+    top_k = moe.router.top_k
+    if o["alpha"] >= 0:
+        assert stats is not None
+        cls = classify_by_thresholds(ranked, stats.freq, top_k, o["alpha"], o["beta"])
+    else:
+        cold_share = 1.0 - o["keep"] if o["cold"] < 0 else o["cold"]
+        cls = classify(ranked, moe.table.num_experts, top_k, o["keep"], cold_share)
+    drop = set(cls.cold)
+    return [s for s, info in enumerate(slots) if info.members[0] not in drop]
+
+
+def _bits(plan: StreamPlan) -> int | None:
+    from moeopt.passes.quantize import parse_bits
+
+    return None if plan.quantize is None else parse_bits(str(plan.quantize.opts["bits"]))
+
+
+def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan) -> None:
+    """Uniform RTN quantization of layer i's slots, as `quantize{method=uniform}` (`quantize_slot`) does it,
+    each expert read, quantized and dropped in turn (the layer's float table is never held)."""
+    assert plan.quantize is not None
+    o = plan.quantize.opts
+    group, sym = int(o["group"]), bool(o["symmetric"])
+    t = sk.model.layers[i].table
+    for s, info in enumerate(t.slots):
+        w_in, w_out = sk.expert(i, info.members[0])
+        for name, w in (("w_in", w_in), ("w_out", w_out)):
+            q, _ = quantize_dequantize(w, bits, group, sym)
+            t.quantized[f"{s}_{name}"] = QuantizedMatrix(q.rows, q.cols, bits, group, sym, q.packed, q.scales,
+                                                         q.zero_points)
+            del q
+        t.with_slot_info(s, bits=bits)
+        del w_in, w_out
+
+
+def _dequantized(sk: StreamSkeleton, i: int, slots: list[SlotInfo], bits: int,
+                 plan: StreamPlan) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Slot s of layer i as the quantized model holds it: the dequantized RTN values `quantize_slot`
+    writes back (the reference numerics), made one slot at a time."""
+    assert plan.quantize is not None
+    group, sym = int(plan.quantize.opts["group"]), bool(plan.quantize.opts["symmetric"])
+
+    def make(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_in, w_out = sk.expert(i, slots[s].members[0])
+        return quantize_dequantize(w_in, bits, group, sym)[1], quantize_dequantize(w_out, bits, group, sym)[1]
+
+    return make
+
+
+# -- the lowering -------------------------------------------------------------------------------------
+
+
+def _expert_writer(states: list[dict[str, Any]], work: Path) -> Any:
+    """experts.bin from the layer files in order, formats named as `write_experts` names them.
+
+    Each layer file is deleted once appended, so the disk holds the layer files or experts.bin, not both
+    (a checkpoint larger than RAM has an expert file to match); a run killed from here on recomputes the
+    layers whose files are gone (their json stays, `_done` checks the file).
+    """
+
+    def write(folder: Path, hot: dict[int, tuple[int, ...]]) -> tuple[dict[str, ColdFormat], list[dict[str, Any]], int]:
+        formats: dict[str, ColdFormat] = {}
+        keys: dict[tuple[Any, ...], str] = {}
+        entries: list[dict[str, Any]] = []
+        offset = 0
+        with (folder / EXPERTS_FILE).open("wb") as f:
+            for st in states:
+                i = st["layer"]
+                if tuple(st["hot"]) != tuple(hot[i]):
+                    raise RuntimeError(f"layer {i}: hot slots {hot[i]} differ from the records' {st['hot']}")
+                for g in st["groups"]:
+                    attrs = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in g["attrs"])
+                    parts = tuple(Part(n, tuple(s), d) for n, s, d in g["parts"])
+                    name = register_format(formats, keys, g["op"], attrs, parts, g["k"])
+                    record = formats[name].pool.record_bytes
+                    for slot, crc in zip(g["slots"], g["crcs"], strict=True):
+                        entries.append({"layer": i, "slot": slot, "format": name, "offset": offset, "crc32": crc})
+                        offset += record
+                data = _layer_files(work, i)[1]
+                with data.open("rb") as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
+                data.unlink()
+            if f.tell() != offset:
+                raise RuntimeError(f"experts.bin: {f.tell()} bytes written, the records need {offset}")
+        for fmt in formats.values():
+            write_cold_graph(fmt, folder / fmt.pool.graph)
+        return formats, entries, offset
+
+    return write
+
+
+def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], work: Path, out: Path,
+           quant: QuantSettings, overwrite: bool, report: StreamReport, say: Log) -> None:
+    model = sk.model
+    lo = plan.lower.opts
+    prof = profile(lo["target"], lo["threads"])
+    check_lowerable(model.layers)
+    check_layers(model.layers)
+    tmp = atomic_dir(out, overwrite=overwrite)
+    try:
+        t0 = time.perf_counter()
+        for i in range(len(model.layers)):
+            sk.load_dense(i)
+        for st in states:  # hot slots: their packed matrices, which the graph holds
+            if st["hot"]:
+                t = model.layers[st["layer"]].table
+                for key, (packed, scales, zp) in torch.load(_hot_file(work, st["layer"]), weights_only=True).items():
+                    old = t.quantized[key]
+                    assert isinstance(old, QuantizedMatrix)
+                    t.quantized[key] = QuantizedMatrix(old.rows, old.cols, old.bits, old.group_size, old.symmetric,
+                                                       packed, scales, zp)
+        sk.load_top()
+        with quant_settings(quant), onnx_linears.matches() as matched:
+            info, offload = export_offload(model, tmp, hot=plan.hot(), quant=quant, kv_cache=True, prefetch=False,
+                                           experts=_expert_writer(states, work))
+        onnx_linears.check_matched(model, matched)
+        for i in range(len(model.layers)):
+            sk.drop_dense(i)
+        sk.drop_top()
+        report.seconds["export"] = round(time.perf_counter() - t0, 2)
+        say(f"stream: graph and experts.bin written in {report.seconds['export']:.1f} s")
+        graphs = [s["file"] for s in offload["segments"]]
+        if lo["opt-level"] == "extended":
+            for name in graphs:
+                optimize_offline(tmp / name, prof)
+        tokenizer = _copy_tokenizer(model, tmp)
+        manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=plan.text,
+                                  ort_optimize=lo["opt-level"] == "extended", quant=quant)
+        manifest["graph"]["ops"] = contrib_ops(*(tmp / g for g in graphs))
+        manifest["graph"]["file"] = None
+        manifest["offload"] = offload
+        manifest["streamed"] = True
+        if any(len(layer.table.quantized) for layer in model.layers):
+            manifest["quant"] = {"accuracy_level": quant.accuracy_level}
+        tolerance = parity_tolerance(model, quant)
+        manifest["parity_tolerance"] = tolerance
+        manifest["parity_measured"], manifest["verified"] = None, False
+        manifest["parity"] = None
+        from moeopt.lower.genai import write_genai_files
+
+        manifest["genai"] = write_genai_files(tmp, manifest, model.config)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if lo["verify"]:
+            t0 = time.perf_counter()
+            measured = _parity(sk, states, plan, tmp, offload["file_bytes"], say)
+            report.seconds["verify"] = round(time.perf_counter() - t0, 2)
+            report.parity_measured = measured
+            if not measured <= tolerance:
+                raise VerificationError(
+                    f"{out}: the streamed artifact differs from the streamed PyTorch forward by {measured:.3g} "
+                    f"(max |logit diff| on the parity probe), over its tolerance {tolerance:g}; nothing was "
+                    "written (lower{verify=false} keeps it anyway)")
+            manifest["parity"] = PARITY_FILE
+            manifest["parity_measured"], manifest["verified"] = measured, True
+        manifest["files"] = hash_files(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        commit_dir(tmp, out, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, folder: Path, expert_bytes: int,
+            say: Log) -> float:
+    """The artifact's greedy tokens and logits on the parity probe, then PyTorch's logits on prompt + those
+    tokens from one streamed teacher-forced forward; parity.npz holds prompt, tokens, PyTorch's logits.
+
+    Returns:
+        max |logit diff| between the two.
+    """
+    from moeopt.runtime import AllResident, open_artifact
+    from moeopt.runtime.expert_cache import ExpertCache
+    from moeopt.runtime.steppers import DecoderOnlyStepper
+
+    vocab = int(sk.model.config.vocab_size)
+    prompt = _probe(vocab, PROMPT_LEN)
+
+    def source(index: Any, path: Path) -> Any:
+        if expert_bytes <= RESIDENT_VERIFY_MAX:
+            return AllResident(index, path, packed=False)
+        return ExpertCache(path, index, VERIFY_CACHE_BYTES)
+
+    sess = open_artifact(folder, verify=False, source=source)
+    try:
+        stepper = DecoderOnlyStepper(sess._run, prompt, np.ones_like(prompt))
+        logits, past = stepper.prefill(sess.empty_past(1, PROMPT_LEN + STEPS))
+        got, toks = [logits[:, -1]], []
+        for s in range(STEPS):
+            tok = got[-1].argmax(-1).astype(np.int64)
+            toks.append(tok)
+            if s + 1 < STEPS:
+                logits, past = stepper.step(tok, past)
+                got.append(logits[:, -1])
+    finally:
+        close = getattr(sess, "close", None)
+        if close is not None:
+            close()
+        del sess
+    del stepper, past, logits  # the stepper holds the session (its graphs' weights) until released
+    gc.collect()
+    tokens = np.stack(toks, axis=1)  # (1, S)
+    ort_logits = np.stack(got, axis=1)  # (1, S, V)
+    seq = torch.from_numpy(np.concatenate([prompt, tokens[:, :-1]], axis=1))
+    sk.load_top(embed=True, head=False)
+    h = sk.embed(seq)
+    sk.drop_top()
+    for st in states:
+        i = st["layer"]
+        sk.load_dense(i)
+        slots = [SlotInfo.from_dict(d) for d in st["slots"]]
+        bits = _bits(plan)
+        sk.lazy_experts(i, slots, None if bits is None else _dequantized(sk, i, slots, bits, plan))
+        h = sk.forward_layer(i, h)
+        sk.drop_experts(i, slots, st["quantized"])
+        sk.drop_dense(i)
+        say(f"stream: parity forward, layer {i + 1}/{len(states)}")
+    sk.load_top(embed=False, head=True)
+    ref = sk.head(h)[:, PROMPT_LEN - 1:].float().numpy()  # (1, S, V)
+    sk.drop_top()
+    np.savez(folder / PARITY_FILE, prompt=prompt, tokens=tokens, logits=ref)
+    return float(np.abs(ort_logits - ref).max())

@@ -1,0 +1,252 @@
+"""The streamed compile (`moeopt convert --stream`): one decoder layer at a time, the same artifact.
+
+On a tiny 3-layer Mixtral in bfloat16 shards: the streamed artifact's experts.bin, segment graphs and
+weights, and cold graphs have the sha256 of the in-memory pipeline's (same per-layer computations in
+float32, same writers); only parity.npz and the manifest differ, because the streamed reference is one
+teacher-forced forward over prompt + the artifact's greedy tokens instead of eight full recomputes (the
+tokens must be equal and the logits within 1e-5; measured 6e-8). No more than two decoder layers' experts
+are ever materialised (a hook on the reader counts them). A run stopped after layer 1 and started again
+with the same command resumes and writes the same bytes. Bad input is one line, exit 2, nothing in -o.
+Each test that lowers exports once or twice (about 30 s per export on a loaded machine). Experts are read
+one at a time wherever a forward or the quantizer needs them (`skeleton.LazySlots`), so peak memory is one
+expert in float32 plus the non-expert weights the export holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from moeopt.stream import stream_compile
+from moeopt.stream.compile import FAIL_ENV, InjectedFailure
+from moeopt.stream.reader import LayerBudgetError, LazyCheckpoint
+from tests.test_cli import run_cli
+
+LAYERS = 3
+
+
+def pipeline(calib: Path, keep: float = 0.5, hot: int = 0) -> str:
+    return (f"importance{{calib={calib},seq-len=16,max-tokens=256}},prune{{keep={keep}}},"
+            f"quantize{{method=uniform,bits=4,group=16}},lower{{experts=offload,hot={hot}}}")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 3-layer Mixtral in bfloat16, in several shards with an index, plus calibration token ids."""
+    import transformers
+
+    from moeopt.testing import tiny_config
+
+    root = tmp_path_factory.mktemp("stream")
+    cfg = tiny_config("mixtral")
+    cfg.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate.weight" in name:  # distinct router preferences, so that importance ranks experts apart
+                p.normal_(0.0, 0.5)
+    path = root / "tiny-mixtral"
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="40KB")
+    g = torch.Generator().manual_seed(1)
+    rows = [json.dumps({"ids": torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist()}) for _ in range(8)]
+    (root / "calib.jsonl").write_text("\n".join(rows))
+    CALIB["path"] = root / "calib.jsonl"
+    return path
+
+
+CALIB: dict[str, Path] = {}
+
+
+def _calib(ckpt: Path) -> Path:
+    return CALIB["path"]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def streamed(ckpt: Path) -> tuple[Path, list[frozenset[int]], Any]:
+    """The streamed artifact, every set of materialised layers seen, and the run's report."""
+    torch.set_num_threads(1)
+    seen: list[frozenset[int]] = []
+    out = ckpt.parent / "streamed"
+    report = stream_compile(ckpt, pipeline(_calib(ckpt)), out, hooks=[seen.append])
+    return out, seen, report
+
+
+def _in_memory(ckpt: Path, out: Path, hot: int = 0) -> None:
+    import moeopt
+    from moeopt.passes import PassManager
+
+    torch.set_num_threads(1)
+    PassManager(pipeline(_calib(ckpt), hot=hot)[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
+
+
+def _same_but_parity(out: Path, ref: Path) -> None:
+    got, want = _hashes(out), _hashes(ref)
+    assert set(got) == set(want) and "experts.bin" in got and any(n.endswith(".onnx.data") for n in got)
+    differ = sorted(n for n in got if got[n] != want[n])
+    assert differ == ["manifest.json", "parity.npz"], differ
+
+
+def test_streamed_equals_in_memory(ckpt: Path, streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
+    out, _, report = streamed
+    ref = ckpt.parent / "in-memory"
+    _in_memory(ckpt, ref)
+    got, want = _hashes(out), _hashes(ref)
+    assert set(got) == set(want) and "experts.bin" in got and any(n.endswith(".onnx.data") for n in got)
+    differ = sorted(n for n in got if got[n] != want[n])
+    assert differ == ["manifest.json", "parity.npz"], differ
+    a, b = json.loads((out / "manifest.json").read_text()), json.loads((ref / "manifest.json").read_text())
+    assert a["offload"] == b["offload"] and a["layers"] == b["layers"] and a["graph"] == b["graph"]
+    assert a["verified"] and a["parity_measured"] <= 1e-5 and a["parity_tolerance"] == b["parity_tolerance"]
+    pa, pb = np.load(out / "parity.npz"), np.load(ref / "parity.npz")
+    assert (pa["prompt"] == pb["prompt"]).all() and (pa["tokens"] == pb["tokens"]).all()
+    assert float(np.abs(pa["logits"] - pb["logits"]).max()) <= 1e-5
+    assert report.bytes_read > 0 and len(report.layers) == LAYERS
+
+
+def test_hot_slots_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
+    """hot=1: each layer's most important slot lowered into the graph (its packed matrices kept in the work
+    folder for the export), the rest in experts.bin: the same bytes as the in-memory pipeline's."""
+    out, ref = tmp_path / "streamed", tmp_path / "in-memory"
+    stream_compile(ckpt, pipeline(_calib(ckpt), hot=1), out)
+    _in_memory(ckpt, ref, hot=1)
+    _same_but_parity(out, ref)
+    assert all(len(h) == 1 for h in json.loads((out / "manifest.json").read_text())["offload"]["hot"])
+
+
+def test_at_most_two_layers_materialised(streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
+    """Fails if the compile ever held more than two decoder layers' experts at once (or never any)."""
+    _, seen, report = streamed
+    assert seen and max(len(s) for s in seen) <= 2, max(seen, key=len)
+    assert set().union(*seen) == set(range(LAYERS))  # every layer was materialised at some point
+    assert report.peak_live_layers <= 2
+
+
+def test_reader_refuses_a_third_layer(ckpt: Path) -> None:
+    reader = LazyCheckpoint(ckpt, max_layers=2)
+    reader.acquire(0)
+    reader.acquire(1)
+    with pytest.raises(LayerBudgetError):
+        reader.acquire(2)
+    reader.release(0)
+    assert reader.read("model.norm.weight").dtype == torch.bfloat16  # read in the stored dtype
+
+
+def test_resume_after_kill(ckpt: Path, tmp_path: Path, streamed: tuple[Path, list[frozenset[int]], Any],
+                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped after layer 1 (as a kill would), then the same command: layers 0-1 are resumed, not
+    recomputed, and the artifact's bytes equal those of an uninterrupted run."""
+    work, out = tmp_path / "work", tmp_path / "art"
+    monkeypatch.setenv(FAIL_ENV, "1")
+    with pytest.raises(InjectedFailure):
+        stream_compile(ckpt, pipeline(_calib(ckpt)), out, work_dir=work)
+    assert not out.exists() and not list(tmp_path.glob(".art.tmp-*"))
+    assert sorted(p.name for p in work.glob("layer-*.json")) == ["layer-00000.json", "layer-00001.json"]
+    monkeypatch.delenv(FAIL_ENV)
+    report = stream_compile(ckpt, pipeline(_calib(ckpt)), out, work_dir=work)
+    assert report.resumed_layers == 2 and [r["layer"] for r in report.layers] == [2]
+    assert _hashes(out) == _hashes(streamed[0])
+    # the same work folder, another pipeline: refused before anything is written
+    code, _, err = _cli(capsys, ckpt, tmp_path / "other", "--work-dir", str(work), keep=0.75)
+    _one_line_exit_2(code, err, "made by another job", "pipeline")
+    assert not (tmp_path / "other").exists()
+
+
+def _cli(capsys: pytest.CaptureFixture[str], ckpt: Path, out: Path, *extra: str, keep: float = 0.5,
+         passes: str | None = None) -> tuple[int, str, str]:
+    text = passes if passes is not None else pipeline(CALIB["path"], keep)
+    return run_cli("convert", str(ckpt), "--passes", text, "-o", str(out), "--stream", *extra, capsys=capsys)
+
+
+def _one_line_exit_2(code: int, err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("moeopt: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*")), list(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_bad_shard(ckpt: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    shard = sorted(bad.glob("*.safetensors"))[1]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        shard.unlink()
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, bad, out)
+    _one_line_exit_2(code, err, shard.name, damage)
+    _nothing_written(out)
+
+
+def test_work_dir_of_another_model(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other-model"
+    shutil.copytree(ckpt, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-6
+    (other / "config.json").write_text(json.dumps(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "job.json").write_text(json.dumps({"format": "moeopt-stream-work", "version": 1, "source": str(ckpt),
+                                               "config_sha256": "", "shards": [], "pipeline": "",
+                                               "calibration_sha256": ""}))
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, other, out, "--work-dir", str(work))
+    _one_line_exit_2(code, err, "made by another job", "source checkpoint")
+    _nothing_written(out)
+    (work / "job.json").unlink()
+    (work / "stray").write_text("x")
+    code, _, err = _cli(capsys, other, out, "--work-dir", str(work))
+    _one_line_exit_2(code, err, "not a streamed compile's work folder")
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize(("passes", "fragment"), [
+    ("importance{calib=C},prune{keep=0.75},merge,quantize{method=uniform,bits=4},lower{experts=offload,hot=0}",
+     "pass 'merge' cannot stream"),
+    ("quantize{avg-bits=3},lower{experts=offload,hot=0}", "quantize{method=ilp} cannot stream"),
+    ("lower{experts=resident}", "experts=resident"),
+    ("quantize{method=uniform,bits=4}", "end the pipeline with lower"),
+])
+def test_pipeline_that_cannot_stream(ckpt: Path, tmp_path: Path, passes: str, fragment: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, ckpt, out, passes=passes.replace("calib=C", f"calib={_calib(ckpt)}"))
+    _one_line_exit_2(code, err, fragment)
+    _nothing_written(out)
+
+
+def test_resume_without_inputs_starts_over(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed during the export has appended (deleted) some layer files; the inputs of the first
+    missing layer are gone too, so the next run recomputes from layer 0, to the same layer results.
+    (Stopped after the last layer each time: no export, a few seconds.)"""
+    work = tmp_path / "work"
+    monkeypatch.setenv(FAIL_ENV, str(LAYERS - 1))
+    with pytest.raises(InjectedFailure):
+        stream_compile(ckpt, pipeline(_calib(ckpt)), tmp_path / "art", work_dir=work)
+    first = {p.name: json.loads(p.read_text())["groups"] for p in work.glob("layer-*.json")}
+    (work / "layer-00001.bin").unlink()  # as the expert-file assembly does
+    assert not (work / "hidden-00000.pt").exists()
+    seen: list[frozenset[int]] = []
+    with pytest.raises(InjectedFailure):
+        stream_compile(ckpt, pipeline(_calib(ckpt)), tmp_path / "art", work_dir=work, hooks=[seen.append])
+    assert set().union(*seen) == set(range(LAYERS))  # layer 0 recomputed, not resumed
+    again = {p.name: json.loads(p.read_text())["groups"] for p in work.glob("layer-*.json")}
+    assert again == first and len(first) == LAYERS
+    assert (work / "layer-00001.bin").exists() and not (tmp_path / "art").exists()
