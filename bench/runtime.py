@@ -10,6 +10,9 @@ configuration's alone. Writes runtime.json and runtime.png.
 
     .venv/bin/python bench/runtime.py                       # both models (~1B: builds its artifacts once)
     .venv/bin/python bench/runtime.py --quick               # reference model, short prompt, one repeat
+    .venv/bin/python bench/runtime.py --models gptoss --out bench/results/runtime-gptoss
+        # ~1B random gpt-oss (MXFP4 experts as shipped): moeopt's 4-bit artifact against ONNX Runtime
+        # GenAI's model builder (`-p int4 -e cpu`) on the same weights, both run by GenAI too
 
 llama.cpp (optional): `python -m bench.llama_tools build` builds llama-bench and llama-quantize into
 ~/.cache/moeopt/bench/llama-bin/0.3.36 (or set MOEOPT_LLAMA_BIN); or `pip install llama-cpp-python==0.3.36`

@@ -268,7 +268,8 @@ def rotary_cache(hf: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)  # (1, n, D): halves repeated
     # halves repeated (D wide), or each frequency once (D / 2 wide: gpt-oss): the first D / 2 columns either way
-    half = int(_decoder_layers(hf)[0].self_attn.head_dim) // 2  # type: ignore[union-attr]
+    att: Any = _decoder_layers(hf)[0].self_attn
+    half = int(att.head_dim) // 2
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
