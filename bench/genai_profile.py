@@ -8,6 +8,9 @@ its config's session options; `enable_profiling` is overlaid (ORT writes one JSO
 
     .venv/bin/python bench/genai_profile.py FOLDER [FOLDER ...] --out bench/results/runtime-gptoss/profile.json
 
+A folder may be listed more than once (A B A B: paired rounds on a machine whose load changes); the
+repeats are kept as NAME#2, NAME#3.
+
 With bench/runtime.py's gpt-oss models (built by `bench/runtime.py --models gptoss`):
 
     C=~/.cache/moeopt/bench/gptoss
@@ -141,7 +144,10 @@ def main() -> None:
                "--child"]
         work = Path(tempfile.mkdtemp(prefix="genai-profile-"))
         res = subprocess.run([*cmd, "--work", str(work)], capture_output=True, text=True)
-        name = folder.name
+        name = folder.name  # a folder listed again (paired rounds: A B A B) gets #2, #3 ...
+        n = 2
+        while name in result["models"]:
+            name, n = f"{folder.name}#{n}", n + 1
         if res.returncode != 0:
             result["models"][name] = {"error": (res.stderr.strip().splitlines() or ["?"])[-1]}
         else:
