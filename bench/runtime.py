@@ -10,6 +10,9 @@ configuration's alone. Writes runtime.json and runtime.png.
 
     .venv/bin/python bench/runtime.py                       # both models (~1B: builds its artifacts once)
     .venv/bin/python bench/runtime.py --quick               # reference model, short prompt, one repeat
+    .venv/bin/python bench/runtime.py --models gptoss --out bench/results/runtime-gptoss
+        # ~1B random gpt-oss (MXFP4 experts as shipped): moeopt's 4-bit artifact against ONNX Runtime
+        # GenAI's model builder (`-p int4 -e cpu`) on the same weights, both run by GenAI too
 
 llama.cpp (optional): `python -m bench.llama_tools build` builds llama-bench and llama-quantize into
 ~/.cache/moeopt/bench/llama-bin/0.3.36 (or set MOEOPT_LLAMA_BIN); or `pip install llama-cpp-python==0.3.36`
@@ -49,6 +52,19 @@ BIG: dict[str, Any] = {
     "max_position_embeddings": 2048, "tie_word_embeddings": False,
 }
 
+# A gpt-oss shape at ~1B parameters, the model type that both moeopt and ONNX Runtime GenAI's model builder
+# lower for CPU: the BIG widths (whole MXFP4 blocks of 32), 8 experts top-2 (gpt-oss-20b has 32 top-4),
+# sliding / full attention alternating as shipped (window 128), gpt-oss's YaRN rope, attention sinks and
+# clamped SwiGLU experts with biases. Written as a shipped checkpoint: experts MXFP4 (`*_blocks` /
+# `*_scales`), everything else fp32, so the builder reads the same expert values moeopt dequantizes.
+GPTOSS: dict[str, Any] = {
+    "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 14, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 8, "num_experts_per_tok": 2,
+    "vocab_size": 8192, "max_position_embeddings": 4096, "tie_word_embeddings": False, "sliding_window": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 7,
+}  # rope: gpt-oss's YaRN as shipped (factor 32 over 4096; the builder needs 0 < low < high for it)
+MODELS = ("reference", "1b", "gptoss")
+
 # label -> (passes before lowering, accuracy_level). Mixed bits is a fixed pattern per layer
 # (8/3/4/4/4/4/2/2 bits, 3.9 on average): what is timed is one QMoE node per bitwidth group, whichever
 # slots an allocation gives which width (sensitivities of the random model's weights carry no signal).
@@ -64,6 +80,18 @@ CONFIGS: dict[str, tuple[str, int]] = {
     "artifact-4bit-all-int8act": (
         f"quantize{{method=uniform,bits=4,group={GROUP},non-experts=4,lm-head=true}}", 4),
 }
+# gpt-oss: the configuration closest to the GenAI builder's `-p int4 -e cpu` defaults (every linear 4-bit:
+# experts as QMoE, attention and lm_head as MatMulNBits, block 32; input embedding float; accuracy_level 4,
+# the builder's CPU default for MatMulNBits), beside the builder's own model and GenAI running ours.
+GPTOSS_CONFIGS: dict[str, tuple[str, int]] = {
+    "artifact-4bit-all-int8act": ("quantize{method=uniform,bits=4,group=32,non-experts=4,lm-head=true}", 4),
+    "artifact-4bit-all-int8act-export": ("quantize{method=uniform,bits=4,group=32,non-experts=4,lm-head=true}", 4),
+}
+# `lower(attention=...)` per label (default auto: GroupQueryAttention where verified, gpt-oss included);
+# the -export row keeps the attention as traced (the graph before gpt-oss went through GroupQueryAttention).
+ATTENTION = {"artifact-4bit-all-int8act-export": "export"}
+BUILDER = "genai-builder-int4"  # onnxruntime_genai.models.builder -p int4 -e cpu, run by GenAI
+GPTOSS_GENAI = {"genai-4bit-all-int8act": "artifact-4bit-all-int8act"}
 LLAMA_TYPES = {"llama.cpp-Q8_0": 7, "llama.cpp-Q4_K_M": 15}  # llama_ftype values
 # ONNX Runtime GenAI running moeopt's artifact (its genai_config.json): label -> the artifact's label.
 GENAI = {"genai-fp32": "artifact-fp32", "genai-4bit": "artifact-4bit", "genai-4bit-int8act": "artifact-4bit-int8act"}
@@ -73,10 +101,75 @@ GENAI = {"genai-fp32": "artifact-fp32", "genai-4bit": "artifact-4bit", "genai-4b
 
 
 def checkpoint(name: str, cache: Path) -> Path:
-    """The checkpoint folder of `name` ('reference' or '1b'); the random model is built once, seeded."""
+    """The checkpoint folder of `name` ('reference', '1b' or 'gptoss'); random models are built once, seeded."""
     if name == "reference":
         return REFERENCE
+    if name == "gptoss":
+        return random_gptoss(cache / "gptoss-1b", GPTOSS)
     return random_mixtral(cache / "mixtral-1b", BIG)
+
+
+def configs(model_name: str) -> dict[str, tuple[str, int]]:
+    """The moeopt artifacts measured on `model_name`: label -> (passes, accuracy_level)."""
+    return GPTOSS_CONFIGS if model_name == "gptoss" else CONFIGS
+
+
+def genai_rows(model_name: str) -> dict[str, str]:
+    """GenAI running moeopt's artifacts: label -> the artifact's label."""
+    return GPTOSS_GENAI if model_name == "gptoss" else GENAI
+
+
+def random_gptoss(ckpt: Path, shape: dict[str, Any]) -> Path:
+    """A random gpt-oss of `shape` (seeded, built once) written as shipped (experts MXFP4, the rest fp32)
+    with the reference model's tokenizer, at `ckpt`.
+
+    Generated tensor by tensor (transformers' initialisation: normal(0, 0.02), norms 1) and each expert
+    quantized on its own, so ~1B parameters never sit in memory as float: the machine is shared. Routers
+    get distinct preferences and the biases small values (zeros would leave those inputs of both runtimes'
+    kernels untested).
+    """
+    if (ckpt / "tokenizer.json").exists():
+        return ckpt
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from moeopt.ir.mxfp4 import PROJS, quantize
+
+    cfg = transformers.GptOssConfig(**shape, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                    architectures=["GptOssForCausalLM"])  # the builder dispatches on it
+    with torch.device("meta"):
+        skeleton = transformers.GptOssForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    for name, p in skeleton.named_parameters():
+        stem, _, leaf = name.rpartition(".")
+        std = 0.5 if name.endswith("router.weight") else 0.1 if name.endswith("router.bias") else 0.02
+        if leaf == "weight" and "norm" in stem:
+            state[name] = torch.ones(p.shape)
+        elif stem.endswith(".experts") and leaf in PROJS:  # (E, in, out) -> rows = outputs, MXFP4 per expert
+            packed = [quantize(torch.randn(p.shape[1:], generator=g).mul_(std).T) for _ in range(p.shape[0])]
+            state[f"{name}_blocks"] = torch.stack([b for b, _ in packed])
+            state[f"{name}_scales"] = torch.stack([sc for _, sc in packed])
+        else:
+            state[name] = torch.randn(p.shape, generator=g).mul_(std)
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg.save_pretrained(tmp)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp / "config.json").read_text())
+    config["quantization_config"] = {  # as moeopt.ir.mxfp4.write_mxfp4_checkpoint (and gpt-oss as shipped)
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"],
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(REFERENCE / f, tmp / f)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    return ckpt
 
 
 def random_mixtral(ckpt: Path, shape: dict[str, Any]) -> Path:
@@ -104,7 +197,7 @@ def random_mixtral(ckpt: Path, shape: dict[str, Any]) -> Path:
 
 
 def _passes(model_name: str, label: str) -> str:
-    return CONFIGS[label][0]
+    return configs(model_name)[label][0]
 
 
 def build_artifact(model_name: str, label: str, cache: Path) -> Path:
@@ -126,18 +219,22 @@ def build_artifact(model_name: str, label: str, cache: Path) -> Path:
         PassManager(passes).run(model)
     quantize_s = round(time.perf_counter() - t0, 1)
     # configurations that differ only in accuracy_level share the (slow, on ~1B) quantization
-    for other in [la for la in CONFIGS if _passes(model_name, la) == passes]:
+    table = configs(model_name)
+    for other in [la for la in table if _passes(model_name, la) == passes]:
         dest = cache / model_name / other
         if (dest / "manifest.json").exists() and (dest.parent / f"{other}.info.json").exists():
             continue
         t1 = time.perf_counter()
         parity: dict[str, Any] = {"parity": "within the manifest's tolerance"}
         try:
-            lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes, overwrite=True)  # info.json lost
+            lower(model, dest, accuracy_level=table[other][1], pipeline=passes, overwrite=True,
+                  attention=ATTENTION.get(other, "auto"))  # info.json lost
         except VerificationError as e:  # timed anyway (speed does not depend on it); the JSON says so
             parity = {"parity": f"FAILED: {e}"}
-            lower(model, dest, accuracy_level=CONFIGS[other][1], pipeline=passes, overwrite=True, verify=False)
-        info = {"passes": passes, "accuracy_level": CONFIGS[other][1], "quantize_s": quantize_s,
+            lower(model, dest, accuracy_level=table[other][1], pipeline=passes, overwrite=True, verify=False,
+                  attention=ATTENTION.get(other, "auto"))
+        info = {"passes": passes, "accuracy_level": table[other][1], "quantize_s": quantize_s,
+                "attention": json.loads((dest / "manifest.json").read_text())["graph"].get("attention"),
                 "lower_s": round(time.perf_counter() - t1, 1), **parity, **active_bytes(model)}
         (dest.parent / f"{other}.info.json").write_text(json.dumps(info, indent=1))
     return out
@@ -183,6 +280,59 @@ def active_bytes(model: Any) -> dict[str, Any]:
             "non_expert_packed_bytes": int(packed_bytes), "non_expert_linears_packed": len(packed)}
 
 
+def build_builder_model(model_name: str, cache: Path) -> Path:
+    """ONNX Runtime GenAI's model builder on the local checkpoint: `python -m onnxruntime_genai.models.builder
+    -i CKPT -o OUT -p int4 -e cpu` with its defaults (MatMulNBits block 32 at accuracy_level 4 for every
+    linear, router included; experts as QMoE int4 block 32 from the MXFP4 tensors; GroupQueryAttention with
+    sinks and the sliding window). Offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, so nothing is downloaded."""
+    out = cache / model_name / BUILDER
+    if (out / "genai_config.json").exists():
+        return out
+    ckpt = checkpoint(model_name, cache)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(tmp),
+           "-p", "int4", "-e", "cpu", "-c", str(tmp / "hf-cache")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError("model builder failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
+    shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def onnx_active_bytes(folder: Path) -> dict[str, Any]:
+    """Bytes read per decoded token from the graph's own initializers, the same rule for any ONNX decoder:
+    every initializer once, except the expert tensors of MoE / QMoE nodes (at k / num_experts of their
+    size), tables read one row per token (a Gather's data: the input embedding; GroupQueryAttention's
+    cos / sin caches) left out, as `active_bytes` leaves the embedding out."""
+    import onnx
+
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data) or int(
+            np.prod(t.dims, dtype=np.int64) * 4)
+    share: dict[str, float] = {}
+    for n in m.graph.node:
+        if n.op_type in ("MoE", "QMoE"):
+            k = next((a.i for a in n.attribute if a.name == "k"), 1)
+            w = next(t for t in m.graph.initializer if t.name == n.input[2])
+            for name in n.input[2:]:
+                if name in sizes:
+                    share[name] = k / int(w.dims[0])
+        elif n.op_type == "Gather" and n.input[0] in sizes:
+            share[n.input[0]] = 0.0
+        elif n.op_type == "GroupQueryAttention":
+            for name in n.input[7:9]:
+                if name in sizes:
+                    share[name] = 0.0
+    active = sum(b * share.get(name, 1.0) for name, b in sizes.items())
+    return {"onnx_active_bytes_per_token": int(active), "onnx_initializer_bytes": int(sum(sizes.values()))}
+
+
 # --- measurements (each in its own process) ----------------------------------------------------------
 
 
@@ -201,14 +351,26 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def measure_torch(ckpt: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+def _load_torch(ckpt: Path) -> Any:
+    """The checkpoint in PyTorch fp32; MXFP4 experts (a shipped gpt-oss) dequantized on load, as moeopt does."""
     import torch
     import transformers
 
+    extra: dict[str, Any] = {}
+    if (json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}).get(
+            "quant_method") == "mxfp4":
+        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, **extra).float().eval()
+    model.config.output_router_logits = False
+    return model
+
+
+def measure_torch(ckpt: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    model.config.output_router_logits = False
+    model = _load_torch(ckpt)
     load = time.perf_counter() - t0
     ids = torch.from_numpy(_prompt(int(model.config.vocab_size), prompt_len))
     best_p, best_d = 0.0, 0.0
@@ -267,6 +429,15 @@ def genai_folder(art: Path, ckpt: Path) -> Path:
     return side
 
 
+def genai_max_length(folder: Path, tokens: int) -> int:
+    """GenAI's max_length (the KV buffer it allocates) for `tokens` in all: at least the sliding window + 1
+    where the graph keeps a windowed cache (the builder's gpt-oss: its GroupQueryAttention refuses a buffer
+    shorter than the window)."""
+    window = (json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("sliding_window")
+              or {}).get("window_size", 0)
+    return max(tokens, int(window) + 1)
+
+
 def measure_genai(art: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
     """moeopt's artifact run by onnxruntime_genai: prefill = append_tokens (one forward over the prompt),
     decode = the generate_next_token loop (its first call only picks the prefill's token, as in `Session`)."""
@@ -277,28 +448,74 @@ def measure_genai(art: Path, prompt_len: int, new: int, repeats: int, threads: i
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
     load = time.perf_counter() - t0
-    vocab = int(json.loads((art / "manifest.json").read_text())["vocab_size"])
+    vocab = int(json.loads((art / "genai_config.json").read_text())["model"]["vocab_size"])
     ids = _prompt(vocab, prompt_len).astype(np.int32)
     best_p, best_d = 0.0, 0.0
     for r in range(repeats + 1):
         params = og.GeneratorParams(model)
         # min_length: no stop at eos, as stop_tokens=() for the artifact
-        params.set_search_options(max_length=prompt_len + new, min_length=prompt_len + new, do_sample=False)
+        params.set_search_options(max_length=genai_max_length(art, prompt_len + new), min_length=prompt_len + new,
+                                  do_sample=False)
         gen = og.Generator(model, params)
         t = time.perf_counter()
         gen.append_tokens(ids)
         t_pre = time.perf_counter() - t
         t = time.perf_counter()
-        steps = 0
-        while not gen.is_done():
+        for _ in range(new):
             gen.generate_next_token()
-            steps += 1
         t_dec = time.perf_counter() - t
-        if steps != new:
-            raise RuntimeError(f"GenAI generated {steps} tokens, {new} asked")
         if r:
             best_p, best_d = max(best_p, prompt_len / t_pre), max(best_d, (new - 1) / t_dec)
     return {"prefill_tok_s": best_p, "decode_tok_s": best_d, "load_s": load, "peak_rss_mb": _rss_mb()}
+
+
+def agreement(model_name: str, cache: Path, folders: dict[str, Path], prompt_len: int, new: int,
+              threads: int) -> dict[str, Any]:
+    """Whether the ONNX models are the same model as the checkpoint: greedy tokens and the prefill's last
+    logits of PyTorch fp32 (MXFP4 experts dequantized) against each folder run by GenAI, on the bench prompt.
+
+    Two 4-bit models of one float model differ from it by their quantization error, so this reports each
+    one's max |logit diff| beside the logits' scale and how many greedy tokens match before the first
+    divergence (a random model's near-ties make later divergence normal; a wrong graph diverges at once).
+    """
+    import onnxruntime_genai as og
+    import torch
+
+    torch.set_num_threads(threads)
+    model = _load_torch(checkpoint(model_name, cache))
+    ids = _prompt(int(model.config.vocab_size), prompt_len)
+    with torch.inference_mode():
+        out = model(input_ids=torch.from_numpy(ids), use_cache=True)
+        ref_logits = out.logits[0, -1].float().numpy()
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        ref_tokens = [int(tok)]
+        for _ in range(new - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            ref_tokens.append(int(tok))
+    del model, past, out
+    result: dict[str, Any] = {"prompt_tokens": prompt_len, "new_tokens": new,
+                              "reference": "PyTorch fp32, MXFP4 experts dequantized",
+                              "reference_logit_absmax": float(np.abs(ref_logits).max()), "models": {}}
+    for label, folder in folders.items():
+        gm = og.Model(str(folder))
+        params = og.GeneratorParams(gm)
+        params.set_search_options(max_length=genai_max_length(folder, prompt_len + new),
+                                  min_length=prompt_len + new, do_sample=False)
+        gen = og.Generator(gm, params)
+        gen.append_tokens(ids.astype(np.int32))
+        logits = np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1, ref_logits.shape[-1])[-1]
+        for _ in range(new):
+            gen.generate_next_token()
+        tokens = [int(t) for t in gen.get_sequence(0)[prompt_len:prompt_len + new]]
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=False)) if a != b), len(tokens))
+        result["models"][label] = {
+            "max_abs_logit_diff_prefill": float(np.abs(logits - ref_logits).max()),
+            "prefill_argmax_equal": bool(int(logits.argmax()) == int(ref_logits.argmax())),
+            "greedy_tokens_equal_before_divergence": same, "greedy_tokens_equal_total": sum(
+                a == b for a, b in zip(tokens, ref_tokens, strict=False))}
+        del gen, gm
+    return result
 
 
 def measure_llama_bench(gguf: Path, prompt_len: int, new: int, repeats: int, threads: int) -> dict[str, Any]:
@@ -515,17 +732,34 @@ def child_main(args: argparse.Namespace) -> None:
         if label.startswith("llama.cpp"):
             path = build_gguf(model_name, label, args.cache)
             print(json.dumps({"file_bytes": path.stat().st_size, **gguf_active_bytes(path)}))
-        elif label in GENAI:  # the artifact's own build (cached), run by GenAI
-            art = build_artifact(model_name, GENAI[label], args.cache)
+        elif label == BUILDER:
+            t0 = time.perf_counter()
+            folder = build_builder_model(model_name, args.cache)
+            info = {"builder": "onnxruntime_genai.models.builder -p int4 -e cpu (defaults)",
+                    "build_s": round(time.perf_counter() - t0, 1), **onnx_active_bytes(folder),
+                    "file_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
+            print(json.dumps(info))
+        elif label in genai_rows(model_name):  # the artifact's own build (cached), run by GenAI
+            source = genai_rows(model_name)[label]
+            art = build_artifact(model_name, source, args.cache)
             genai_folder(art, ckpt)
-            info = json.loads((art.parent / f"{GENAI[label]}.info.json").read_text())
+            info = json.loads((art.parent / f"{source}.info.json").read_text())
+            if model_name == "gptoss":
+                info.update(onnx_active_bytes(art))
             info["file_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
             print(json.dumps(info))
         else:
             art = build_artifact(model_name, label, args.cache)
             info = json.loads((art.parent / f"{label}.info.json").read_text())
             info["file_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+            if model_name == "gptoss":
+                info.update(onnx_active_bytes(art))
             print(json.dumps(info))
+        return
+    if kind == "agree":
+        folders = {BUILDER: args.cache / model_name / BUILDER}
+        folders.update({g: genai_folder(args.cache / model_name / a, ckpt) for g, a in genai_rows(model_name).items()})
+        print(json.dumps(agreement(model_name, args.cache, folders, args.prompt, args.new, args.threads)))
         return
     a = (args.prompt, args.new, args.repeats, args.threads)
     if label == "pytorch-fp32":
@@ -533,8 +767,10 @@ def child_main(args: argparse.Namespace) -> None:
     elif label.startswith("llama.cpp"):
         gguf = args.cache / model_name / "gguf" / f"model-{label.split('-', 1)[1]}.gguf"
         out = measure_llama_bench(gguf, *a) if find_tool("llama-bench") else measure_llama(gguf, *a)
-    elif label in GENAI:
-        out = measure_genai(genai_folder(args.cache / model_name / GENAI[label], ckpt), *a)
+    elif label == BUILDER:
+        out = measure_genai(args.cache / model_name / BUILDER, *a)
+    elif label in genai_rows(model_name):
+        out = measure_genai(genai_folder(args.cache / model_name / genai_rows(model_name)[label], ckpt), *a)
     else:
         out = measure_artifact(args.cache / model_name / label, *a)
     print(json.dumps(out))
@@ -561,8 +797,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "models": {},
     }
     for model_name in args.models:
-        labels = ["pytorch-fp32", *CONFIGS] + (list(GENAI) if genai_why is None else []) + (
-            list(LLAMA_TYPES) if llama_why is None else [])
+        if model_name == "gptoss":  # GenAI's builder beside moeopt's artifact; llama.cpp not run on gpt-oss
+            labels = ["pytorch-fp32", *GPTOSS_CONFIGS] + ([*GPTOSS_GENAI, BUILDER] if genai_why is None else [])
+        else:
+            labels = ["pytorch-fp32", *CONFIGS] + (list(GENAI) if genai_why is None else []) + (
+                list(LLAMA_TYPES) if llama_why is None else [])
         if args.only:
             labels = [la for la in labels if la in set(args.only.split(","))]
         rows: dict[str, Any] = {}
@@ -605,7 +844,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.rounds > 1:
                 row["rounds"] = rounds
             info = row.get("build", {})
-            if "active_bytes_per_token" in info:
+            if "onnx_active_bytes_per_token" in info:  # gpt-oss: one rule for moeopt's and the builder's graphs
+                active = info["onnx_active_bytes_per_token"]
+            elif "active_bytes_per_token" in info:
                 active = info["active_bytes_per_token"]
                 if label == "artifact-fp32":
                     ref_bytes = info  # PyTorch fp32 reads the same bytes per token
@@ -633,7 +874,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label, row in rows.items():
             if torch_dec and "decode_tok_s" in row:
                 summary[label] = {"decode_vs_pytorch_fp32": row["decode_tok_s"] / torch_dec}
-        for g, a in GENAI.items():  # the same graph: what GenAI's loop costs or saves against moeopt's
+        for g, a in genai_rows(model_name).items():  # the same graph: GenAI's loop against moeopt's
             if "decode_tok_s" in rows.get(g, {}) and "decode_tok_s" in rows.get(a, {}):
                 ratio = summary.setdefault(g, {})
                 ratio["decode_vs_moeopt_runtime"] = rows[g]["decode_tok_s"] / rows[a]["decode_tok_s"]
@@ -652,10 +893,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ratio["decode_vs_llama_cpp_Q4_K_M_per_round"] = [
                         a["decode_tok_s"] / b["decode_tok_s"] for a, b in pairs
                         if "decode_tok_s" in a and "decode_tok_s" in b]
-        params = ref_bytes or {}
+        b = rows.get(BUILDER, {})
+        for q in [*GPTOSS_CONFIGS, *GPTOSS_GENAI] if model_name == "gptoss" else []:
+            if "decode_tok_s" in b and "decode_tok_s" in rows.get(q, {}):
+                ratio = summary.setdefault(q, {})
+                ratio["decode_vs_genai_builder_int4"] = rows[q]["decode_tok_s"] / b["decode_tok_s"]
+                ratio["prefill_vs_genai_builder_int4"] = rows[q]["prefill_tok_s"] / b["prefill_tok_s"]
+                ratio["peak_rss_vs_genai_builder_int4"] = rows[q]["peak_rss_mb"] / b["peak_rss_mb"]
+                if rows[q].get("active_bytes_per_token") and b.get("active_bytes_per_token"):
+                    ratio["bytes_per_token_vs_genai_builder_int4"] = (
+                        rows[q]["active_bytes_per_token"] / b["active_bytes_per_token"])
+                if args.rounds > 1 and all("rounds" in rows[k] for k in (q, BUILDER)):
+                    pairs = zip(rows[q]["rounds"], b["rounds"], strict=True)
+                    ratio["decode_vs_genai_builder_int4_per_round"] = [
+                        x["decode_tok_s"] / y["decode_tok_s"] for x, y in pairs
+                        if "decode_tok_s" in x and "decode_tok_s" in y]
+        params = ref_bytes or next((r["build"] for r in rows.values() if "params_total" in r.get("build", {})), {})
         result["models"][model_name] = {"params_total": params.get("params_total"),
                                         "params_active": params.get("params_active"),
                                         "configs": rows, "summary": summary}
+        if model_name == "gptoss" and genai_why is None and args.agree:
+            agree = _child(args, "--child", "agree", model_name, "all")
+            result["models"][model_name]["agreement"] = agree
+            print(f"{model_name:9s} agreement: {json.dumps(agree)}", flush=True)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
 
@@ -698,7 +958,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime")
     ap.add_argument("--name", default="runtime", help="file stem of the JSON / PNG written under --out")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--models", default="reference,1b", help="comma-separated: reference, 1b")
+    ap.add_argument("--models", default="reference,1b",
+                    help="comma-separated: reference, 1b (~1B Mixtral), gptoss (~1B gpt-oss, MXFP4 experts as "
+                         "shipped: moeopt's 4-bit artifact beside ONNX Runtime GenAI's builder int4 model)")
+    ap.add_argument("--no-agree", dest="agree", action="store_false",
+                    help="gptoss: skip the check that every ONNX model matches PyTorch (greedy tokens, logits)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--new", type=int, default=32, help="generated tokens (decode)")

@@ -19,7 +19,10 @@ Only what was verified goes this way (`gqa_unsupported` says why not otherwise):
 Mixtral, Qwen2-MoE (q/k/v biases), Qwen3-MoE (per-head q/k RMSNorm) and OLMoE (q/k RMSNorm over the
 projection) - q/k/v/o projections, rotary over the whole head with a static cos/sin table, no sliding
 window, sinks or softcap - with head_dim a multiple of 16 (ORT's CPU kernel requires it), in resident
-decoder-only artifacts. Offload artifacts keep the exported attention.
+decoder-only artifacts; and gpt-oss, whose attention sinks (one logit per head in the softmax's
+denominator) and sliding-window layers map onto the node's `head_sink` input and `local_window_size`
+(`moeopt::gqa_attention_sinks`; its YaRN rotary is a static table too). Offload artifacts keep the
+exported attention.
 """
 
 from __future__ import annotations
@@ -38,8 +41,12 @@ from moeopt.lower.onnx_routing import const_i, op
 
 OP_NAME = "moeopt::gqa_attention"
 ATTENTION_KINDS = ("auto", "gqa", "export")
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-_STATIC_ROPE = ("default", "linear", "llama3")  # cos/sin do not depend on the sequence length
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+# cos/sin do not depend on the sequence length (YaRN's frequencies and attention factor are fixed at init)
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# Types whose sinks and sliding windows go to GroupQueryAttention's head_sink / local_window_size.
+SINKS_AND_WINDOWS = ("gpt_oss",)
+SINKS_OP_NAME = "moeopt::gqa_attention_sinks"
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -125,7 +132,95 @@ def gqa_attention_onnx(
 
 
 def translation_table() -> dict[Any, Any]:
-    return {torch.ops.moeopt.gqa_attention.default: gqa_attention_onnx}
+    return {torch.ops.moeopt.gqa_attention.default: gqa_attention_onnx,
+            torch.ops.moeopt.gqa_attention_sinks.default: gqa_attention_sinks_onnx}
+
+
+# --- attention sinks and sliding windows (gpt-oss) ------------------------------------------------------
+
+
+def local_window_size(sliding_window: int | None) -> int:
+    """GroupQueryAttention's `local_window_size` for a transformers `sliding_window` (None: full attention).
+
+    Both let a query see the keys with `q - kv < window` (itself and window - 1 before it): measured on ORT
+    1.32's CPU kernel against transformers' gpt-oss, where window - 1 moves the logits from the first
+    position past the window on (tests/test_gpt_oss.py).
+    """
+    return -1 if not sliding_window else int(sliding_window)
+
+
+@torch.library.custom_op(SINKS_OP_NAME, mutates_args=())
+def gqa_attention_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor, past_k: torch.Tensor,
+    past_v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+    sinks: torch.Tensor,  # (Hq,): one logit per head that takes part in the softmax and is then dropped
+    config: str,  # as gqa_attention's, plus "local_window_size" (-1: full attention; else q - kv < it)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference semantics of the node with head_sink and local_window_size (eager; export uses the fake)."""
+    c = json.loads(config)
+    hq, hkv, d, window = c["num_heads"], c["kv_num_heads"], c["head_dim"], int(c["local_window_size"])
+    b, t, _ = q.shape
+    p = past_k.shape[2]
+    lens = attention_mask.sum(-1)
+    pos = (lens[:, None] - t + torch.arange(t)[None]).clamp(min=0)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        cos, sin = cos_cache[pos][:, None], sin_cache[pos][:, None]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    qh = rope(q.view(b, t, hq, d).transpose(1, 2))
+    kh = torch.cat([past_k, rope(k.view(b, t, hkv, d).transpose(1, 2))], dim=2)
+    vh = torch.cat([past_v, v.view(b, t, hkv, d).transpose(1, 2)], dim=2)
+    rep = hq // hkv
+    scores = qh @ kh.repeat_interleave(rep, 1).transpose(-1, -2) * c["scale"]
+    gap = (p + torch.arange(t))[:, None] - torch.arange(p + t)[None]  # query position - key position
+    allowed = (gap >= 0) & ((gap < window) if window >= 0 else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.reshape(1, hq, 1, 1).expand(b, hq, t, 1).to(scores.dtype)
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    out = probs @ vh.repeat_interleave(rep, 1)
+    return out.transpose(1, 2).reshape(b, t, hq * d), kh, vh
+
+
+@gqa_attention_sinks.register_fake
+def _gqa_sinks_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor, past_k: torch.Tensor,
+    past_v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, sinks: torch.Tensor, config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gqa_fake(q, k, v, attention_mask, past_k, past_v, cos_cache, sin_cache, config)
+
+
+def _gqa_sinks_schema() -> OpSchema:
+    """The contrib op's schema up to head_sink, with local_window_size (see `_gqa_schema`)."""
+    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    base = _gqa_schema()
+    inputs = [*base.inputs, fp("position_ids", "I", param_option=opt), fp("attention_bias", "T", param_option=opt),
+              fp("head_sink", "T", param_option=opt)]
+    attrs = [*base.attributes.values(), OpSchema.Attribute("local_window_size", OpSchema.AttrType.INT, "")]
+    return OpSchema("GroupQueryAttention", "com.microsoft", 1, doc="", inputs=inputs, outputs=list(base.outputs),
+                    type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""),
+                                      ("I", ["tensor(int64)"], "")], attributes=attrs)
+
+
+_GQA_SINKS = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_sinks_schema())
+
+
+def gqa_attention_sinks_onnx(
+    q: FLOAT, k: FLOAT, v: FLOAT, attention_mask: INT64, past_k: FLOAT, past_v: FLOAT, cos_cache: FLOAT,
+    sin_cache: FLOAT, sinks: FLOAT, config: str,
+) -> tuple[FLOAT, FLOAT, FLOAT]:
+    """One GroupQueryAttention node with head_sink and local_window_size (see `gqa_attention_onnx`)."""
+    c = json.loads(config)
+    seqlens = op.Cast(op.Sub(op.ReduceSum(attention_mask, const_i(-1), keepdims=0), op.Constant(value_int=1)),
+                      to=_INT32)
+    total = op.Cast(op.Squeeze(op.Shape(attention_mask, start=1, end=2), const_i(0)), to=_INT32)
+    out, present_k, present_v = _GQA_SINKS(
+        q, k, v, past_k, past_v, seqlens, total, cos_cache, sin_cache, None, None, sinks,
+        num_heads=c["num_heads"], kv_num_heads=c["kv_num_heads"], scale=float(c["scale"]), do_rotary=1,
+        rotary_interleaved=0, local_window_size=int(c["local_window_size"]), _outputs=3,
+    )
+    return out, present_k, present_v
 
 
 def _decoder_layers(hf: nn.Module) -> list[nn.Module]:
@@ -148,15 +243,16 @@ def gqa_unsupported(hf: nn.Module) -> str | None:
         return f"rope type {rotary.rope_type} depends on the sequence length"
     if getattr(cfg, "attn_logit_softcapping", None):
         return "soft-capped attention"
-    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []) or (
-            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)):
+    windows = model_type in SINKS_AND_WINDOWS
+    if not windows and (any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []) or (
+            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True))):
         return "sliding-window attention"
     for layer in layers:
         att = getattr(layer, "self_attn", None)
         if att is None or not all(isinstance(getattr(att, n, None), nn.Linear)
                                   for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             return "attention without q/k/v/o projections"
-        if hasattr(att, "sinks") or getattr(att, "sliding_window", None):
+        if not windows and (hasattr(att, "sinks") or getattr(att, "sliding_window", None)):
             return "attention with sinks or a sliding window"
         d = int(att.head_dim)
         if d % 16:
@@ -171,7 +267,9 @@ def rotary_cache(hf: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.arange(n)[None]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)  # (1, n, D): halves repeated
-    half = cos.shape[-1] // 2
+    # halves repeated (D wide), or each frequency once (D / 2 wide: gpt-oss): the first D / 2 columns either way
+    att: Any = _decoder_layers(hf)[0].self_attn
+    half = int(att.head_dim) // 2
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
@@ -194,9 +292,11 @@ def attention_as_ops(hf: nn.Module) -> Iterator[_MaskHolder]:
     patched = []
     for idx, layer in enumerate(_decoder_layers(hf)):
         att: Any = layer.self_attn
-        cfg = json.dumps({"num_heads": int(att.config.num_attention_heads), "kv_num_heads":
-                          int(att.config.num_key_value_heads), "head_dim": int(att.head_dim),
-                          "scale": float(att.scaling)})
+        spec = {"num_heads": int(att.config.num_attention_heads), "kv_num_heads": int(att.config.num_key_value_heads),
+                "head_dim": int(att.head_dim), "scale": float(att.scaling)}
+        if hasattr(att, "sinks"):
+            spec["local_window_size"] = local_window_size(getattr(att, "sliding_window", None))
+        cfg = json.dumps(spec)
         att.forward = _forward(att, idx, cfg, base, holder)  # instance attribute: shadows the class method
         patched.append(att)
     try:
@@ -222,10 +322,16 @@ def _forward(att: Any, idx: int, config: str, base: Any, holder: _MaskHolder) ->
         q, k = att.q_proj(hidden_states), att.k_proj(hidden_states)
         if hasattr(att, "q_norm"):  # before rotary, as the architectures that have them apply them
             q, k = _qk_norm(att.q_norm, q, att.head_dim), _qk_norm(att.k_norm, k, att.head_dim)
-        out, k, v = torch.ops.moeopt.gqa_attention(
-            q, k, att.v_proj(hidden_states), holder.mask, cache_layer.keys, cache_layer.values,
-            base.moeopt_rotary_cos, base.moeopt_rotary_sin, config,
-        )
+        if hasattr(att, "sinks"):
+            out, k, v = torch.ops.moeopt.gqa_attention_sinks(
+                q, k, att.v_proj(hidden_states), holder.mask, cache_layer.keys, cache_layer.values,
+                base.moeopt_rotary_cos, base.moeopt_rotary_sin, att.sinks, config,
+            )
+        else:
+            out, k, v = torch.ops.moeopt.gqa_attention(
+                q, k, att.v_proj(hidden_states), holder.mask, cache_layer.keys, cache_layer.values,
+                base.moeopt_rotary_cos, base.moeopt_rotary_sin, config,
+            )
         cache_layer.keys, cache_layer.values = k, v
         return att.o_proj(out), None
 
