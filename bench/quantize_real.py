@@ -75,6 +75,10 @@ class MoeoptRow:
     bits: int | None = None  # uniform bitwidth
     avg_bits: float | None = None  # ILP average bits
     non_experts: str | None = None  # "4" / "8": needs the `non-experts` option
+    scales: str | None = None  # "mse": needs the `scales` option (None: the pass's default)
+    group: int | None = None  # None: --group
+    floor: int | None = None  # ILP: lowest width allowed (candidates from it up)
+    sensitivity: str | None = None  # ILP: the `sensitivity` option (None: the pass's default)
 
     @property
     def calibrated(self) -> bool:
@@ -87,6 +91,10 @@ class MoeoptRow:
             out["algo"] = self.algo
         if self.non_experts is not None:
             out["non-experts"] = self.non_experts
+        if self.scales is not None:
+            out["scales"] = self.scales
+        if self.sensitivity is not None:
+            out["sensitivity"] = self.sensitivity
         return out
 
     def quantize_text(self, calib: Path, calib_tokens: int, seq_len: int, group: int) -> str:
@@ -95,7 +103,13 @@ class MoeoptRow:
 
         if self.bits is None and self.avg_bits is None:
             return ""
-        opts = [f"group={group}"]
+        opts = [f"group={self.group or group}"]
+        if self.scales is not None:
+            opts.append(f"scales={self.scales}")
+        if self.floor is not None:
+            opts.append("candidates=" + ";".join(str(c) for c in (2, 3, 4, 8) if c >= self.floor))
+        if self.sensitivity is not None:
+            opts.append(f"sensitivity={self.sensitivity}")
         if self.algo is not None:
             opts.append(f"algo={self.algo}")
         opts += ["method=uniform", f"bits={self.bits}"] if self.bits is not None else [f"avg-bits={self.avg_bits:g}"]
@@ -119,6 +133,24 @@ def moeopt_rows() -> list[MoeoptRow]:
             for a in (3.0, 2.5):
                 rows.append(MoeoptRow(f"{name}-ilp{a:g}{sfx}", algo, avg_bits=a,
                                       non_experts=None if ne is None else "4"))
+    # issue 31, this session: searched scales (scales=mse) and smaller groups, uniform widths
+    for algo in (None, "gptq"):
+        name = algo or "rtn"
+        for scales in (None, "mse"):
+            for group in (None, 32, 16):
+                if scales is None and group is None:
+                    continue
+                sfx = ("" if scales is None else f"-{scales}") + ("" if group is None else f"-g{group}")
+                for b in (4, 3, 2):
+                    rows.append(MoeoptRow(f"{name}-u{b}{sfx}", algo, bits=b, scales=scales, group=group))
+    # ILP with an end-to-end sensitivity and a floor width, at the byte budgets of uniform 3 and 2.5 average
+    # code bits (3-bit is stored as 4: see stored_bits_per_weight)
+    for algo in (None, "gptq"):
+        name = algo or "rtn"
+        for a in (3.0, 2.5):
+            for floor in (2, 3):
+                rows.append(MoeoptRow(f"{name}-ilp{a:g}-kl-f{floor}-mse", algo, avg_bits=a, scales="mse",
+                                      floor=floor, sensitivity="kl"))
     return rows
 
 
@@ -252,6 +284,8 @@ def _moeopt_artifact(spec: dict[str, Any]) -> dict[str, Any]:
             res["quantized_bytes"] = int(rep.total_bytes)
             res["quantized_params"] = int(rep.params)
             res["bits_per_weight"] = round(rep.effective_bits(), 4)
+            res["stored_bytes"] = stored_expert_bytes(model)
+            res["stored_bits_per_weight"] = round(8 * res["stored_bytes"] / rep.params, 4) if rep.params else None
             res["avg_code_bits"] = round(rep.nominal_bits(), 4)
             res["histogram"] = rep.histogram()
             res["quantize_report"] = {k: float(v) for k, v in stats.items()}
@@ -268,6 +302,25 @@ def _moeopt_artifact(spec: dict[str, Any]) -> dict[str, Any]:
     res.update(score(lm, spec["stream"], spec["n_ctx"]))
     res["eval_s"] = round(time.perf_counter() - t, 1)
     return res
+
+
+def stored_expert_bytes(model: Any) -> int:
+    """Routed-expert bytes as the artifact stores them: 3-bit codes widened to 4-bit containers (MatMulNBits /
+    QMoE take 2, 4 and 8 bits), float32 scales, packed zero points; float experts at 2 bytes a weight."""
+    from moeopt.quant.apply import slot_params
+    from moeopt.quant.groupwise import matrix_bytes
+
+    total = 0
+    for layer in model.layers:
+        t = layer.table
+        for s, info in enumerate(t.slots):
+            if not info.bits:
+                total += slot_params(t) * 2
+                continue
+            for name in ("w_in", "w_out"):
+                q = t.quantized[f"{s}_{name}"]
+                total += matrix_bytes(q.rows, q.cols, 4 if q.bits == 3 else q.bits, q.group_size, q.symmetric)
+    return total
 
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: int) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from moeopt.quant import linears
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
 from moeopt.quant.expert_gptq import ExpertGPTQ, RTNFallbackWarning, collect_hessians
+from moeopt.quant.fisher import fisher_sensitivity
 from moeopt.quant.groupwise import BITS, GROUPS
 from moeopt.quant.report import QuantReport
 from moeopt.quant.sensitivity import Sensitivity, measure
@@ -113,6 +114,13 @@ class Quantize(Pass):
                "for the Hessians (the output still follows the routing)"),
         Option("act-order", "bool", True, "algo=gptq: quantize columns by descending Hessian diagonal"),
         Option("damp", "float", 0.01, "algo=gptq: Hessian damping relative to its mean diagonal", min=0, max=10),
+        Option("scales", "choice", "minmax", "each group's scale and zero point: minmax (its extremes) or mse "
+               "(searched to minimise the squared error, weighted by the Hessian diagonal with algo=gptq)",
+               choices=("minmax", "mse")),
+        Option("sensitivity", "choice", "output", "ilp/greedy: each expert's own output error on its routed inputs "
+               "(output), or the loss increase at the model's output, 1/2 sum F dW^2 with F the diagonal Fisher "
+               "of the calibration loss (fisher; moeopt.quant.fisher)", choices=("output", "fisher")),
+        Option("min-bits", "int", None, "floor width: candidates below it are dropped (pins still win)", min=2, max=8),
         Option("metric", "choice", "mse", "sensitivity: routing-weighted output MSE, or relative to each layer's "
                "expert output energy (weighs layers alike)", choices=("mse", "relative")),
         Option("non-experts", "str", "float", "attention, shared-expert and dense linears: 4, 8, float, or auto "
@@ -142,12 +150,16 @@ class Quantize(Pass):
             cands: list[int | None] = [parse_bits(str(o["bits"]))]
         else:
             cands = list(dict.fromkeys(parse_bits(str(c)) for c in o["candidates"]))
+            if o["min-bits"] is not None:
+                cands = [c for c in cands if c is None or c >= int(o["min-bits"])]
+                if not cands:
+                    raise BadInputError(f"min-bits={o['min-bits']} leaves no candidate width")
         need_sens = method != "uniform"
         measured = sorted({b for b in [*cands, *pins.values()] if b is not None})  # pins may name other bits
         gq = self._gptq(model, ctx, group, sym) if o["algo"] == "gptq" and measured else None
         sens = self._sensitivity(model, ctx, measured, group, sym, gq) if need_sens else None
         by_avg = o["avg-bits"] is not None
-        relative = o["metric"] == "relative"
+        relative = o["metric"] == "relative" and o["sensitivity"] == "output"  # fisher: already in loss units
         items: list[Item] = []
         for li, layer in enumerate(model.layers):
             t = layer.table
@@ -176,7 +188,8 @@ class Quantize(Pass):
         for it, p in zip(items[:experts], picks[:experts], strict=True):
             bits[it.layer][it.slot] = it.choices[p].bits
             quantize_slot(model.layers[it.layer].table, it.slot, it.choices[p].bits, group, sym,
-                          None if gq is None else functools.partial(gq.matrix, it.layer, it.slot))
+                          None if gq is None else functools.partial(gq.matrix, it.layer, it.slot),
+                          search=self._search())
         for path, it, p in zip(widths, items[experts:], picks[experts:], strict=True):
             widths[path] = it.choices[p].bits
         n_linears = linears.quantize_linears(model, widths, group, sym, algo=str(o["algo"]), hessians=hessians,
@@ -261,17 +274,23 @@ class Quantize(Pass):
         batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
                                       ctx.data_root)
         hessians, _ = collect_hessians(model, batches, all_experts=bool(o["calibrate-all-experts"]))
-        return ExpertGPTQ(model, hessians, group, sym, act_order=bool(o["act-order"]), damp=float(o["damp"]))
+        return ExpertGPTQ(model, hessians, group, sym, act_order=bool(o["act-order"]), damp=float(o["damp"]),
+                          search=self._search())
 
     def _gptq_opts(self) -> dict[str, Any]:
-        return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"])}
+        return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"]), "search": self._search()}
+
+    def _search(self) -> bool:
+        """scales=mse: search each group's scale and zero point (groupwise.search_params)."""
+        return self.opts["scales"] == "mse"
 
     def _algo_key(self) -> str:
         """What the sensitivity's quantized experts depend on besides the format (its cache key)."""
         o = self.opts
         if o["algo"] == "rtn":
-            return "rtn"
-        return (f"gptq(act-order={o['act-order']},damp={o['damp']},all-experts={o['calibrate-all-experts']},"
+            return "rtn" if o["scales"] == "minmax" else f"rtn(scales={o['scales']})"
+        return (f"gptq(scales={o['scales']},act-order={o['act-order']},damp={o['damp']},"
+                f"all-experts={o['calibrate-all-experts']},"
                 f"tokens={o['calib-tokens']},seq-len={o['seq-len']})")
 
     def _sensitivity(
@@ -281,14 +300,22 @@ class Quantize(Pass):
         o = self.opts
         source = ";".join(o["calib"]) or "random tokens"
         algo = self._algo_key()
+        if o["sensitivity"] == "fisher":
+            algo = f"fisher:{algo}"
         cached = ctx.analyses.peek(SENSITIVITY)
         if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits, algo):
             return cached
         batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
                                       ctx.data_root)
+        if o["sensitivity"] == "fisher":
+            sens = fisher_sensitivity(model, batches, bits, group=group, symmetric=sym, search=self._search(),
+                                      quantizer=None if gq is None else gq.dequantized, source=source,
+                                      algo=algo.removeprefix("fisher:"))
+            ctx.analyses.put(SENSITIVITY, sens)
+            return sens
         sens = measure(model, batches, bits, group=group, symmetric=sym, max_rows=int(o["max-rows"]),
                        seed=ctx.seed, source=source, progress=sys.stderr.isatty(),
-                       quantizer=None if gq is None else gq.dequantized, algo=algo)
+                       quantizer=None if gq is None else gq.dequantized, algo=algo, search=self._search())
         ctx.analyses.put(SENSITIVITY, sens)
         return sens
 

@@ -47,6 +47,7 @@ FLOAT_BYTES = 2  # float linears are costed as fp16, as keep-float experts are
 
 def make_quantizer(
     bits: int, group: int, symmetric: bool, algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01,
+    search: bool = False,
 ) -> LinearQuantizer:
     """The per-linear quantizer of one width: the single place an algorithm is chosen.
 
@@ -55,14 +56,14 @@ def make_quantizer(
     is rounded to nearest.
     """
     if algo == "rtn":
-        return lambda w, hessian: quantize(w, bits, group, symmetric)
+        return lambda w, hessian: quantize(w, bits, group, symmetric, search)
     if algo == "gptq":
         from moeopt.quant.gptq import gptq
 
         def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | None) -> Quantized:
             if hessian is None:
-                return quantize(w, bits, group, symmetric)
-            return gptq(w, hessian, bits, group, symmetric, act_order=act_order, damp=damp)
+                return quantize(w, bits, group, symmetric, search)
+            return gptq(w, hessian, bits, group, symmetric, act_order=act_order, damp=damp, search=search)
 
         return quantize_gptq
     raise BadInputError(f"quantization algorithm '{algo}' is not one of {', '.join(ALGOS)}")
@@ -165,7 +166,7 @@ def apply(model: MoEModel, path: str, q: Quantized) -> None:
 
 def quantize_linears(
     model: MoEModel, widths: dict[str, int | None], group: int, symmetric: bool, *, algo: str = "rtn",
-    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True, damp: float = 0.01,
+    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True, damp: float = 0.01, search: bool = False,
 ) -> int:
     """Quantize each linear at its width (None: leave it float); returns how many were quantized."""
     quantizers: dict[int, LinearQuantizer] = {}
@@ -174,7 +175,7 @@ def quantize_linears(
         if bits is None:
             continue
         quant = quantizers.setdefault(bits, make_quantizer(bits, group, symmetric, algo, act_order=act_order,
-                                                                  damp=damp))
+                                                                  damp=damp, search=search))
         weight = linear(model, path).weight.detach().float()
         apply(model, path, quant(weight, None if hessians is None else hessians.get(path)))
         done += 1
@@ -205,7 +206,7 @@ def collect_hessians(model: MoEModel, batches: Iterable[torch.Tensor], paths: Se
 
 def errors(
     weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[int], group: int, symmetric: bool,
-    algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01,
+    algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01, search: bool = False,
 ) -> tuple[dict[int | None, float], float]:
     """(err[b] per width (None: float, 0), output energy) of one (N, K) linear (see the module docstring)."""
     w = weight.detach().float()
@@ -218,6 +219,6 @@ def errors(
 
     out: dict[int | None, float] = {None: 0.0}
     for b in bits:
-        q = make_quantizer(b, group, symmetric, algo, act_order=act_order, damp=damp)(w, hessian)
+        q = make_quantizer(b, group, symmetric, algo, act_order=act_order, damp=damp, search=search)(w, hessian)
         out[b] = max(quad(dequantize(q) - w), 0.0)
     return out, quad(w)
