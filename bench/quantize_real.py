@@ -77,7 +77,7 @@ class MoeoptRow:
     non_experts: str | None = None  # "4" / "8": needs the `non-experts` option
     scales: str | None = None  # "mse": needs the `scales` option (None: the pass's default)
     group: int | None = None  # None: --group
-    floor: int | None = None  # ILP: lowest width allowed (candidates from it up)
+    candidates: tuple[int, ...] | None = None  # ILP: the widths it may choose (None: the pass's default)
     sensitivity: str | None = None  # ILP: the `sensitivity` option (None: the pass's default)
 
     @property
@@ -106,8 +106,8 @@ class MoeoptRow:
         opts = [f"group={self.group or group}"]
         if self.scales is not None:
             opts.append(f"scales={self.scales}")
-        if self.floor is not None:
-            opts.append("candidates=" + ";".join(str(c) for c in (2, 3, 4, 8) if c >= self.floor))
+        if self.candidates is not None:
+            opts.append("candidates=" + ";".join(map(str, self.candidates)))
         if self.sensitivity is not None:
             opts.append(f"sensitivity={self.sensitivity}")
         if self.algo is not None:
@@ -143,14 +143,14 @@ def moeopt_rows() -> list[MoeoptRow]:
                 sfx = ("" if scales is None else f"-{scales}") + ("" if group is None else f"-g{group}")
                 for b in (4, 3, 2):
                     rows.append(MoeoptRow(f"{name}-u{b}{sfx}", algo, bits=b, scales=scales, group=group))
-    # ILP with an end-to-end sensitivity and a floor width, at the byte budgets of uniform 3 and 2.5 average
-    # code bits (3-bit is stored as 4: see stored_bits_per_weight)
+    # ILP over 2, 4 and 8 bits (3-bit codes are stored in 4-bit containers, so a 3-bit expert costs a 4-bit
+    # one's bytes: see stored_bits_per_weight), with the old output-error and the Fisher sensitivity
     for algo in (None, "gptq"):
         name = algo or "rtn"
         for a in (3.0, 2.5):
-            for floor in (2, 3):
-                rows.append(MoeoptRow(f"{name}-ilp{a:g}-kl-f{floor}-mse", algo, avg_bits=a, scales="mse",
-                                      floor=floor, sensitivity="kl"))
+            for sens in ("output", "fisher"):
+                rows.append(MoeoptRow(f"{name}-ilp{a:g}-{sens}-c248-mse", algo, avg_bits=a, scales="mse",
+                                      candidates=(2, 4, 8), sensitivity=sens))
     return rows
 
 
