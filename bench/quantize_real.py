@@ -106,6 +106,8 @@ class MoeoptRow:
         opts = [f"group={self.group or group}"]
         if self.scales is not None:
             opts.append(f"scales={self.scales}")
+        elif _has_option("scales"):  # the rows without a suffix are min/max (the default became scales=auto)
+            opts.append("scales=minmax")
         if self.candidates is not None:
             opts.append("candidates=" + ";".join(map(str, self.candidates)))
         if self.sensitivity is not None:
@@ -152,6 +154,12 @@ def moeopt_rows() -> list[MoeoptRow]:
                 rows.append(MoeoptRow(f"{name}-ilp{a:g}-{sens}-c248-mse", algo, avg_bits=a, scales="mse",
                                       candidates=(2, 4, 8), sensitivity=sens))
     return rows
+
+
+def _has_option(name: str) -> bool:
+    from moeopt.passes.registry import get_pass
+
+    return any(o.name == name for o in get_pass("quantize").options)
 
 
 def missing_options(row: MoeoptRow) -> str | None:

@@ -114,9 +114,10 @@ class Quantize(Pass):
                "for the Hessians (the output still follows the routing)"),
         Option("act-order", "bool", True, "algo=gptq: quantize columns by descending Hessian diagonal"),
         Option("damp", "float", 0.01, "algo=gptq: Hessian damping relative to its mean diagonal", min=0, max=10),
-        Option("scales", "choice", "minmax", "each group's scale and zero point: minmax (its extremes) or mse "
-               "(searched to minimise the squared error, weighted by the Hessian diagonal with algo=gptq)",
-               choices=("minmax", "mse")),
+        Option("scales", "choice", "auto", "each group's scale and zero point: minmax (its extremes), mse "
+               "(searched to minimise the weighted squared error; with algo=gptq also weighted by the Hessian "
+               "diagonal), or auto (mse at 2 and 3 bits, minmax at 4 and 8: what measured better on SmolLM2)",
+               choices=("auto", "minmax", "mse")),
         Option("sensitivity", "choice", "output", "ilp/greedy: each expert's own output error on its routed inputs "
                "(output), or the loss increase at the model's output, 1/2 sum F dW^2 with F the diagonal Fisher "
                "of the calibration loss (fisher; moeopt.quant.fisher)", choices=("output", "fisher")),
@@ -280,15 +281,16 @@ class Quantize(Pass):
     def _gptq_opts(self) -> dict[str, Any]:
         return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"]), "search": self._search()}
 
-    def _search(self) -> bool:
-        """scales=mse: search each group's scale and zero point (groupwise.search_params)."""
-        return self.opts["scales"] == "mse"
+    def _search(self) -> frozenset[int]:
+        """The widths whose groups get the scale search (groupwise.search_params), from `scales`."""
+        mode = self.opts["scales"]
+        return frozenset(BITS) if mode == "mse" else frozenset({2, 3}) if mode == "auto" else frozenset()
 
     def _algo_key(self) -> str:
         """What the sensitivity's quantized experts depend on besides the format (its cache key)."""
         o = self.opts
         if o["algo"] == "rtn":
-            return "rtn" if o["scales"] == "minmax" else f"rtn(scales={o['scales']})"
+            return "rtn" if o["scales"] == "auto" else f"rtn(scales={o['scales']})"
         return (f"gptq(scales={o['scales']},act-order={o['act-order']},damp={o['damp']},"
                 f"all-experts={o['calibrate-all-experts']},"
                 f"tokens={o['calib-tokens']},seq-len={o['seq-len']})")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from moeopt.ir.table import ExpertTable, QuantizedMatrix
-from moeopt.quant.groupwise import Quantized, dequantize, matrix_bytes, quantize_dequantize
+from moeopt.quant.groupwise import Quantized, Search, dequantize, matrix_bytes, quantize_dequantize, searched
 
 FLOAT_BYTES = 2  # keep-float experts are costed as fp16, the format they would ship in
 
@@ -28,7 +28,7 @@ def slot_bytes(table: ExpertTable, bits: int | None, group: int, symmetric: bool
 
 def quantize_slot(
     table: ExpertTable, slot: int, bits: int | None, group: int, symmetric: bool,
-    quantizer: Callable[[str, int], Quantized] | None = None, search: bool = False,
+    quantizer: Callable[[str, int], Quantized] | None = None, search: Search = False,
 ) -> None:
     """Quantize one slot in place (bits None: leave it float and drop any packed form).
 
@@ -44,7 +44,7 @@ def quantize_slot(
         weight = getattr(table, name)  # (S, rows, cols)
         w = weight[slot]
         if quantizer is None:
-            q, deq = quantize_dequantize(w, bits, group, symmetric, search)
+            q, deq = quantize_dequantize(w, bits, group, symmetric, searched(search, bits))
         else:
             q = quantizer(name, bits)
             deq = dequantize(q)

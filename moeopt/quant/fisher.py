@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from moeopt.ir.model import MoEModel
-from moeopt.quant.groupwise import fake_quantize
+from moeopt.quant.groupwise import Search, fake_quantize, searched
 from moeopt.quant.sensitivity import Quantizer, Sensitivity
 
 
@@ -73,7 +73,7 @@ def fisher_diagonals(
 
 def fisher_sensitivity(
     model: MoEModel, batches: Sequence[torch.Tensor], bits: Sequence[int], *, group: int, symmetric: bool,
-    search: bool = False, quantizer: Quantizer | None = None, source: str = "", algo: str = "rtn",
+    search: Search = False, quantizer: Quantizer | None = None, source: str = "", algo: str = "rtn",
 ) -> Sensitivity:
     """err[l][s][b] = 1/2 sum F * (Q_b(W) - W)^2 over the slot's w_in and w_out (see the module docstring).
 
@@ -92,8 +92,8 @@ def fisher_sensitivity(
                 total = 0.0
                 for name, f in zip(("w_in", "w_out"), fisher[li], strict=True):
                     w = getattr(t, name)[s].detach().float()
-                    q = quantizer(li, s, name, b) if quantizer is not None else fake_quantize(w, b, group, symmetric,
-                                                                                               search)
+                    q = quantizer(li, s, name, b) if quantizer is not None else fake_quantize(
+                        w, b, group, symmetric, searched(search, b))
                     total += 0.5 * float((f[s] * (q.float() - w).pow(2)).sum())
                 err[b] = total
             row.append(err)

@@ -45,6 +45,15 @@ GROUPS = (16, 32, 64, 128, 256)
 SEARCH_STEPS = 20  # candidate scales per block: (hi - lo) / (m - 1 + 0.1 * i), i = 0 .. SEARCH_STEPS
 SEARCH_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)  # symmetric: candidate fractions of the min/max scale (then refit)
 
+# Which widths get the scale search: True / False for all, or the set of widths (the quantize pass's
+# `scales=auto` searches 2 and 3 bits only, where it measured better; see `searched`).
+Search = bool | frozenset[int]
+
+
+def searched(search: Search, bits: int) -> bool:
+    """Whether `search` asks for the scale search at `bits`."""
+    return bits in search if isinstance(search, frozenset) else bool(search)
+
 
 @dataclass(frozen=True)
 class Quantized:
@@ -223,7 +232,7 @@ def search_params(
 
     Candidates (each evaluated after one least-squares refit of the scale on its own codes, zero point
     fixed, then re-rounded, which can only lower that candidate's error):
-    - the min/max parameters of `block_params` (so the result is never worse than min/max);
+    - the min/max parameters of `block_params` (so the result is never worse than min/max in the weighted error);
     - asymmetric: make_qkx2's grid, scale (hi - lo) / (m - 1 + 0.1 i); the codes it gives are fitted by
       weighted least squares x ~ s * l + mn (mn <= 0, so 0 stays representable), then zp = round(-mn / s);
     - symmetric: the min/max scale times each of SEARCH_SHRINK (clipping the largest values).
@@ -233,10 +242,16 @@ def search_params(
         bits: the code width.
         symmetric: zero point fixed at 2**(bits-1) (then only the scale is searched).
         importance: non-negative weights broadcastable to `blk` (e.g. a Hessian's diagonal per input
-            column: how much an error in that column costs at the output); None weighs all alike.
+            column: how much an error in that column costs at the output), multiplying the per-weight
+            rms(block) + |x| weights; None: those alone.
     """
     m, h = 2**bits - 1, 2 ** (bits - 1)
-    wt = torch.ones_like(blk) if importance is None else importance.float().expand_as(blk).clamp(min=0)
+    # Per-weight weights: llama.cpp's make_qkx2 ones, rms(block) + |x|, so that clipping the large weights
+    # costs what it does to the model (plain MSE clipped them and measured worse at 4 bits: bench/quantize_real.py),
+    # times `importance` when given.
+    wt = blk.abs() + blk.pow(2).mean(-1, keepdim=True).sqrt()
+    if importance is not None:
+        wt = wt * importance.float().expand_as(blk).clamp(min=0)
     wt = torch.where(wt.sum(-1, keepdim=True) > 0, wt, torch.ones_like(wt))  # an all-zero weight row: plain MSE
 
     def refit(scale: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

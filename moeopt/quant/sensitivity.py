@@ -27,7 +27,7 @@ import torch
 from moeopt.ir.compute import RoutingTrace, _dense
 from moeopt.ir.layer import MoELayer, Observer
 from moeopt.ir.model import MoEModel
-from moeopt.quant.groupwise import fake_quantize
+from moeopt.quant.groupwise import Search, fake_quantize, searched
 
 
 @dataclass
@@ -144,7 +144,7 @@ Quantizer = Callable[[int, int, str, int], torch.Tensor]
 
 def expert_errors(
     layer: MoELayer, slot: int, inputs: SlotInputs, bits: Sequence[int], group: int, symmetric: bool, tokens: int,
-    quantizer: Quantizer | None = None, search: bool = False,
+    quantizer: Quantizer | None = None, search: Search = False,
 ) -> tuple[dict[int | None, float], float]:
     """(err[b] for one slot (see the module docstring; float (None) is 0), the slot's output energy)."""
     t, spec = layer.table, layer.table.spec
@@ -163,8 +163,8 @@ def expert_errors(
         energy = energy if inputs.x.shape[0] else 0.0  # random stand-in inputs carry no real output
         for b in bits:
             if quantizer is None:
-                qi = fake_quantize(w_in, b, group, symmetric, search)
-                qo = fake_quantize(w_out, b, group, symmetric, search)
+                qi = fake_quantize(w_in, b, group, symmetric, searched(search, b))
+                qo = fake_quantize(w_out, b, group, symmetric, searched(search, b))
             else:
                 qi, qo = quantizer(layer.index, slot, "w_in", b), quantizer(layer.index, slot, "w_out", b)
             y = _dense(x, qi, qo, b_in, b_out, spec.act, spec.glu, spec)  # (n, H)
@@ -176,7 +176,7 @@ def expert_errors(
 def measure(
     model: MoEModel, batches: Sequence[torch.Tensor], bits: Sequence[int], *, group: int, symmetric: bool,
     max_rows: int = 512, seed: int = 0, source: str = "", progress: bool = False,
-    quantizer: Quantizer | None = None, algo: str = "rtn", search: bool = False,
+    quantizer: Quantizer | None = None, algo: str = "rtn", search: Search = False,
 ) -> Sensitivity:
     """The sensitivity of every slot of every layer to every bitwidth in `bits`."""
     inputs, tokens = collect_inputs(model, batches, max_rows=max_rows, seed=seed)
