@@ -116,7 +116,8 @@ class Quantize(Pass):
         Option("damp", "float", 0.01, "algo=gptq: Hessian damping relative to its mean diagonal", min=0, max=10),
         Option("scales", "choice", "auto", "each group's scale and zero point: minmax (its extremes), mse "
                "(searched to minimise the weighted squared error; with algo=gptq also weighted by the Hessian "
-               "diagonal), or auto (mse at 2 and 3 bits, minmax at 4 and 8: what measured better on SmolLM2)",
+               "diagonal), or auto (what measured better on SmolLM2: mse at 2 and 3 bits, and at 4 with "
+               "algo=gptq; minmax otherwise)",
                choices=("auto", "minmax", "mse")),
         Option("sensitivity", "choice", "output", "ilp/greedy: each expert's own output error on its routed inputs "
                "(output), or the loss increase at the model's output, 1/2 sum F dW^2 with F the diagonal Fisher "
@@ -284,7 +285,9 @@ class Quantize(Pass):
     def _search(self) -> frozenset[int]:
         """The widths whose groups get the scale search (groupwise.search_params), from `scales`."""
         mode = self.opts["scales"]
-        return frozenset(BITS) if mode == "mse" else frozenset({2, 3}) if mode == "auto" else frozenset()
+        if mode == "auto":  # bench/results/quantize-real: RTN u4 27.68 minmax / 27.98 searched; GPTQ u4 27.46 / 25.79
+            return frozenset({2, 3, 4}) if self.opts["algo"] == "gptq" else frozenset({2, 3})
+        return frozenset(BITS) if mode == "mse" else frozenset()
 
     def _algo_key(self) -> str:
         """What the sensitivity's quantized experts depend on besides the format (its cache key)."""
