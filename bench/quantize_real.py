@@ -646,24 +646,26 @@ def _line(r: dict[str, Any]) -> str:
 
 def table(res: dict[str, Any]) -> str:
     """Markdown table of the rows."""
-    head = ("| row | side | ppl | vs dense | file MB | quantized MB | quantized bits/weight | FFN bits/weight | "
-            "seconds (lower) | note |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| row | side | ppl | vs dense | file MB | quantized MB | quantized bits/weight | stored bits/weight | "
+            "FFN bits/weight | seconds (lower) | note |\n|---|---|---|---|---|---|---|---|---|---|---|")
     dense = next((r["ppl"] for r in res["rows"] if r["label"] == "dense-source-torch" and "ppl" in r), None)
     lines = [head]
     for r in res["rows"]:
         if r.get("status") != "measured":
-            lines.append(f"| {r['label']} | {r['side']} | - | - | - | - | - | - | - | {r.get('status')}: "
+            lines.append(f"| {r['label']} | {r['side']} | - | - | - | - | - | - | - | - | {r.get('status')}: "
                          f"{str(r.get('reason', ''))[:120]} |")
             continue
         size = r.get("artifact_bytes") or r.get("file_bytes")
         qb = r.get("quantized_bytes")
-        ffn = r.get("ffn_bits_per_weight") or (r.get("bits_per_weight") if r["side"] == "moeopt" else None)
+        ffn = r.get("ffn_bits_per_weight") or (r.get("stored_bits_per_weight", r.get("bits_per_weight"))
+                                                if r["side"] == "moeopt" else None)
         rel = f"{100 * (r['ppl'] / dense - 1):+.1f}%" if dense else "-"
         secs = f"{r.get('seconds', r.get('eval_s', '-'))}" + (f" ({r['lower_s']})" if "lower_s" in r else "")
         mb = f"{size / 1e6:.1f}" if size else "-"
         qmb = f"{qb / 1e6:.2f}" if qb else "-"
         lines.append(f"| {r['label']} | {r['side']} | {r['ppl']:.3f} | {rel} | {mb} | {qmb} | "
-                     f"{r.get('bits_per_weight', '-')} | {ffn if ffn is not None else '-'} | {secs} | "
+                     f"{r.get('bits_per_weight', '-')} | {r.get('stored_bits_per_weight', '-')} | "
+                     f"{ffn if ffn is not None else '-'} | {secs} | "
                      f"{r.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -685,7 +687,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         else:
             key = f"moeopt {r['algo']}" + (" + non-experts" if r["non_experts"] != "float" else "") + \
                   (" ILP" if r["allocation"].startswith("ilp") else "")
-            bpw = r.get("bits_per_weight", 32.0)
+            bpw = r.get("stored_bits_per_weight", r.get("bits_per_weight", 32.0))  # 3-bit as stored (4-bit)
         size = r.get("artifact_bytes") or r.get("file_bytes")
         series.setdefault(key, []).append((size / 1e6, bpw or 32.0, r["ppl"], r["label"]))
     for key, pts in series.items():
