@@ -20,6 +20,9 @@ Rows:
 * reference: the dense source in PyTorch (fp32 dequantized Q4_1), the split checkpoint in PyTorch;
 * moeopt: the float artifact; RTN uniform 8/4/3/2 bits and ILP at average 3 and 2.5 bits; the same with
   GPTQ (`quantize{algo=gptq}`) and with non-expert linears quantized (`quantize{non-experts=...}`).
+  Suffixes: `-mse` searched scales (`quantize{scales=mse}`; rows without it pass scales=minmax), `-g32` /
+  `-g16` the group, `-fisher` / `-output` the ILP's sensitivity, `-c248` ILP candidates 2/4/8 bits.
+  `stored_bits_per_weight` counts 3-bit codes as the 4-bit containers the artifact stores them in.
   A row whose options the `quantize` pass does not have (looked up in the pass registry) is skipped
   with a note: rerun after the branches that add them are merged. Each row runs in its own process
   (quantize, lower, then perplexity of the written artifact), so peak memory is one model's;
