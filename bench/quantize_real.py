@@ -20,6 +20,9 @@ Rows:
 * reference: the dense source in PyTorch (fp32 dequantized Q4_1), the split checkpoint in PyTorch;
 * moeopt: the float artifact; RTN uniform 8/4/3/2 bits and ILP at average 3 and 2.5 bits; the same with
   GPTQ (`quantize{algo=gptq}`) and with non-expert linears quantized (`quantize{non-experts=...}`).
+  Suffixes: `-mse` searched scales (`quantize{scales=mse}`; rows without it pass scales=minmax), `-g32` /
+  `-g16` the group, `-fisher` / `-output` the ILP's sensitivity, `-c248` ILP candidates 2/4/8 bits.
+  `stored_bits_per_weight` counts 3-bit codes as the 4-bit containers the artifact stores them in.
   A row whose options the `quantize` pass does not have (looked up in the pass registry) is skipped
   with a note: rerun after the branches that add them are merged. Each row runs in its own process
   (quantize, lower, then perplexity of the written artifact), so peak memory is one model's;
@@ -75,6 +78,10 @@ class MoeoptRow:
     bits: int | None = None  # uniform bitwidth
     avg_bits: float | None = None  # ILP average bits
     non_experts: str | None = None  # "4" / "8": needs the `non-experts` option
+    scales: str | None = None  # "mse": needs the `scales` option (None: the pass's default)
+    group: int | None = None  # None: --group
+    candidates: tuple[int, ...] | None = None  # ILP: the widths it may choose (None: the pass's default)
+    sensitivity: str | None = None  # ILP: the `sensitivity` option (None: the pass's default)
 
     @property
     def calibrated(self) -> bool:
@@ -87,6 +94,10 @@ class MoeoptRow:
             out["algo"] = self.algo
         if self.non_experts is not None:
             out["non-experts"] = self.non_experts
+        if self.scales is not None:
+            out["scales"] = self.scales
+        if self.sensitivity is not None:
+            out["sensitivity"] = self.sensitivity
         return out
 
     def quantize_text(self, calib: Path, calib_tokens: int, seq_len: int, group: int) -> str:
@@ -95,7 +106,15 @@ class MoeoptRow:
 
         if self.bits is None and self.avg_bits is None:
             return ""
-        opts = [f"group={group}"]
+        opts = [f"group={self.group or group}"]
+        if self.scales is not None:
+            opts.append(f"scales={self.scales}")
+        elif _has_option("scales"):  # the rows without a suffix are min/max (the default became scales=auto)
+            opts.append("scales=minmax")
+        if self.candidates is not None:
+            opts.append("candidates=" + ";".join(map(str, self.candidates)))
+        if self.sensitivity is not None:
+            opts.append(f"sensitivity={self.sensitivity}")
         if self.algo is not None:
             opts.append(f"algo={self.algo}")
         opts += ["method=uniform", f"bits={self.bits}"] if self.bits is not None else [f"avg-bits={self.avg_bits:g}"]
@@ -119,7 +138,31 @@ def moeopt_rows() -> list[MoeoptRow]:
             for a in (3.0, 2.5):
                 rows.append(MoeoptRow(f"{name}-ilp{a:g}{sfx}", algo, avg_bits=a,
                                       non_experts=None if ne is None else "4"))
+    # issue 31, this session: searched scales (scales=mse) and smaller groups, uniform widths
+    for algo in (None, "gptq"):
+        name = algo or "rtn"
+        for scales in (None, "mse"):
+            for group in (None, 32, 16):
+                if scales is None and group is None:
+                    continue
+                sfx = ("" if scales is None else f"-{scales}") + ("" if group is None else f"-g{group}")
+                for b in (4, 3, 2):
+                    rows.append(MoeoptRow(f"{name}-u{b}{sfx}", algo, bits=b, scales=scales, group=group))
+    # ILP over 2, 4 and 8 bits (3-bit codes are stored in 4-bit containers, so a 3-bit expert costs a 4-bit
+    # one's bytes: see stored_bits_per_weight), with the old output-error and the Fisher sensitivity
+    for algo in (None, "gptq"):
+        name = algo or "rtn"
+        for a in (3.0, 2.5):
+            for sens in ("output", "fisher"):
+                rows.append(MoeoptRow(f"{name}-ilp{a:g}-{sens}-c248-mse", algo, avg_bits=a, scales="mse",
+                                      candidates=(2, 4, 8), sensitivity=sens))
     return rows
+
+
+def _has_option(name: str) -> bool:
+    from moeopt.passes.registry import get_pass
+
+    return any(o.name == name for o in get_pass("quantize").options)
 
 
 def missing_options(row: MoeoptRow) -> str | None:
@@ -252,6 +295,8 @@ def _moeopt_artifact(spec: dict[str, Any]) -> dict[str, Any]:
             res["quantized_bytes"] = int(rep.total_bytes)
             res["quantized_params"] = int(rep.params)
             res["bits_per_weight"] = round(rep.effective_bits(), 4)
+            res["stored_bytes"] = stored_expert_bytes(model)
+            res["stored_bits_per_weight"] = round(8 * res["stored_bytes"] / rep.params, 4) if rep.params else None
             res["avg_code_bits"] = round(rep.nominal_bits(), 4)
             res["histogram"] = rep.histogram()
             res["quantize_report"] = {k: float(v) for k, v in stats.items()}
@@ -268,6 +313,25 @@ def _moeopt_artifact(spec: dict[str, Any]) -> dict[str, Any]:
     res.update(score(lm, spec["stream"], spec["n_ctx"]))
     res["eval_s"] = round(time.perf_counter() - t, 1)
     return res
+
+
+def stored_expert_bytes(model: Any) -> int:
+    """Routed-expert bytes as the artifact stores them: 3-bit codes widened to 4-bit containers (MatMulNBits /
+    QMoE take 2, 4 and 8 bits), float32 scales, packed zero points; float experts at 2 bytes a weight."""
+    from moeopt.quant.apply import slot_params
+    from moeopt.quant.groupwise import matrix_bytes
+
+    total = 0
+    for layer in model.layers:
+        t = layer.table
+        for s, info in enumerate(t.slots):
+            if not info.bits:
+                total += slot_params(t) * 2
+                continue
+            for name in ("w_in", "w_out"):
+                q = t.quantized[f"{s}_{name}"]
+                total += matrix_bytes(q.rows, q.cols, 4 if q.bits == 3 else q.bits, q.group_size, q.symmetric)
+    return total
 
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: int) -> dict[str, Any]:
@@ -585,24 +649,26 @@ def _line(r: dict[str, Any]) -> str:
 
 def table(res: dict[str, Any]) -> str:
     """Markdown table of the rows."""
-    head = ("| row | side | ppl | vs dense | file MB | quantized MB | quantized bits/weight | FFN bits/weight | "
-            "seconds (lower) | note |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| row | side | ppl | vs dense | file MB | quantized MB | quantized bits/weight | stored bits/weight | "
+            "FFN bits/weight | seconds (lower) | note |\n|---|---|---|---|---|---|---|---|---|---|---|")
     dense = next((r["ppl"] for r in res["rows"] if r["label"] == "dense-source-torch" and "ppl" in r), None)
     lines = [head]
     for r in res["rows"]:
         if r.get("status") != "measured":
-            lines.append(f"| {r['label']} | {r['side']} | - | - | - | - | - | - | - | {r.get('status')}: "
+            lines.append(f"| {r['label']} | {r['side']} | - | - | - | - | - | - | - | - | {r.get('status')}: "
                          f"{str(r.get('reason', ''))[:120]} |")
             continue
         size = r.get("artifact_bytes") or r.get("file_bytes")
         qb = r.get("quantized_bytes")
-        ffn = r.get("ffn_bits_per_weight") or (r.get("bits_per_weight") if r["side"] == "moeopt" else None)
+        ffn = r.get("ffn_bits_per_weight") or (r.get("stored_bits_per_weight", r.get("bits_per_weight"))
+                                                if r["side"] == "moeopt" else None)
         rel = f"{100 * (r['ppl'] / dense - 1):+.1f}%" if dense else "-"
         secs = f"{r.get('seconds', r.get('eval_s', '-'))}" + (f" ({r['lower_s']})" if "lower_s" in r else "")
         mb = f"{size / 1e6:.1f}" if size else "-"
         qmb = f"{qb / 1e6:.2f}" if qb else "-"
         lines.append(f"| {r['label']} | {r['side']} | {r['ppl']:.3f} | {rel} | {mb} | {qmb} | "
-                     f"{r.get('bits_per_weight', '-')} | {ffn if ffn is not None else '-'} | {secs} | "
+                     f"{r.get('bits_per_weight', '-')} | {r.get('stored_bits_per_weight', '-')} | "
+                     f"{ffn if ffn is not None else '-'} | {secs} | "
                      f"{r.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -624,7 +690,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         else:
             key = f"moeopt {r['algo']}" + (" + non-experts" if r["non_experts"] != "float" else "") + \
                   (" ILP" if r["allocation"].startswith("ilp") else "")
-            bpw = r.get("bits_per_weight", 32.0)
+            bpw = r.get("stored_bits_per_weight", r.get("bits_per_weight", 32.0))  # 3-bit as stored (4-bit)
         size = r.get("artifact_bytes") or r.get("file_bytes")
         series.setdefault(key, []).append((size / 1e6, bpw or 32.0, r["ppl"], r["label"]))
     for key, pts in series.items():

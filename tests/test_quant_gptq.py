@@ -253,7 +253,7 @@ def test_experts_without_calibration_tokens_fall_back_to_rtn_and_are_counted() -
     assert tokens == 32 and all(row[1].routed == 0 and row[1].w_in.count == 0 for row in hess)
     log: list[str] = []
     with pytest.warns(RTNFallbackWarning, match="2 expert"):
-        report, _ = _run(model, f"quantize{{algo=gptq,method=uniform,bits=4,group=16,{CALIB}}}", log)
+        report, _ = _run(model, f"quantize{{algo=gptq,method=uniform,bits=4,group=16,scales=minmax,{CALIB}}}", log)
     n_layers = len(model.layers)
     assert report.rtn_fallback == n_layers and report.stats()["rtn-fallback"] == n_layers
     assert any("rounded to nearest instead of gptq" in line for line in report.summary().splitlines())

@@ -48,7 +48,8 @@ from moeopt.quant import linears
 from moeopt.quant.allocate import Choice, Item, solve_greedy, solve_ilp, solve_uniform, total
 from moeopt.quant.apply import quantize_slot, slot_bytes, slot_params
 from moeopt.quant.expert_gptq import ExpertGPTQ, RTNFallbackWarning, collect_hessians
-from moeopt.quant.groupwise import BITS, GROUPS, Quantized, quantize
+from moeopt.quant.fisher import fisher_sensitivity
+from moeopt.quant.groupwise import BITS, GROUPS, Quantized, Search, quantize, searched
 from moeopt.quant.report import QuantReport
 from moeopt.quant.sensitivity import Sensitivity, measure
 
@@ -114,6 +115,15 @@ class Quantize(Pass):
                "for the Hessians (the output still follows the routing)"),
         Option("act-order", "bool", True, "algo=gptq: quantize columns by descending Hessian diagonal"),
         Option("damp", "float", 0.01, "algo=gptq: Hessian damping relative to its mean diagonal", min=0, max=10),
+        Option("scales", "choice", "auto", "each group's scale and zero point: minmax (its extremes), mse "
+               "(searched to minimise the weighted squared error; with algo=gptq also weighted by the Hessian "
+               "diagonal), or auto (what measured better on SmolLM2: mse at 2 and 3 bits, and at 4 with "
+               "algo=gptq; minmax otherwise)",
+               choices=("auto", "minmax", "mse")),
+        Option("sensitivity", "choice", "output", "ilp/greedy: each expert's own output error on its routed inputs "
+               "(output), or the loss increase at the model's output, 1/2 sum F dW^2 with F the diagonal Fisher "
+               "of the calibration loss (fisher; moeopt.quant.fisher)", choices=("output", "fisher")),
+        Option("min-bits", "int", None, "floor width: candidates below it are dropped (pins still win)", min=2, max=8),
         Option("metric", "choice", "mse", "sensitivity: routing-weighted output MSE, or relative to each layer's "
                "expert output energy (weighs layers alike)", choices=("mse", "relative")),
         Option("non-experts", "str", "float", "attention, shared-expert and dense linears: 4, 8, float, or auto "
@@ -143,12 +153,16 @@ class Quantize(Pass):
             cands: list[int | None] = [parse_bits(str(o["bits"]))]
         else:
             cands = list(dict.fromkeys(parse_bits(str(c)) for c in o["candidates"]))
+            if o["min-bits"] is not None:
+                cands = [c for c in cands if c is None or c >= int(o["min-bits"])]
+                if not cands:
+                    raise BadInputError(f"min-bits={o['min-bits']} leaves no candidate width")
         need_sens = method != "uniform"
         measured = sorted({b for b in [*cands, *pins.values()] if b is not None})  # pins may name other bits
         gq = self._gptq(model, ctx, group, sym) if o["algo"] == "gptq" and measured else None
         sens = self._sensitivity(model, ctx, measured, group, sym, gq) if need_sens else None
         by_avg = o["avg-bits"] is not None
-        relative = o["metric"] == "relative"
+        relative = o["metric"] == "relative" and o["sensitivity"] == "output"  # fisher: already in loss units
         items: list[Item] = []
         for li, layer in enumerate(model.layers):
             t = layer.table
@@ -176,13 +190,13 @@ class Quantize(Pass):
         bits: list[list[int | None]] = [[None] * layer.table.num_slots for layer in model.layers]
         chosen = [(it.layer, it.slot, it.choices[p].bits) for it, p in zip(items[:experts], picks[:experts],
                                                                              strict=True)]
-        packed = shared_slot_matrices(model, chosen, group, sym, gq)
+        packed = shared_slot_matrices(model, chosen, group, sym, gq, self._search())
         for k, (li, s, b) in enumerate(chosen):
             bits[li][s] = b
             quantizer = None if gq is None else functools.partial(gq.matrix, li, s)
             if packed is not None:
                 quantizer = functools.partial(_lookup, packed[k])
-            quantize_slot(model.layers[li].table, s, b, group, sym, quantizer)
+            quantize_slot(model.layers[li].table, s, b, group, sym, quantizer, search=self._search())
         for path, it, p in zip(widths, items[experts:], picks[experts:], strict=True):
             widths[path] = it.choices[p].bits
         n_linears = linears.quantize_linears(model, widths, group, sym, algo=str(o["algo"]), hessians=hessians,
@@ -267,17 +281,26 @@ class Quantize(Pass):
         batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
                                       ctx.data_root)
         hessians, _ = collect_hessians(model, batches, all_experts=bool(o["calibrate-all-experts"]))
-        return ExpertGPTQ(model, hessians, group, sym, act_order=bool(o["act-order"]), damp=float(o["damp"]))
+        return ExpertGPTQ(model, hessians, group, sym, act_order=bool(o["act-order"]), damp=float(o["damp"]),
+                          search=self._search())
 
     def _gptq_opts(self) -> dict[str, Any]:
-        return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"])}
+        return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"]), "search": self._search()}
+
+    def _search(self) -> frozenset[int]:
+        """The widths whose groups get the scale search (groupwise.search_params), from `scales`."""
+        mode = self.opts["scales"]
+        if mode == "auto":  # bench/results/quantize-real: RTN u4 27.68 minmax / 27.98 searched; GPTQ u4 27.46 / 25.79
+            return frozenset({2, 3, 4}) if self.opts["algo"] == "gptq" else frozenset({2, 3})
+        return frozenset(BITS) if mode == "mse" else frozenset()
 
     def _algo_key(self) -> str:
         """What the sensitivity's quantized experts depend on besides the format (its cache key)."""
         o = self.opts
         if o["algo"] == "rtn":
-            return "rtn"
-        return (f"gptq(act-order={o['act-order']},damp={o['damp']},all-experts={o['calibrate-all-experts']},"
+            return "rtn" if o["scales"] == "auto" else f"rtn(scales={o['scales']})"
+        return (f"gptq(scales={o['scales']},act-order={o['act-order']},damp={o['damp']},"
+                f"all-experts={o['calibrate-all-experts']},"
                 f"tokens={o['calib-tokens']},seq-len={o['seq-len']})")
 
     def _sensitivity(
@@ -287,14 +310,22 @@ class Quantize(Pass):
         o = self.opts
         source = ";".join(o["calib"]) or "random tokens"
         algo = self._algo_key()
+        if o["sensitivity"] == "fisher":
+            algo = f"fisher:{algo}"
         cached = ctx.analyses.peek(SENSITIVITY)
         if isinstance(cached, Sensitivity) and cached.matches(model, source, group, sym, bits, algo):
             return cached
         batches = calibration_batches(model, tuple(o["calib"]), int(o["seq-len"]), int(o["calib-tokens"]), ctx.seed,
                                       ctx.data_root)
+        if o["sensitivity"] == "fisher":
+            sens = fisher_sensitivity(model, batches, bits, group=group, symmetric=sym, search=self._search(),
+                                      quantizer=None if gq is None else gq.dequantized, source=source,
+                                      algo=algo.removeprefix("fisher:"))
+            ctx.analyses.put(SENSITIVITY, sens)
+            return sens
         sens = measure(model, batches, bits, group=group, symmetric=sym, max_rows=int(o["max-rows"]),
                        seed=ctx.seed, source=source, progress=sys.stderr.isatty(),
-                       quantizer=None if gq is None else gq.dequantized, algo=algo)
+                       quantizer=None if gq is None else gq.dequantized, algo=algo, search=self._search())
         ctx.analyses.put(SENSITIVITY, sens)
         return sens
 
@@ -318,7 +349,8 @@ def calibration_batches(
 
 
 def shared_slot_matrices(
-    model: MoEModel, chosen: list[tuple[int, int, int | None]], group: int, sym: bool, gq: ExpertGPTQ | None
+    model: MoEModel, chosen: list[tuple[int, int, int | None]], group: int, sym: bool, gq: ExpertGPTQ | None,
+    search: Search = False,
 ) -> list[dict[str, Quantized] | None] | None:
     """Distributed runs: each chosen (layer, slot, bits)'s packed matrices, computed on one rank and
     all-gathered (None in one process, where `quantize_slot` computes them in place).
@@ -337,7 +369,7 @@ def shared_slot_matrices(
         if gq is not None:
             return {n: gq.matrix(li, s, n, b) for n in ("w_in", "w_out")}
         t = model.layers[li].table
-        return {n: quantize(getattr(t, n)[s], b, group, sym) for n in ("w_in", "w_out")}
+        return {n: quantize(getattr(t, n)[s], b, group, sym, searched(search, b)) for n in ("w_in", "w_out")}
 
     packed = distributed.map_items(chosen, one)
     if gq is not None:  # GPTQ's fallbacks happened on the ranks that ran it: every rank reports them all

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from moeopt.ir.table import ExpertTable, QuantizedMatrix
-from moeopt.quant.groupwise import Quantized, dequantize, matrix_bytes, quantize_dequantize
+from moeopt.quant.groupwise import Quantized, Search, dequantize, matrix_bytes, quantize_dequantize, searched
 
 FLOAT_BYTES = 2  # keep-float experts are costed as fp16, the format they would ship in
 
@@ -28,12 +28,12 @@ def slot_bytes(table: ExpertTable, bits: int | None, group: int, symmetric: bool
 
 def quantize_slot(
     table: ExpertTable, slot: int, bits: int | None, group: int, symmetric: bool,
-    quantizer: Callable[[str, int], Quantized] | None = None,
+    quantizer: Callable[[str, int], Quantized] | None = None, search: Search = False,
 ) -> None:
     """Quantize one slot in place (bits None: leave it float and drop any packed form).
 
     `quantizer(name, bits)` gives the packed "w_in" / "w_out" (e.g. GPTQ's, in the same format);
-    round-to-nearest by default.
+    round-to-nearest by default (`search`: with searched scales, `groupwise.search_params`).
     """
     for name in ("w_in", "w_out"):
         key = f"{slot}_{name}"
@@ -44,7 +44,7 @@ def quantize_slot(
         weight = getattr(table, name)  # (S, rows, cols)
         w = weight[slot]
         if quantizer is None:
-            q, deq = quantize_dequantize(w, bits, group, symmetric)
+            q, deq = quantize_dequantize(w, bits, group, symmetric, searched(search, bits))
         else:
             q = quantizer(name, bits)
             deq = dequantize(q)

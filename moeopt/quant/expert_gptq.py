@@ -34,7 +34,7 @@ from moeopt.ir.compute import RoutingTrace, expert_hidden
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.model import MoEModel
 from moeopt.quant.gptq import GPTQFallbackWarning, Hessian, all_reduce_hessians, gptq
-from moeopt.quant.groupwise import Quantized, dequantize, quantize
+from moeopt.quant.groupwise import Quantized, Search, dequantize, quantize, searched
 from moeopt.quant.sensitivity import run_observed
 
 
@@ -116,6 +116,7 @@ class ExpertGPTQ:
     symmetric: bool
     act_order: bool = True
     damp: float = 0.01
+    search: Search = False  # scale search (groupwise.search_params) instead of min/max, at these widths
     _cache: dict[tuple[int, int, str, int], Quantized] = field(default_factory=dict)
     singular: set[tuple[int, int, str]] = field(default_factory=set)
 
@@ -132,12 +133,13 @@ class ExpertGPTQ:
             w = getattr(self.model.layers[layer].table, name)[slot].float()
             cell = self.hessians[layer][slot]
             if cell.w_in.count == 0:
-                self._cache[key] = quantize(w, bits, self.group, self.symmetric)
+                self._cache[key] = quantize(w, bits, self.group, self.symmetric, searched(self.search, bits))
             else:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", GPTQFallbackWarning)
                     self._cache[key] = gptq(w, getattr(cell, name).value(), bits, self.group, self.symmetric,
-                                            act_order=self.act_order, damp=self.damp)
+                                            act_order=self.act_order, damp=self.damp,
+                                            search=searched(self.search, bits))
                 if any(issubclass(c.category, GPTQFallbackWarning) for c in caught):
                     self.singular.add((layer, slot, name))
         return self._cache[key]

@@ -20,6 +20,10 @@ Our own implementation, written against the paper and its public reference code;
 - Dead inputs (diag(H) = 0, never non-zero in the calibration data) keep their weights and are rounded
   plainly (the reference zeroes them; keeping them loses nothing on the calibration data and keeps
   the model's behaviour on inputs the calibration data never exercised).
+- Scale search (`search=True`): each group's (scale, zero point) come from `groupwise.search_params`
+  weighted by diag(H) of the group's columns (the output cost of an error in that column, ignoring
+  correlations), instead of min/max; statically from the original weights with act-order, from the
+  updated columns without it. What the loop then rounds to is that grid, as with min/max.
 - Damping `damp * mean(diag H)` is added to the diagonal; when the Cholesky factorisation still fails
   the damping is raised tenfold (up to three times), then the matrix falls back to RTN with a
   `GPTQFallbackWarning`.
@@ -42,6 +46,7 @@ from moeopt.quant.groupwise import (
     k_blocks,
     quantize,
     round_codes,
+    search_params,
 )
 
 DAMP_TRIES = 4  # damp, then 10x, 100x, 1000x (relative to the mean diagonal) before falling back to RTN
@@ -119,7 +124,7 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor | None:
 
 def gptq(
     w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, symmetric: bool, *,
-    act_order: bool = True, damp: float = 0.01, block: int = 128,
+    act_order: bool = True, damp: float = 0.01, block: int = 128, search: bool = False,
 ) -> Quantized:
     """Quantize a (N, K) nn.Linear weight with GPTQ against the Hessian (K, K) of its inputs.
 
@@ -132,6 +137,8 @@ def gptq(
         damp: diagonal damping relative to the mean diagonal of H.
         block: columns per lazy-update block (a speed knob; the result does not depend on it beyond
             float rounding, except that without act-order it is widened to a multiple of `group`).
+        search: choose each group's scale and zero point by a diag(H)-weighted error search (see the
+            module docstring) instead of min/max.
 
     Returns:
         The packed matrix; `dequantize(result)` is the weight the model computes with.
@@ -156,11 +163,14 @@ def gptq(
     h.diagonal()[dead] = 1.0  # decoupled from every other column: plain rounding, no error to spread
 
     kb = k_blocks(cols, group)
+    diag = h.diagonal().float().clone()  # (K,) column importance for the scale search (dead columns: 1)
     scale = torch.zeros(rows, kb)
     zp = torch.zeros(rows, kb)
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        scale, zp = block_params(_blocks(weight, group), bits, symmetric)  # static: the original groups
+        blk = _blocks(weight, group)  # static: the original groups
+        scale, zp = (search_params(blk, bits, symmetric, _blocks(diag[None, :], group)) if search
+                     else block_params(blk, bits, symmetric))
     else:
         perm = torch.arange(cols)
         block = -(-block // group) * group  # a group never straddles two blocks, so it is up to date
@@ -170,7 +180,7 @@ def gptq(
         warnings.warn(f"GPTQ: the Hessian of a ({rows}, {cols}) matrix is not positive definite even with "
                       f"damping raised to {damp if damp > 0 else 0.01 * 10 ** (DAMP_TRIES - 1):g}; rounded to nearest",
                       GPTQFallbackWarning, stacklevel=2)
-        return quantize(w.float(), bits, group, symmetric)
+        return quantize(w.float(), bits, group, symmetric, search)
 
     codes = torch.zeros(rows, cols)  # in the permuted order
     order = perm.tolist()
@@ -185,7 +195,12 @@ def gptq(
             if not act_order and col % group == 0:  # the group's columns are i .. i + group - 1 of w1
                 cur = w1[:, i : i + group]
                 cur = torch.nn.functional.pad(cur, (0, group - cur.shape[1]))  # the last group's padding
-                scale[:, g], zp[:, g] = block_params(cur, bits, symmetric)
+                if search:
+                    imp = diag[col : col + group]
+                    imp = torch.nn.functional.pad(imp, (0, group - imp.numel()))
+                    scale[:, g], zp[:, g] = search_params(cur, bits, symmetric, imp)
+                else:
+                    scale[:, g], zp[:, g] = block_params(cur, bits, symmetric)
             x = w1[:, i]
             s, z = scale[:, g], zp[:, g]
             q = round_codes(x[:, None], s, z, bits)[:, 0]  # (N,)

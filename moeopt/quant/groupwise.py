@@ -24,6 +24,13 @@ Reference formula (per block w of `group` float32 values, m = 2**bits - 1, h = 2
                 zp = clamp(round(-lo / scale), 0, m), q = clamp(round(w / scale) + zp, 0, m)
     a block of zeros has scale 0 and q = zp.  dequantized w' = (q - zp) * scale   (float32)
 round() is round-half-to-even (torch.round).
+
+Scale search (`search=True`, `search_params`): the min/max rule above spends the grid on each block's
+extremes; a block's squared error is usually smaller with a tighter range that clips an outlier. The
+search tries, per block, candidate scales around the min/max one, refits each by least squares on the
+codes it produces (llama.cpp's make_qkx2 / AWQ-style clipping), and keeps the (scale, zero point) with
+the smallest (optionally importance-weighted) squared error. The result is in the same format (a float32
+scale and an integer zero point per block), so packing and lowering do not change.
 """
 
 from __future__ import annotations
@@ -35,6 +42,17 @@ import torch
 
 BITS = (2, 3, 4, 8)
 GROUPS = (16, 32, 64, 128, 256)
+SEARCH_STEPS = 20  # candidate scales per block: (hi - lo) / (m - 1 + 0.1 * i), i = 0 .. SEARCH_STEPS
+SEARCH_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)  # symmetric: candidate fractions of the min/max scale (then refit)
+
+# Which widths get the scale search: True / False for all, or the set of widths (the quantize pass's
+# `scales=auto` searches 2 and 3 bits only, where it measured better; see `searched`).
+Search = bool | frozenset[int]
+
+
+def searched(search: Search, bits: int) -> bool:
+    """Whether `search` asks for the scale search at `bits`."""
+    return bits in search if isinstance(search, frozenset) else bool(search)
 
 
 @dataclass(frozen=True)
@@ -152,30 +170,35 @@ def _blocks(w: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.nn.functional.pad(w, (0, pad)) if pad else w).reshape(rows, -1, group)
 
 
-def quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> Quantized:
-    """Quantize a (N, K) matrix group-wise along K (see the module docstring for the formula)."""
-    return _quantize(w, bits, group, symmetric)[0]
+def quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool, search: bool = False) -> Quantized:
+    """Quantize a (N, K) matrix group-wise along K (see the module docstring for the formula; `search`:
+    per-block scale search instead of min/max)."""
+    return _quantize(w, bits, group, symmetric, search)[0]
 
 
-def quantize_dequantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> tuple[Quantized, torch.Tensor]:
+def quantize_dequantize(
+    w: torch.Tensor, bits: int, group: int, symmetric: bool, search: bool = False
+) -> tuple[Quantized, torch.Tensor]:
     """`quantize(w)` and `dequantize` of it, float32 (N, K), computed from the codes before they are packed.
 
     Bit-identical to `dequantize(quantize(w))` (the same float codes, zero points and scales enter the same
     (q - zp) * scale), without unpacking the bytes again.
     """
-    q, codes_f, zp = _quantize(w, bits, group, symmetric)
+    q, codes_f, zp = _quantize(w, bits, group, symmetric, search)
     codes_f.sub_(zp[..., None]).mul_(q.scales[..., None])  # (N, kb, g): (q - zp) * scale, in place
     return q, codes_f.reshape(q.rows, -1)[:, : q.cols].contiguous()
 
 
-def _quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> tuple[Quantized, torch.Tensor, torch.Tensor]:
+def _quantize(
+    w: torch.Tensor, bits: int, group: int, symmetric: bool, search: bool = False
+) -> tuple[Quantized, torch.Tensor, torch.Tensor]:
     """(the packed matrix, its codes as float32 (N, kb, g), its zero points as float32 (N, kb))."""
     check_format(bits, group)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(w.shape)}")
     rows, cols = w.shape
     blk = _blocks(w, group)  # (N, kb, g)
-    scale, zp = block_params(blk, bits, symmetric)
+    scale, zp = search_params(blk, bits, symmetric) if search else block_params(blk, bits, symmetric)
     q = round_codes(blk, scale, zp, bits)
     return from_codes(rows, cols, bits, group, q, scale, zp, symmetric), q, zp
 
@@ -194,6 +217,88 @@ def block_params(blk: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.T
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         zp = torch.where(scale == 0, torch.zeros_like(scale), torch.round(-lo / safe).clamp(0, m))
     return scale, zp
+
+
+def search_params(
+    blk: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., g) float32 blocks -> (scale, zero point), each (...), minimising each block's weighted squared error.
+
+    Why our own code: the published searches (llama.cpp's make_qkx2_quants in C, AutoAWQ's clipping search,
+    HQQ) each target their own storage (a float min, fp16/6-bit scales, their own packed kernels); ours is a
+    float32 scale and an INTEGER zero point in MatMulNBits' layout, so a float min has to be rounded to a
+    zero point and the codes re-rounded, inside the search. Vectorised over all blocks at once, one
+    candidate at a time (SEARCH_STEPS + 2 passes over the matrix, no per-block Python loop).
+
+    Candidates (each evaluated after one least-squares refit of the scale on its own codes, zero point
+    fixed, then re-rounded, which can only lower that candidate's error):
+    - the min/max parameters of `block_params` (so the result is never worse than min/max in the weighted error);
+    - asymmetric: make_qkx2's grid, scale (hi - lo) / (m - 1 + 0.1 i); the codes it gives are fitted by
+      weighted least squares x ~ s * l + mn (mn <= 0, so 0 stays representable), then zp = round(-mn / s);
+    - symmetric: the min/max scale times each of SEARCH_SHRINK (clipping the largest values).
+
+    Args:
+        blk: the blocks (..., g), float32.
+        bits: the code width.
+        symmetric: zero point fixed at 2**(bits-1) (then only the scale is searched).
+        importance: non-negative weights broadcastable to `blk` (e.g. a Hessian's diagonal per input
+            column: how much an error in that column costs at the output), multiplying the per-weight
+            rms(block) + |x| weights; None: those alone.
+    """
+    m, h = 2**bits - 1, 2 ** (bits - 1)
+    # Per-weight weights: llama.cpp's make_qkx2 ones, rms(block) + |x|, so that clipping the large weights
+    # costs what it does to the model (plain MSE clipped them and measured worse at 4 bits: bench/quantize_real.py),
+    # times `importance` when given.
+    wt = blk.abs() + blk.pow(2).mean(-1, keepdim=True).sqrt()
+    if importance is not None:
+        wt = wt * importance.float().expand_as(blk).clamp(min=0)
+    wt = torch.where(wt.sum(-1, keepdim=True) > 0, wt, torch.ones_like(wt))  # an all-zero weight row: plain MSE
+
+    def refit(scale: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale refitted on its codes, zp, weighted squared error after re-rounding) per block."""
+        c = round_codes(blk, scale, zp, bits).sub_(zp[..., None])  # (..., g): q - zp
+        den = (wt * c * c).sum(-1)
+        fit = torch.where(den > 0, (wt * blk * c).sum(-1) / den.clamp(min=1e-30), scale)
+        fit = torch.where(fit * scale > 0, fit, scale)  # a degenerate fit (or a sign flip) keeps the candidate's scale
+        c = round_codes(blk, fit, zp, bits).sub_(zp[..., None]).mul_(fit[..., None])
+        return fit, zp, (wt * (blk - c).pow(2)).sum(-1)
+
+    best_s, best_z, best_e = refit(*block_params(blk, bits, symmetric))
+    if symmetric:
+        base = block_params(blk, bits, True)[0]
+        cands = [(base * f, torch.full_like(base, float(h))) for f in SEARCH_SHRINK[1:]]
+    else:
+        lo, hi = blk.amin(dim=-1).clamp(max=0.0), blk.amax(dim=-1).clamp(min=0.0)
+        span = hi - lo
+        cands = []
+        sw = wt.sum(-1)
+        swx = (wt * blk).sum(-1)
+        for i in range(SEARCH_STEPS + 1):
+            s0 = span / (m - 1 + 0.1 * i)
+            safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
+            lv = torch.round((blk - lo[..., None]) / safe[..., None]).clamp_(0, m)  # (..., g)
+            swl, swl2, swxl = (wt * lv).sum(-1), (wt * lv * lv).sum(-1), (wt * blk * lv).sum(-1)
+            det = sw * swl2 - swl * swl
+            ok = det > 0
+            d = det.clamp(min=1e-30)
+            s = torch.where(ok, (sw * swxl - swx * swl) / d, s0)
+            mn = torch.where(ok, (swl2 * swx - swl * swxl) / d, lo)
+            pos = mn > 0  # keep 0 representable: min clamped to 0, scale refitted alone
+            s = torch.where(pos, swxl / swl2.clamp(min=1e-30), s)
+            mn = torch.where(pos, torch.zeros_like(mn), mn)
+            good = s > 0
+            s = torch.where(good, s, s0)
+            mn = torch.where(good, mn, lo)
+            zp = torch.where(s > 0, torch.round(-mn / torch.where(s > 0, s, torch.ones_like(s))).clamp(0, m),
+                             torch.zeros_like(s))
+            cands.append((s, zp))
+    for scale, zp in cands:
+        s, z, e = refit(scale, zp)
+        better = e < best_e
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_e = torch.minimum(e, best_e)
+    zero = blk.abs().amax(dim=-1) == 0  # an all-zero block: scale 0, as block_params gives
+    return torch.where(zero, torch.zeros_like(best_s), best_s), best_z
 
 
 def round_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
@@ -241,6 +346,6 @@ def dequantize(q: Quantized) -> torch.Tensor:
     return w.reshape(q.rows, -1)[:, : q.cols].contiguous()
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool, search: bool = False) -> torch.Tensor:
     """dequantize(quantize(w)) in w's dtype: what the model computes with after quantization."""
-    return quantize_dequantize(w, bits, group, symmetric)[1].to(w.dtype)
+    return quantize_dequantize(w, bits, group, symmetric, search)[1].to(w.dtype)

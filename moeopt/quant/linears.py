@@ -38,7 +38,7 @@ from moeopt import distributed
 from moeopt.errors import BadInputError
 from moeopt.ir.model import MoEModel
 from moeopt.ir.table import QuantizedMatrix
-from moeopt.quant.groupwise import Quantized, dequantize, matrix_bytes, quantize
+from moeopt.quant.groupwise import Quantized, Search, dequantize, matrix_bytes, quantize, searched
 from moeopt.quant.sensitivity import calibration_forwards
 
 LinearQuantizer = Callable[[torch.Tensor, torch.Tensor | None], Quantized]
@@ -48,6 +48,7 @@ FLOAT_BYTES = 2  # float linears are costed as fp16, as keep-float experts are
 
 def make_quantizer(
     bits: int, group: int, symmetric: bool, algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01,
+    search: Search = False,
 ) -> LinearQuantizer:
     """The per-linear quantizer of one width: the single place an algorithm is chosen.
 
@@ -55,15 +56,16 @@ def make_quantizer(
     (`needs_hessian` says so to the caller); a linear with none (never reached by the calibration data)
     is rounded to nearest.
     """
+    do_search = searched(search, bits)
     if algo == "rtn":
-        return lambda w, hessian: quantize(w, bits, group, symmetric)
+        return lambda w, hessian: quantize(w, bits, group, symmetric, do_search)
     if algo == "gptq":
         from moeopt.quant.gptq import gptq
 
         def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor | None) -> Quantized:
             if hessian is None:
-                return quantize(w, bits, group, symmetric)
-            return gptq(w, hessian, bits, group, symmetric, act_order=act_order, damp=damp)
+                return quantize(w, bits, group, symmetric, do_search)
+            return gptq(w, hessian, bits, group, symmetric, act_order=act_order, damp=damp, search=do_search)
 
         return quantize_gptq
     raise BadInputError(f"quantization algorithm '{algo}' is not one of {', '.join(ALGOS)}")
@@ -166,7 +168,7 @@ def apply(model: MoEModel, path: str, q: Quantized) -> None:
 
 def quantize_linears(
     model: MoEModel, widths: dict[str, int | None], group: int, symmetric: bool, *, algo: str = "rtn",
-    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True, damp: float = 0.01,
+    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True, damp: float = 0.01, search: Search = False,
 ) -> int:
     """Quantize each linear at its width (None: leave it float); returns how many were quantized."""
     quantizers: dict[int, LinearQuantizer] = {}
@@ -175,7 +177,7 @@ def quantize_linears(
         if bits is None:
             continue
         quant = quantizers.setdefault(bits, make_quantizer(bits, group, symmetric, algo, act_order=act_order,
-                                                                  damp=damp))
+                                                                  damp=damp, search=search))
         weight = linear(model, path).weight.detach().float()
         apply(model, path, quant(weight, None if hessians is None else hessians.get(path)))
         done += 1
@@ -214,7 +216,7 @@ def collect_hessians(model: MoEModel, batches: Iterable[torch.Tensor], paths: Se
 
 def errors(
     weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[int], group: int, symmetric: bool,
-    algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01,
+    algo: str = "rtn", *, act_order: bool = True, damp: float = 0.01, search: Search = False,
 ) -> tuple[dict[int | None, float], float]:
     """(err[b] per width (None: float, 0), output energy) of one (N, K) linear (see the module docstring)."""
     w = weight.detach().float()
@@ -227,6 +229,6 @@ def errors(
 
     out: dict[int | None, float] = {None: 0.0}
     for b in bits:
-        q = make_quantizer(b, group, symmetric, algo, act_order=act_order, damp=damp)(w, hessian)
+        q = make_quantizer(b, group, symmetric, algo, act_order=act_order, damp=damp, search=search)(w, hessian)
         out[b] = max(quad(dequantize(q) - w), 0.0)
     return out, quad(w)

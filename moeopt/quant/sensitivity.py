@@ -28,7 +28,7 @@ from moeopt import distributed
 from moeopt.ir.compute import RoutingTrace, _dense
 from moeopt.ir.layer import MoELayer, Observer
 from moeopt.ir.model import MoEModel
-from moeopt.quant.groupwise import fake_quantize
+from moeopt.quant.groupwise import Search, fake_quantize, searched
 
 
 @dataclass
@@ -190,7 +190,7 @@ Quantizer = Callable[[int, int, str, int], torch.Tensor]
 
 def expert_errors(
     layer: MoELayer, slot: int, inputs: SlotInputs, bits: Sequence[int], group: int, symmetric: bool, tokens: int,
-    quantizer: Quantizer | None = None,
+    quantizer: Quantizer | None = None, search: Search = False,
 ) -> tuple[dict[int | None, float], float]:
     """(err[b] for one slot (see the module docstring; float (None) is 0), the slot's output energy)."""
     t, spec = layer.table, layer.table.spec
@@ -209,7 +209,8 @@ def expert_errors(
         energy = energy if inputs.x.shape[0] else 0.0  # random stand-in inputs carry no real output
         for b in bits:
             if quantizer is None:
-                qi, qo = fake_quantize(w_in, b, group, symmetric), fake_quantize(w_out, b, group, symmetric)
+                qi = fake_quantize(w_in, b, group, symmetric, searched(search, b))
+                qo = fake_quantize(w_out, b, group, symmetric, searched(search, b))
             else:
                 qi, qo = quantizer(layer.index, slot, "w_in", b), quantizer(layer.index, slot, "w_out", b)
             y = _dense(x, qi, qo, b_in, b_out, spec.act, spec.glu, spec)  # (n, H)
@@ -221,7 +222,7 @@ def expert_errors(
 def measure(
     model: MoEModel, batches: Sequence[torch.Tensor], bits: Sequence[int], *, group: int, symmetric: bool,
     max_rows: int = 512, seed: int = 0, source: str = "", progress: bool = False,
-    quantizer: Quantizer | None = None, algo: str = "rtn",
+    quantizer: Quantizer | None = None, algo: str = "rtn", search: Search = False,
 ) -> Sensitivity:
     """The sensitivity of every slot of every layer to every bitwidth in `bits`."""
     inputs, tokens = collect_inputs(model, batches, max_rows=max_rows, seed=seed)
@@ -239,7 +240,7 @@ def measure(
 
     def one(cell: tuple[int, int]) -> tuple[dict[int | None, float], float]:
         li, s = cell
-        res = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens, quantizer)
+        res = expert_errors(model.layers[li], s, inputs[li][s], bits, group, symmetric, tokens, quantizer, search)
         bar.update(1)
         return res
 
