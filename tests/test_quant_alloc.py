@@ -50,7 +50,9 @@ def test_ilp_never_exceeds_budget_and_matches_brute_force(inst: tuple[list[Item]
     picks = solve_ilp(items, capacity)
     cost, err = total(items, picks)
     assert cost <= capacity
-    assert err == pytest.approx(best[0], rel=1e-6, abs=1e-9)
+    # abs 1e-6 on errors in [0, 1]: CBC stops within its own optimality tolerance, and hypothesis found a case
+    # where it returned 1.19e-7 above an optimum of 0 (two choices whose errors differ by less than that).
+    assert err == pytest.approx(best[0], rel=1e-6, abs=1e-6)
 
 
 @settings(max_examples=100, deadline=None)
