@@ -63,9 +63,23 @@ def gqa_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference semantics of the node (eager; export only uses the fake): (out (B, T, Hq*D), present k, v)."""
     c = json.loads(config)
+    b, t, p = q.shape[0], q.shape[1], past_k.shape[2]
+    hq, d, rep = c["num_heads"], c["head_dim"], c["num_heads"] // c["kv_num_heads"]
+    qh, kh, vh = _rotated(q, k, v, attention_mask, past_k, past_v, cos_cache, sin_cache, c)
+    scores = qh @ kh.repeat_interleave(rep, 1).transpose(-1, -2) * c["scale"]  # (B, Hq, T, P + T)
+    causal = torch.ones(t, p + t, dtype=torch.bool).tril(p)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    out = scores.softmax(-1) @ vh.repeat_interleave(rep, 1)
+    return out.transpose(1, 2).reshape(b, t, hq * d), kh, vh
+
+
+def _rotated(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor, past_k: torch.Tensor,
+    past_v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, c: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both reference ops' inputs as heads: (rotated q (B, Hq, T, D), present k (B, Hkv, P + T, D), present v)."""
     hq, hkv, d = c["num_heads"], c["kv_num_heads"], c["head_dim"]
     b, t, _ = q.shape
-    p = past_k.shape[2]
     lens = attention_mask.sum(-1)  # (B,) real tokens so far, new ones included
     pos = (lens[:, None] - t + torch.arange(t)[None]).clamp(min=0)  # (B, T)
 
@@ -77,12 +91,7 @@ def gqa_attention(
     qh = rope(q.view(b, t, hq, d).transpose(1, 2))
     kh = torch.cat([past_k, rope(k.view(b, t, hkv, d).transpose(1, 2))], dim=2)
     vh = torch.cat([past_v, v.view(b, t, hkv, d).transpose(1, 2)], dim=2)
-    rep = hq // hkv
-    scores = qh @ kh.repeat_interleave(rep, 1).transpose(-1, -2) * c["scale"]  # (B, Hq, T, P + T)
-    causal = torch.ones(t, p + t, dtype=torch.bool).tril(p)
-    scores = scores.masked_fill(~causal, float("-inf"))
-    out = scores.softmax(-1) @ vh.repeat_interleave(rep, 1)
-    return out.transpose(1, 2).reshape(b, t, hq * d), kh, vh
+    return qh, kh, vh
 
 
 @gqa_attention.register_fake
@@ -158,21 +167,10 @@ def gqa_attention_sinks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference semantics of the node with head_sink and local_window_size (eager; export uses the fake)."""
     c = json.loads(config)
-    hq, hkv, d, window = c["num_heads"], c["kv_num_heads"], c["head_dim"], int(c["local_window_size"])
-    b, t, _ = q.shape
-    p = past_k.shape[2]
-    lens = attention_mask.sum(-1)
-    pos = (lens[:, None] - t + torch.arange(t)[None]).clamp(min=0)
-
-    def rope(x: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos_cache[pos][:, None], sin_cache[pos][:, None]
-        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-    qh = rope(q.view(b, t, hq, d).transpose(1, 2))
-    kh = torch.cat([past_k, rope(k.view(b, t, hkv, d).transpose(1, 2))], dim=2)
-    vh = torch.cat([past_v, v.view(b, t, hkv, d).transpose(1, 2)], dim=2)
-    rep = hq // hkv
+    b, t, p = q.shape[0], q.shape[1], past_k.shape[2]
+    hq, d, rep = c["num_heads"], c["head_dim"], c["num_heads"] // c["kv_num_heads"]
+    window = int(c["local_window_size"])
+    qh, kh, vh = _rotated(q, k, v, attention_mask, past_k, past_v, cos_cache, sin_cache, c)
     scores = qh @ kh.repeat_interleave(rep, 1).transpose(-1, -2) * c["scale"]
     gap = (p + torch.arange(t))[:, None] - torch.arange(p + t)[None]  # query position - key position
     allowed = (gap >= 0) & ((gap < window) if window >= 0 else True)
