@@ -12,6 +12,9 @@ expert a weightless stand-in (`skeleton.husk`), cut into segments; experts.bin i
 Then the parity check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe
 (onnxruntime), and one streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each expert
 re-read and re-quantized when reached, RTN is deterministic) gives the reference logits in parity.npz.
+The same sweep carries the tolerance's simulated forward (`stream.simulate`), so the artifact is held to
+the measured error model the in-memory lowering states (`moeopt.lower.tolerance`, manifest ``parity_rule``);
+with verify off there is no probe, and the manifest states the fixed rule (``parity_rule.kind`` "fixed").
 
 Resume: a layer whose json and bin are in the work folder is not recomputed; the work folder records the
 source checkpoint (config, shard sizes), the per-layer pipeline and the calibration tokens' hash, and
