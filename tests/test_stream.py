@@ -140,6 +140,26 @@ def test_streamed_parity_rule_is_in_memory_rule(streamed: tuple[Path, list[froze
     assert a["verified"] and a["parity_measured"] <= a["parity_tolerance"]
 
 
+def test_streamed_int8_rule_is_in_memory_rule(ckpt: Path, tmp_path: Path) -> None:
+    """At accuracy level 4 (int8 activations at every expert slot) the streamed rule is the in-memory one:
+    kind int8-activations, the same sites, the simulated diff of the same rounding (within 5%)."""
+    text = pipeline(_calib(ckpt))[:-1] + ",accuracy-level=4}"
+    out, ref = tmp_path / "streamed", tmp_path / "in-memory"
+    stream_compile(ckpt, text, out)
+    import moeopt
+    from moeopt.passes import PassManager
+
+    PassManager(text[:-1] + f",out={ref}}}").run(moeopt.load(ckpt))
+    a = json.loads((out / "manifest.json").read_text())
+    b = json.loads((ref / "manifest.json").read_text())
+    ra, rb = a["parity_rule"], b["parity_rule"]
+    assert ra["kind"] == rb["kind"] == "int8-activations" and ra["int8_sites"] == rb["int8_sites"]
+    assert ra["int8_sites"]["expert_slots"] > 0
+    assert ra["simulated_max_abs_diff"] == pytest.approx(rb["simulated_max_abs_diff"], rel=0.05)
+    assert a["parity_tolerance"] == max(ra["floor"], ra["factor"] * ra["simulated_max_abs_diff"])
+    assert a["verified"] and a["parity_measured"] <= a["parity_tolerance"]
+
+
 def test_dual_layer_clean_state_is_forward_layer(ckpt: Path, streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
     """The parity sweep's two-state layer (`simulate.dual_layer`, each expert made once for both states)
     leaves the clean state bit-identical to the plain layer forward, and the simulated one apart from it."""
