@@ -3,8 +3,10 @@
 Runs what `moeopt convert --stream` runs when verify is on (`moeopt.stream.compile._parity`): the artifact's
 greedy tokens on the parity probe in onnxruntime, then one streamed teacher-forced PyTorch forward over
 prompt + tokens, each layer's experts re-read and re-quantized one at a time from the checkpoint as the
-work folder's layer states say. Writes parity.npz into the artifact and records it in the manifest
-(``parity``, ``parity_measured``, ``verified`` against ``parity_tolerance``, the file's sha256):
+work folder's layer states say; the same sweep carries the simulated forward of the tolerance's error
+model (`moeopt.stream.simulate`). Writes parity.npz into the artifact and records it in the manifest
+(``parity``, ``parity_measured``, ``parity_tolerance`` and ``parity_rule`` as the measured rule gives them,
+``verified``, the file's sha256):
 
     .venv/bin/python bench/scale_verify.py CHECKPOINT ARTIFACT WORK_DIR
 """
@@ -22,10 +24,12 @@ def main() -> None:
     import torch
 
     from moeopt.ir.table import SlotInfo
+    from moeopt.lower.onnx_quant import QuantSettings
     from moeopt.runtime.manifest import MANIFEST, PARITY_FILE
     from moeopt.stream.compile import _parity
     from moeopt.stream.plan import stream_plan
     from moeopt.stream.reader import LazyCheckpoint
+    from moeopt.stream.simulate import Simulation
     from moeopt.stream.skeleton import StreamSkeleton
 
     torch.set_num_threads(1)
@@ -36,8 +40,10 @@ def main() -> None:
     states = [json.loads(p.read_text()) for p in sorted(work.glob("layer-*.json"))]
     for st in states:
         sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    sim = Simulation(sk.model, QuantSettings(int(plan.lower.opts["accuracy-level"]), exact=False))
     t0 = time.perf_counter()
-    measured = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), print)
+    measured, simulated = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), print, sim)
+    manifest["parity_tolerance"], manifest["parity_rule"] = sim.rule(simulated)
     data = (art / PARITY_FILE).read_bytes()
     manifest["files"][PARITY_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest["parity"] = PARITY_FILE
@@ -45,7 +51,8 @@ def main() -> None:
     manifest["verified"] = bool(measured <= manifest["parity_tolerance"])
     (art / MANIFEST).write_text(json.dumps(manifest, indent=1))
     print(json.dumps({"parity_measured": measured, "parity_tolerance": manifest["parity_tolerance"],
-                      "verified": manifest["verified"], "seconds": round(time.perf_counter() - t0, 1),
+                      "parity_rule": manifest["parity_rule"], "verified": manifest["verified"],
+                      "seconds": round(time.perf_counter() - t0, 1),
                       "bytes_read": sk.reader.bytes_read}))
 
 

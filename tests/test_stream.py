@@ -26,6 +26,7 @@ import torch
 
 from moeopt.stream import stream_compile
 from moeopt.stream.compile import FAIL_ENV, InjectedFailure
+from moeopt.stream.plan import stream_plan
 from moeopt.stream.reader import LayerBudgetError, LazyCheckpoint
 from tests.test_cli import run_cli
 
@@ -79,8 +80,17 @@ def streamed(ckpt: Path) -> tuple[Path, list[frozenset[int]], Any]:
     torch.set_num_threads(1)
     seen: list[frozenset[int]] = []
     out = ckpt.parent / "streamed"
-    report = stream_compile(ckpt, pipeline(_calib(ckpt)), out, hooks=[seen.append])
+    report = stream_compile(ckpt, pipeline(_calib(ckpt)), out, work_dir=ckpt.parent / "streamed.work",
+                            hooks=[seen.append])
     return out, seen, report
+
+
+@pytest.fixture(scope="module")
+def in_memory(ckpt: Path) -> Path:
+    """The in-memory pipeline's artifact of the same pipeline."""
+    ref = ckpt.parent / "in-memory"
+    _in_memory(ckpt, ref)
+    return ref
 
 
 def _in_memory(ckpt: Path, out: Path, hot: int = 0) -> None:
@@ -98,10 +108,9 @@ def _same_but_parity(out: Path, ref: Path) -> None:
     assert differ == ["manifest.json", "parity.npz"], differ
 
 
-def test_streamed_equals_in_memory(ckpt: Path, streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
+def test_streamed_equals_in_memory(streamed: tuple[Path, list[frozenset[int]], Any], in_memory: Path) -> None:
     out, _, report = streamed
-    ref = ckpt.parent / "in-memory"
-    _in_memory(ckpt, ref)
+    ref = in_memory
     got, want = _hashes(out), _hashes(ref)
     assert set(got) == set(want) and "experts.bin" in got and any(n.endswith(".onnx.data") for n in got)
     differ = sorted(n for n in got if got[n] != want[n])
@@ -113,6 +122,110 @@ def test_streamed_equals_in_memory(ckpt: Path, streamed: tuple[Path, list[frozen
     assert (pa["prompt"] == pb["prompt"]).all() and (pa["tokens"] == pb["tokens"]).all()
     assert float(np.abs(pa["logits"] - pb["logits"]).max()) <= 1e-5
     assert report.bytes_read > 0 and len(report.layers) == LAYERS
+
+
+def test_streamed_parity_rule_is_in_memory_rule(streamed: tuple[Path, list[frozenset[int]], Any],
+                                                in_memory: Path) -> None:
+    """The streamed manifest states its tolerance by the in-memory lowering's measured error model (same
+    kind, factor, floor, int8 sites; the simulated diff from the same perturbations in the same order, on a
+    reference within 1e-5), and the tolerance is what that rule gives."""
+    a = json.loads((streamed[0] / "manifest.json").read_text())
+    b = json.loads((in_memory / "manifest.json").read_text())
+    ra, rb = a["parity_rule"], b["parity_rule"]
+    assert rb["kind"] != "fixed"
+    assert {k: ra[k] for k in ("kind", "factor", "floor", "int8_sites")} == \
+        {k: rb[k] for k in ("kind", "factor", "floor", "int8_sites")}
+    assert 0 < ra["simulated_max_abs_diff"] == pytest.approx(rb["simulated_max_abs_diff"], rel=0.05, abs=1e-5)
+    assert a["parity_tolerance"] == max(ra["floor"], ra["factor"] * ra["simulated_max_abs_diff"])
+    assert a["verified"] and a["parity_measured"] <= a["parity_tolerance"]
+
+
+def test_streamed_int8_rule_is_in_memory_rule(ckpt: Path, tmp_path: Path) -> None:
+    """At accuracy level 4 (int8 activations at every expert slot) the streamed rule is the in-memory one:
+    kind int8-activations, the same sites, the simulated diff of the same rounding (within 5%)."""
+    text = pipeline(_calib(ckpt))[:-1] + ",accuracy-level=4}"
+    out, ref = tmp_path / "streamed", tmp_path / "in-memory"
+    stream_compile(ckpt, text, out)
+    import moeopt
+    from moeopt.passes import PassManager
+
+    PassManager(text[:-1] + f",out={ref}}}").run(moeopt.load(ckpt))
+    a = json.loads((out / "manifest.json").read_text())
+    b = json.loads((ref / "manifest.json").read_text())
+    ra, rb = a["parity_rule"], b["parity_rule"]
+    assert ra["kind"] == rb["kind"] == "int8-activations" and ra["int8_sites"] == rb["int8_sites"]
+    assert ra["int8_sites"]["expert_slots"] > 0
+    assert ra["simulated_max_abs_diff"] == pytest.approx(rb["simulated_max_abs_diff"], rel=0.05)
+    assert a["parity_tolerance"] == max(ra["floor"], ra["factor"] * ra["simulated_max_abs_diff"])
+    assert a["verified"] and a["parity_measured"] <= a["parity_tolerance"]
+
+
+def test_dual_layer_clean_state_is_forward_layer(ckpt: Path, streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
+    """The parity sweep's two-state layer (`simulate.dual_layer`, each expert made once for both states)
+    leaves the clean state bit-identical to the plain layer forward, and the simulated one apart from it."""
+    from moeopt.ir.table import SlotInfo
+    from moeopt.lower.onnx_quant import QuantSettings
+    from moeopt.stream.simulate import Simulation, dual_layer
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    torch.set_num_threads(1)
+    states = [json.loads(p.read_text()) for p in sorted((ckpt.parent / "streamed.work").glob("layer-*.json"))]
+    sk = StreamSkeleton(ckpt, LazyCheckpoint(ckpt))
+    for st in states:
+        sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    sim = Simulation(sk.model, QuantSettings(0, exact=False))
+    sk.load_top(embed=True, head=False)
+    h = sk.embed(torch.arange(24).reshape(1, 24) * 7 % int(sk.model.config.vocab_size))
+    st = states[0]
+    slots = [SlotInfo.from_dict(d) for d in st["slots"]]
+    sk.load_dense(0)
+    made: list[int] = []
+    sk.lazy_experts(0, slots, lambda s: (made.append(s), sk.expert(0, slots[s].members[0]))[1])
+    want = sk.forward_layer(0, h)
+    n_plain, made[:] = len(made), []
+    got, got_sim = dual_layer(sk, 0, h, h.clone(), sim)
+    assert torch.equal(got, want)
+    assert 0 < float((got_sim - got).abs().max()) < 1e-4
+    assert len(made) == n_plain == len(set(made)), made  # each used slot made once for both states
+
+
+def test_streamed_parity_refuses_a_fault(ckpt: Path, streamed: tuple[Path, list[frozenset[int]], Any],
+                                         tmp_path: Path) -> None:
+    """The streamed parity check (`_parity`, as `lower{verify=true}` and bench/scale_verify.py run it) on
+    the artifact against a checkpoint with one router weight changed: the diff is over the stated rule's
+    tolerance, so `_lower` refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    from moeopt.ir.table import SlotInfo
+    from moeopt.lower.onnx_quant import QuantSettings
+    from moeopt.stream.compile import _parity
+    from moeopt.stream.simulate import Simulation
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    out = streamed[0]
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    name = "model.layers.1.block_sparse_moe.gate.weight"
+    for f in sorted(bad.glob("*.safetensors")):
+        tensors = load_file(f)
+        if name in tensors:
+            w = tensors[name].clone()
+            w[int(w[:, 0].argmin()), 0] += 8.0  # one weight: the least preferred expert wins some tokens
+            tensors[name] = w
+            save_file(tensors, f, metadata={"format": "pt"})
+    art = tmp_path / "art"
+    shutil.copytree(out, art)
+    states = [json.loads(p.read_text()) for p in sorted((ckpt.parent / "streamed.work").glob("layer-*.json"))]
+    manifest = json.loads((out / "manifest.json").read_text())
+    sk = StreamSkeleton(bad, LazyCheckpoint(bad))
+    for st in states:
+        sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    sim = Simulation(sk.model, QuantSettings(0, exact=False))
+    plan = stream_plan(manifest["pipeline"], art)
+    measured, simulated = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), lambda _m: None, sim)
+    tolerance, rule = sim.rule(simulated)
+    assert rule["kind"] == manifest["parity_rule"]["kind"]
+    assert measured > 2 * tolerance, (measured, tolerance)
 
 
 def test_hot_slots_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:

@@ -12,6 +12,9 @@ expert a weightless stand-in (`skeleton.husk`), cut into segments; experts.bin i
 Then the parity check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe
 (onnxruntime), and one streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each expert
 re-read and re-quantized when reached, RTN is deterministic) gives the reference logits in parity.npz.
+The same sweep carries the tolerance's simulated forward (`stream.simulate`), so the artifact is held to
+the measured error model the in-memory lowering states (`moeopt.lower.tolerance`, manifest ``parity_rule``);
+with verify off there is no probe, and the manifest states the fixed rule (``parity_rule.kind`` "fixed").
 
 Resume: a layer whose json and bin are in the work folder is not recomputed; the work folder records the
 source checkpoint (config, shard sizes), the per-layer pipeline and the calibration tokens' hash, and
@@ -65,6 +68,7 @@ from moeopt.runtime.manifest import MANIFEST, PARITY_FILE, hash_files
 from moeopt.runtime.offload_format import EXPERTS_FILE, Part
 from moeopt.stream.plan import StreamPlan, stream_plan
 from moeopt.stream.reader import LazyCheckpoint
+from moeopt.stream.simulate import Simulation, dual_layer
 from moeopt.stream.skeleton import StreamSkeleton, quantized_meta
 
 WORK_FORMAT = "moeopt-stream-work"
@@ -505,8 +509,10 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
         manifest["streamed"] = True
         if any(len(layer.table.quantized) for layer in model.layers):
             manifest["quant"] = {"accuracy_level": quant.accuracy_level}
+        # without the probe (verify=false) the fixed rule; with it, the measured error model as the in-memory
+        # lowering states it (`moeopt.lower.tolerance`), simulated in the parity sweep (`stream.simulate`)
         tolerance = parity_tolerance(model, quant)
-        manifest["parity_tolerance"] = tolerance
+        manifest["parity_tolerance"], manifest["parity_rule"] = tolerance, {"kind": "fixed"}
         manifest["parity_measured"], manifest["verified"] = None, False
         manifest["parity"] = None
         from moeopt.lower.genai import write_genai_files
@@ -515,7 +521,10 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if lo["verify"]:
             t0 = time.perf_counter()
-            measured = _parity(sk, states, plan, tmp, offload["file_bytes"], say)
+            sim = Simulation(model, quant)
+            measured, simulated = _parity(sk, states, plan, tmp, offload["file_bytes"], say, sim)
+            tolerance, manifest["parity_rule"] = sim.rule(simulated)
+            manifest["parity_tolerance"] = tolerance
             report.seconds["verify"] = round(time.perf_counter() - t0, 2)
             report.parity_measured = measured
             if not measured <= tolerance:
@@ -534,12 +543,15 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
 
 
 def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, folder: Path, expert_bytes: int,
-            say: Log) -> float:
+            say: Log, sim: Simulation) -> tuple[float, float]:
     """The artifact's greedy tokens and logits on the parity probe, then PyTorch's logits on prompt + those
     tokens from one streamed teacher-forced forward; parity.npz holds prompt, tokens, PyTorch's logits.
+    The same sweep carries a second hidden state with the kernels' numerics simulated (`sim`,
+    `stream.simulate.dual_layer`), so the tolerance's error model reads no weight twice.
 
     Returns:
-        max |logit diff| between the two.
+        (max |logit diff| of the artifact, max |logit diff| of the simulated forward), both against
+        PyTorch's logits.
     """
     from moeopt.runtime import AllResident, open_artifact
     from moeopt.runtime.expert_cache import ExpertCache
@@ -577,18 +589,21 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
     sk.load_top(embed=True, head=False)
     h = sk.embed(seq)
     sk.drop_top()
+    h_sim = h.clone()
     for st in states:
         i = st["layer"]
         sk.load_dense(i)
         slots = [SlotInfo.from_dict(d) for d in st["slots"]]
         bits = _bits(plan)
         sk.lazy_experts(i, slots, None if bits is None else _dequantized(sk, i, slots, bits, plan))
-        h = sk.forward_layer(i, h)
+        h, h_sim = dual_layer(sk, i, h, h_sim, sim)
         sk.drop_experts(i, slots, st["quantized"])
         sk.drop_dense(i)
         say(f"stream: parity forward, layer {i + 1}/{len(states)}")
     sk.load_top(embed=False, head=True)
     ref = sk.head(h)[:, PROMPT_LEN - 1:].float().numpy()  # (1, S, V)
+    with sim.linears(sk.model):
+        simulated = sk.head(h_sim)[:, PROMPT_LEN - 1:].float().numpy()
     sk.drop_top()
     np.savez(folder / PARITY_FILE, prompt=prompt, tokens=tokens, logits=ref)
-    return float(np.abs(ort_logits - ref).max())
+    return float(np.abs(ort_logits - ref).max()), float(np.abs(simulated - ref).max())

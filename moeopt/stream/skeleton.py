@@ -53,11 +53,12 @@ class LazySlots:
     """Stands for a layer's stacked slot weights (S, ...) where only `x[s]` is ever read (`routed_experts`
     runs one slot at a time, in ascending order): slot s is made by `make(s) -> (w_in, w_out)` when first
     indexed and the previous slot is dropped, so a layer's forward holds one expert in float32, not all.
-    The values are those of the stacked table, so the forward computes the same bits."""
+    The values are those of the stacked table, so the forward computes the same bits. `shape` is the stacked
+    shape (S, ...), for code that sizes the table (`ExpertTable.num_slots`) without reading it."""
 
     def __init__(self, make: Callable[[int], tuple[torch.Tensor, torch.Tensor]], part: int,
-                 shared: dict[str, Any] | None = None) -> None:
-        self.make, self.part = make, part
+                 shared: dict[str, Any] | None = None, shape: tuple[int, ...] = ()) -> None:
+        self.make, self.part, self.shape = make, part, torch.Size(shape)
         self.shared: dict[str, Any] = shared if shared is not None else {}
 
     def __getitem__(self, s: int) -> torch.Tensor:
@@ -67,9 +68,10 @@ class LazySlots:
         return self.shared["w"][self.part]  # type: ignore[no-any-return]
 
     @staticmethod
-    def pair(make: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[LazySlots, LazySlots]:
+    def pair(make: Callable[[int], tuple[torch.Tensor, torch.Tensor]], shape_in: tuple[int, ...] = (),
+             shape_out: tuple[int, ...] = ()) -> tuple[LazySlots, LazySlots]:
         shared: dict[str, Any] = {}
-        return LazySlots(make, 0, shared), LazySlots(make, 1, shared)
+        return LazySlots(make, 0, shared, shape_in), LazySlots(make, 1, shared, shape_out)
 
 
 class StreamSkeleton:
@@ -197,7 +199,8 @@ class StreamSkeleton:
         n = len(slots)
         t.set_slots(torch.empty((n, 0)), torch.empty((n, 0)), slots)
         self.reader.acquire(i)
-        w_in, w_out = LazySlots.pair(make or (lambda s: self.expert(i, slots[s].members[0])))
+        s_in, s_out = self.slot_shapes[i]
+        w_in, w_out = LazySlots.pair(make or (lambda s: self.expert(i, slots[s].members[0])), (n, *s_in), (n, *s_out))
         t._parameters["w_in"], t._parameters["w_out"] = w_in, w_out  # type: ignore[assignment]
 
     def drop_experts(self, i: int, slots: list[SlotInfo], quantized: dict[str, dict[str, Any]], *,
