@@ -38,7 +38,7 @@ def _main(
     ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
 ) -> None:
     _STATE["debug"] = debug
-    from moeopt.distributed import launched_world
+    from moeopt.ranks import launched_world  # torch-free: runtime-only installs run this too
 
     if launched_world() > 1 and ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
         # Every rank would do the whole job and write the same files at once.

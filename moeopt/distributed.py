@@ -34,22 +34,14 @@ from typing import Any, TypeVar
 import torch
 
 from moeopt.errors import DistributedError, MoeOptError, PassError
+from moeopt.ranks import ENV as ENV
+from moeopt.ranks import launched as launched
+from moeopt.ranks import launched_world as launched_world
 
 T = TypeVar("T")
 R = TypeVar("R")
-ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for each worker
 TIMEOUT_ENV = "MOEOPT_DIST_TIMEOUT"  # seconds a rank waits in one collective (rank 0 may lower for long)
 DEFAULT_TIMEOUT_S = 3 * 3600
-
-
-def launched() -> bool:
-    """Whether this process was started by torchrun (or anything that sets its environment variables)."""
-    return all(os.environ.get(k) for k in ENV)
-
-
-def launched_world() -> int:
-    """WORLD_SIZE from the environment (1 when not launched)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
 
 
 def _dist() -> Any:
