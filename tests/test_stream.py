@@ -363,3 +363,27 @@ def test_resume_without_inputs_starts_over(ckpt: Path, tmp_path: Path, monkeypat
     again = {p.name: json.loads(p.read_text())["groups"] for p in work.glob("layer-*.json")}
     assert again == first and len(first) == LAYERS
     assert (work / "layer-00001.bin").exists() and not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("limit", [20_000, 200_000])
+def test_disk_that_fills(ckpt: Path, tmp_path: Path, limit: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """A write that fails mid-run (here the file-size limit, RLIMIT_FSIZE, as a disk that fills: the kernel
+    answers EFBIG instead of ENOSPC) is one error line, exit 2, and nothing in -o; the limits stop the run in
+    the layer sweep (20 kB: torch.save of the hidden states, which raised a bare RuntimeError before) and in
+    the export (200 kB)."""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+        code, _, err = _cli(capsys, ckpt, out, passes=pipeline(CALIB["path"]).replace("hot=0}", "hot=0,verify=false}"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    errors = [line for line in err.strip().splitlines() if line.startswith("moeopt: error: ")]
+    assert code == 2 and len(errors) == 1 and "could not write" in errors[0], err  # progress lines may precede it
+    assert err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    _nothing_written(out)

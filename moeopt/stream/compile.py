@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import gc
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -147,10 +148,11 @@ def stream_compile(
         report.seconds["layers"] = round(time.perf_counter() - t_start, 2)
         _lower(sk, plan, states, work, out, quant, overwrite, report, say)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        # A disk that fills (ENOSPC), a quota (EDQUOT) or a file-size limit (EFBIG): the same one line.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         keep = "" if temp_work else f"; {work} keeps the finished layers, the same command resumes"
-        raise BadInputError(f"no space left on device writing {e.filename or work}: nothing was written to "
+        raise BadInputError(f"could not write {e.filename or work}: {e.strerror}: nothing was written to "
                             f"{out}{keep}") from e
     finally:
         if temp_work:
@@ -162,6 +164,18 @@ def stream_compile(
 
 
 # -- the work folder ----------------------------------------------------------------------------------
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file renamed into place. Serialised in memory first and written by
+    Python: torch's own file writer reports a failed write (a full disk) as a RuntimeError with no errno,
+    which the caller could not tell from a bug; Python's write raises OSError(ENOSPC)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getbuffer())
+    os.replace(tmp, path)
+
 
 
 def _fingerprint(src: Path, reader: LazyCheckpoint, plan: StreamPlan, sets: list[CalibSet]) -> dict[str, Any]:
@@ -264,8 +278,7 @@ def _sweep(sk: StreamSkeleton, plan: StreamPlan, sets: list[CalibSet], work: Pat
         state["bytes_read"] = sk.reader.bytes_read - b0
         meta, _, hid = _layer_files(work, i)
         if need_hidden and i + 1 < n:
-            torch.save(hidden, hid.with_name(hid.name + ".tmp"))
-            os.replace(hid.with_name(hid.name + ".tmp"), hid)
+            _save_torch(hidden, hid)
         _write_json(meta, state)  # last: the layer counts as done once this exists
         if i > 0:
             _layer_files(work, i - 1)[2].unlink(missing_ok=True)
@@ -342,8 +355,7 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
         packed = {key: [q.packed, q.scales, q.zero_points] for key, q in t.quantized.items()
                   if int(key.split("_", 1)[0]) in hot}
         path = _hot_file(work, i)
-        torch.save(packed, path.with_name(path.name + ".tmp"))
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        _save_torch(packed, path)
     qmeta = quantized_meta(moe)
     state: dict[str, Any] = {"layer": i, "slots": [s.to_dict() for s in t.slots], "quantized": qmeta,
              "hot": list(hot), "groups": groups, "bytes": size, "stats": stats}
