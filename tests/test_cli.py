@@ -58,15 +58,19 @@ def test_inspect_passes_convert(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
-def _one_line_exit_2(code: int, err: str, fragment: str) -> None:
+def one_line_exit_2(code: int, err: str, *fragments: str) -> None:
+    """Exit code 2 and exactly one stderr line, moeopt's error line, naming every fragment (the CLI's
+    bad-input contract; the other CLI tests call this too)."""
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moeopt: error: ") and fragment in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("moeopt: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
 
 
 def test_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli("inspect", str(tmp_path / "nope"), capsys=capsys)
-    _one_line_exit_2(code, err, "no such checkpoint folder")
+    one_line_exit_2(code, err, "no such checkpoint folder")
 
 
 def test_dense_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,7 +86,7 @@ def test_dense_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
     code, _, err = run_cli("inspect", str(tmp_path / "dense"), capsys=capsys)
-    _one_line_exit_2(code, err, "LlamaForCausalLM has no MoE blocks")
+    one_line_exit_2(code, err, "LlamaForCausalLM has no MoE blocks")
 
 
 def test_truncated_safetensors(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,7 +97,7 @@ def test_truncated_safetensors(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.C
     f = bad / "model.safetensors"
     os.truncate(f, f.stat().st_size - 1000)
     code, _, err = run_cli("convert", str(bad), "-o", str(tmp_path / "o"), capsys=capsys)
-    _one_line_exit_2(code, err, "truncated safetensors file")
+    one_line_exit_2(code, err, "truncated safetensors file")
     assert not (tmp_path / "o").exists()
 
 
@@ -106,17 +110,17 @@ def test_corrupt_config_and_unknown_model_type(
     shutil.copytree(tiny_ckpt, bad)
     (bad / "config.json").write_text("{not json")
     code, _, err = run_cli("inspect", str(bad), capsys=capsys)
-    _one_line_exit_2(code, err, "corrupt config.json")
+    one_line_exit_2(code, err, "corrupt config.json")
     (bad / "config.json").write_text(json.dumps({"model_type": "no-such-moe"}))
     code, _, err = run_cli("inspect", str(bad), capsys=capsys)
-    _one_line_exit_2(code, err, "model_type 'no-such-moe' is not known")
+    one_line_exit_2(code, err, "model_type 'no-such-moe' is not known")
 
 
 def test_bad_pipeline_fails_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(
         "convert", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "--passes", "prune{", capsys=capsys
     )
-    _one_line_exit_2(code, err, "unbalanced '{'")
+    one_line_exit_2(code, err, "unbalanced '{'")
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ import torch
 import moeopt
 from moeopt.ir.load import load_skeleton
 from moeopt.ir.safetensors_check import INDEX_FILE, checkpoint_tensors
-from tests.test_cli import run_cli
+from tests.test_cli import one_line_exit_2, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,6 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_model("mixtral").to(torch.bfloat16).save_pretrained(path, max_shard_size="40KB")
     assert (path / INDEX_FILE).exists() and len(list(path.glob("*.safetensors"))) >= 3
     return path
-
-
-def _one_line_exit_2(code: int, err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("moeopt: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
 
 
 def _poison_experts(folder: Path) -> int:
@@ -97,7 +90,7 @@ def test_missing_shard(sharded: Path, tmp_path: Path, command: str, capsys: pyte
     gone.unlink()
     extra = ["-o", str(tmp_path / "out")] if command == "convert" else []
     code, _, err = run_cli(command, str(bad), *extra, capsys=capsys)
-    _one_line_exit_2(code, err, f"shard {gone.name} named in {INDEX_FILE} is missing")
+    one_line_exit_2(code, err, f"shard {gone.name} named in {INDEX_FILE} is missing")
     assert not (tmp_path / "out").exists()
 
 
@@ -109,7 +102,7 @@ def test_truncated_shard(sharded: Path, tmp_path: Path, command: str, capsys: py
     os.truncate(shard, shard.stat().st_size - 100)
     extra = ["-o", str(tmp_path / "out")] if command == "convert" else []
     code, _, err = run_cli(command, str(bad), *extra, capsys=capsys)
-    _one_line_exit_2(code, err, "truncated safetensors file", shard.name)
+    one_line_exit_2(code, err, "truncated safetensors file", shard.name)
     assert not (tmp_path / "out").exists()
 
 
@@ -121,10 +114,10 @@ def test_corrupt_index_and_missing_tensor(sharded: Path, tmp_path: Path, capsys:
     index["weight_map"][key + ".extra"] = shard
     (bad / INDEX_FILE).write_text(json.dumps(index))
     code, _, err = run_cli("inspect", str(bad), capsys=capsys)
-    _one_line_exit_2(code, err, f"lacks tensor '{key}.extra'", shard)
+    one_line_exit_2(code, err, f"lacks tensor '{key}.extra'", shard)
     (bad / INDEX_FILE).write_text("{not json")
     code, _, err = run_cli("inspect", str(bad), capsys=capsys)
-    _one_line_exit_2(code, err, "corrupt shard index")
+    one_line_exit_2(code, err, "corrupt shard index")
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
@@ -193,7 +186,7 @@ def test_checkpoint_missing_a_tensor_is_refused_by_inspect(
     state.pop("model.layers.1.self_attn.q_proj.weight")
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     code, _, err = run_cli("inspect", str(path), capsys=capsys)
-    _one_line_exit_2(code, err, "tensors missing from the checkpoint")
+    one_line_exit_2(code, err, "tensors missing from the checkpoint")
 
 
 @pytest.mark.parametrize("model_type", ["granitemoe", "qwen2_moe", "deepseek_v3", "minimax_m3_vl_text"])

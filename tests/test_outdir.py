@@ -10,18 +10,13 @@ import pytest
 import moeopt
 from moeopt.errors import BadInputError
 from moeopt.outdir import MARKERS, atomic_dir, check_out_dir, commit_dir, written_by_moeopt
-from tests.test_cli import run_cli
+from tests.test_cli import one_line_exit_2, run_cli
 
 
 def _user_folder(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "thesis.tex").write_text("years of work")
     return path
-
-
-def _one_line(code: int, err: str, fragment: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("moeopt: error: ") and fragment in lines[0], err
 
 
 def test_markers_are_the_formats_moeopt_writes() -> None:
@@ -67,15 +62,15 @@ def test_convert_never_replaces_a_users_folder(
 ) -> None:
     user = _user_folder(tmp_path / "user")
     code, _, err = run_cli("convert", str(tiny_ckpt), "-o", str(user), capsys=capsys)
-    _one_line(code, err, "not empty; give --overwrite")
+    one_line_exit_2(code, err, "not empty; give --overwrite")
     code, _, err = run_cli("convert", str(tiny_ckpt), "-o", str(user), "--overwrite", capsys=capsys)
-    _one_line(code, err, "not a folder moeopt wrote")
+    one_line_exit_2(code, err, "not a folder moeopt wrote")
     assert [p.name for p in user.iterdir()] == ["thesis.tex"] and (user / "thesis.tex").read_text() == "years of work"
     dest = tmp_path / "ck"
     code, out, _ = run_cli("convert", str(tiny_ckpt), "-o", str(dest), capsys=capsys)
     assert code == 0 and "wrote" in out
     code, _, err = run_cli("convert", str(tiny_ckpt), "-o", str(dest), "--passes", "canonicalize", capsys=capsys)
-    _one_line(code, err, "not empty; give --overwrite")
+    one_line_exit_2(code, err, "not empty; give --overwrite")
     assert moeopt.load(dest).history == ["verify"]  # untouched
     code, _, _ = run_cli("convert", str(tiny_ckpt), "-o", str(dest), "--passes", "canonicalize", "--overwrite",
                          capsys=capsys)
@@ -90,12 +85,12 @@ def test_lower_never_replaces_a_users_folder(
     test_lower_verify.py)."""
     user = _user_folder(tmp_path / "user")
     code, _, err = run_cli("lower", str(tiny_ckpt), "-o", str(user), capsys=capsys)
-    _one_line(code, err, "not empty; give --overwrite")
+    one_line_exit_2(code, err, "not empty; give --overwrite")
     code, _, err = run_cli("lower", str(tiny_ckpt), "-o", str(user), "--overwrite", capsys=capsys)
-    _one_line(code, err, "not a folder moeopt wrote")
+    one_line_exit_2(code, err, "not a folder moeopt wrote")
     code, _, err = run_cli("convert", str(tiny_ckpt), "-o", str(tmp_path / "ck"),
                            "--passes", f"lower{{out={user}}}", capsys=capsys)
-    _one_line(code, err, "not empty; give --overwrite")
+    one_line_exit_2(code, err, "not empty; give --overwrite")
     assert [p.name for p in user.iterdir()] == ["thesis.tex"] and (user / "thesis.tex").read_text() == "years of work"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 

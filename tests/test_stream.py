@@ -28,7 +28,7 @@ from moeopt.stream import stream_compile
 from moeopt.stream.compile import FAIL_ENV, InjectedFailure
 from moeopt.stream.plan import stream_plan
 from moeopt.stream.reader import LayerBudgetError, LazyCheckpoint
-from tests.test_cli import run_cli
+from tests.test_cli import one_line_exit_2, run_cli
 
 LAYERS = 3
 
@@ -272,7 +272,7 @@ def test_resume_after_kill(ckpt: Path, tmp_path: Path, streamed: tuple[Path, lis
     assert _hashes(out) == _hashes(streamed[0])
     # the same work folder, another pipeline: refused before anything is written
     code, _, err = _cli(capsys, ckpt, tmp_path / "other", "--work-dir", str(work), keep=0.75)
-    _one_line_exit_2(code, err, "made by another job", "pipeline")
+    one_line_exit_2(code, err, "made by another job", "pipeline")
     assert not (tmp_path / "other").exists()
 
 
@@ -280,13 +280,6 @@ def _cli(capsys: pytest.CaptureFixture[str], ckpt: Path, out: Path, *extra: str,
          passes: str | None = None) -> tuple[int, str, str]:
     text = passes if passes is not None else pipeline(CALIB["path"], keep)
     return run_cli("convert", str(ckpt), "--passes", text, "-o", str(out), "--stream", *extra, capsys=capsys)
-
-
-def _one_line_exit_2(code: int, err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("moeopt: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
 
 
 def _nothing_written(out: Path) -> None:
@@ -304,7 +297,7 @@ def test_bad_shard(ckpt: Path, tmp_path: Path, damage: str, capsys: pytest.Captu
         shard.unlink()
     out = tmp_path / "out"
     code, _, err = _cli(capsys, bad, out)
-    _one_line_exit_2(code, err, shard.name, damage)
+    one_line_exit_2(code, err, shard.name, damage)
     _nothing_written(out)
 
 
@@ -321,12 +314,12 @@ def test_work_dir_of_another_model(ckpt: Path, tmp_path: Path, capsys: pytest.Ca
                                                "calibration_sha256": ""}))
     out = tmp_path / "out"
     code, _, err = _cli(capsys, other, out, "--work-dir", str(work))
-    _one_line_exit_2(code, err, "made by another job", "source checkpoint")
+    one_line_exit_2(code, err, "made by another job", "source checkpoint")
     _nothing_written(out)
     (work / "job.json").unlink()
     (work / "stray").write_text("x")
     code, _, err = _cli(capsys, other, out, "--work-dir", str(work))
-    _one_line_exit_2(code, err, "not a streamed compile's work folder")
+    one_line_exit_2(code, err, "not a streamed compile's work folder")
     _nothing_written(out)
 
 
@@ -341,7 +334,7 @@ def test_pipeline_that_cannot_stream(ckpt: Path, tmp_path: Path, passes: str, fr
                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     code, _, err = _cli(capsys, ckpt, out, passes=passes.replace("calib=C", f"calib={_calib(ckpt)}"))
-    _one_line_exit_2(code, err, fragment)
+    one_line_exit_2(code, err, fragment)
     _nothing_written(out)
 
 
