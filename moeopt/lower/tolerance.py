@@ -165,23 +165,32 @@ def _rounder(block: int) -> Perturb:
     return lambda x: fake_int8(x, block)
 
 
+def perturbations(model: Any, quant: QuantSettings) -> tuple[
+        str, float, dict[str, Perturb], dict[tuple[int, int], Perturb], dict[str, int]]:
+    """(kind, factor, linear perturbations, expert-slot perturbations, int8 site counts): int8 rounding at the
+    int8 sites if there are any, else fp32-order noise at every linear and expert slot (one generator, seed 0,
+    drawn in the forward's call order). The streamed compile simulates the same (`moeopt.stream.simulate`)."""
+    linears, slots = int8_sites(model, quant)
+    counts = {"linears": len(linears), "expert_slots": len(slots)}
+    if linears or slots:
+        lin: dict[str, Perturb] = {path: _rounder(b) for path, b in linears.items()}
+        sl: dict[tuple[int, int], Perturb] = {key: _rounder(b) for key, b in slots.items()}
+        return "int8-activations", FACTOR_INT8, lin, sl, counts
+    gen = torch.Generator().manual_seed(0)
+    noise: Perturb = lambda x: fp32_order(x, gen)  # noqa: E731
+    lin = {name: noise for name, mod in model.hf.named_modules() if isinstance(mod, torch.nn.Linear)}
+    sl = {(la.index, s): noise for la in model.layers for s in range(la.table.num_slots)}
+    return "fp32-order", FACTOR_FP32, lin, sl, counts
+
+
+def stated(kind: str, factor: float, simulated: float, counts: dict[str, int]) -> tuple[float, dict[str, Any]]:
+    """(tolerance, the manifest's ``parity_rule``) for the simulated max |logit diff|."""
+    tol = max(FLOOR, factor * simulated) if math.isfinite(simulated) else FLOOR
+    return tol, {"kind": kind, "simulated_max_abs_diff": simulated, "factor": factor, "floor": FLOOR,
+                 "int8_sites": dict(counts)}
+
+
 def parity_tolerance(model: Any, quant: QuantSettings, parity_file: Path) -> tuple[float, dict[str, Any]]:
     """(tolerance on max |logit diff|, the rule's record for the manifest): see the module docstring."""
-    linears, slots = int8_sites(model, quant)
-    lin: dict[str, Perturb]
-    sl: dict[tuple[int, int], Perturb]
-    if linears or slots:
-        lin = {path: _rounder(b) for path, b in linears.items()}
-        sl = {key: _rounder(b) for key, b in slots.items()}
-        kind, factor = "int8-activations", FACTOR_INT8
-    else:
-        gen = torch.Generator().manual_seed(0)
-        noise: Perturb = lambda x: fp32_order(x, gen)  # noqa: E731
-        lin = {name: noise for name, mod in model.hf.named_modules() if isinstance(mod, torch.nn.Linear)}
-        sl = {(la.index, s): noise for la in model.layers for s in range(la.table.num_slots)}
-        kind, factor = "fp32-order", FACTOR_FP32
-    simulated = simulated_diff(model, parity_file, lin, sl)
-    tol = max(FLOOR, factor * simulated) if math.isfinite(simulated) else FLOOR
-    rule = {"kind": kind, "simulated_max_abs_diff": simulated, "factor": factor, "floor": FLOOR,
-            "int8_sites": {"linears": len(linears), "expert_slots": len(slots)}}
-    return tol, rule
+    kind, factor, lin, sl, counts = perturbations(model, quant)
+    return stated(kind, factor, simulated_diff(model, parity_file, lin, sl), counts)

@@ -172,10 +172,15 @@ def _save_torch(obj: Any, path: Path) -> None:
     which the caller could not tell from a bug; Python's write raises OSError(ENOSPC)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getbuffer())
-    os.replace(tmp, path)
+    _replace(path, buf.getbuffer())
 
+
+def _replace(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to a temporary sibling and rename it onto `path`: a killed run leaves the old file or
+    none, never half of one (what resuming relies on)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _fingerprint(src: Path, reader: LazyCheckpoint, plan: StreamPlan, sets: list[CalibSet]) -> dict[str, Any]:
@@ -216,9 +221,7 @@ def _open_work(work: Path, job: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    _replace(path, json.dumps(data, indent=1).encode())
 
 
 def _layer_files(work: Path, i: int) -> tuple[Path, Path, Path]:

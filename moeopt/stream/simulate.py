@@ -24,49 +24,25 @@ call order), the factors and the floor are the in-memory rule's, so the streamed
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
 
 import moeopt.ir.compute as compute
 from moeopt.lower.onnx_quant import QuantSettings
-from moeopt.lower.tolerance import (
-    FACTOR_FP32,
-    FACTOR_INT8,
-    FLOOR,
-    Perturb,
-    _perturbed,
-    _rounder,
-    fp32_order,
-    int8_sites,
-)
+from moeopt.lower.tolerance import _perturbed, perturbations, stated
 
 
 class Simulation:
-    """The kernels' numerics to simulate, chosen as `tolerance.parity_tolerance` chooses them: int8 rounding
-    at the int8 sites if there are any, else fp32-order noise at every linear and expert (one generator,
-    seed 0, drawn in the forward's call order)."""
+    """The kernels' numerics to simulate, chosen as `tolerance.parity_tolerance` chooses them
+    (`tolerance.perturbations`)."""
 
     def __init__(self, model: Any, quant: QuantSettings) -> None:
-        linears, slots = int8_sites(model, quant)
-        self.counts = {"linears": len(linears), "expert_slots": len(slots)}
-        if linears or slots:
-            self.linear: dict[str, Perturb] = {path: _rounder(b) for path, b in linears.items()}
-            self.slot: dict[tuple[int, int], Perturb] = {key: _rounder(b) for key, b in slots.items()}
-            self.kind, self.factor = "int8-activations", FACTOR_INT8
-        else:
-            gen = torch.Generator().manual_seed(0)
-            noise: Perturb = lambda x: fp32_order(x, gen)  # noqa: E731
-            self.linear = {name: noise for name, mod in model.hf.named_modules() if isinstance(mod, torch.nn.Linear)}
-            self.slot = {(la.index, s): noise for la in model.layers for s in range(la.table.num_slots)}
-            self.kind, self.factor = "fp32-order", FACTOR_FP32
+        self.kind, self.factor, self.linear, self.slot, self.counts = perturbations(model, quant)
 
     def rule(self, simulated: float) -> tuple[float, dict[str, Any]]:
         """(tolerance, the manifest's ``parity_rule``) for the simulated max |logit diff|."""
-        tol = max(FLOOR, self.factor * simulated) if math.isfinite(simulated) else FLOOR
-        return tol, {"kind": self.kind, "simulated_max_abs_diff": simulated, "factor": self.factor, "floor": FLOOR,
-                     "int8_sites": dict(self.counts)}
+        return stated(self.kind, self.factor, simulated, self.counts)
 
     def linears(self, model: Any) -> contextlib.AbstractContextManager[None]:
         """Inside: the simulated state's linear inputs perturbed."""
