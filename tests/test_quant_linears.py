@@ -25,7 +25,7 @@ from moeopt.passes import PassManager
 from moeopt.quant import linears
 from moeopt.quant.groupwise import Quantized, dequantize, quantize
 from tests.lower_helpers import artifact, reference_like_mixtral, tiny
-from tests.test_cli import _one_line_exit_2, run_cli
+from tests.test_cli import one_line_exit_2, run_cli
 
 EXACT_TOL = 1e-4
 
@@ -158,16 +158,16 @@ def test_ilp_chooses_linear_widths_under_one_budget() -> None:
     assert report.linear_bytes == linears.stored_bytes(model) < report.linear_float_bytes
 
 
-def test_bad_non_experts_value_is_one_line_exit_2(tiny_ckpt: Path, tmp_path: Path,
+def test_bad_non_experts_value_isone_line_exit_2(tiny_ckpt: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     dest = tmp_path / "out"
     code, _, err = run_cli("convert", str(tiny_ckpt), "-o", str(dest), "--passes",
                            "quantize{method=uniform,non-experts=5}", capsys=capsys)
-    _one_line_exit_2(code, err, "non-experts must be 4, 8, auto or float, got '5'")
+    one_line_exit_2(code, err, "non-experts must be 4, 8, auto or float, got '5'")
     assert not dest.exists()
     code, _, err = run_cli("convert", str(tiny_ckpt), "-o", str(dest), "--passes",
                            "quantize{method=uniform,lm-head=true}", capsys=capsys)
-    _one_line_exit_2(code, err, "lm-head=true needs non-experts")
+    one_line_exit_2(code, err, "lm-head=true needs non-experts")
 
 
 def test_stale_packed_linear_is_refused_at_lowering(tmp_path: Path) -> None:
