@@ -33,8 +33,12 @@ from tests.test_cli import one_line_exit_2, run_cli
 LAYERS = 3
 
 
-def pipeline(calib: Path, keep: float = 0.5, hot: int = 0) -> str:
-    return (f"importance{{calib={calib},seq-len=16,max-tokens=256}},prune{{keep={keep}}},"
+MERGE = "prune{keep=0.5,cold=0.25},match,merge"  # 4 experts: 2 hot, 1 moderate folded into one, 1 cold
+
+
+def pipeline(calib: Path, keep: float = 0.5, hot: int = 0, merge: str | None = None) -> str:
+    prune = merge if merge is not None else f"prune{{keep={keep}}}"
+    return (f"importance{{calib={calib},seq-len=16,max-tokens=256}},{prune},"
             f"quantize{{method=uniform,bits=4,group=16}},lower{{experts=offload,hot={hot}}}")
 
 
@@ -93,12 +97,12 @@ def in_memory(ckpt: Path) -> Path:
     return ref
 
 
-def _in_memory(ckpt: Path, out: Path, hot: int = 0) -> None:
+def _in_memory(ckpt: Path, out: Path, hot: int = 0, merge: str | None = None) -> None:
     import moeopt
     from moeopt.passes import PassManager
 
     torch.set_num_threads(1)
-    PassManager(pipeline(_calib(ckpt), hot=hot)[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
+    PassManager(pipeline(_calib(ckpt), hot=hot, merge=merge)[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
 
 
 def _same_but_parity(out: Path, ref: Path) -> None:
@@ -238,6 +242,30 @@ def test_hot_slots_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
     assert all(len(h) == 1 for h in json.loads((out / "manifest.json").read_text())["offload"]["hot"])
 
 
+def test_merge_resumed_equals_in_memory(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamed match + merge (each layer's assignment block solved when the layer is reached, merged
+    slots made one at a time from the checkpoint's experts), stopped after layer 0 and resumed (the parity
+    sweep remakes layer 0's merged slots from the alignments kept in the work folder): the same bytes as the
+    in-memory pipeline's, whose match solves every layer in one program."""
+    out, ref, work = tmp_path / "streamed", tmp_path / "in-memory", tmp_path / "work"
+    monkeypatch.setenv(FAIL_ENV, "0")
+    with pytest.raises(InjectedFailure):
+        stream_compile(ckpt, pipeline(_calib(ckpt), merge=MERGE), out, work_dir=work)
+    monkeypatch.delenv(FAIL_ENV)
+    report = stream_compile(ckpt, pipeline(_calib(ckpt), merge=MERGE), out, work_dir=work)
+    assert report.resumed_layers == 1
+    _in_memory(ckpt, ref, merge=MERGE)
+    _same_but_parity(out, ref)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verified"] and manifest["parity_measured"] <= 1e-5
+    layers = [json.loads(f.read_text()) for f in sorted(work.glob("layer-*.json"))]
+    assert [st["stats"]["experts-merged"] for st in layers] == [1] * LAYERS
+    for st in layers:  # 2 slots, one holding two experts; the alignment is a permutation of the 48 neurons
+        assert sorted(len(s["members"]) for s in st["slots"]) == [1, 2]
+        (m,) = st["merges"]
+        assert sorted(m["perms"][0]) == list(range(48))
+
+
 def test_at_most_two_layers_materialised(streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
     """Fails if the compile ever held more than two decoder layers' experts at once (or never any)."""
     _, seen, report = streamed
@@ -324,8 +352,11 @@ def test_work_dir_of_another_model(ckpt: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.parametrize(("passes", "fragment"), [
-    ("importance{calib=C},prune{keep=0.75},merge,quantize{method=uniform,bits=4},lower{experts=offload,hot=0}",
-     "pass 'merge' cannot stream"),
+    ("importance{calib=C},prune{keep=0.5,cold=0.25},merge,lower{experts=offload,hot=0}",
+     "merge needs the pairs of `match`"),
+    ("importance{calib=C},prune{keep=0.5,cold=0.25},match,merge{weight=loss},lower{experts=offload,hot=0}",
+     "merge{weight=loss} cannot stream"),
+    ("importance{calib=C},sensitivity,lower{experts=offload,hot=0}", "pass 'sensitivity' cannot stream"),
     ("quantize{avg-bits=3},lower{experts=offload,hot=0}", "quantize{method=ilp} cannot stream"),
     ("lower{experts=resident}", "experts=resident"),
     ("quantize{method=uniform,bits=4}", "end the pipeline with lower"),

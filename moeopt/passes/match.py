@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from moeopt.errors import BadInputError, InfeasibleBudgetError
 from moeopt.ir.compute import _dense
 from moeopt.ir.model import MoEModel
+from moeopt.ir.spec import ExpertSpec
 from moeopt.passes.base import Pass, PassContext, PassResult
+from moeopt.passes.importance import LayerStats
 from moeopt.passes.options import Option
 from moeopt.passes.prune import ExpertClasses
 from moeopt.passes.registry import register
@@ -76,40 +79,60 @@ def solve_matching(sims: list[np.ndarray], capacities: list[int]) -> tuple[list[
     return out, float(pulp.value(prob.objective)), status
 
 
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # w_in, w_out, b_in, b_out
+ExpertGetter = Callable[[int], Weights]
+
+
 def similarity(model: MoEModel, ctx: PassContext, layer: int, moderate: tuple[int, ...], hot: tuple[int, ...],
                kind: str) -> np.ndarray:
     """(M, H) similarity between moderate and hot experts of one layer."""
     t = model.layers[layer].table
+    imp = ctx.analyses.peek("importance")
+
+    def expert(e: int) -> Weights:
+        s = int(t.slot_of[e])
+        return (t.w_in[s], t.w_out[s], None if t.b_in is None else t.b_in[s],
+                None if t.b_out is None else t.b_out[s])
+
+    return layer_similarity(kind, None if imp is None else imp.layers[layer], moderate, hot, expert, t.spec)
+
+
+def layer_similarity(kind: str, stats: LayerStats | None, moderate: tuple[int, ...], hot: tuple[int, ...],
+                     expert: ExpertGetter, spec: ExpertSpec) -> np.ndarray:
+    """(M, H) similarity between moderate and hot experts of one layer, from its routing statistics
+    (`router`, `output`: their sampled inputs) and its experts' weights, got one expert at a time by
+    `expert(e)` (the streamed compile reads each from the checkpoint)."""
     if kind == "router":
-        imp = ctx.analyses.peek("importance")
-        if imp is None:
+        if stats is None:
             raise BadInputError("match{similarity=router} needs routing statistics: run importance first")
-        corr = imp.layers[layer].router_similarity()
+        corr = stats.router_similarity()
         return corr[list(moderate)][:, list(hot)].numpy()
     if kind == "weight":
-        inter = t.spec.intermediate
+        inter = spec.intermediate
 
         def invariant(e: int) -> torch.Tensor:  # (H, H): unchanged by permuting the expert's neurons
-            s = int(t.slot_of[e])
-            return (t.w_out[s].double() @ t.w_in[s, :inter].double()).flatten()
+            w_in, w_out, _, _ = expert(e)
+            return (w_out.double() @ w_in[:inter].double()).flatten()
 
         mods = torch.stack([invariant(e) for e in moderate])
         hots = torch.stack([invariant(e) for e in hot])
         return (F.normalize(mods, dim=1) @ F.normalize(hots, dim=1).T).numpy()
-    imp = ctx.analyses.peek("importance")
-    if imp is None or imp.layers[layer].inputs().numel() == 0:
+    if stats is None or stats.inputs().numel() == 0:
         raise BadInputError("match{similarity=output} needs sampled layer inputs: run importance first")
-    x = imp.layers[layer].inputs().to(t.w_in.dtype)  # (n, H)
+    x = stats.inputs()
 
     def out(e: int) -> torch.Tensor:
-        s = int(t.slot_of[e])
-        b_in = None if t.b_in is None else t.b_in[s]
-        b_out = None if t.b_out is None else t.b_out[s]
-        return _dense(x, t.w_in[s], t.w_out[s], b_in, b_out, t.spec.act, t.spec.glu, t.spec).double().flatten()
+        w_in, w_out, b_in, b_out = expert(e)
+        return _dense(x.to(w_in.dtype), w_in, w_out, b_in, b_out, spec.act, spec.glu, spec).double().flatten()
 
     mods = torch.stack([out(e) for e in moderate])
     hots = torch.stack([out(e) for e in hot])
     return (F.normalize(mods, dim=1) @ F.normalize(hots, dim=1).T).numpy()
+
+
+def capacity(opt: int, moderate: int, hot: int) -> int:
+    """Moderate experts one hot expert may take: the option, or (0) the fewest that fit."""
+    return opt or max(1, math.ceil(moderate / max(hot, 1)))
 
 
 @register
@@ -132,7 +155,7 @@ class Match(Pass):
         for i, cls in enumerate(classes):
             sims.append(similarity(model, ctx, i, cls.moderate, cls.hot, self.opts["similarity"])
                         if cls.moderate else np.zeros((0, len(cls.hot))))
-            caps.append(self.opts["capacity"] or max(1, math.ceil(len(cls.moderate) / max(len(cls.hot), 1))))
+            caps.append(capacity(self.opts["capacity"], len(cls.moderate), len(cls.hot)))
         t0 = time.perf_counter()
         rows, objective, status = solve_matching(sims, caps)
         seconds = time.perf_counter() - t0

@@ -63,10 +63,11 @@ from moeopt.outdir import atomic_dir, check_out_dir, commit_dir
 from moeopt.passes.base import PassContext
 from moeopt.passes.calib import CalibSet
 from moeopt.passes.importance import LayerStats, _merge_all, calibration_sets
-from moeopt.passes.prune import classify, classify_by_thresholds
+from moeopt.passes.prune import ExpertClasses, classify, classify_by_thresholds
 from moeopt.quant.groupwise import quantize_dequantize
 from moeopt.runtime.manifest import MANIFEST, PARITY_FILE, hash_files
 from moeopt.runtime.offload_format import EXPERTS_FILE, Part
+from moeopt.stream.merge import MergeGroup, SlotMaker, match_layer, merge_layer
 from moeopt.stream.plan import StreamPlan, stream_plan
 from moeopt.stream.reader import LazyCheckpoint
 from moeopt.stream.simulate import Simulation, dual_layer
@@ -326,19 +327,29 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
         t.set_slots(torch.empty((e_count, 0)), torch.empty((e_count, 0)), slots)  # release the weights
         sk.reader.release(i)
         stats["tokens"] = combined.tokens
+    groups: dict[int, MergeGroup] = {}
     if plan.prune is not None:
-        keep = _prune(plan, moe, slots, combined)
-        stats["experts-removed"] = len(slots) - len(keep)
-        slots = [slots[s] for s in keep]
+        cls = _prune(plan, moe, slots, combined)
+        n = len(slots)
+        slots = [info for info in slots if info.members[0] not in set(cls.cold)]
+        stats["experts-removed"] = n - len(slots)
+        if plan.match is not None:
+            sk.reader.acquire(i)  # similarity=weight/output reads the layer's experts
+            pairs = match_layer(sk, i, plan, cls, combined)
+            stats["pairs"] = len(pairs)
+            if plan.merge is not None and pairs:
+                slots, groups = merge_layer(plan, slots, pairs, combined)
+                stats["experts-merged"] = len(pairs)
+    make = SlotMaker(sk, i, slots, groups, _align(plan))
     bits = _bits(plan)
     if bits is not None:  # expert by expert: the layer's float table is never held
         sk.drop_experts(i, slots, {}, release=False)
         sk.reader.acquire(i)
-        _quantize_each(sk, i, bits, plan)
+        _quantize_each(sk, i, bits, plan, make)
     else:
-        sk.load_experts(i, slots)
+        sk.load_experts(i, slots, make)
     hot = choose_hot(_OneLayer(moe), plan.hot())[i]  # type: ignore[arg-type]
-    groups = []
+    records = []
     data = _layer_files(work, i)[1]
     tmp = data.with_name(data.name + ".tmp")
     size = 0
@@ -350,7 +361,7 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
                 f.write(b"\0" * (rb - len(blob)))
                 size += rb
                 crcs.append(crc)
-            groups.append({"op": g.op, "attrs": [list(a) for a in g.attrs], "k": g.k, "slots": list(g.slots),
+            records.append({"op": g.op, "attrs": [list(a) for a in g.attrs], "k": g.k, "slots": list(g.slots),
                            "parts": [[p.name, list(p.shape), p.dtype] for p in g.parts], "crcs": crcs})
             del g
     os.replace(tmp, data)
@@ -361,7 +372,7 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
         _save_torch(packed, path)
     qmeta = quantized_meta(moe)
     state: dict[str, Any] = {"layer": i, "slots": [s.to_dict() for s in t.slots], "quantized": qmeta,
-             "hot": list(hot), "groups": groups, "bytes": size, "stats": stats}
+             "hot": list(hot), "groups": records, "bytes": size, "stats": stats, "merges": make.state()}
     sk.drop_experts(i, list(t.slots), qmeta)
     sk.drop_dense(i)
     return state, hidden
@@ -376,8 +387,9 @@ class _OneLayer:
         self.layers = [layer]
 
 
-def _prune(plan: StreamPlan, moe: MoELayer, slots: list[SlotInfo], stats: LayerStats | None) -> list[int]:
-    """The kept slots of one layer, as `prune` keeps them (`prune.rank_experts` + `classify`)."""
+def _prune(plan: StreamPlan, moe: MoELayer, slots: list[SlotInfo], stats: LayerStats | None) -> ExpertClasses:
+    """One layer's hot / moderate / cold experts, as `prune` classifies them (`prune.rank_experts` +
+    `classify`)."""
     assert plan.prune is not None
     o = plan.prune.opts
     method = "importance" if o["method"] == "frequency" else o["method"]
@@ -397,8 +409,7 @@ def _prune(plan: StreamPlan, moe: MoELayer, slots: list[SlotInfo], stats: LayerS
     else:
         cold_share = 1.0 - o["keep"] if o["cold"] < 0 else o["cold"]
         cls = classify(ranked, moe.table.num_experts, top_k, o["keep"], cold_share)
-    drop = set(cls.cold)
-    return [s for s, info in enumerate(slots) if info.members[0] not in drop]
+    return cls
 
 
 def _bits(plan: StreamPlan) -> int | None:
@@ -407,15 +418,20 @@ def _bits(plan: StreamPlan) -> int | None:
     return None if plan.quantize is None else parse_bits(str(plan.quantize.opts["bits"]))
 
 
-def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan) -> None:
+def _align(plan: StreamPlan) -> str:
+    return "none" if plan.merge is None else str(plan.merge.opts["align"])
+
+
+def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan, make: SlotMaker) -> None:
     """Uniform RTN quantization of layer i's slots, as `quantize{method=uniform}` (`quantize_slot`) does it,
-    each expert read, quantized and dropped in turn (the layer's float table is never held)."""
+    each slot made (read, or merged: `SlotMaker`), quantized and dropped in turn (the layer's float table
+    is never held)."""
     assert plan.quantize is not None
     o = plan.quantize.opts
     group, sym = int(o["group"]), bool(o["symmetric"])
     t = sk.model.layers[i].table
-    for s, info in enumerate(t.slots):
-        w_in, w_out = sk.expert(i, info.members[0])
+    for s in range(len(t.slots)):
+        w_in, w_out = make(s)
         for name, w in (("w_in", w_in), ("w_out", w_out)):
             q, _ = quantize_dequantize(w, bits, group, sym)
             t.quantized[f"{s}_{name}"] = QuantizedMatrix(q.rows, q.cols, bits, group, sym, q.packed, q.scales,
@@ -425,18 +441,17 @@ def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan) -> N
         del w_in, w_out
 
 
-def _dequantized(sk: StreamSkeleton, i: int, slots: list[SlotInfo], bits: int,
-                 plan: StreamPlan) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+def _dequantized(make: SlotMaker, bits: int, plan: StreamPlan) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """Slot s of layer i as the quantized model holds it: the dequantized RTN values `quantize_slot`
     writes back (the reference numerics), made one slot at a time."""
     assert plan.quantize is not None
     group, sym = int(plan.quantize.opts["group"]), bool(plan.quantize.opts["symmetric"])
 
-    def make(s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w_in, w_out = sk.expert(i, slots[s].members[0])
+    def dequantized(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_in, w_out = make(s)
         return quantize_dequantize(w_in, bits, group, sym)[1], quantize_dequantize(w_out, bits, group, sym)[1]
 
-    return make
+    return dequantized
 
 
 # -- the lowering -------------------------------------------------------------------------------------
@@ -610,7 +625,8 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
         sk.load_dense(i)
         slots = [SlotInfo.from_dict(d) for d in st["slots"]]
         bits = _bits(plan)
-        sk.lazy_experts(i, slots, None if bits is None else _dequantized(sk, i, slots, bits, plan))
+        make = SlotMaker.from_state(sk, i, slots, st.get("merges", []), _align(plan))
+        sk.lazy_experts(i, slots, make if bits is None else _dequantized(make, bits, plan))
         h, h_sim = dual_layer(sk, i, h, h_sim, sim)
         sk.drop_experts(i, slots, st["quantized"])
         sk.drop_dense(i)

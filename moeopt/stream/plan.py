@@ -1,10 +1,12 @@
 """Which pipelines stream, and with what options: the pipeline text checked before any weight is read.
 
-A streamed pipeline is `[importance{...}] [prune{...}] [quantize{method=uniform,...}] lower{experts=offload,...}`
-in that order: each of these is a per-layer computation (importance's routing statistics need only the
-layer's own inputs, which the previous layer's outputs give; prune ranks one layer's experts by them;
-uniform RTN quantizes each expert alone; the offload lowering writes each layer's cold records). Every
-other pass, or option, that needs the whole model at once is refused with a one-line reason.
+A streamed pipeline is `[importance{...}] [prune{...}] [match{...} merge{...}] [quantize{method=uniform,...}]
+lower{experts=offload,...}` in that order: each of these is a per-layer computation (importance's routing
+statistics need only the layer's own inputs, which the previous layer's outputs give; prune ranks one
+layer's experts by them; match's assignment program has one independent block per layer, so it is solved
+layer by layer; merge aligns and averages one hot expert with its moderates; uniform RTN quantizes each
+expert alone; the offload lowering writes each layer's cold records). Every other pass, or option, that
+needs the whole model at once is refused with a one-line reason.
 """
 
 from __future__ import annotations
@@ -19,11 +21,8 @@ from moeopt.passes.base import Pass
 from moeopt.passes.pipeline import parse_pipeline
 from moeopt.passes.registry import build
 
-ORDER = ("importance", "prune", "quantize", "lower")
+ORDER = ("importance", "prune", "match", "merge", "quantize", "lower")
 WHY_NOT: dict[str, str] = {
-    "merge": "merge folds moderate experts into hot ones matched by `match` across each layer's whole "
-             "classification and input sample; not streamed yet (run it in memory)",
-    "match": "match solves an assignment over every layer's statistics; not streamed yet",
     "plan": "plan solves one budget over every layer; not streamed yet",
     "sensitivity": "sensitivity measures the loss of the whole model per expert; not streamed yet",
 }
@@ -36,13 +35,16 @@ class StreamPlan:
     text: str
     importance: Pass | None
     prune: Pass | None
+    match: Pass | None
+    merge: Pass | None
     quantize: Pass | None
     lower: Pass
 
     def layer_text(self) -> str:
         """What determines each layer's result (the work folder is tied to it): the per-layer passes and
         the lowering options that shape the expert records."""
-        parts = [p.text() for p in (self.importance, self.prune, self.quantize) if p is not None]
+        parts = [p.text() for p in (self.importance, self.prune, self.match, self.merge, self.quantize)
+                 if p is not None]
         lo = self.lower.opts
         parts.append(f"lower{{hot={lo['hot']},accuracy-level={lo['accuracy-level']}}}")
         return ",".join(parts)
@@ -81,7 +83,8 @@ def stream_plan(text: str, out: Path) -> StreamPlan:
     lo = found["lower"]
     if lo.opts["out"] is not None and Path(lo.opts["out"]).resolve() != out.resolve():
         raise BadInputError(f"--stream writes the artifact to -o {out}; lower{{out={lo.opts['out']}}} names another")
-    return StreamPlan(text, found.get("importance"), found.get("prune"), found.get("quantize"), lo)
+    return StreamPlan(text, found.get("importance"), found.get("prune"), found.get("match"), found.get("merge"),
+                      found.get("quantize"), lo)
 
 
 def _refuse(pass_name: str, what: str, why: str) -> BadInputError:
@@ -104,6 +107,7 @@ def _check(found: dict[str, Pass]) -> None:
             raise BadInputError("prune ranks experts by routing statistics: run importance{calib=...} before it")
         if o["alpha"] >= 0 and imp is None:
             raise BadInputError("prune{alpha,beta} needs routing statistics: run importance first")
+    _check_merge(found)
     q = found.get("quantize")
     if q is not None:
         o = q.opts
@@ -127,3 +131,21 @@ def _check(found: dict[str, Pass]) -> None:
                       "quantize them (quantize{method=uniform,bits=N}) or give hot=0")
     if not lo["kv-cache"]:
         raise _refuse("lower", "kv-cache=false", "the streamed parity check drives the KV-cache path")
+
+
+def _check_merge(found: dict[str, Pass]) -> None:
+    imp, pr, ma, me = (found.get(n) for n in ("importance", "prune", "match", "merge"))
+    if ma is not None:
+        if pr is None:
+            raise BadInputError("match needs the hot/moderate classes of `prune` earlier in the pipeline")
+        if ma.opts["similarity"] in ("router", "output") and imp is None:
+            raise BadInputError(f"match{{similarity={ma.opts['similarity']}}} needs routing statistics: run "
+                                "importance{calib=...} first")
+    if me is not None:
+        if ma is None:
+            raise BadInputError("merge needs the pairs of `match` earlier in the pipeline")
+        if me.opts["weight"] == "loss":
+            raise _refuse("merge", "weight=loss", "the loss sensitivity is measured on the whole model; use "
+                          "weight=freq, prob or uniform")
+        if me.opts["weight"] in ("freq", "prob") and imp is None:
+            raise BadInputError(f"merge{{weight={me.opts['weight']}}} needs routing statistics: run importance first")

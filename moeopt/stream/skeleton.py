@@ -180,15 +180,20 @@ class StreamSkeleton:
                                         f"({bp}.experts.{e}.w1.weight)")
         return w_in, w_out
 
-    def load_experts(self, i: int, slots: list[SlotInfo]) -> None:
-        """Layer i's table with these slots (each its own expert, members[0]), weights read from the shards."""
+    def load_experts(self, i: int, slots: list[SlotInfo],
+                     make: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Layer i's table with these slots, weights read from the shards (each slot its own expert,
+        members[0]) or made by `make(s)` (merged slots)."""
         t = self.model.layers[i].table
         shape_in, shape_out = self.slot_shapes[i]
         self.reader.acquire(i)
         w_in = torch.empty((len(slots), *shape_in), dtype=F32)
         w_out = torch.empty((len(slots), *shape_out), dtype=F32)
         for s, info in enumerate(slots):
-            self.expert(i, info.members[0], w_in[s], w_out[s])
+            if make is None:
+                self.expert(i, info.members[0], w_in[s], w_out[s])
+            else:
+                w_in[s], w_out[s] = make(s)
         t.set_slots(w_in, w_out, slots)
 
     def lazy_experts(self, i: int, slots: list[SlotInfo],
