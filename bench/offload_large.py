@@ -4,6 +4,7 @@ on a board with that much RAM), the page cache of the model files dropped before
 
     PYTHONPATH=. .venv/bin/python bench/offload_large.py build                      # artifact (once, ~30 min)
     PYTHONPATH=. .venv/bin/python bench/offload_large.py run --limits 448MiB,300MiB,180MiB --margin 64MiB
+    PYTHONPATH=. .venv/bin/python bench/offload_large.py gguf --ckpt CKPT --name 8x7b   # Q4_K_M via Q8_0
 
 Engines, each in its own process inside the group, at each limit:
 
@@ -419,7 +420,7 @@ def run_main(args: argparse.Namespace) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("build", "run", "child", "plot"))
+    ap.add_argument("stage", choices=("build", "gguf", "run", "child", "plot"))
     ap.add_argument("--ckpt", type=Path, help="checkpoint (default: bench/runtime.py's ~1B random Mixtral)")
     ap.add_argument("--name", default="1b", help="folder name of this model's artifacts under <cache>/offload-large")
     ap.add_argument("--artifact", type=Path, help="a prebuilt all-cold offload artifact")
@@ -458,6 +459,12 @@ def main() -> None:
         plot(json.loads(src.read_text()), src.with_suffix(".png"))
     elif args.stage == "build":
         build(args)
+    elif args.stage == "gguf":  # Q4_K_M of --ckpt, through a Q8_0 file (half an f16 one) deleted after
+        from runtime import gguf_of
+
+        t0 = time.perf_counter()
+        path = gguf_of(ckpt_dir(args), args.cache / args.name / "gguf", "Q4_K_M", via="q8_0", keep_via=False)
+        print(f"built: {path} ({path.stat().st_size / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s)")
     elif args.stage == "run":
         run_main(args)
     else:

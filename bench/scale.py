@@ -24,7 +24,9 @@ step runs the streamed compile (`moeopt convert --stream`, issue 32 items 1-3) o
 checkpoint, with a work folder beside the artifact (a killed run started again resumes at its next layer;
 calibration: seeded random token ids, the synthetic checkpoint has no tokenizer) into
 CACHE/out/<checkpoint>-offload-q4, and records its per-layer seconds and bytes read (`--report`) beside
-the peak RSS. `merge` is not in the pipeline: it does not stream yet (moeopt.stream.plan says why).
+the peak RSS. The pipeline is the issue's (importance, prune to 75% of the experts, merge, 4-bit, offload):
+of 8 experts per layer 6 are hot, 1 is moderate (matched to a hot expert and merged into it, its neurons
+aligned by linear assignment) and 1 is cold (removed).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
     },
 }
-COMPILE_PIPELINE = ("importance{{calib={calib},seq-len=128,max-tokens=512}},prune{{keep=0.75}},"
+COMPILE_PIPELINE = ("importance{{calib={calib},seq-len=128,max-tokens=512}},prune{{keep=0.75,cold=0.125}},match,merge,"
                     "quantize{{method=uniform,bits=4}},lower{{experts=offload,hot=0,verify={verify}}}")
 CALIB_SEQS = 4  # x 128 tokens of seeded random ids
 
