@@ -93,12 +93,14 @@ def in_memory(ckpt: Path) -> Path:
     return ref
 
 
-def _in_memory(ckpt: Path, out: Path, hot: int = 0) -> None:
+def _in_memory(ckpt: Path, out: Path, hot: int = 0, text: str | None = None) -> None:
+    """The in-memory pipeline's artifact of `text` (default: `pipeline` with `hot`) in `out`."""
     import moeopt
     from moeopt.passes import PassManager
 
     torch.set_num_threads(1)
-    PassManager(pipeline(_calib(ckpt), hot=hot)[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
+    text = pipeline(_calib(ckpt), hot=hot) if text is None else text
+    PassManager(text[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
 
 
 def _same_but_parity(out: Path, ref: Path) -> None:
@@ -238,6 +240,46 @@ def test_hot_slots_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
     assert all(len(h) == 1 for h in json.loads((out / "manifest.json").read_text())["offload"]["hot"])
 
 
+def _nbits_linears(folder: Path) -> list[str]:
+    """The module paths of the linears lowered as MatMulNBits in the artifact's segment graphs (their packed
+    weights are named `{path}.q.B` by `onnx_linears`)."""
+    import onnx
+
+    paths = []
+    for f in sorted(folder.glob("*.onnx")):
+        for node in onnx.load(str(f), load_external_data=False).graph.node:
+            if node.op_type == "MatMulNBits" and node.input[1].endswith(".q.B"):
+                paths.append(node.input[1].removesuffix(".q.B"))
+    return paths
+
+
+def test_non_expert_linears_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
+    """quantize{non-experts=4,lm-head=true}: each layer's attention linears quantized when the export and
+    the parity sweep load its dense weights, lm_head when they load the top, by the in-memory pass's RTN:
+    the same bytes as the in-memory pipeline's (experts.bin, graphs and their weights, cold graphs), the
+    same manifest layers/graph/offload/quant, every q/k/v/o projection and lm_head a MatMulNBits node, and
+    the streamed parity check (verify=true) passes under the in-memory rule."""
+    text = pipeline(_calib(ckpt)).replace("group=16}", "group=16,non-experts=4,lm-head=true}")
+    out, ref = tmp_path / "streamed", tmp_path / "in-memory"
+    stream_compile(ckpt, text, out)
+    _in_memory(ckpt, ref, text=text)
+    _same_but_parity(out, ref)
+    a, b = json.loads((out / "manifest.json").read_text()), json.loads((ref / "manifest.json").read_text())
+    for key in ("offload", "layers", "graph", "quant"):
+        assert a[key] == b[key], key
+    want = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in "qkvo"] + ["lm_head"]
+    assert sorted(a["quant"]["linears"]) == sorted(want)
+    assert all(m["bits"] == 4 and m["group_size"] == 16 for m in a["quant"]["linears"].values())
+    assert sorted(_nbits_linears(out)) == sorted(want)
+    assert a["graph"]["ops"]["com.microsoft.MatMulNBits"] == len(want)
+    assert a["parity_rule"]["kind"] == b["parity_rule"]["kind"]
+    assert a["parity_rule"]["simulated_max_abs_diff"] == pytest.approx(b["parity_rule"]["simulated_max_abs_diff"],
+                                                                       rel=0.05, abs=1e-5)
+    assert a["verified"] and a["parity_measured"] <= 1e-5 and a["parity_measured"] <= a["parity_tolerance"]
+    pa, pb = np.load(out / "parity.npz"), np.load(ref / "parity.npz")
+    assert (pa["tokens"] == pb["tokens"]).all() and float(np.abs(pa["logits"] - pb["logits"]).max()) <= 1e-5
+
+
 def test_at_most_two_layers_materialised(streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
     """Fails if the compile ever held more than two decoder layers' experts at once (or never any)."""
     _, seen, report = streamed
@@ -327,6 +369,10 @@ def test_work_dir_of_another_model(ckpt: Path, tmp_path: Path, capsys: pytest.Ca
     ("importance{calib=C},prune{keep=0.75},merge,quantize{method=uniform,bits=4},lower{experts=offload,hot=0}",
      "pass 'merge' cannot stream"),
     ("quantize{avg-bits=3},lower{experts=offload,hot=0}", "quantize{method=ilp} cannot stream"),
+    ("quantize{method=uniform,bits=4,non-experts=auto},lower{experts=offload,hot=0}",
+     "quantize{non-experts=auto} cannot stream: auto chooses each linear's width by whole-model sensitivities"),
+    ("quantize{method=uniform,bits=4,pin=0:*@8},lower{experts=offload,hot=0}", "quantize{pin=0:*@8} cannot stream"),
+    ("quantize{method=uniform,bits=4,lm-head=true},lower{experts=offload,hot=0}", "lm-head=true needs non-experts"),
     ("lower{experts=resident}", "experts=resident"),
     ("quantize{method=uniform,bits=4}", "end the pipeline with lower"),
 ])
