@@ -260,8 +260,8 @@ def test_non_expert_linears_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
     same manifest layers/graph/offload/quant, every q/k/v/o projection and lm_head a MatMulNBits node, and
     the streamed parity check (verify=true) passes under the in-memory rule."""
     text = pipeline(_calib(ckpt)).replace("group=16}", "group=16,non-experts=4,lm-head=true}")
-    out, ref = tmp_path / "streamed", tmp_path / "in-memory"
-    stream_compile(ckpt, text, out)
+    out, ref, work = tmp_path / "streamed", tmp_path / "in-memory", tmp_path / "work"
+    stream_compile(ckpt, text, out, work_dir=work)
     _in_memory(ckpt, ref, text=text)
     _same_but_parity(out, ref)
     a, b = json.loads((out / "manifest.json").read_text()), json.loads((ref / "manifest.json").read_text())
@@ -278,6 +278,34 @@ def test_non_expert_linears_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
     assert a["verified"] and a["parity_measured"] <= 1e-5 and a["parity_measured"] <= a["parity_tolerance"]
     pa, pb = np.load(out / "parity.npz"), np.load(ref / "parity.npz")
     assert (pa["tokens"] == pb["tokens"]).all() and float(np.abs(pa["logits"] - pb["logits"]).max()) <= 1e-5
+    _check_alone(ckpt, out, work, a)
+
+
+def _check_alone(ckpt: Path, out: Path, work: Path, manifest: dict[str, Any]) -> None:
+    """The parity check run on its own, as bench/scale_verify.py runs it (a fresh skeleton, the linears'
+    formats from `linear_stand_ins`, no weight read for them): the formats are the manifest's, the
+    tolerance at accuracy level 4 counts every quantized linear as an int8 site, and the check measures
+    what the compile measured."""
+    from moeopt.ir.table import SlotInfo
+    from moeopt.lower.onnx_quant import QuantSettings
+    from moeopt.stream.compile import _parity, linear_stand_ins
+    from moeopt.stream.simulate import Simulation
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    states = [json.loads(p.read_text()) for p in sorted(work.glob("layer-*.json"))]
+    art = work.parent / "art"
+    shutil.copytree(out, art)
+    sk = StreamSkeleton(ckpt, LazyCheckpoint(ckpt))
+    for st in states:
+        sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    plan = stream_plan(manifest["pipeline"], art)
+    linear_stand_ins(sk, plan)
+    assert {p: q.meta() for p, q in sk.model.linears.items()} == manifest["quant"]["linears"]
+    assert Simulation(sk.model, QuantSettings(4, exact=False)).counts["linears"] == len(manifest["quant"]["linears"])
+    sim = Simulation(sk.model, QuantSettings(0, exact=False))
+    measured, simulated = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), lambda _m: None, sim)
+    assert measured == pytest.approx(manifest["parity_measured"], rel=1e-6, abs=1e-9)
+    assert sim.rule(simulated)[0] == manifest["parity_tolerance"]
 
 
 def test_at_most_two_layers_materialised(streamed: tuple[Path, list[frozenset[int]], Any]) -> None:

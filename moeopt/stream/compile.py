@@ -9,9 +9,13 @@ it), rank and drop experts (`prune`), re-read the kept experts one at a time and
 packed formats, record groups and crc32s), then release the layer. Its outputs are the next layer's inputs
 (`WORK/hidden-i.pt`). Then the export: the graph of the non-expert weights and the hot slots, every cold
 expert a weightless stand-in (`skeleton.husk`), cut into segments; experts.bin is the layer files in order.
-Then the parity check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe
-(onnxruntime), and one streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each expert
-re-read and re-quantized when reached, RTN is deterministic) gives the reference logits in parity.npz.
+With `quantize{non-experts=4|8}` each layer's attention linears are quantized right after its dense weights
+are loaded, and lm_head (`lm-head=true`) after the top is, by the in-memory pass's RTN (`_Linears`), and
+lowered as MatMulNBits; sweep 1's importance forward runs on the float weights, as the in-memory
+importance pass runs before quantize. Then the parity check (`lower{verify=true}`): the artifact's greedy
+tokens on the parity probe (onnxruntime), and one streamed teacher-forced PyTorch forward over prompt +
+tokens (sweep 2: each expert re-read and re-quantized when reached, each layer's linears quantized again
+when loaded, RTN is deterministic) gives the reference logits in parity.npz.
 The same sweep carries the tolerance's simulated forward (`stream.simulate`), so the artifact is held to
 the measured error model the in-memory lowering states (`moeopt.lower.tolerance`, manifest ``parity_rule``);
 with verify off there is no probe, and the manifest states the fixed rule (``parity_rule.kind`` "fixed").
@@ -65,13 +69,13 @@ from moeopt.passes.calib import CalibSet
 from moeopt.passes.importance import LayerStats, _merge_all, calibration_sets
 from moeopt.passes.prune import classify, classify_by_thresholds
 from moeopt.quant import linears
-from moeopt.quant.groupwise import quantize_dequantize
+from moeopt.quant.groupwise import quantize, quantize_dequantize
 from moeopt.runtime.manifest import MANIFEST, PARITY_FILE, hash_files
 from moeopt.runtime.offload_format import EXPERTS_FILE, Part
 from moeopt.stream.plan import StreamPlan, stream_plan
 from moeopt.stream.reader import LazyCheckpoint
 from moeopt.stream.simulate import Simulation, dual_layer
-from moeopt.stream.skeleton import StreamSkeleton, quantized_meta
+from moeopt.stream.skeleton import StreamSkeleton, husk, quantized_meta
 
 WORK_FORMAT = "moeopt-stream-work"
 WORK_VERSION = 1
@@ -486,6 +490,22 @@ class _Linears:
         return _Linears(mode, int(q.opts["group"]), bool(q.opts["symmetric"]), scale_search(q.opts),
                         tuple(tuple(p) for p in by_layer), tuple(top))
 
+    def stand_ins(self, sk: StreamSkeleton) -> None:
+        """Each linear's packed form as a weightless stand-in of its format (`husk`), no weight read: what
+        the parity check's tolerance (`Simulation`: int8 sites) reads about the linears before its sweep
+        quantizes them (`bench/scale_verify.py` builds it from a fresh skeleton). A packed row's widths
+        depend on the columns alone, so one zero row quantized gives them."""
+        if self.bits is None:
+            return
+        for path in (*(p for paths in self.layers for p in paths), *self.top):
+            rows, cols = linears.linear(sk.model, path).weight.shape
+            one = quantize(torch.zeros(1, int(cols)), self.bits, self.group, self.symmetric)
+            parts = [None if b is None else husk((int(rows), int(b.shape[1])), b.dtype)
+                     for b in (one.packed, one.scales, one.zero_points)]
+            assert parts[0] is not None and parts[1] is not None
+            sk.model.linears[path] = QuantizedMatrix(int(rows), int(cols), self.bits, self.group, self.symmetric,
+                                                     parts[0], parts[1], parts[2])
+
     def dense(self, sk: StreamSkeleton, i: int) -> None:
         """Quantize decoder layer i's linears (its dense weights just loaded)."""
         if self.bits is not None:
@@ -499,6 +519,12 @@ class _Linears:
     def _quantize(self, sk: StreamSkeleton, paths: tuple[str, ...]) -> None:
         linears.quantize_linears(sk.model, dict.fromkeys(paths, self.bits), self.group, self.symmetric,
                                  search=self.search)
+
+
+def linear_stand_ins(sk: StreamSkeleton, plan: StreamPlan) -> None:
+    """The formats of the non-expert linears `plan` quantizes, in `sk.model.linears`, no weight read (see
+    `_Linears.stand_ins`); for a parity check run on its own (`bench/scale_verify.py`)."""
+    _Linears.of(sk, plan).stand_ins(sk)
 
 
 # -- the lowering -------------------------------------------------------------------------------------
