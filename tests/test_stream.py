@@ -6,7 +6,9 @@ float32, same writers); only parity.npz and the manifest differ, because the str
 teacher-forced forward over prompt + the artifact's greedy tokens instead of eight full recomputes (the
 tokens must be equal and the logits within 1e-5; measured 6e-8). No more than two decoder layers' experts
 are ever materialised (a hook on the reader counts them). A run stopped after layer 1 and started again
-with the same command resumes and writes the same bytes. Bad input is one line, exit 2, nothing in -o.
+with the same command resumes and writes the same bytes. With `quantize{non-experts=4,lm-head=true}` the
+attention linears and lm_head (quantized where the streamed compile loads them) give the same bytes too,
+as MatMulNBits nodes. Bad input is one line, exit 2, nothing in -o.
 Each test that lowers exports once or twice (about 30 s per export on a loaded machine). Experts are read
 one at a time wherever a forward or the quantizer needs them (`skeleton.LazySlots`), so peak memory is one
 expert in float32 plus the non-expert weights the export holds.
