@@ -310,6 +310,33 @@ def _check_alone(ckpt: Path, out: Path, work: Path, manifest: dict[str, Any]) ->
     assert sim.rule(simulated)[0] == manifest["parity_tolerance"]
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_expert_rtn_is_in_memory_rtn(ckpt: Path, tmp_path: Path, bits: int) -> None:
+    """The streamed per-expert RTN (`_quantize_each`) packs each expert of a layer as the in-memory
+    `quantize` pass does: at 4 bits (min/max scales) and at 3, where `scales=auto` searches the scales."""
+    import moeopt
+    from moeopt.ir.table import SlotInfo
+    from moeopt.passes import PassManager
+    from moeopt.stream.compile import _quantize_each
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    text = f"quantize{{method=uniform,bits={bits},group=16}}"
+    model = PassManager(text).run(moeopt.load(ckpt)).model
+    sk = StreamSkeleton(ckpt, LazyCheckpoint(ckpt))
+    plan = stream_plan(text + ",lower{experts=offload,hot=0}", tmp_path / "out")
+    want = model.layers[1].table.quantized
+    sk.drop_experts(1, [SlotInfo((e,)) for e in range(model.layers[1].table.num_experts)], {}, release=False)
+    sk.reader.acquire(1)
+    _quantize_each(sk, 1, bits, plan)
+    got = sk.model.layers[1].table.quantized
+    assert list(got.keys()) == list(want.keys()) and len(got)
+    for key, q in want.items():
+        g = got[key]
+        assert (g.bits, g.group_size) == (q.bits, q.group_size) == (bits, 16)
+        for name in ("packed", "scales", "zero_points"):
+            assert torch.equal(getattr(g, name), getattr(q, name)), (key, name)
+
+
 def test_at_most_two_layers_materialised(streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
     """Fails if the compile ever held more than two decoder layers' experts at once (or never any)."""
     _, seen, report = streamed

@@ -69,7 +69,7 @@ from moeopt.passes.calib import CalibSet
 from moeopt.passes.importance import LayerStats, _merge_all, calibration_sets
 from moeopt.passes.prune import classify, classify_by_thresholds
 from moeopt.quant import linears
-from moeopt.quant.groupwise import quantize, quantize_dequantize
+from moeopt.quant.groupwise import quantize, quantize_dequantize, searched
 from moeopt.runtime.manifest import MANIFEST, PARITY_FILE, hash_files
 from moeopt.runtime.offload_format import EXPERTS_FILE, Part
 from moeopt.stream.plan import StreamPlan, stream_plan
@@ -412,17 +412,25 @@ def _bits(plan: StreamPlan) -> int | None:
     return None if plan.quantize is None else parse_bits(str(plan.quantize.opts["bits"]))
 
 
+def _searched(plan: StreamPlan, bits: int) -> bool:
+    """Whether the in-memory pass searches the scales at `bits` (`scales=auto`: at 2 and 3 bits with RTN)."""
+    from moeopt.passes.quantize import scale_search
+
+    assert plan.quantize is not None
+    return searched(scale_search(plan.quantize.opts), bits)
+
+
 def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan) -> None:
     """Uniform RTN quantization of layer i's slots, as `quantize{method=uniform}` (`quantize_slot`) does it,
     each expert read, quantized and dropped in turn (the layer's float table is never held)."""
     assert plan.quantize is not None
     o = plan.quantize.opts
-    group, sym = int(o["group"]), bool(o["symmetric"])
+    group, sym, search = int(o["group"]), bool(o["symmetric"]), _searched(plan, bits)
     t = sk.model.layers[i].table
     for s, info in enumerate(t.slots):
         w_in, w_out = sk.expert(i, info.members[0])
         for name, w in (("w_in", w_in), ("w_out", w_out)):
-            q, _ = quantize_dequantize(w, bits, group, sym)
+            q, _ = quantize_dequantize(w, bits, group, sym, search)
             t.quantized[f"{s}_{name}"] = QuantizedMatrix(q.rows, q.cols, bits, group, sym, q.packed, q.scales,
                                                          q.zero_points)
             del q
@@ -436,10 +444,12 @@ def _dequantized(sk: StreamSkeleton, i: int, slots: list[SlotInfo], bits: int,
     writes back (the reference numerics), made one slot at a time."""
     assert plan.quantize is not None
     group, sym = int(plan.quantize.opts["group"]), bool(plan.quantize.opts["symmetric"])
+    search = _searched(plan, bits)
 
     def make(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         w_in, w_out = sk.expert(i, slots[s].members[0])
-        return quantize_dequantize(w_in, bits, group, sym)[1], quantize_dequantize(w_out, bits, group, sym)[1]
+        return (quantize_dequantize(w_in, bits, group, sym, search)[1],
+                quantize_dequantize(w_out, bits, group, sym, search)[1])
 
     return make
 
