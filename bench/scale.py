@@ -27,11 +27,20 @@ CACHE/out/<checkpoint>-offload-q4, and records its per-layer seconds and bytes r
 the peak RSS. The pipeline is the issue's (importance, prune to 75% of the experts, merge, 4-bit, offload):
 of 8 experts per layer 6 are hot, 1 is moderate (matched to a hot expert and merged into it, its neurons
 aligned by linear assignment) and 1 is cold (removed).
+
+`--pipeline TEXT` compiles another pipeline instead: the whole pipeline text, where `{calib}` stands for
+the calibration file and `{verify}` for true/false (`--no-verify`); its artifact and work folder are
+CACHE/out/<checkpoint>-offload-<8 hex digits of the text's sha256> (a work folder is tied to its pipeline),
+and the result JSON records the text. E.g. every linear 4-bit, no prune:
+
+    .venv/bin/python bench/scale.py --model 8x7b --layers 10 --label nonexperts4 --steps compile --pipeline \
+      'importance{calib={calib},seq-len=128,max-tokens=512},quantize{method=uniform,bits=4,non-experts=4,lm-head=true},lower{experts=offload,hot=0,verify={verify}}'
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -63,8 +72,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
     },
 }
-COMPILE_PIPELINE = ("importance{{calib={calib},seq-len=128,max-tokens=512}},prune{{keep=0.75,cold=0.125}},match,merge,"
-                    "quantize{{method=uniform,bits=4}},lower{{experts=offload,hot=0,verify={verify}}}")
+COMPILE_PIPELINE = ("importance{calib={calib},seq-len=128,max-tokens=512},prune{keep=0.75,cold=0.125},match,merge,"
+                    "quantize{method=uniform,bits=4},lower{experts=offload,hot=0,verify={verify}}")
 CALIB_SEQS = 4  # x 128 tokens of seeded random ids
 
 
@@ -81,12 +90,21 @@ def calibration_file(vocab: int, seed: int = SEED) -> Path:
     return path
 
 
-def compile_out(folder: Path) -> Path:
-    return CACHE / "out" / f"{folder.name}-offload-q4"
+def pipeline_text(template: str, calib: Path, verify: bool) -> str:
+    """`template` with its `{calib}` and `{verify}` placeholders filled (plain replacement: the pass
+    options' own braces stay as they are)."""
+    return template.replace("{calib}", str(calib)).replace("{verify}", str(verify).lower())
 
 
-def compile_report(folder: Path) -> Path:
-    return CACHE / "out" / f"{folder.name}-offload-q4.report.json"
+def compile_out(folder: Path, template: str = COMPILE_PIPELINE) -> Path:
+    """The artifact folder of `template` compiled from `folder` (its work folder and report sit beside it)."""
+    tag = "q4" if template == COMPILE_PIPELINE else hashlib.sha256(template.encode()).hexdigest()[:8]
+    return CACHE / "out" / f"{folder.name}-offload-{tag}"
+
+
+def compile_report(folder: Path, template: str = COMPILE_PIPELINE) -> Path:
+    out = compile_out(folder, template)
+    return out.with_name(out.name + ".report.json")
 
 
 def config_for(name: str, layers: int | None) -> dict[str, Any]:
@@ -270,7 +288,8 @@ def _moeopt() -> list[str]:
     return [sys.executable, "-c", "from moeopt.cli import main; main()"]
 
 
-def iter_commands(folder: Path, steps: list[str], verify: bool = True) -> Iterator[tuple[str, list[str]]]:
+def iter_commands(folder: Path, steps: list[str], verify: bool = True,
+                  template: str = COMPILE_PIPELINE) -> Iterator[tuple[str, list[str]]]:
     if "inspect" in steps:
         yield "inspect", [*_moeopt(), "inspect", str(folder)]
     if "load" in steps:  # the whole-model `moeopt.load` (weights, per-layer checks, cache check)
@@ -281,11 +300,12 @@ def iter_commands(folder: Path, steps: list[str], verify: bool = True) -> Iterat
                          str(CACHE / "out" / f"{folder.name}-verify"), "--overwrite"]
     if "compile" in steps:  # the streamed compile: one decoder layer at a time
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        pipeline = COMPILE_PIPELINE.format(calib=calibration_file(vocab), verify=str(verify).lower())
-        compile_report(folder).unlink(missing_ok=True)
-        yield "compile", [*_moeopt(), "convert", str(folder), "--passes", pipeline, "-o", str(compile_out(folder)),
-                          "--stream", "--overwrite", "--report", str(compile_report(folder)),
-                          "--work-dir", str(compile_out(folder).with_name(compile_out(folder).name + ".work"))]
+        pipeline = pipeline_text(template, calibration_file(vocab), verify)
+        out, report = compile_out(folder, template), compile_report(folder, template)
+        report.unlink(missing_ok=True)
+        yield "compile", [*_moeopt(), "convert", str(folder), "--passes", pipeline, "-o", str(out),
+                          "--stream", "--overwrite", "--report", str(report),
+                          "--work-dir", str(out.with_name(out.name + ".work"))]
 
 
 def main() -> None:
@@ -298,8 +318,12 @@ def main() -> None:
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--no-verify", action="store_true", help="compile: skip the artifact's parity check (the "
                     "streamed PyTorch reference re-reads and re-quantizes every layer: about half the time again)")
+    ap.add_argument("--pipeline", default=COMPILE_PIPELINE, help="compile: the whole pipeline text, {calib} "
+                    "and {verify} standing for the calibration file and true/false (default: %(default)s)")
     ap.add_argument("--code", type=Path, default=REPO, help="moeopt source tree measured (PYTHONPATH)")
     args = ap.parse_args()
+    if args.no_verify and "{verify}" not in args.pipeline:
+        ap.error("--no-verify: the --pipeline text has no {verify} placeholder (write lower{...,verify={verify}})")
     layers = args.layers if args.layers is not None else (10 if args.model == "8x7b" else None)
     folder = generate(args.model, layers, args.seed)
     print(f"scale: checkpoint {folder}")
@@ -323,12 +347,14 @@ def main() -> None:
                  "would be killed for memory and take other jobs with it")
     env = {**os.environ, "PYTHONPATH": str(args.code), "OMP_NUM_THREADS": "1"}
     result["code"] = str(args.code)
-    for label, cmd in iter_commands(folder, steps, verify=not args.no_verify):
+    if "compile" in steps:
+        result["pipeline"] = args.pipeline
+    for label, cmd in iter_commands(folder, steps, verify=not args.no_verify, template=args.pipeline):
         print(f"scale: {label} ...", flush=True)
         result["runs"][label] = r = measured(cmd, args.code, env)
         print(f"scale: {label}: rc {r['rc']}, peak RSS {r['peak_rss_gib']} GiB, {r['wall_s']} s", flush=True)
         if label == "compile":
-            r.update(compile_summary(folder, cfg))
+            r.update(compile_summary(folder, cfg, args.pipeline))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.model}-L{cfg['num_hidden_layers']}-{args.label}.json"
     if out.exists():  # steps measured in separate invocations of one label accumulate
@@ -348,18 +374,19 @@ def main() -> None:
                       f"({b['peak_rss_gib'] / r['peak_rss_gib']:.1f}x less), wall {b['wall_s']} -> {r['wall_s']} s")
 
 
-def compile_summary(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def compile_summary(folder: Path, cfg: dict[str, Any], template: str = COMPILE_PIPELINE) -> dict[str, Any]:
     """The streamed compile's own report (per-layer seconds, bytes read), its artifact, and the targets:
     peak RSS <= 2 x one decoder layer's bf16 bytes + 2 GB; per-layer time flat within 20%."""
     layer_bytes = 2 * sum(_numel(s) for _, s in layer_tensors(cfg, 0))
-    out: dict[str, Any] = {"streamed": True, "artifact": str(compile_out(folder)), "layer_bytes_bf16": layer_bytes,
-                           "rss_target_gib": round((2 * layer_bytes + 2e9) / 2**30, 2)}
+    art = compile_out(folder, template)
+    out: dict[str, Any] = {"streamed": True, "artifact": str(art), "pipeline": template,
+                           "layer_bytes_bf16": layer_bytes, "rss_target_gib": round((2 * layer_bytes + 2e9) / 2**30, 2)}
     try:
-        rep = json.loads(compile_report(folder).read_text())
+        rep = json.loads(compile_report(folder, template).read_text())
     except (OSError, ValueError):
         return out
     out["report"] = rep
-    work = compile_out(folder).with_name(compile_out(folder).name + ".work")
+    work = art.with_name(art.name + ".work")
     layers = []  # every layer's own record (a resumed run's report lists only the layers it computed)
     for f in sorted(work.glob("layer-*.json")):
         st = json.loads(f.read_text())
@@ -369,7 +396,6 @@ def compile_summary(folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     if secs:
         out["layer_seconds_min_max"] = [min(secs), max(secs)]
         out["layer_seconds_spread"] = round(max(secs) / min(secs) - 1, 3)
-    art = compile_out(folder)
     if art.exists():
         out["artifact_bytes"] = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
     return out

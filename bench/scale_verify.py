@@ -26,7 +26,7 @@ def main() -> None:
     from moeopt.ir.table import SlotInfo
     from moeopt.lower.onnx_quant import QuantSettings
     from moeopt.runtime.manifest import MANIFEST, PARITY_FILE
-    from moeopt.stream.compile import _parity
+    from moeopt.stream.compile import _parity, linear_stand_ins
     from moeopt.stream.plan import stream_plan
     from moeopt.stream.reader import LazyCheckpoint
     from moeopt.stream.simulate import Simulation
@@ -40,6 +40,7 @@ def main() -> None:
     states = [json.loads(p.read_text()) for p in sorted(work.glob("layer-*.json"))]
     for st in states:
         sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    linear_stand_ins(sk, plan)  # quantize{non-experts=N}: the linears' formats, as the tolerance reads them
     sim = Simulation(sk.model, QuantSettings(int(plan.lower.opts["accuracy-level"]), exact=False))
     t0 = time.perf_counter()
     measured, simulated = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), print, sim)

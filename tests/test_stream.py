@@ -6,7 +6,9 @@ float32, same writers); only parity.npz and the manifest differ, because the str
 teacher-forced forward over prompt + the artifact's greedy tokens instead of eight full recomputes (the
 tokens must be equal and the logits within 1e-5; measured 6e-8). No more than two decoder layers' experts
 are ever materialised (a hook on the reader counts them). A run stopped after layer 1 and started again
-with the same command resumes and writes the same bytes. Bad input is one line, exit 2, nothing in -o.
+with the same command resumes and writes the same bytes. With `quantize{non-experts=4,lm-head=true}` the
+attention linears and lm_head (quantized where the streamed compile loads them) give the same bytes too,
+as MatMulNBits nodes. Bad input is one line, exit 2, nothing in -o.
 Each test that lowers exports once or twice (about 30 s per export on a loaded machine). Experts are read
 one at a time wherever a forward or the quantizer needs them (`skeleton.LazySlots`), so peak memory is one
 expert in float32 plus the non-expert weights the export holds.
@@ -97,12 +99,14 @@ def in_memory(ckpt: Path) -> Path:
     return ref
 
 
-def _in_memory(ckpt: Path, out: Path, hot: int = 0, merge: str | None = None) -> None:
+def _in_memory(ckpt: Path, out: Path, hot: int = 0, text: str | None = None, merge: str | None = None) -> None:
+    """The in-memory pipeline's artifact of `text` (default: `pipeline` with `hot` and `merge`) in `out`."""
     import moeopt
     from moeopt.passes import PassManager
 
     torch.set_num_threads(1)
-    PassManager(pipeline(_calib(ckpt), hot=hot, merge=merge)[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
+    text = pipeline(_calib(ckpt), hot=hot, merge=merge) if text is None else text
+    PassManager(text[:-1] + f",out={out}}}").run(moeopt.load(ckpt))
 
 
 def _same_but_parity(out: Path, ref: Path) -> None:
@@ -266,6 +270,103 @@ def test_merge_resumed_equals_in_memory(ckpt: Path, tmp_path: Path, monkeypatch:
         assert sorted(m["perms"][0]) == list(range(48))
 
 
+def _nbits_linears(folder: Path) -> list[str]:
+    """The module paths of the linears lowered as MatMulNBits in the artifact's segment graphs (their packed
+    weights are named `{path}.q.B` by `onnx_linears`)."""
+    import onnx
+
+    paths = []
+    for f in sorted(folder.glob("*.onnx")):
+        for node in onnx.load(str(f), load_external_data=False).graph.node:
+            if node.op_type == "MatMulNBits" and node.input[1].endswith(".q.B"):
+                paths.append(node.input[1].removesuffix(".q.B"))
+    return paths
+
+
+def test_non_expert_linears_equal_in_memory(ckpt: Path, tmp_path: Path) -> None:
+    """quantize{non-experts=4,lm-head=true}: each layer's attention linears quantized when the export and
+    the parity sweep load its dense weights, lm_head when they load the top, by the in-memory pass's RTN:
+    the same bytes as the in-memory pipeline's (experts.bin, graphs and their weights, cold graphs), the
+    same manifest layers/graph/offload/quant, every q/k/v/o projection and lm_head a MatMulNBits node, and
+    the streamed parity check (verify=true) passes under the in-memory rule."""
+    text = pipeline(_calib(ckpt)).replace("group=16}", "group=16,non-experts=4,lm-head=true}")
+    out, ref, work = tmp_path / "streamed", tmp_path / "in-memory", tmp_path / "work"
+    stream_compile(ckpt, text, out, work_dir=work)
+    _in_memory(ckpt, ref, text=text)
+    _same_but_parity(out, ref)
+    a, b = json.loads((out / "manifest.json").read_text()), json.loads((ref / "manifest.json").read_text())
+    for key in ("offload", "layers", "graph", "quant"):
+        assert a[key] == b[key], key
+    want = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(LAYERS) for p in "qkvo"] + ["lm_head"]
+    assert sorted(a["quant"]["linears"]) == sorted(want)
+    assert all(m["bits"] == 4 and m["group_size"] == 16 for m in a["quant"]["linears"].values())
+    assert sorted(_nbits_linears(out)) == sorted(want)
+    assert a["graph"]["ops"]["com.microsoft.MatMulNBits"] == len(want)
+    assert a["parity_rule"]["kind"] == b["parity_rule"]["kind"]
+    assert a["parity_rule"]["simulated_max_abs_diff"] == pytest.approx(b["parity_rule"]["simulated_max_abs_diff"],
+                                                                       rel=0.05, abs=1e-5)
+    assert a["verified"] and a["parity_measured"] <= 1e-5 and a["parity_measured"] <= a["parity_tolerance"]
+    pa, pb = np.load(out / "parity.npz"), np.load(ref / "parity.npz")
+    assert (pa["tokens"] == pb["tokens"]).all() and float(np.abs(pa["logits"] - pb["logits"]).max()) <= 1e-5
+    _check_alone(ckpt, out, work, a)
+
+
+def _check_alone(ckpt: Path, out: Path, work: Path, manifest: dict[str, Any]) -> None:
+    """The parity check run on its own, as bench/scale_verify.py runs it (a fresh skeleton, the linears'
+    formats from `linear_stand_ins`, no weight read for them): the formats are the manifest's, the
+    tolerance at accuracy level 4 counts every quantized linear as an int8 site, and the check measures
+    what the compile measured."""
+    from moeopt.ir.table import SlotInfo
+    from moeopt.lower.onnx_quant import QuantSettings
+    from moeopt.stream.compile import _parity, linear_stand_ins
+    from moeopt.stream.simulate import Simulation
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    states = [json.loads(p.read_text()) for p in sorted(work.glob("layer-*.json"))]
+    art = work.parent / "art"
+    shutil.copytree(out, art)
+    sk = StreamSkeleton(ckpt, LazyCheckpoint(ckpt))
+    for st in states:
+        sk.drop_experts(st["layer"], [SlotInfo.from_dict(d) for d in st["slots"]], st["quantized"])
+    plan = stream_plan(manifest["pipeline"], art)
+    linear_stand_ins(sk, plan)
+    assert {p: q.meta() for p, q in sk.model.linears.items()} == manifest["quant"]["linears"]
+    assert Simulation(sk.model, QuantSettings(4, exact=False)).counts["linears"] == len(manifest["quant"]["linears"])
+    sim = Simulation(sk.model, QuantSettings(0, exact=False))
+    measured, simulated = _parity(sk, states, plan, art, int(manifest["offload"]["file_bytes"]), lambda _m: None, sim)
+    assert measured == pytest.approx(manifest["parity_measured"], rel=1e-6, abs=1e-9)
+    assert sim.rule(simulated)[0] == manifest["parity_tolerance"]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_expert_rtn_is_in_memory_rtn(ckpt: Path, tmp_path: Path, bits: int) -> None:
+    """The streamed per-expert RTN (`_quantize_each`) packs each expert of a layer as the in-memory
+    `quantize` pass does: at 4 bits (min/max scales) and at 3, where `scales=auto` searches the scales."""
+    import moeopt
+    from moeopt.ir.table import SlotInfo
+    from moeopt.passes import PassManager
+    from moeopt.stream.compile import _quantize_each
+    from moeopt.stream.merge import SlotMaker
+    from moeopt.stream.skeleton import StreamSkeleton
+
+    text = f"quantize{{method=uniform,bits={bits},group=16}}"
+    model = PassManager(text).run(moeopt.load(ckpt)).model
+    sk = StreamSkeleton(ckpt, LazyCheckpoint(ckpt))
+    plan = stream_plan(text + ",lower{experts=offload,hot=0}", tmp_path / "out")
+    want = model.layers[1].table.quantized
+    sk.drop_experts(1, [SlotInfo((e,)) for e in range(model.layers[1].table.num_experts)], {}, release=False)
+    sk.reader.acquire(1)
+    slots = list(sk.model.layers[1].table.slots)
+    _quantize_each(sk, 1, bits, plan, SlotMaker(sk, 1, slots, {}, "none"))
+    got = sk.model.layers[1].table.quantized
+    assert list(got.keys()) == list(want.keys()) and len(got)
+    for key, q in want.items():
+        g = got[key]
+        assert (g.bits, g.group_size) == (q.bits, q.group_size) == (bits, 16)
+        for name in ("packed", "scales", "zero_points"):
+            assert torch.equal(getattr(g, name), getattr(q, name)), (key, name)
+
+
 def test_at_most_two_layers_materialised(streamed: tuple[Path, list[frozenset[int]], Any]) -> None:
     """Fails if the compile ever held more than two decoder layers' experts at once (or never any)."""
     _, seen, report = streamed
@@ -358,6 +459,10 @@ def test_work_dir_of_another_model(ckpt: Path, tmp_path: Path, capsys: pytest.Ca
      "merge{weight=loss} cannot stream"),
     ("importance{calib=C},sensitivity,lower{experts=offload,hot=0}", "pass 'sensitivity' cannot stream"),
     ("quantize{avg-bits=3},lower{experts=offload,hot=0}", "quantize{method=ilp} cannot stream"),
+    ("quantize{method=uniform,bits=4,non-experts=auto},lower{experts=offload,hot=0}",
+     "quantize{non-experts=auto} cannot stream: auto chooses each linear's width by whole-model sensitivities"),
+    ("quantize{method=uniform,bits=4,pin=0:*@8},lower{experts=offload,hot=0}", "quantize{pin=0:*@8} cannot stream"),
+    ("quantize{method=uniform,bits=4,lm-head=true},lower{experts=offload,hot=0}", "lm-head=true needs non-experts"),
     ("lower{experts=resident}", "experts=resident"),
     ("quantize{method=uniform,bits=4}", "end the pipeline with lower"),
 ])

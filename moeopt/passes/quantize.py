@@ -33,6 +33,7 @@ import functools
 import re
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,15 @@ def parse_pins(entries: tuple[str, ...], model: MoEModel) -> Pins:
             for s in range(n_slots) if slot_s == "*" else [int(slot_s)]:
                 pins[(li, s)] = bits
     return pins
+
+
+def scale_search(opts: Mapping[str, Any]) -> frozenset[int]:
+    """The widths whose groups get the scale search (groupwise.search_params), from the pass's `scales` and
+    `algo` options; the streamed compile (`moeopt.stream.compile`) quantizes with the same choice."""
+    mode = opts["scales"]
+    if mode == "auto":  # bench/results/quantize-real: RTN u4 27.68 minmax / 27.98 searched; GPTQ u4 27.46 / 25.79
+        return frozenset({2, 3, 4}) if opts["algo"] == "gptq" else frozenset({2, 3})
+    return frozenset(BITS) if mode == "mse" else frozenset()
 
 
 @register
@@ -288,11 +298,7 @@ class Quantize(Pass):
         return {"act_order": bool(self.opts["act-order"]), "damp": float(self.opts["damp"]), "search": self._search()}
 
     def _search(self) -> frozenset[int]:
-        """The widths whose groups get the scale search (groupwise.search_params), from `scales`."""
-        mode = self.opts["scales"]
-        if mode == "auto":  # bench/results/quantize-real: RTN u4 27.68 minmax / 27.98 searched; GPTQ u4 27.46 / 25.79
-            return frozenset({2, 3, 4}) if self.opts["algo"] == "gptq" else frozenset({2, 3})
-        return frozenset(BITS) if mode == "mse" else frozenset()
+        return scale_search(self.opts)
 
     def _algo_key(self) -> str:
         """What the sensitivity's quantized experts depend on besides the format (its cache key)."""

@@ -9,9 +9,13 @@ it), rank and drop experts (`prune`), re-read the kept experts one at a time and
 packed formats, record groups and crc32s), then release the layer. Its outputs are the next layer's inputs
 (`WORK/hidden-i.pt`). Then the export: the graph of the non-expert weights and the hot slots, every cold
 expert a weightless stand-in (`skeleton.husk`), cut into segments; experts.bin is the layer files in order.
-Then the parity check (`lower{verify=true}`): the artifact's greedy tokens on the parity probe
-(onnxruntime), and one streamed teacher-forced PyTorch forward over prompt + tokens (sweep 2: each expert
-re-read and re-quantized when reached, RTN is deterministic) gives the reference logits in parity.npz.
+With `quantize{non-experts=4|8}` each layer's attention linears are quantized right after its dense weights
+are loaded, and lm_head (`lm-head=true`) after the top is, by the in-memory pass's RTN (`_Linears`), and
+lowered as MatMulNBits; sweep 1's importance forward runs on the float weights, as the in-memory
+importance pass runs before quantize. Then the parity check (`lower{verify=true}`): the artifact's greedy
+tokens on the parity probe (onnxruntime), and one streamed teacher-forced PyTorch forward over prompt +
+tokens (sweep 2: each expert re-read and re-quantized when reached, each layer's linears quantized again
+when loaded, RTN is deterministic) gives the reference logits in parity.npz.
 The same sweep carries the tolerance's simulated forward (`stream.simulate`), so the artifact is held to
 the measured error model the in-memory lowering states (`moeopt.lower.tolerance`, manifest ``parity_rule``);
 with verify off there is no probe, and the manifest states the fixed rule (``parity_rule.kind`` "fixed").
@@ -41,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeopt.errors import BadInputError, VerificationError
+from moeopt.errors import BadInputError, UnsupportedModelError, VerificationError
 from moeopt.ir.compute import RoutingTrace
 from moeopt.ir.layer import MoELayer
 from moeopt.ir.table import QuantizedMatrix, SlotInfo
@@ -64,14 +68,15 @@ from moeopt.passes.base import PassContext
 from moeopt.passes.calib import CalibSet
 from moeopt.passes.importance import LayerStats, _merge_all, calibration_sets
 from moeopt.passes.prune import ExpertClasses, classify, classify_by_thresholds
-from moeopt.quant.groupwise import quantize_dequantize
+from moeopt.quant import linears
+from moeopt.quant.groupwise import quantize, quantize_dequantize, searched
 from moeopt.runtime.manifest import MANIFEST, PARITY_FILE, hash_files
 from moeopt.runtime.offload_format import EXPERTS_FILE, Part
 from moeopt.stream.merge import MergeGroup, SlotMaker, match_layer, merge_layer
 from moeopt.stream.plan import StreamPlan, stream_plan
 from moeopt.stream.reader import LazyCheckpoint
 from moeopt.stream.simulate import Simulation, dual_layer
-from moeopt.stream.skeleton import StreamSkeleton, quantized_meta
+from moeopt.stream.skeleton import StreamSkeleton, husk, quantized_meta
 
 WORK_FORMAT = "moeopt-stream-work"
 WORK_VERSION = 1
@@ -418,6 +423,14 @@ def _bits(plan: StreamPlan) -> int | None:
     return None if plan.quantize is None else parse_bits(str(plan.quantize.opts["bits"]))
 
 
+def _searched(plan: StreamPlan, bits: int) -> bool:
+    """Whether the in-memory pass searches the scales at `bits` (`scales=auto`: at 2 and 3 bits with RTN)."""
+    from moeopt.passes.quantize import scale_search
+
+    assert plan.quantize is not None
+    return searched(scale_search(plan.quantize.opts), bits)
+
+
 def _align(plan: StreamPlan) -> str:
     return "none" if plan.merge is None else str(plan.merge.opts["align"])
 
@@ -428,12 +441,12 @@ def _quantize_each(sk: StreamSkeleton, i: int, bits: int, plan: StreamPlan, make
     is never held)."""
     assert plan.quantize is not None
     o = plan.quantize.opts
-    group, sym = int(o["group"]), bool(o["symmetric"])
+    group, sym, search = int(o["group"]), bool(o["symmetric"]), _searched(plan, bits)
     t = sk.model.layers[i].table
     for s in range(len(t.slots)):
         w_in, w_out = make(s)
         for name, w in (("w_in", w_in), ("w_out", w_out)):
-            q, _ = quantize_dequantize(w, bits, group, sym)
+            q, _ = quantize_dequantize(w, bits, group, sym, search)
             t.quantized[f"{s}_{name}"] = QuantizedMatrix(q.rows, q.cols, bits, group, sym, q.packed, q.scales,
                                                          q.zero_points)
             del q
@@ -446,12 +459,97 @@ def _dequantized(make: SlotMaker, bits: int, plan: StreamPlan) -> Callable[[int]
     writes back (the reference numerics), made one slot at a time."""
     assert plan.quantize is not None
     group, sym = int(plan.quantize.opts["group"]), bool(plan.quantize.opts["symmetric"])
+    search = _searched(plan, bits)
 
     def dequantized(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         w_in, w_out = make(s)
-        return quantize_dequantize(w_in, bits, group, sym)[1], quantize_dequantize(w_out, bits, group, sym)[1]
+        return (quantize_dequantize(w_in, bits, group, sym, search)[1],
+                quantize_dequantize(w_out, bits, group, sym, search)[1])
 
     return dequantized
+
+
+@dataclass(frozen=True)
+class _Linears:
+    """The non-expert linears that `quantize{non-experts=4|8[,lm-head=true]}` quantizes
+    (`quant.linears.targets`), by where the streamed compile loads their weights: decoder layer i's with
+    `load_dense(i)`, lm_head with `load_top`. Each is quantized right after its weights are loaded, by the
+    in-memory pass's own code (`quant.linears.quantize_linears`, RTN, the pass's scale search), so its packed
+    form and the dequantized values its nn.Linear then holds are the in-memory pass's; `drop_dense` /
+    `drop_top` leave weightless stand-ins of the packed forms. RTN is deterministic, so the export and the
+    parity sweep each quantize again from the checkpoint's weights (nothing is kept in the work folder)."""
+
+    bits: int | None
+    group: int = 0
+    symmetric: bool = False
+    search: frozenset[int] = frozenset()
+    layers: tuple[tuple[str, ...], ...] = ()
+    top: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(sk: StreamSkeleton, plan: StreamPlan) -> _Linears:
+        """Which linears `plan` quantizes, at which width (bits None: none, they stay float)."""
+        from moeopt.passes.quantize import scale_search
+
+        q = plan.quantize
+        mode = None if q is None else linears.parse_mode(q.opts["non-experts"])
+        if q is None or mode is None:
+            return _Linears(None)
+        if not isinstance(mode, int):  # stream_plan refuses non-experts=auto
+            raise BadInputError(f"--stream: quantize{{non-experts={mode}}} cannot stream")
+        paths = linears.targets(sk.model, bool(q.opts["lm-head"]))
+        n = len(sk.decoders)
+        by_layer: list[list[str]] = [[] for _ in range(n)]
+        top: list[str] = []
+        head = sk.model.hf.lm_head
+        for path in paths:
+            mod = sk.model.hf.get_submodule(path)
+            at = next((i for i in range(n) if path.startswith(f"model.layers.{i}.")), None)
+            if at is not None and any(mod is m for m, _, _ in sk.dense_names(at)):
+                by_layer[at].append(path)
+            elif mod is head:
+                top.append(path)
+            else:
+                raise UnsupportedModelError(f"{sk.path}: linear '{path}' is neither a decoder layer's dense weight "
+                                            "nor lm_head; the streamed compile does not load it")
+        return _Linears(mode, int(q.opts["group"]), bool(q.opts["symmetric"]), scale_search(q.opts),
+                        tuple(tuple(p) for p in by_layer), tuple(top))
+
+    def stand_ins(self, sk: StreamSkeleton) -> None:
+        """Each linear's packed form as a weightless stand-in of its format (`husk`), no weight read: what
+        the parity check's tolerance (`Simulation`: int8 sites) reads about the linears before its sweep
+        quantizes them (`bench/scale_verify.py` builds it from a fresh skeleton). A packed row's widths
+        depend on the columns alone, so one zero row quantized gives them."""
+        if self.bits is None:
+            return
+        for path in (*(p for paths in self.layers for p in paths), *self.top):
+            rows, cols = linears.linear(sk.model, path).weight.shape
+            one = quantize(torch.zeros(1, int(cols)), self.bits, self.group, self.symmetric)
+            parts = [None if b is None else husk((int(rows), int(b.shape[1])), b.dtype)
+                     for b in (one.packed, one.scales, one.zero_points)]
+            assert parts[0] is not None and parts[1] is not None
+            sk.model.linears[path] = QuantizedMatrix(int(rows), int(cols), self.bits, self.group, self.symmetric,
+                                                     parts[0], parts[1], parts[2])
+
+    def dense(self, sk: StreamSkeleton, i: int) -> None:
+        """Quantize decoder layer i's linears (its dense weights just loaded)."""
+        if self.bits is not None:
+            self._quantize(sk, self.layers[i])
+
+    def head(self, sk: StreamSkeleton) -> None:
+        """Quantize lm_head (`lm-head=true`; the top's head just loaded)."""
+        if self.bits is not None:
+            self._quantize(sk, self.top)
+
+    def _quantize(self, sk: StreamSkeleton, paths: tuple[str, ...]) -> None:
+        linears.quantize_linears(sk.model, dict.fromkeys(paths, self.bits), self.group, self.symmetric,
+                                 search=self.search)
+
+
+def linear_stand_ins(sk: StreamSkeleton, plan: StreamPlan) -> None:
+    """The formats of the non-expert linears `plan` quantizes, in `sk.model.linears`, no weight read (see
+    `_Linears.stand_ins`); for a parity check run on its own (`bench/scale_verify.py`)."""
+    _Linears.of(sk, plan).stand_ins(sk)
 
 
 # -- the lowering -------------------------------------------------------------------------------------
@@ -506,8 +604,10 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
     tmp = atomic_dir(out, overwrite=overwrite)
     try:
         t0 = time.perf_counter()
+        lin = _Linears.of(sk, plan)
         for i in range(len(model.layers)):
             sk.load_dense(i)
+            lin.dense(sk, i)
         for st in states:  # hot slots: their packed matrices, which the graph holds
             if st["hot"]:
                 t = model.layers[st["layer"]].table
@@ -517,6 +617,8 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
                     t.quantized[key] = QuantizedMatrix(old.rows, old.cols, old.bits, old.group_size, old.symmetric,
                                                        packed, scales, zp)
         sk.load_top()
+        lin.head(sk)
+        onnx_linears.check_linears(model)
         with quant_settings(quant), onnx_linears.matches() as matched:
             info, offload = export_offload(model, tmp, hot=plan.hot(), quant=quant, kv_cache=True, prefetch=False,
                                            experts=_expert_writer(states, work))
@@ -537,8 +639,10 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
         manifest["graph"]["file"] = None
         manifest["offload"] = offload
         manifest["streamed"] = True
-        if any(len(layer.table.quantized) for layer in model.layers):
+        if any(len(layer.table.quantized) for layer in model.layers) or model.linears:
             manifest["quant"] = {"accuracy_level": quant.accuracy_level}
+        if model.linears:
+            manifest["quant"]["linears"] = {path: q.meta() for path, q in model.linears.items()}
         # without the probe (verify=false) the fixed rule; with it, the measured error model as the in-memory
         # lowering states it (`moeopt.lower.tolerance`), simulated in the parity sweep (`stream.simulate`)
         tolerance = parity_tolerance(model, quant)
@@ -552,7 +656,7 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
         if lo["verify"]:
             t0 = time.perf_counter()
             sim = Simulation(model, quant)
-            measured, simulated = _parity(sk, states, plan, tmp, offload["file_bytes"], say, sim)
+            measured, simulated = _parity(sk, states, plan, tmp, offload["file_bytes"], say, sim, lin)
             tolerance, manifest["parity_rule"] = sim.rule(simulated)
             manifest["parity_tolerance"] = tolerance
             report.seconds["verify"] = round(time.perf_counter() - t0, 2)
@@ -573,11 +677,13 @@ def _lower(sk: StreamSkeleton, plan: StreamPlan, states: list[dict[str, Any]], w
 
 
 def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, folder: Path, expert_bytes: int,
-            say: Log, sim: Simulation) -> tuple[float, float]:
+            say: Log, sim: Simulation, lin: _Linears | None = None) -> tuple[float, float]:
     """The artifact's greedy tokens and logits on the parity probe, then PyTorch's logits on prompt + those
     tokens from one streamed teacher-forced forward; parity.npz holds prompt, tokens, PyTorch's logits.
     The same sweep carries a second hidden state with the kernels' numerics simulated (`sim`,
-    `stream.simulate.dual_layer`), so the tolerance's error model reads no weight twice.
+    `stream.simulate.dual_layer`), so the tolerance's error model reads no weight twice. The non-expert
+    linears are quantized as each layer's weights are loaded (`lin`; None: as `plan` says), as the
+    export quantized them.
 
     Returns:
         (max |logit diff| of the artifact, max |logit diff| of the simulated forward), both against
@@ -616,6 +722,7 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
     tokens = np.stack(toks, axis=1)  # (1, S)
     ort_logits = np.stack(got, axis=1)  # (1, S, V)
     seq = torch.from_numpy(np.concatenate([prompt, tokens[:, :-1]], axis=1))
+    lin = _Linears.of(sk, plan) if lin is None else lin
     sk.load_top(embed=True, head=False)
     h = sk.embed(seq)
     sk.drop_top()
@@ -623,6 +730,7 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
     for st in states:
         i = st["layer"]
         sk.load_dense(i)
+        lin.dense(sk, i)
         slots = [SlotInfo.from_dict(d) for d in st["slots"]]
         bits = _bits(plan)
         make = SlotMaker.from_state(sk, i, slots, st.get("merges", []), _align(plan))
@@ -632,6 +740,7 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
         sk.drop_dense(i)
         say(f"stream: parity forward, layer {i + 1}/{len(states)}")
     sk.load_top(embed=False, head=True)
+    lin.head(sk)
     ref = sk.head(h)[:, PROMPT_LEN - 1:].float().numpy()  # (1, S, V)
     with sim.linears(sk.model):
         simulated = sk.head(h_sim)[:, PROMPT_LEN - 1:].float().numpy()

@@ -5,8 +5,10 @@ lower{experts=offload,...}` in that order: each of these is a per-layer computat
 statistics need only the layer's own inputs, which the previous layer's outputs give; prune ranks one
 layer's experts by them; match's assignment program has one independent block per layer, so it is solved
 layer by layer; merge aligns and averages one hot expert with its moderates; uniform RTN quantizes each
-expert alone; the offload lowering writes each layer's cold records). Every other pass, or option, that
-needs the whole model at once is refused with a one-line reason.
+expert alone, and each non-expert linear (`non-experts=4|8`, `lm-head=true`) alone when its weights are
+loaded; the offload lowering writes each layer's cold records). Every other pass, or option, that needs the
+whole model at once is refused with a one-line reason (`non-experts=auto` chooses widths by whole-model
+sensitivities; `pin` gives experts other widths than `bits`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from moeopt.errors import BadInputError
 from moeopt.passes.base import Pass
 from moeopt.passes.pipeline import parse_pipeline
 from moeopt.passes.registry import build
+from moeopt.quant import linears
 
 ORDER = ("importance", "prune", "match", "merge", "quantize", "lower")
 WHY_NOT: dict[str, str] = {
@@ -116,9 +119,12 @@ def _check(found: dict[str, Pass]) -> None:
                           "layer's sensitivities; use method=uniform")
         if o["algo"] != "rtn":
             raise _refuse("quantize", f"algo={o['algo']}", "GPTQ's Hessians are not streamed yet; use algo=rtn")
-        if o["non-experts"] != "float" or o["lm-head"] or o["pin"]:
-            raise _refuse("quantize", "non-experts/lm-head/pin", "the streamed compile quantizes routed experts "
-                          "only, every one at `bits`")
+        if linears.parse_mode(o["non-experts"]) == "auto":
+            raise _refuse("quantize", "non-experts=auto", "auto chooses each linear's width by whole-model "
+                          "sensitivities; use non-experts=4 or 8")
+        if o["pin"]:
+            raise _refuse("quantize", f"pin={';'.join(o['pin'])}", "the streamed compile quantizes every routed "
+                          "expert at `bits`")
     lo = found["lower"].opts
     if lo["experts"] != "offload":
         raise _refuse("lower", "experts=resident", "a resident graph holds every expert at once; use experts=offload")

@@ -147,6 +147,7 @@ class StreamSkeleton:
     def drop_top(self) -> None:
         _empty(self.inner.embed_tokens)
         _empty(self.model.hf.lm_head)  # type: ignore[arg-type]
+        self._husk_linears(self.model.hf.lm_head)  # type: ignore[arg-type]
 
     def load_dense(self, i: int) -> None:
         for mod, key, name in self.dense_names(i):
@@ -157,6 +158,15 @@ class StreamSkeleton:
             p = mod._parameters[key]
             if p is not None:
                 mod._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        self._husk_linears(self.decoders[i])
+
+    def _husk_linears(self, within: nn.Module) -> None:
+        """The packed forms of the quantized linears inside `within` (`MoEModel.linears`) as weightless
+        stand-ins: their formats stay for the manifest and the tolerance's int8 sites, their memory goes."""
+        mods = set(within.modules())
+        for path, q in list(self.model.linears.items()):
+            if self.model.hf.get_submodule(path) in mods:
+                self.model.linears[path] = husk_matrix(q)
 
     def expert(self, i: int, e: int, w_in: torch.Tensor | None = None,
                w_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +268,16 @@ class StreamSkeleton:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model.hf.lm_head(self.inner.norm(hidden))  # type: ignore[no-any-return,operator]
+
+
+def husk_matrix(q: QuantizedMatrix) -> QuantizedMatrix:
+    """`q`'s format with weightless buffers of the same shapes and dtypes (`husk`)."""
+    def empty(b: Any) -> torch.Tensor:
+        return husk(tuple(b.shape), b.dtype)
+
+    zp = q.zero_points
+    return QuantizedMatrix(q.rows, q.cols, q.bits, q.group_size, q.symmetric, empty(q.packed), empty(q.scales),
+                           None if zp is None else empty(zp))
 
 
 def quantized_meta(layer: MoELayer) -> dict[str, dict[str, Any]]:
