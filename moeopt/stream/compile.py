@@ -281,9 +281,10 @@ def _sweep(sk: StreamSkeleton, plan: StreamPlan, sets: list[CalibSet], work: Pat
             hidden = torch.load(_layer_files(work, first - 1)[2], weights_only=True)
     fail_after = os.environ.get(FAIL_ENV)
     for i in range(first, n):
-        t0, b0 = time.perf_counter(), sk.reader.bytes_read
+        t0, c0, b0 = time.perf_counter(), time.process_time(), sk.reader.bytes_read
         state, hidden = _layer(sk, i, plan, sets, hidden, work, quant)
         state["seconds"] = round(time.perf_counter() - t0, 2)
+        state["cpu_seconds"] = round(time.process_time() - c0, 2)  # all threads: flat where wall time is not
         state["bytes_read"] = sk.reader.bytes_read - b0
         meta, _, hid = _layer_files(work, i)
         if need_hidden and i + 1 < n:
@@ -292,7 +293,8 @@ def _sweep(sk: StreamSkeleton, plan: StreamPlan, sets: list[CalibSet], work: Pat
         if i > 0:
             _layer_files(work, i - 1)[2].unlink(missing_ok=True)
         states.append(state)
-        report.layers.append({"layer": i, "seconds": state["seconds"], "bytes_read": state["bytes_read"]})
+        report.layers.append({"layer": i, "seconds": state["seconds"], "cpu_seconds": state["cpu_seconds"],
+                              "bytes_read": state["bytes_read"]})
         say(f"stream: layer {i + 1}/{n} in {state['seconds']:.1f} s, {state['bytes_read'] / 2**30:.2f} GiB read")
         if fail_after is not None and i == int(fail_after):
             raise InjectedFailure(f"stopped after layer {i} ({FAIL_ENV}={fail_after})")
