@@ -89,16 +89,21 @@ def merge_weights(hot: Weights, mods: Iterable[tuple[Weights, np.ndarray | None]
     b_in = None if h_bin is None else h_bin.clone()
     b_out = None if h_bout is None else h_bout.clone()
     for ((m_in, m_out, m_bin, m_bout), perm), w in zip(mods, weights[1:], strict=True):
-        if perm is not None:
+        if perm is not None:  # the permuted copies are ours to change in place
             p = torch.as_tensor(perm)
             rows = torch.cat([p, p + inter]) if glu else p
             m_in, m_out = m_in[rows], m_out[:, p]
             m_bin = None if m_bin is None else m_bin[rows]
+        else:
+            m_in, m_out, m_bin = m_in.clone(), m_out.clone(), None if m_bin is None else m_bin.clone()
         c = w / total
-        w_in += c * (m_in - h_in)
-        w_out += c * (m_out - h_out)
+        # w += (m - h) * c, in place on the moderate's copy: no other temporaries of an expert's size
+        # (the same float operations as w += c * (m - h))
+        w_in += m_in.sub_(h_in).mul_(c)
+        w_out += m_out.sub_(h_out).mul_(c)
+        del m_in, m_out
         if b_in is not None and m_bin is not None and h_bin is not None:
-            b_in += c * (m_bin - h_bin)
+            b_in += m_bin.sub_(h_bin).mul_(c)
         if b_out is not None and m_bout is not None and h_bout is not None:
             b_out += c * (m_bout - h_bout)
     return w_in, w_out, b_in, b_out
