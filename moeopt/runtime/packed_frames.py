@@ -60,6 +60,19 @@ def return_freed_memory() -> bool:
         return False
 
 
+def trim_heap() -> bool:
+    """glibc only: give the heap's free memory back to the OS (malloc_trim(0)). After a phase that freed
+    gigabytes (an export, an ONNX Runtime session), glibc keeps those pages for later allocations, and a
+    next phase of another shape adds its own on top; trimming between them keeps the peak that of the
+    larger phase, not their sum. Returns whether it applied (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+
+
 @dataclass
 class PackedExpert:
     """One loaded expert: its session, and the OrtValues over frame memory it still reads at run time."""
