@@ -74,9 +74,10 @@ def alignment(hot: Weights, mod: Weights, inter: int, glu: bool, method: str) ->
 
 
 def merge_weights(hot: Weights, mods: Iterable[tuple[Weights, np.ndarray | None]], weights: list[float],
-                  inter: int, glu: bool) -> Weights:
+                  inter: int, glu: bool, owned: bool = False) -> Weights:
     """The importance-weighted mean of a hot expert and its moderate experts, each moderate permuted by its
-    alignment first. `mods` may be a generator (the streamed compile reads one moderate expert at a time).
+    alignment first. `mods` may be a generator (the streamed compile reads one moderate expert at a time);
+    `owned`: the moderate weights are the caller's own copies, changed in place (no copy is made of them).
 
     Written as hot + sum_m (w_m / W) * (aligned_m - hot), which equals the weighted mean and is exactly
     `hot` when every aligned moderate equals it or has weight 0.
@@ -94,7 +95,7 @@ def merge_weights(hot: Weights, mods: Iterable[tuple[Weights, np.ndarray | None]
             rows = torch.cat([p, p + inter]) if glu else p
             m_in, m_out = m_in[rows], m_out[:, p]
             m_bin = None if m_bin is None else m_bin[rows]
-        else:
+        elif not owned:
             m_in, m_out, m_bin = m_in.clone(), m_out.clone(), None if m_bin is None else m_bin.clone()
         c = w / total
         # w += (m - h) * c, in place on the moderate's copy: no other temporaries of an expert's size

@@ -99,11 +99,12 @@ class SlotMaker:
         if g is None:
             return self.sk.expert(self.i, self.slots[s].members[0])
         hot = _weights(self.sk, self.i, g.hot)
-        merged = merge_weights(hot, self._aligned(g, hot), g.weights, self.inter, self.glu)
+        merged = merge_weights(hot, self._aligned(g, hot), g.weights, self.inter, self.glu, owned=True)
         return merged[0], merged[1]
 
     def _aligned(self, g: MergeGroup, hot: Weights) -> Iterator[tuple[Weights, np.ndarray | None]]:
-        """Each moderate expert with its permutation, read one at a time; the permutations found are kept."""
+        """Each moderate expert read one at a time and already permuted (its unpermuted copy released
+        before the merge adds it: one moderate expert in memory, not two); the permutations found are kept."""
         found: list[list[int] | None] = []
         for k, m in enumerate(g.mods):
             mod = _weights(self.sk, self.i, m)
@@ -113,7 +114,11 @@ class SlotMaker:
             else:
                 perm = alignment(hot, mod, self.inter, self.glu, self.align)
                 found.append(None if perm is None else [int(x) for x in perm])
-            yield mod, perm
+            if perm is not None:
+                p = torch.as_tensor(perm)
+                rows = torch.cat([p, p + self.inter]) if self.glu else p
+                mod = (mod[0][rows], mod[1][:, p], None, None)
+            yield mod, None
             del mod
         if g.perms is None:
             g.perms = found
