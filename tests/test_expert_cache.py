@@ -139,16 +139,21 @@ def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
             SlowStorage(*bad)
 
 
+def _acquire_every_layer(cache: ExpertCache, content: dict[Any, list[np.ndarray]]) -> None:
+    """Acquire slots 1-4 of each of the 3 layers; every frame must hold its expert's bytes."""
+    for layer in range(3):
+        got = cache.acquire(layer, [1, 2, 3, 4])
+        for s, frame in got.items():
+            for a, b in zip(frame_of(cache, (layer, s), frame), content[(layer, s)], strict=True):
+                np.testing.assert_array_equal(a, b)
+        cache.release()
+
+
 def test_cache_loads_the_right_bytes_into_frames(mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]]
                                                  ) -> None:
     folder, index, content = mixed
     with ExpertCache(folder, index, index.min_budget() * 2) as cache:
-        for layer in range(3):
-            got = cache.acquire(layer, [1, 2, 3, 4])
-            for s, frame in got.items():
-                for a, b in zip(frame_of(cache, (layer, s), frame), content[(layer, s)], strict=True):
-                    np.testing.assert_array_equal(a, b)
-            cache.release()
+        _acquire_every_layer(cache, content)
         c = cache.counters
         assert (c.misses, c.hits, c.loads) == (12, 0, 12)
         assert c.bytes_read == sum(index.format_of(li, s).expert_bytes for li in range(3) for s in (1, 2, 3, 4))
@@ -174,12 +179,7 @@ def test_misses_of_one_acquire_read_side_by_side(mixed: tuple[Path, OffloadIndex
             return read_into(layer, slot, views)
 
         cache.store.read_into = spy  # type: ignore[method-assign]
-        for layer in range(3):
-            got = cache.acquire(layer, [1, 2, 3, 4])
-            for s, frame in got.items():
-                for a, b in zip(frame_of(cache, (layer, s), frame), content[(layer, s)], strict=True):
-                    np.testing.assert_array_equal(a, b)
-            cache.release()
+        _acquire_every_layer(cache, content)
         assert (cache.counters.misses, cache.counters.loads) == (12, 12)
         assert len(threads) == read_threads and threading.current_thread().name in threads
     with ExpertCache(folder, index, index.min_budget() * 2, read_threads=read_threads) as cache:
