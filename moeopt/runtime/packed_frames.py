@@ -73,6 +73,9 @@ def trim_heap() -> bool:
         return False
 
 
+PROBE_TOKENS = (1, 2, 64)  # token counts `probe` runs: decode, a few, a prefill's share of one expert
+
+
 @dataclass
 class PackedExpert:
     """One loaded expert: its session, and the OrtValues over frame memory it still reads at run time."""
@@ -190,14 +193,16 @@ class FramePacker:
         sess, values = self._session(fmt, views, reuse=False)  # `values` keeps every part alive while probing
         expert = PackedExpert(sess, values)
         hidden = self.hidden(fmt)
-        x = rng.standard_normal((2, hidden), dtype=np.float32)
-        w = np.ones((2, 1), dtype=np.float32)
-        base = expert.run(x, w)
+        # Several token counts: a kernel may read its prepacked copy for a few tokens and the original
+        # weights for many (a prefill), so a part counts as copied only if no count reads it at run time.
+        xs = [rng.standard_normal((n, hidden), dtype=np.float32) for n in PROBE_TOKENS]
+        ws = [np.ones((n, 1), dtype=np.float32) for n in PROBE_TOKENS]
+        base = [expert.run(x, w) for x, w in zip(xs, ws, strict=True)]
         copied = set()
         for v, p in zip(views, pf.parts, strict=True):
             saved = v.copy()
             v[...] = 0 if np.dtype(p.dtype).kind == "f" else 7
-            if np.array_equal(expert.run(x, w), base):
+            if all(np.array_equal(expert.run(x, w), b) for x, w, b in zip(xs, ws, base, strict=True)):
                 copied.add(p.name)
             v[...] = saved
         return frozenset(copied)
