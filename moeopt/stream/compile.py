@@ -337,8 +337,8 @@ def _layer(sk: StreamSkeleton, i: int, plan: StreamPlan, sets: list[CalibSet], h
     groups: dict[int, MergeGroup] = {}
     if plan.prune is not None:
         cls = _prune(plan, moe, slots, combined)
-        n = len(slots)
-        slots = [info for info in slots if info.members[0] not in set(cls.cold)]
+        n, cold = len(slots), set(cls.cold)
+        slots = [info for info in slots if info.members[0] not in cold]
         stats["experts-removed"] = n - len(slots)
         if plan.match is not None:
             sk.reader.acquire(i)  # similarity=weight/output reads the layer's experts
@@ -740,13 +740,13 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
     h = sk.embed(seq)
     sk.drop_top()
     h_sim = h.clone()
+    bits, align = _bits(plan), _align(plan)
     for st in states:
         i = st["layer"]
         sk.load_dense(i)
         lin.dense(sk, i)
         slots = [SlotInfo.from_dict(d) for d in st["slots"]]
-        bits = _bits(plan)
-        make = SlotMaker.from_state(sk, i, slots, st.get("merges", []), _align(plan))
+        make = SlotMaker.from_state(sk, i, slots, st.get("merges", []), align)
         sk.lazy_experts(i, slots, make if bits is None else _dequantized(make, bits, plan))
         h, h_sim = dual_layer(sk, i, h, h_sim, sim)
         sk.drop_experts(i, slots, st["quantized"])
