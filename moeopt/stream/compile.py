@@ -61,7 +61,7 @@ from moeopt.lower.expert_file import ColdFormat, cold_records, register_format, 
 from moeopt.lower.offload import choose_hot, export_offload
 from moeopt.lower.onnx_experts import check_lowerable
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, quant_settings
-from moeopt.lower.parity import PROMPT_LEN, STEPS, _probe
+from moeopt.lower.parity import PROMPT_LEN
 from moeopt.lower.profiles import profile
 from moeopt.outdir import atomic_dir, check_out_dir, commit_dir
 from moeopt.passes.base import PassContext
@@ -82,8 +82,6 @@ WORK_FORMAT = "moeopt-stream-work"
 WORK_VERSION = 1
 JOB = "job.json"
 FAIL_ENV = "MOEOPT_STREAM_FAIL_AFTER_LAYER"  # tests: stop the run (as a kill would) after this layer is saved
-RESIDENT_VERIFY_MAX = 1 << 30  # experts.bin up to this size is read whole for the parity run; above, an LRU cache
-VERIFY_CACHE_BYTES = 768 << 20  # 16 tokens decode: a small cache costs re-reads, not memory
 
 
 class InjectedFailure(RuntimeError):
@@ -702,38 +700,10 @@ def _parity(sk: StreamSkeleton, states: list[dict[str, Any]], plan: StreamPlan, 
         (max |logit diff| of the artifact, max |logit diff| of the simulated forward), both against
         PyTorch's logits.
     """
-    from moeopt.runtime import AllResident, open_artifact
-    from moeopt.runtime.expert_cache import ExpertCache
-    from moeopt.runtime.steppers import DecoderOnlyStepper
+    from moeopt.stream.probe_run import run_in_child
 
-    vocab = int(sk.model.config.vocab_size)
-    prompt = _probe(vocab, PROMPT_LEN)
-
-    def source(index: Any, path: Path) -> Any:
-        if expert_bytes <= RESIDENT_VERIFY_MAX:
-            return AllResident(index, path, packed=False)
-        return ExpertCache(path, index, VERIFY_CACHE_BYTES)
-
-    sess = open_artifact(folder, verify=False, source=source)
-    try:
-        stepper = DecoderOnlyStepper(sess._run, prompt, np.ones_like(prompt))
-        logits, past = stepper.prefill(sess.empty_past(1, PROMPT_LEN + STEPS))
-        got, toks = [logits[:, -1]], []
-        for s in range(STEPS):
-            tok = got[-1].argmax(-1).astype(np.int64)
-            toks.append(tok)
-            if s + 1 < STEPS:
-                logits, past = stepper.step(tok, past)
-                got.append(logits[:, -1])
-    finally:
-        close = getattr(sess, "close", None)
-        if close is not None:
-            close()
-        del sess
-    del stepper, past, logits  # the stepper holds the session (its graphs' weights) until released
-    _release()
-    tokens = np.stack(toks, axis=1)  # (1, S)
-    ort_logits = np.stack(got, axis=1)  # (1, S, V)
+    # ONNX Runtime's half in a child process: what it allocates leaves with it (`probe_run`)
+    prompt, tokens, ort_logits = run_in_child(folder, int(sk.model.config.vocab_size), expert_bytes)
     seq = torch.from_numpy(np.concatenate([prompt, tokens[:, :-1]], axis=1))
     lin = _Linears.of(sk, plan) if lin is None else lin
     sk.load_top(embed=True, head=False)
