@@ -139,16 +139,21 @@ def test_slow_storage_serves_reads_one_at_a_time_at_its_bandwidth(
             SlowStorage(*bad)
 
 
+def _acquire_every_layer(cache: ExpertCache, content: dict[Any, list[np.ndarray]]) -> None:
+    """Acquire slots 1-4 of each of the 3 layers; every frame must hold its expert's bytes."""
+    for layer in range(3):
+        got = cache.acquire(layer, [1, 2, 3, 4])
+        for s, frame in got.items():
+            for a, b in zip(frame_of(cache, (layer, s), frame), content[(layer, s)], strict=True):
+                np.testing.assert_array_equal(a, b)
+        cache.release()
+
+
 def test_cache_loads_the_right_bytes_into_frames(mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]]
                                                  ) -> None:
     folder, index, content = mixed
     with ExpertCache(folder, index, index.min_budget() * 2) as cache:
-        for layer in range(3):
-            got = cache.acquire(layer, [1, 2, 3, 4])
-            for s, frame in got.items():
-                for a, b in zip(frame_of(cache, (layer, s), frame), content[(layer, s)], strict=True):
-                    np.testing.assert_array_equal(a, b)
-            cache.release()
+        _acquire_every_layer(cache, content)
         c = cache.counters
         assert (c.misses, c.hits, c.loads) == (12, 0, 12)
         assert c.bytes_read == sum(index.format_of(li, s).expert_bytes for li in range(3) for s in (1, 2, 3, 4))
@@ -156,6 +161,32 @@ def test_cache_loads_the_right_bytes_into_frames(mixed: tuple[Path, OffloadIndex
         cache.acquire(2, [3, 4])  # just used: resident
         assert (c.hits, c.misses) == (2, 12)
         cache.release()
+
+
+@pytest.mark.parametrize("read_threads", [1, 2])
+def test_misses_of_one_acquire_read_side_by_side(mixed: tuple[Path, OffloadIndex, dict[Any, list[np.ndarray]]],
+                                                read_threads: int) -> None:
+    """read_threads=2: the misses of one acquire are read on the calling thread and a second one (each
+    read into its own frame), with the same bytes in the frames as one thread reading them in turn; a
+    read that fails on the second thread is the acquire's one-line error."""
+    folder, index, content = mixed
+    threads: set[str] = set()
+    with ExpertCache(folder, index, index.min_budget() * 2, read_threads=read_threads) as cache:
+        read_into = cache.store.read_into
+
+        def spy(layer: int, slot: int, views: Any) -> int:
+            threads.add(threading.current_thread().name)
+            return read_into(layer, slot, views)
+
+        cache.store.read_into = spy  # type: ignore[method-assign]
+        _acquire_every_layer(cache, content)
+        assert (cache.counters.misses, cache.counters.loads) == (12, 12)
+        assert len(threads) == read_threads and threading.current_thread().name in threads
+    with ExpertCache(folder, index, index.min_budget() * 2, read_threads=read_threads) as cache:
+        with open(folder / EXPERTS_FILE, "r+b") as f:  # truncated: the last miss's read fails
+            f.truncate(index.experts[(0, 4)].offset + 100)
+        with pytest.raises(BadInputError, match=r"is truncated: layer 0 slot 4 needs bytes"):
+            cache.acquire(0, [1, 2, 3, 4])
 
 
 @pytest.fixture

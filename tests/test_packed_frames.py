@@ -133,3 +133,29 @@ def test_copied_parts_are_never_read_at_any_token_count(tmp_path_factory: pytest
             for x, b in zip(xs, before, strict=True):
                 np.testing.assert_array_equal(expert.run(x, np.full((len(x), 1), 0.5, dtype=np.float32)), b)
             cache.release()
+
+
+def test_big_experts_run_on_a_thread_per_core(tmp_path_factory: pytest.TempPathFactory,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small experts run on one intra-op thread, experts from `BIG_EXPERT` bytes up on ORT's default (one
+    per core); both compute the same output (within 1e-5: the work may be split differently)."""
+    from moeopt.runtime import packed_frames
+
+    art = _built("q48-hot0", True, tmp_path_factory, experts="offload", hot=0)
+    index = OffloadIndex.from_manifest(manifest(art))
+    small = FramePacker(index, art)
+    assert all(small.threads_of(n) == 1 for n in index.formats)  # the tiny model's experts are KBs
+    assert all(FramePacker(index, art, threads=3).threads_of(n) == 3 for n in index.formats)  # asked for
+    monkeypatch.setattr(packed_frames, "BIG_EXPERT", 0)
+    big = FramePacker(index, art)
+    assert all(big.threads_of(n) == 0 for n in index.formats)
+    store = AllResident(index, Path(art), packed=False)
+    for (layer, slot), rec in sorted(index.experts.items())[:4]:
+        fmt = index.formats[rec.format]
+        frame = store.acquire(layer, [slot])[slot]
+        views = [store.arrays(rec.format)[p.name][frame] for p in fmt.parts]
+        x = np.random.default_rng(layer).standard_normal((5, small.hidden(rec.format)), dtype=np.float32)
+        w = np.full((5, 1), 0.5, dtype=np.float32)
+        one, per_core = small.build(rec.format, views).run(x, w), big.build(rec.format, views).run(x, w)
+        assert np.abs(one).max() > 0
+        np.testing.assert_allclose(per_core, one, rtol=1e-5, atol=1e-5 * float(np.abs(one).max()))

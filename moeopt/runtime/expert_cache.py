@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,9 @@ class ExpertCache:
         packer: build a prepacked session for every loaded expert (`packed_frames`), on the thread
             that read it; None keeps raw pools for the cold graphs.
         storage: a slower device to emulate (`SlowStorage`, benchmarks); None reads at this machine's speed.
+        read_threads: the misses of one ``acquire`` (a layer's chosen experts) are read and built this many
+            at a time, the calling thread included: a read is a preadv and a build mostly ORT's prepacking,
+            both outside Python's GIL, so two misses on two cores cost about one (1: one after another).
         page_cache: leave the expert file's pages in the page cache after a read (False: drop each record's
             pages once read, so an expert is not in memory twice; see `ExpertStore`).
     """
@@ -77,7 +81,7 @@ class ExpertCache:
                  slot_of: Sequence[Sequence[int]] | None = None, refresh_every: int = 8,
                  decay: float = 0.9, prior: Sequence[Sequence[float]] | None = None,
                  packer: FramePacker | None = None, storage: SlowStorage | None = None,
-                 page_cache: bool = True) -> None:
+                 page_cache: bool = True, read_threads: int = 2) -> None:
         if policy in ("on-demand", "none") and prefetcher is not None:
             raise BadInputError("the on-demand cache does no prefetching; pass no prefetcher or another policy")
         self.index = index
@@ -108,6 +112,8 @@ class ExpertCache:
         self._position = 0  # layers entered so far (the running layer's position in the decode)
         self._threads = [threading.Thread(target=self._worker, name=f"moeopt-io-{i}", daemon=True)
                          for i in range(max(1, io_threads))]
+        self._miss_pool = (ThreadPoolExecutor(read_threads - 1, thread_name_prefix="moeopt-miss")
+                           if read_threads > 1 else None)
         for t in self._threads:
             t.start()
         # The I/O threads are daemons: one still building an expert's ORT session when the interpreter
@@ -300,6 +306,8 @@ class ExpertCache:
             self._put(None, sys.maxsize)  # after every queued read
         for t in self._threads:
             t.join()
+        if self._miss_pool is not None:
+            self._miss_pool.shutdown(wait=True)
         self.store.close()
 
     def __enter__(self) -> ExpertCache:
@@ -420,9 +428,19 @@ class ExpertCache:
             self._cond.notify_all()
 
     def _run_reads(self, reads: list[Job]) -> bool:
-        for job in reads:
-            self._read(job)
-        return bool(reads)
+        """Read the misses of one acquire: the first on this thread, the rest beside it (`read_threads`).
+        `_read` records a failure instead of raising, so every read finishes before the caller's
+        `_await` raises it."""
+        pool = self._miss_pool
+        if pool is None or len(reads) < 2:
+            for job in reads:
+                self._read(job)
+            return bool(reads)
+        others = [pool.submit(self._read, job) for job in reads[1:]]
+        self._read(reads[0])
+        for f in others:
+            f.result()
+        return True
 
     def _await(self, frames: Sequence[Spot]) -> bool:
         """Wait until `frames` are ready; True if it had to wait."""

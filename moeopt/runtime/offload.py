@@ -144,7 +144,7 @@ class OffloadSession(Session):
         self.slot_of = [np.asarray(la["slot_of"], dtype=np.int64) for la in layers]
         self.prefetch: dict[str, Any] | None = sec.get("prefetch")
         if source is None:
-            source = AllResident(self.index, self.path)  # `threads` is the segments'; experts run on one each
+            source = AllResident(self.index, self.path)  # `threads` is the segments'; experts: `FramePacker.threads_of`
         elif isinstance(source, type) or not hasattr(source, "acquire"):  # a factory (a class is one too)
             source = source(self.index, self.path)  # type: ignore[operator]
         self.source: ExpertSource = source  # type: ignore[assignment]

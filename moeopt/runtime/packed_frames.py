@@ -9,11 +9,12 @@ format's cold graph with one expert (k=1) whose weights are initializers handed 
 expert, on the thread that read the expert, so a prefetch hides it too), so the build is kept lean: the
 graph's placeholders are one-element tensors (the real ones replace them before ORT reads a shape), the
 OrtValues over a frame's memory are made once per frame and reused by every expert it holds, and each
-session runs on one intra-op thread by default. Measured on the reference model's 140 KB 4-bit experts
-(2 x86 cores, `bench/expert_load.py`): a build plus the release of the frame's previous session went
-from 1.03 ms to 0.74 ms, and a one-token run from 0.175 ms to 0.139 ms; a session with a thread pool
-pays for starting and joining its thread, and one expert's decode work is too small to split (a
-32-token prefill of one expert is about 25% slower on one thread, a one-off).
+session of a small expert runs on one intra-op thread by default (from `BIG_EXPERT` bytes up, one per
+core). Measured on the reference model's 140 KB 4-bit experts (2 x86 cores, `bench/expert_load.py`): a
+build plus the release of the frame's previous session went from 1.03 ms to 0.74 ms, and a one-token run
+from 0.175 ms to 0.139 ms; a session with a thread pool pays for starting and joining its thread, and
+one expert's decode work is too small to split (a 32-token prefill of one expert is about 25% slower on
+one thread, a one-off).
 
 Which tensors the kernel prepacks - copies into its own buffers at session start - and which it reads
 at run time is ORT's business (1.32: QMoE copies ``fc1``/``fc2`` and reads scales and zero points).
@@ -73,6 +74,7 @@ def trim_heap() -> bool:
         return False
 
 
+BIG_EXPERT = 16 << 20  # from this many bytes an expert session gets a thread per core (`FramePacker.threads_of`)
 PROBE_TOKENS = (1, 2, 64)  # token counts `probe` runs: decode, a few, a prefill's share of one expert
 
 
@@ -96,7 +98,8 @@ class FramePacker:
         index: the artifact's offload index.
         folder: the artifact folder (holds each format's cold graph).
         target: the manifest's target profile (providers).
-        threads: intra-op threads of each expert session (default 1: see the module's docstring).
+        threads: intra-op threads of each expert session (default: 1 below `BIG_EXPERT` bytes, see the
+            module's docstring; one per core above).
     """
 
     def __init__(self, index: OffloadIndex, folder: str | Path, target: dict[str, Any] | None = None,
@@ -104,7 +107,7 @@ class FramePacker:
         return_freed_memory()
         self.index = index
         self.target = dict(target or {})
-        self.threads = 1 if threads is None else int(threads)
+        self.threads = None if threads is None else int(threads)
         self._proto = {n: self._one_expert_graph(fmt, Path(folder) / fmt.graph) for n, fmt in index.formats.items()}
         self._values: dict[tuple[int, tuple[int, ...], str], Any] = {}  # OrtValues over frame memory, by address
         self._values_lock = threading.Lock()
@@ -134,12 +137,20 @@ class FramePacker:
                                                                    p.name))
         return bytes(model.SerializeToString())
 
-    def _options(self) -> Any:
+    def threads_of(self, fmt: str) -> int:
+        """Intra-op threads of an expert session of `fmt`: the packer's, else 1 for small experts and ORT's
+        default (one per core) from `BIG_EXPERT` bytes up, where one expert's decode work is worth splitting
+        (an 8x7B-shaped expert, 100 MB at 4 bits: 22 ms per token on one thread, 12 ms on two)."""
+        if self.threads is not None:
+            return self.threads
+        return 1 if self.index.formats[fmt].expert_bytes < BIG_EXPERT else 0
+
+    def _options(self, fmt: str) -> Any:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # one node: nothing to fuse
-        so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = self.threads_of(fmt)
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.enable_cpu_mem_arena = False  # a session's arena outlives its runs: hundreds of them add up
@@ -154,7 +165,7 @@ class FramePacker:
     def _session(self, fmt: str, views: Sequence[np.ndarray], reuse: bool = True) -> tuple[Any, list[Any]]:
         import onnxruntime as ort
 
-        so = self._options()
+        so = self._options(fmt)
         values = []
         for p, v in zip(self.index.formats[fmt].parts, views, strict=True):
             one = v.reshape((1, *p.shape))
