@@ -600,6 +600,7 @@ def _release() -> None:
     checkpoint: 11.8 GiB peak in the parity check, the layer sweep 5.7)."""
     from moeopt.runtime.packed_frames import trim_heap
 
+    torch._dynamo.reset()  # the export's traced frames, guards and graphs may hold the weights they saw
     gc.collect()
     trim_heap()
 

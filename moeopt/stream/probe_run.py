@@ -23,8 +23,9 @@ import numpy as np
 
 from moeopt.lower.parity import PROMPT_LEN, STEPS, _probe
 
-RESIDENT_VERIFY_MAX = 1 << 30  # experts.bin up to this size is read whole for the parity run; above, an LRU cache
-VERIFY_CACHE_BYTES = 768 << 20  # 16 tokens decode: a small cache costs re-reads, not memory
+RESIDENT_VERIFY_MAX = 1 << 30  # experts.bin up to this size is read whole for the parity run; above, the
+# smallest LRU cache (one layer's top_k experts): 16 tokens re-read experts either way (random probe tokens
+# route all over), and each frame holds ORT's packed copy of an expert (100 MB on the 8x7B shape)
 
 
 def greedy_probe(folder: Path, vocab: int, expert_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,7 +39,7 @@ def greedy_probe(folder: Path, vocab: int, expert_bytes: int) -> tuple[np.ndarra
     def source(index: Any, path: Path) -> Any:
         if expert_bytes <= RESIDENT_VERIFY_MAX:
             return AllResident(index, path, packed=False)
-        return ExpertCache(path, index, VERIFY_CACHE_BYTES)
+        return ExpertCache(path, index, index.min_budget())
 
     sess = open_artifact(folder, verify=False, source=source)
     try:
