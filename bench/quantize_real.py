@@ -82,10 +82,13 @@ class MoeoptRow:
     group: int | None = None  # None: --group
     candidates: tuple[int, ...] | None = None  # ILP: the widths it may choose (None: the pass's default)
     sensitivity: str | None = None  # ILP: the `sensitivity` option (None: the pass's default)
+    scale_dtype: str | None = None  # "float16": needs the `scale-dtype` option (None: the pass's default, float32)
+    symmetric: bool = False
+    budget_bits: float | None = None  # ILP under a byte budget: stored bits per routed-expert weight at most
 
     @property
     def calibrated(self) -> bool:
-        return self.avg_bits is not None or self.algo == "gptq"
+        return self.avg_bits is not None or self.budget_bits is not None or self.algo == "gptq"
 
     def needs(self) -> dict[str, str | None]:
         """Options of `quantize` this row uses that may be missing, with the value it passes."""
@@ -98,15 +101,21 @@ class MoeoptRow:
             out["scales"] = self.scales
         if self.sensitivity is not None:
             out["sensitivity"] = self.sensitivity
+        if self.scale_dtype is not None:
+            out["scale-dtype"] = self.scale_dtype
         return out
 
-    def quantize_text(self, calib: Path, calib_tokens: int, seq_len: int, group: int) -> str:
-        """The `quantize{...}` element ("" for the float row)."""
+    def quantize_text(self, calib: Path, calib_tokens: int, seq_len: int, group: int, expert_params: int = 0) -> str:
+        """The `quantize{...}` element ("" for the float row); `expert_params`: routed-expert weights (budget rows)."""
         from moeopt.passes.pipeline import option_text
 
-        if self.bits is None and self.avg_bits is None:
+        if self.bits is None and self.avg_bits is None and self.budget_bits is None:
             return ""
         opts = [f"group={self.group or group}"]
+        if self.scale_dtype is not None:
+            opts.append(f"scale-dtype={self.scale_dtype}")
+        if self.symmetric:
+            opts.append("symmetric=true")
         if self.scales is not None:
             opts.append(f"scales={self.scales}")
         elif _has_option("scales"):  # the rows without a suffix are min/max (the default became scales=auto)
@@ -117,7 +126,12 @@ class MoeoptRow:
             opts.append(f"sensitivity={self.sensitivity}")
         if self.algo is not None:
             opts.append(f"algo={self.algo}")
-        opts += ["method=uniform", f"bits={self.bits}"] if self.bits is not None else [f"avg-bits={self.avg_bits:g}"]
+        if self.bits is not None:
+            opts += ["method=uniform", f"bits={self.bits}"]
+        elif self.budget_bits is not None:
+            opts.append(f"budget={int(self.budget_bits * expert_params / 8)}")
+        else:
+            opts.append(f"avg-bits={self.avg_bits:g}")
         if self.calibrated:
             opts += [f"calib={option_text(str(calib))}", f"calib-tokens={calib_tokens}", f"seq-len={seq_len}"]
         if self.non_experts is not None:
@@ -156,6 +170,16 @@ def moeopt_rows() -> list[MoeoptRow]:
             for sens in ("output", "fisher"):
                 rows.append(MoeoptRow(f"{name}-ilp{a:g}-{sens}-c248-mse", algo, avg_bits=a, scales="mse",
                                       candidates=(2, 4, 8), sensitivity=sens))
+    # float16 scales (`-h16`, scale-dtype=float16): a quarter bit less per weight at group 64; uniform GPTQ at the
+    # groups that land under llama.cpp's rows, and the Fisher ILP under a BYTE budget (`-bN`: N stored bits per
+    # expert weight, scales and zero points included) at llama.cpp's Q2_K / Q3_K_M / Q4_K_M FFN bits per weight
+    for group, sym in ((None, False), (32, True), (32, False), (16, False)):
+        sfx = ("" if group is None else f"-g{group}") + ("-sym" if sym else "")
+        rows.append(MoeoptRow(f"gptq-u4-mse{sfx}-h16", "gptq", bits=4, scales="mse", group=group, symmetric=sym,
+                              scale_dtype="float16"))
+    for budget in (4.14, 4.51, 5.48):
+        rows.append(MoeoptRow(f"gptq-ilp-b{budget:g}-fisher-c248-mse-h16", "gptq", budget_bits=budget, scales="mse",
+                              candidates=(2, 4, 8), sensitivity="fisher", scale_dtype="float16"))
     return rows
 
 
@@ -317,7 +341,8 @@ def _moeopt_artifact(spec: dict[str, Any]) -> dict[str, Any]:
 
 def stored_expert_bytes(model: Any) -> int:
     """Routed-expert bytes as the artifact stores them: 3-bit codes widened to 4-bit containers (MatMulNBits /
-    QMoE take 2, 4 and 8 bits), float32 scales, packed zero points; float experts at 2 bytes a weight."""
+    QMoE take 2, 4 and 8 bits), scales as stored (float32, or float16 under scale-dtype=float16), packed zero
+    points; float experts at 2 bytes a weight."""
     from moeopt.quant.apply import slot_params
     from moeopt.quant.groupwise import matrix_bytes
 
@@ -330,8 +355,18 @@ def stored_expert_bytes(model: Any) -> int:
                 continue
             for name in ("w_in", "w_out"):
                 q = t.quantized[f"{s}_{name}"]
-                total += matrix_bytes(q.rows, q.cols, 4 if q.bits == 3 else q.bits, q.group_size, q.symmetric)
+                total += matrix_bytes(q.rows, q.cols, 4 if q.bits == 3 else q.bits, q.group_size, q.symmetric,
+                                      q.scales.element_size())
     return total
+
+
+def expert_params(model_dir: Path) -> int:
+    """Routed-expert weights of the split model (what a `-bN` row's byte budget is N bits per)."""
+    import moeopt
+    from moeopt.quant.apply import slot_params
+
+    model = moeopt.load(model_dir)
+    return sum(slot_params(layer.table) * layer.table.num_slots for layer in model.layers)
 
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: int) -> dict[str, Any]:
@@ -607,10 +642,13 @@ def run_moeopt(args: argparse.Namespace, p: dict[str, Any], res: dict[str, Any],
     for r in moeopt_rows():
         if not selected(r.label, args.rows):
             continue
-        text = r.quantize_text(p["calib_jsonl"], p["calib_tokens"], p["n_ctx"], args.group)
+        params = expert_params(args.model) if r.budget_bits is not None else 0
+        text = r.quantize_text(p["calib_jsonl"], p["calib_tokens"], p["n_ctx"], args.group, params)
+        alloc = ("float" if text == "" else f"uniform-{r.bits}" if r.bits else f"ilp-{r.avg_bits:g}" if r.avg_bits
+                 else f"ilp-budget-{r.budget_bits:g}-stored-bits")
         row = {"label": r.label, "side": "moeopt", "pipeline": (text + "," if text else "") + "lower{out=ARTIFACT}",
-               "algo": r.algo or "rtn", "non_experts": r.non_experts or "float",
-               "allocation": "float" if text == "" else f"uniform-{r.bits}" if r.bits else f"ilp-{r.avg_bits:g}"}
+               "algo": r.algo or "rtn", "non_experts": r.non_experts or "float", "allocation": alloc,
+               "scale_dtype": r.scale_dtype or "float32"}
         why = missing_options(r)
         if why:
             jobs.append(({**row, "status": "skipped", "reason": why}, None, None))

@@ -462,6 +462,8 @@ def test_work_dir_of_another_model(ckpt: Path, tmp_path: Path, capsys: pytest.Ca
     ("quantize{method=uniform,bits=4,non-experts=auto},lower{experts=offload,hot=0}",
      "quantize{non-experts=auto} cannot stream: auto chooses each linear's width by whole-model sensitivities"),
     ("quantize{method=uniform,bits=4,pin=0:*@8},lower{experts=offload,hot=0}", "quantize{pin=0:*@8} cannot stream"),
+    ("quantize{method=uniform,bits=4,scale-dtype=float16},lower{experts=offload,hot=0}",
+     "quantize{scale-dtype=float16} cannot stream: the streamed compile's expert records hold float32 scales"),
     ("quantize{method=uniform,bits=4,lm-head=true},lower{experts=offload,hot=0}", "lm-head=true needs non-experts"),
     ("lower{experts=resident}", "experts=resident"),
     ("quantize{method=uniform,bits=4}", "end the pipeline with lower"),

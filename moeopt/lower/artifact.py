@@ -23,6 +23,7 @@ from moeopt.ir.table import QuantizedMatrix
 from moeopt.lower import onnx_linears
 from moeopt.lower.export import ExportedDecoder, attention_kind, check_float32, export_decoder
 from moeopt.lower.genai import write_genai_files
+from moeopt.lower.half_scales import has_half_scales, store_half_scales
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
@@ -124,6 +125,9 @@ def lower(
         if ort_optimize:
             for name in [*graphs, encoder["file"]] if encoder else graphs:
                 optimize_offline(tmp / name, prof)
+        if has_half_scales(model):
+            for name in graphs:
+                store_half_scales(tmp / name)
         tokenizer = _copy_tokenizer(model, tmp)
         manifest = build_manifest(model, info, prof, tokenizer=tokenizer, pipeline=pipeline, ort_optimize=ort_optimize,
                                   quant=quant)

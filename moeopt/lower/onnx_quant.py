@@ -307,7 +307,7 @@ def pad_rows(q: OrtMatrix, inter: int, padded: int, glu: bool) -> OrtMatrix:
         zeros = torch.zeros(halves, padded - inter, *t.shape[1:], dtype=t.dtype)  # scale 0: value 0
         return torch.cat([parts, zeros], dim=1).reshape(halves * padded, *t.shape[1:])
 
-    packed, scales = pad(q.packed), pad(q.scales)
+    packed, scales = pad(q.packed), pad(q.scales.float())
     assert packed is not None and scales is not None
     return OrtMatrix(halves * padded, q.cols, q.bits, q.group_size, packed, scales, pad(q.zero_points))
 
@@ -432,7 +432,7 @@ def qmoe_from_logits(x2: Value, logits: Value, layer: Any) -> Value:
 def _nbits_matmul(x: Value, q: Any, bias: Value | None, name: str, settings: QuantSettings) -> Value:
     kb = int(q.scales.shape[1])
     b = _const(q.packed.reshape(q.rows, kb, -1), f"{name}.B")  # (N, k_blocks, blob)
-    scales = _const(q.scales.reshape(-1), f"{name}.scales")
+    scales = _const(q.scales.float().reshape(-1), f"{name}.scales")  # float16 storage: `half_scales` after export
     zp = None if q.zero_points is None else _const(q.zero_points.reshape(-1), f"{name}.zero_points")
     return _NBITS(x, b, scales, zp, None, bias, K=q.cols, N=q.rows, bits=q.bits, block_size=q.group_size,
                   accuracy_level=settings.accuracy_level)

@@ -24,6 +24,8 @@ Our own implementation, written against the paper and its public reference code;
   weighted by diag(H) of the group's columns (the output cost of an error in that column, ignoring
   correlations), instead of min/max; statically from the original weights with act-order, from the
   updated columns without it. What the loop then rounds to is that grid, as with min/max.
+- Scales are rounded to the storage dtype (`groupwise.scale_storage`) as each group's are chosen, before any
+  of its columns is rounded, so the error compensation sees the grid the artifact stores.
 - Damping `damp * mean(diag H)` is added to the diagonal; when the Cholesky factorisation still fails
   the damping is raised tenfold (up to three times), then the matrix falls back to RTN with a
   `GPTQFallbackWarning`.
@@ -47,6 +49,7 @@ from moeopt.quant.groupwise import (
     quantize,
     round_codes,
     search_params,
+    stored_scale,
 )
 
 DAMP_TRIES = 4  # damp, then 10x, 100x, 1000x (relative to the mean diagonal) before falling back to RTN
@@ -171,6 +174,7 @@ def gptq(
         blk = _blocks(weight, group)  # static: the original groups
         scale, zp = (search_params(blk, bits, symmetric, _blocks(diag[None, :], group)) if search
                      else block_params(blk, bits, symmetric))
+        scale = stored_scale(scale)
     else:
         perm = torch.arange(cols)
         block = -(-block // group) * group  # a group never straddles two blocks, so it is up to date
@@ -201,6 +205,7 @@ def gptq(
                     scale[:, g], zp[:, g] = search_params(cur, bits, symmetric, imp)
                 else:
                     scale[:, g], zp[:, g] = block_params(cur, bits, symmetric)
+                scale[:, g] = stored_scale(scale[:, g])
             x = w1[:, i]
             s, z = scale[:, g], zp[:, g]
             q = round_codes(x[:, None], s, z, bits)[:, 0]  # (N,)

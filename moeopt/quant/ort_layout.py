@@ -56,7 +56,7 @@ def matmul_nbits_inputs(table: ExpertTable, slot: int, name: str) -> tuple[np.nd
     b = q.packed.numpy().reshape(q.rows, kb, -1)
     zp = None if q.zero_points is None else q.zero_points.numpy().reshape(-1)
     attrs = {"K": q.cols, "N": q.rows, "bits": q.bits, "block_size": q.group_size}
-    return b, q.scales.numpy().reshape(-1), zp, attrs
+    return b, q.scales.float().numpy().reshape(-1), zp, attrs
 
 
 def glu_interleave(inter: int) -> torch.Tensor:
@@ -79,6 +79,8 @@ def qmoe_group(table: ExpertTable, slots: list[int]) -> QMoEGroup:
 
     def stack(qs: list[Any], attr: str, order: torch.Tensor | None) -> np.ndarray:
         ts = [getattr(q, attr) for q in qs]
+        if attr == "scales":  # float16 storage is cast here; `moeopt.lower.half_scales` stores it back in the graph
+            ts = [t.float() for t in ts]
         return torch.stack([t if order is None else t[order] for t in ts]).numpy()
 
     def zps(qs: list[Any], order: torch.Tensor | None) -> np.ndarray | None:

@@ -122,6 +122,9 @@ def _check(found: dict[str, Pass]) -> None:
         if linears.parse_mode(o["non-experts"]) == "auto":
             raise _refuse("quantize", "non-experts=auto", "auto chooses each linear's width by whole-model "
                           "sensitivities; use non-experts=4 or 8")
+        if o["scale-dtype"] != "float32":
+            raise _refuse("quantize", f"scale-dtype={o['scale-dtype']}", "the streamed compile's expert records "
+                          "hold float32 scales; use scale-dtype=float32")
         if o["pin"]:
             raise _refuse("quantize", f"pin={';'.join(o['pin'])}", "the streamed compile quantizes every routed "
                           "expert at `bits`")
