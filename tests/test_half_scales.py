@@ -112,3 +112,37 @@ def test_float16_scales_lower_to_float16_initializers_that_verify_and_decode(tmp
     stored = np.sort(np.concatenate([a.reshape(-1) for a in scales.values()]))
     assert np.array_equal(stored, np.sort(torch.cat([q.scales.reshape(-1) for q in quantized]).numpy()))
     assert_decodes_like_torch(Session(art), model, 6, lambda ref: 1e-3)
+
+
+def test_only_exact_float16_scales_are_rewritten_and_outputs_stay_equal(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from moeopt.lower.half_scales import store_half_scales
+
+    rng = np.random.default_rng(0)
+    n, k, block = 8, 32, 16
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8), "B")]
+    exact = (rng.random(n * k // block) * 0.01).astype(np.float16).astype(np.float32)
+    inexact = exact + np.float32(1e-7)  # between two float16 values: must stay float32
+    inits += [numpy_helper.from_array(exact, "s_exact"), numpy_helper.from_array(inexact, "s_inexact")]
+    nodes = [helper.make_node("MatMulNBits", ["x", "B", s], [f"y{i}"], domain="com.microsoft", K=k, N=n, bits=4,
+                              block_size=block) for i, s in enumerate(("s_exact", "s_inexact"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]) for i in range(2)],
+                              inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert store_half_scales(path) == exact.nbytes // 2
+    assert {n: a.dtype for n, a in _scale_initializers(path).items()} == {"s_exact": np.float16,
+                                                                         "s_inexact": np.float32}
+    assert not (tmp_path / "m.onnx.data").exists()  # an inline graph stays inline
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        after = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert store_half_scales(path) == 0  # nothing left to rewrite
