@@ -639,10 +639,9 @@ def run_moeopt(args: argparse.Namespace, p: dict[str, Any], res: dict[str, Any],
     for label, kind in (("dense-source-torch", "torch-dense"), ("split-checkpoint-torch", "torch-split")):
         if selected(label, args.rows):
             jobs.append(({"label": label, "side": "reference"}, {**base, "kind": kind}, None))
-    for r in moeopt_rows():
-        if not selected(r.label, args.rows):
-            continue
-        params = expert_params(args.model) if r.budget_bits is not None else 0
+    rows = [r for r in moeopt_rows() if selected(r.label, args.rows)]
+    params = expert_params(args.model) if any(r.budget_bits is not None for r in rows) else 0  # one load
+    for r in rows:
         text = r.quantize_text(p["calib_jsonl"], p["calib_tokens"], p["n_ctx"], args.group, params)
         alloc = ("float" if text == "" else f"uniform-{r.bits}" if r.bits else f"ilp-{r.avg_bits:g}" if r.avg_bits
                  else f"ilp-budget-{r.budget_bits:g}-stored-bits")

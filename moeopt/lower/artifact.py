@@ -23,7 +23,7 @@ from moeopt.ir.table import QuantizedMatrix
 from moeopt.lower import onnx_linears
 from moeopt.lower.export import ExportedDecoder, attention_kind, check_float32, export_decoder
 from moeopt.lower.genai import write_genai_files
-from moeopt.lower.half_scales import has_half_scales, store_half_scales
+from moeopt.lower.half_scales import EXTERNAL_MIN_BYTES, has_half_scales, store_half_scales
 from moeopt.lower.offload import export_offload
 from moeopt.lower.onnx_experts import check_lowerable, lowering_kind
 from moeopt.lower.onnx_quant import QuantSettings, check_layers, plan, quant_settings
@@ -213,7 +213,8 @@ def optimize_offline(onnx_path: Path, prof: TargetProfile) -> None:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(work / onnx_path.name)
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
-    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                str(EXTERNAL_MIN_BYTES))
     ort.InferenceSession(str(onnx_path), so, providers=list(prof.providers))
     for name in (onnx_path.name, data_name):
         (onnx_path.parent / name).unlink(missing_ok=True)

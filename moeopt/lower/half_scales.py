@@ -16,11 +16,15 @@ value is a finite float16 value; anything else is left as it is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from moeopt.ir.model import MoEModel
+
 SCALE_INPUTS = {"MatMulNBits": (2,), "QMoE": (3, 6, 9)}  # com.microsoft op -> input indices holding scales
-EXTERNAL_MIN_BYTES = 1024  # as `artifact.optimize_offline` writes its external data
+EXTERNAL_MIN_BYTES = 1024  # initializers this large go to the `.data` file (here and in `artifact.optimize_offline`)
 
 
 def _is_half(a: np.ndarray) -> bool:
@@ -64,11 +68,9 @@ def store_half_scales(onnx_path: Path) -> int:
     return saved
 
 
-def has_half_scales(model: object) -> bool:
-    """Whether any quantized matrix of a MoEModel (routed experts or non-expert linears) stores float16 scales."""
+def has_half_scales(model: MoEModel) -> bool:
+    """Whether any quantized matrix of the model (routed experts or non-expert linears) stores float16 scales."""
     import torch
 
-    layers = getattr(model, "layers", [])
-    mats = [q for layer in layers for q in layer.table.quantized.values()]
-    mats += list(getattr(model, "linears", {}).values())
-    return any(getattr(q, "scales", None) is not None and q.scales.dtype == torch.float16 for q in mats)
+    mats = [q for layer in model.layers for q in layer.table.quantized.values()] + list(model.linears.values())
+    return any(q.scales.dtype == torch.float16 for q in mats)

@@ -85,11 +85,6 @@ class ScaleRangeError(ValueError):
     """A block scale does not fit the storage dtype (float16: |scale| > 65504)."""
 
 
-def scale_dtype() -> torch.dtype:
-    """The dtype block scales are stored in here (float32 unless inside `scale_storage`)."""
-    return _SCALE_DTYPE.get()
-
-
 def stored_scale(scale: torch.Tensor) -> torch.Tensor:
     """`scale` (float32) rounded to the storage dtype, as float32 values (unchanged under float32).
 
@@ -101,7 +96,7 @@ def stored_scale(scale: torch.Tensor) -> torch.Tensor:
     big = float(scale.abs().amax()) if scale.numel() else 0.0
     if not math.isfinite(big) or big > torch.finfo(dt).max:
         raise ScaleRangeError(f"a block scale of {big:g} does not fit {str(dt).removeprefix('torch.')}; "
-                         "store scales as float32")
+                              "store scales as float32")
     return scale.to(dt).float()
 
 
