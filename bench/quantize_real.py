@@ -173,7 +173,7 @@ def moeopt_rows() -> list[MoeoptRow]:
     # float16 scales (`-h16`, scale-dtype=float16): a quarter bit less per weight at group 64; uniform GPTQ at the
     # groups that land under llama.cpp's rows, and the Fisher ILP under a BYTE budget (`-bN`: N stored bits per
     # expert weight, scales and zero points included) at llama.cpp's Q2_K / Q3_K_M / Q4_K_M FFN bits per weight
-    for group, sym in ((None, False), (32, True), (32, False), (16, False)):
+    for group, sym in ((None, False), (32, True), (32, False), (16, False), (128, True)):
         sfx = ("" if group is None else f"-g{group}") + ("-sym" if sym else "")
         rows.append(MoeoptRow(f"gptq-u4-mse{sfx}-h16", "gptq", bits=4, scales="mse", group=group, symmetric=sym,
                               scale_dtype="float16"))
@@ -750,6 +750,27 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+TOKENIZATION_KEYS = ("text", "chars", "tokens", "add_bos", "bos_id", "calib_text", "calib_tokens_used")
+
+
+def merge_results(into: dict[str, Any], other: dict[str, Any], source: str) -> dict[str, Any]:
+    """`into` with `other`'s measured rows replacing or joining its own by label (`merged_from` set on each).
+
+    Refuses when the two runs did not score the same token ids at the same positions (a different text,
+    tokenizer or window), since their perplexities would not be comparable.
+    """
+    def same(key: str, fields: tuple[str, ...] | None) -> bool:
+        a, b = into.get(key) or {}, other.get(key) or {}
+        return a == b if fields is None else all(a.get(f) == b.get(f) for f in fields)
+
+    for key, fields in (("tokenization", TOKENIZATION_KEYS), ("positions", None)):
+        if not same(key, fields):
+            raise SystemExit(f"--merge-from {source}: its {key!r} differs from this results.json's; not comparable")
+    new = [{**r, "merged_from": source} for r in other.get("rows", []) if r.get("status") == "measured"]
+    labels = {r["label"] for r in new}
+    return {**into, "rows": [r for r in into.get("rows", []) if r["label"] not in labels] + new}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="split SmolLM2 folder (`moeopt import smollm2 -o DIR`)")
@@ -769,7 +790,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only rewrite table.md and the PNG from results.json")
+    ap.add_argument("--merge-from", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only merge the rows of another run's results.json (run with its own --out and --work, "
+                         "e.g. beside this one) into --out's, by label; both must have scored the same ids")
     args = ap.parse_args(argv)
+    if args.merge_from is not None:
+        final = merge_results(json.loads((args.out / "results.json").read_text()),
+                              json.loads(args.merge_from.read_text()), str(args.merge_from))
+        (args.out / "results.json").write_text(json.dumps(final, indent=1) + "\n")
+        args.report = True
     if args.report:
         final = json.loads((args.out / "results.json").read_text())
         (args.out / "table.md").write_text(table(final))
