@@ -177,9 +177,18 @@ def moeopt_rows() -> list[MoeoptRow]:
         sfx = ("" if group is None else f"-g{group}") + ("-sym" if sym else "")
         rows.append(MoeoptRow(f"gptq-u4-mse{sfx}-h16", "gptq", bits=4, scales="mse", group=group, symmetric=sym,
                               scale_dtype="float16"))
+    # 2-bit with float16 scales in small groups: the best uniform widths that fit the ILP rows' bytes (ILP 3 and
+    # 2.5 store 3.56 and 3.05 bits per weight; ONNX Runtime's MatMulNBits takes 2, 4 and 8 bits, so a uniform 3-bit
+    # expert is stored in 4-bit containers at 4.57)
+    for group in (32, 16):
+        rows.append(MoeoptRow(f"gptq-u2-mse-g{group}-h16", "gptq", bits=2, scales="mse", group=group,
+                              scale_dtype="float16"))
     for budget in (4.14, 4.51, 5.48):
         rows.append(MoeoptRow(f"gptq-ilp-b{budget:g}-fisher-c248-mse-h16", "gptq", budget_bits=budget, scales="mse",
                               candidates=(2, 4, 8), sensitivity="fisher", scale_dtype="float16"))
+    # under Q2_K's bytes 8 bits is too dear to be chosen: widths 2 and 4 only (a third less GPTQ to run)
+    rows.append(MoeoptRow("gptq-ilp-b4.14-fisher-c24-mse-h16", "gptq", budget_bits=4.14, scales="mse",
+                          candidates=(2, 4), sensitivity="fisher", scale_dtype="float16"))
     return rows
 
 
