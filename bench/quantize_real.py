@@ -252,11 +252,14 @@ def score(model: Any, stream: list[int], n_ctx: int, batch: int = 2) -> dict[str
     from moeopt.eval.perplexity import window_nll
 
     wins = scored_windows(len(stream), n_ctx)
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     for start in range(0, len(wins), batch):
-        nll, n = window_nll(model, stream, wins[start : start + batch], pad_id=0)
-        total, count = total + nll, count + n
-    return {"ppl": math.exp(total / count), "nll": total / count, "scored_tokens": count, "windows": len(wins)}
+        for win in wins[start : start + batch]:  # one at a time: each window's own mean NLL (paired comparisons)
+            nll, n = window_nll(model, stream, [win], pad_id=0)
+            total, count = total + nll, count + n
+            per_window.append(nll / n)
+    return {"ppl": math.exp(total / count), "nll": total / count, "scored_tokens": count, "windows": len(wins),
+            "window_nll": per_window}
 
 
 # --- workers (one process per measured model) -------------------------------------------------------------
@@ -466,10 +469,33 @@ def llama_perplexity(gguf_path: Path, text: Path, n_ctx: int, threads: int, log:
             break
     else:
         raise RuntimeError(f"llama-perplexity printed no final estimate, three times (log {log})")
-    chunks = len(_CHUNK.findall(out))
+    running = [float(v) for _, v in _CHUNK.findall(out)]
+    chunks = len(running)
     return {"ppl": float(m.group(1)), "ppl_stderr": float(m.group(2)), "windows": chunks,
             "scored_tokens": chunks * (n_ctx - 1 - n_ctx // 2), "nll": math.log(float(m.group(1))),
-            "eval_s": round(time.perf_counter() - t, 1)}
+            "window_nll": chunk_nll(running), "eval_s": round(time.perf_counter() - t, 1)}
+
+
+def chunk_nll(running: list[float]) -> list[float]:
+    """Each window's mean NLL from llama-perplexity's running estimates ([k] = exp of the mean over windows
+    1..k, printed to 4 decimals: about 1e-5 nats of error per window)."""
+    cum = [k * math.log(p) for k, p in enumerate(running, 1)]
+    return [c - (cum[i - 1] if i else 0.0) for i, c in enumerate(cum)]
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """Mean over windows of (a's NLL - b's NLL) and its standard error (nats); None without window NLLs.
+
+    Both sides score the same windows, so the difference cancels how hard each window's text is: the
+    spread left is the two quantizations' own difference, which is what a comparison needs.
+    """
+    x, y = a.get("window_nll"), b.get("window_nll")
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    d = [p - q for p, q in zip(x, y, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((v - mean) ** 2 for v in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
 
 
 def read_dump_ids(dump: Path) -> tuple[int, list[int]]:
@@ -716,7 +742,24 @@ def table(res: dict[str, Any]) -> str:
                      f"{r.get('bits_per_weight', '-')} | {r.get('stored_bits_per_weight', '-')} | "
                      f"{ffn if ffn is not None else '-'} | {secs} | "
                      f"{r.get('note', '')} |")
+    pairs = []
+    by = {r["label"]: r for r in res["rows"] if r.get("status") == "measured"}
+    for a, b in PAIRS:
+        if a in by and b in by and (d := paired(by[a], by[b])) is not None:
+            pairs.append(f"| {a} | {b} | {d[0]:+.4f} +- {d[1]:.4f} | {100 * (math.exp(d[0]) - 1):+.2f}% |")
+    if pairs:
+        lines += ["", "Paired over the 10 windows (mean NLL difference, first minus second, +- its standard error; "
+                  "the ppl ratio it implies):", "", "| first | second | NLL difference (nats) | ppl |",
+                  "|---|---|---|---|", *pairs]
     return "\n".join(lines) + "\n"
+
+
+# moeopt rows against the llama.cpp row of equal or more FFN bytes they are compared with (table.md)
+PAIRS = (
+    ("gptq-u4-mse-h16", "llama.cpp-Q3_K_M+imatrix"),
+    ("gptq-u4-mse-g16-h16", "llama.cpp-Q4_K_M+imatrix"),
+    ("gptq-ilp-b4.14-fisher-c24-mse-h16", "llama.cpp-Q2_K+imatrix"),
+)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
