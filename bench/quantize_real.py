@@ -50,6 +50,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -173,6 +174,7 @@ def moeopt_rows() -> list[MoeoptRow]:
     # float16 scales (`-h16`, scale-dtype=float16): a quarter bit less per weight at group 64; uniform GPTQ at the
     # groups that land under llama.cpp's rows, and the Fisher ILP under a BYTE budget (`-bN`: N stored bits per
     # expert weight, scales and zero points included) at llama.cpp's Q2_K / Q3_K_M / Q4_K_M FFN bits per weight
+    # (group 128 does not land under them: it pads SmolLM2's 576- and 192-wide rows to whole blocks, 4.89 bits)
     for group, sym in ((None, False), (32, True), (32, False), (16, False), (128, True)):
         sfx = ("" if group is None else f"-g{group}") + ("-sym" if sym else "")
         rows.append(MoeoptRow(f"gptq-u4-mse{sfx}-h16", "gptq", bits=4, scales="mse", group=group, symmetric=sym,
@@ -247,18 +249,17 @@ def model_stream(ids: list[int], n_ctx: int, bos: int | None) -> list[int]:
     return out
 
 
-def score(model: Any, stream: list[int], n_ctx: int, batch: int = 2) -> dict[str, Any]:
-    """Mean NLL and perplexity of `model` (torch LM or artifact) on llama-perplexity's positions."""
+def score(model: Any, stream: list[int], n_ctx: int) -> dict[str, Any]:
+    """Mean NLL and perplexity of `model` (torch LM or artifact) on llama-perplexity's positions, and each
+    window's own mean NLL (`window_nll`, for paired comparisons)."""
     from moeopt.eval.perplexity import window_nll
 
-    wins = scored_windows(len(stream), n_ctx)
     total, count, per_window = 0.0, 0, []
-    for start in range(0, len(wins), batch):
-        for win in wins[start : start + batch]:  # one at a time: each window's own mean NLL (paired comparisons)
-            nll, n = window_nll(model, stream, [win], pad_id=0)
-            total, count = total + nll, count + n
-            per_window.append(nll / n)
-    return {"ppl": math.exp(total / count), "nll": total / count, "scored_tokens": count, "windows": len(wins),
+    for win in scored_windows(len(stream), n_ctx):  # one window at a time: each its own NLL
+        nll, n = window_nll(model, stream, [win], pad_id=0)
+        total, count = total + nll, count + n
+        per_window.append(nll / n)
+    return {"ppl": math.exp(total / count), "nll": total / count, "scored_tokens": count, "windows": len(per_window),
             "window_nll": per_window}
 
 
@@ -493,9 +494,7 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
     if not x or not y or len(x) != len(y) or len(x) < 2:
         return None
     d = [p - q for p, q in zip(x, y, strict=True)]
-    mean = sum(d) / len(d)
-    var = sum((v - mean) ** 2 for v in d) / (len(d) - 1)
-    return mean, math.sqrt(var / len(d))
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
 def read_dump_ids(dump: Path) -> tuple[int, list[int]]:
@@ -847,6 +846,9 @@ def main(argv: list[str] | None = None) -> int:
                          "e.g. beside this one) into --out's, by label; both must have scored the same ids")
     args = ap.parse_args(argv)
     if args.merge_from is not None:
+        for path in (args.out / "results.json", args.merge_from):
+            if not path.is_file():
+                raise SystemExit(f"--merge-from: {path} does not exist")
         final = merge_results(json.loads((args.out / "results.json").read_text()),
                               json.loads(args.merge_from.read_text()), str(args.merge_from))
         (args.out / "results.json").write_text(json.dumps(final, indent=1) + "\n")
